@@ -1,0 +1,137 @@
+//! The analytics worker: reads decision events from a stream (the in-process channel, or
+//! a Kafka consumer group) and keeps exact per-user counters (memory or Redis).
+//!
+//! - [`counters`]: the counter-store trait, its memory and Redis implementations, and the
+//!   exactly-once design (per-user, per-partition applied offsets).
+//! - [`source`]: the event-source trait, the channel and Kafka implementations.
+//! - [`worker`]: the loop: batch, count, commit.
+//! - [`config`]: the worker's configuration.
+
+pub mod config;
+pub mod counters;
+pub mod source;
+pub mod worker;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::Json;
+use serde_json::json;
+
+use crate::counters::{CounterStore, MemoryCounters, RedisCounters};
+use crate::worker::WorkerStats;
+
+/// The counter store the configuration asks for: Redis when `REDIS_URL` is set, else memory.
+pub fn counter_store(
+    redis: &ratelimit_core::config::RedisArgs,
+    worker: &config::WorkerArgs,
+) -> anyhow::Result<Arc<dyn CounterStore>> {
+    Ok(match redis.url() {
+        Some(url) => Arc::new(RedisCounters::new(
+            url,
+            &redis.key_prefix,
+            // Batches are bigger than one decision: give them more than a decision's deadline.
+            Duration::from_millis(redis.timeout_ms).max(Duration::from_secs(2)),
+        )?),
+        None => Arc::new(MemoryCounters::new(worker.max_users as usize)),
+    })
+}
+
+/// The worker's own HTTP endpoints: `/healthz`, `/readyz` (counter store reachable), `/stats`.
+pub fn router(store: Arc<dyn CounterStore>, stats: Arc<WorkerStats>) -> Router {
+    let routes = Router::new()
+        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route(
+            "/readyz",
+            get(|State((store, _)): State<(Arc<dyn CounterStore>, Arc<WorkerStats>)>| async move {
+                match store.ping().await {
+                    Ok(()) => (StatusCode::OK, Json(json!({"status": "ready"}))),
+                    Err(_) => (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        Json(json!({"status": "not_ready", "detail": "the counter store is unreachable"})),
+                    ),
+                }
+            }),
+        )
+        .route(
+            "/stats",
+            get(|State((_, stats)): State<(Arc<dyn CounterStore>, Arc<WorkerStats>)>| async move {
+                use std::sync::atomic::Ordering::Relaxed;
+                Json(json!({
+                    "events": stats.events.load(Relaxed),
+                    "poison": stats.poison.load(Relaxed),
+                    "batches": stats.batches.load(Relaxed),
+                    "store_errors": stats.store_errors.load(Relaxed),
+                }))
+            }),
+        )
+        .with_state((store, stats));
+    ratelimit_core::http::with_common_layers(routes)
+}
+
+/// Runs the standalone worker: a Kafka group member counting into Redis, with its health
+/// endpoints on `listener`, until `shutdown`.
+pub async fn run(
+    listener: tokio::net::TcpListener,
+    config: config::WorkerConfig,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<()> {
+    let brokers = config.kafka.brokers().ok_or_else(|| {
+        anyhow::anyhow!("KAFKA_BROKERS is required: the standalone worker consumes the Kafka topic (the embedded default runs its worker in-process)")
+    })?;
+    if config.redis.url().is_none() {
+        anyhow::bail!("REDIS_URL is required: the standalone worker keeps its counters in Redis, where the gateway reads them");
+    }
+    let store = counter_store(&config.redis, &config.worker)?;
+    let source = source::KafkaSource::new(&config.kafka, brokers)?;
+    let stats = Arc::new(WorkerStats::default());
+    tracing::info!(topic = config.kafka.topic, group = config.kafka.group_id, addr = %listener.local_addr()?, "analytics worker started");
+    let worker = tokio::spawn(worker::run(
+        Box::new(source),
+        store.clone(),
+        stats.clone(),
+        config.worker.batch_max as usize,
+        shutdown.clone(),
+    ));
+    ratelimit_core::http::serve(listener, router(store, stats), shutdown, config.serve.grace()).await?;
+    worker.await?;
+    Ok(())
+}
+
+/// A worker counting the in-process stream of a limiter in the same process.
+pub struct InProcessWorker {
+    pub stats: Arc<WorkerStats>,
+    stop: tokio_util::sync::CancellationToken,
+    handle: tokio::task::JoinHandle<()>,
+}
+
+impl InProcessWorker {
+    /// Starts counting `events` into `store`.
+    pub fn spawn(
+        events: ratelimit_core::stream::ChannelReceiver,
+        store: Arc<dyn CounterStore>,
+        batch_max: usize,
+    ) -> Self {
+        let stats = Arc::new(WorkerStats::default());
+        let stop = tokio_util::sync::CancellationToken::new();
+        let handle = tokio::spawn(worker::run(
+            Box::new(source::ChannelSource::new(events)),
+            store,
+            stats.clone(),
+            batch_max,
+            stop.clone(),
+        ));
+        Self { stats, stop, handle }
+    }
+
+    /// Counts what is still in the channel, then stops. Call after the limiter has
+    /// stopped deciding and flushed its publisher.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.handle.await;
+    }
+}

@@ -1,0 +1,36 @@
+//! Event sources: where the worker reads decisions from. The in-process channel (the
+//! embedded default) and a Kafka consumer group.
+
+mod channel;
+mod kafka;
+
+use async_trait::async_trait;
+use ratelimit_core::RateLimitEvent;
+use ratelimit_core::event::DecodeError;
+
+pub use self::channel::ChannelSource;
+pub use self::kafka::KafkaSource;
+
+/// One record read from the stream.
+#[derive(Debug)]
+pub struct Record {
+    /// The partition it came from; `None` for a stream that never replays.
+    pub partition: Option<i32>,
+    pub offset: i64,
+    /// The decoded event, or why the bytes were not one (a poison message).
+    pub event: Result<RateLimitEvent, DecodeError>,
+}
+
+#[async_trait]
+pub trait EventSource: Send + 'static {
+    /// Waits for records and returns those available, at most `max`. `None` when the
+    /// stream has ended for good.
+    async fn next_batch(&mut self, max: usize) -> Option<Vec<Record>>;
+
+    /// Records that can be had without waiting (used to drain at shutdown).
+    fn drain(&mut self, max: usize) -> Vec<Record>;
+
+    /// Everything up to and including these `(partition, offset)` positions is counted
+    /// durably: the source may forget it (commit).
+    async fn commit(&mut self, done: &[(i32, i64)]);
+}

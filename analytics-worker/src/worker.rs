@@ -1,0 +1,184 @@
+//! The worker loop: read a batch, count it exactly once, then commit.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::counters::{CounterStore, PartitionBatch};
+use crate::source::{EventSource, Record};
+
+/// What the worker has done, for logs, metrics and tests.
+#[derive(Debug, Default)]
+pub struct WorkerStats {
+    /// Valid events counted (including replays the store recognised as already counted).
+    pub events: AtomicU64,
+    /// Records that were not valid events, skipped.
+    pub poison: AtomicU64,
+    /// Batches applied.
+    pub batches: AtomicU64,
+    /// Failed attempts to apply a batch (each retried).
+    pub store_errors: AtomicU64,
+}
+
+/// Runs until the source ends or `shutdown`; at shutdown it drains what the source holds
+/// without waiting, counts it, commits, and returns.
+pub async fn run(
+    mut source: Box<dyn EventSource>,
+    store: Arc<dyn CounterStore>,
+    stats: Arc<WorkerStats>,
+    max_batch: usize,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let records = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            records = source.next_batch(max_batch) => records,
+        };
+        let Some(records) = records else { return };
+        if !process(source.as_mut(), &*store, &stats, records, &shutdown).await {
+            return;
+        }
+    }
+    loop {
+        let records = source.drain(max_batch);
+        if records.is_empty() {
+            break;
+        }
+        // Shutting down already: one more failure and the rest is left for a replay.
+        if !process(source.as_mut(), &*store, &stats, records, &CancellationToken::new()).await {
+            break;
+        }
+    }
+    tracing::info!(events = stats.events.load(Ordering::Relaxed), "analytics worker stopped");
+}
+
+/// Counts `records` (retrying the store until it answers or `shutdown`) and commits them.
+/// Returns false if it gave up because of `shutdown`.
+async fn process(
+    source: &mut dyn EventSource,
+    store: &dyn CounterStore,
+    stats: &WorkerStats,
+    records: Vec<Record>,
+    shutdown: &CancellationToken,
+) -> bool {
+    let mut batches: BTreeMap<Option<i32>, PartitionBatch> = BTreeMap::new();
+    let mut done: BTreeMap<i32, i64> = BTreeMap::new();
+    for record in records {
+        if let Some(partition) = record.partition {
+            let last = done.entry(partition).or_insert(record.offset);
+            *last = (*last).max(record.offset);
+        }
+        match record.event {
+            Ok(event) => batches
+                .entry(record.partition)
+                .or_insert_with(|| PartitionBatch {
+                    partition: record.partition,
+                    events: Vec::new(),
+                })
+                .events
+                .push((record.offset, event)),
+            Err(err) => {
+                let poison = stats.poison.fetch_add(1, Ordering::Relaxed) + 1;
+                tracing::warn!(
+                    partition = record.partition,
+                    offset = record.offset,
+                    error = %err,
+                    poison_total = poison,
+                    "skipping a record that is not a valid event"
+                );
+            }
+        }
+    }
+    for batch in batches.values() {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match store.apply(batch).await {
+                Ok(()) => break,
+                Err(err) => {
+                    stats.store_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(error = %err, retry_in_ms = backoff.as_millis() as u64, "cannot apply counters; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return false,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+        stats.events.fetch_add(batch.events.len() as u64, Ordering::Relaxed);
+        stats.batches.fetch_add(1, Ordering::Relaxed);
+    }
+    let done: Vec<(i32, i64)> = done.into_iter().collect();
+    source.commit(&done).await;
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::counters::MemoryCounters;
+    use async_trait::async_trait;
+    use ratelimit_core::RateLimitEvent;
+    use ratelimit_core::event::SCHEMA_VERSION;
+
+    /// A scripted source: fixed batches, then the end; records commits.
+    struct Scripted {
+        batches: Vec<Vec<Record>>,
+        commits: Arc<std::sync::Mutex<Vec<(i32, i64)>>>,
+    }
+
+    #[async_trait]
+    impl EventSource for Scripted {
+        async fn next_batch(&mut self, _max: usize) -> Option<Vec<Record>> {
+            if self.batches.is_empty() { None } else { Some(self.batches.remove(0)) }
+        }
+        fn drain(&mut self, _max: usize) -> Vec<Record> {
+            Vec::new()
+        }
+        async fn commit(&mut self, done: &[(i32, i64)]) {
+            self.commits.lock().unwrap().extend_from_slice(done);
+        }
+    }
+
+    fn rec(partition: i32, offset: i64, user: &str, allowed: bool) -> Record {
+        Record {
+            partition: Some(partition),
+            offset,
+            event: Ok(RateLimitEvent {
+                schema_version: SCHEMA_VERSION,
+                user_id: user.into(),
+                allowed,
+                cost: 1,
+                ts_ms: 0,
+                limiter_id: "t".into(),
+                degraded: false,
+            }),
+        }
+    }
+
+    #[tokio::test]
+    async fn poison_is_skipped_counted_and_committed_past() {
+        let poison = Record {
+            partition: Some(0),
+            offset: 1,
+            event: RateLimitEvent::decode(b"garbage"),
+        };
+        let commits = Arc::default();
+        let source = Scripted {
+            batches: vec![vec![rec(0, 0, "u", true), poison, rec(0, 2, "u", false), rec(1, 7, "v", true)]],
+            commits: Arc::clone(&commits),
+        };
+        let store = Arc::new(MemoryCounters::new(100));
+        let stats = Arc::new(WorkerStats::default());
+        run(Box::new(source), store.clone(), stats.clone(), 100, CancellationToken::new()).await;
+        let u = store.get("u").await.unwrap();
+        assert_eq!((u.total, u.allowed, u.blocked), (2, 1, 1));
+        assert_eq!(stats.poison.load(Ordering::Relaxed), 1);
+        assert_eq!(stats.events.load(Ordering::Relaxed), 3);
+        assert_eq!(*commits.lock().unwrap(), [(0, 2), (1, 7)]);
+    }
+}

@@ -1,0 +1,200 @@
+//! JSON wire types of the public API and the validation of what clients send.
+
+use serde::{Deserialize, Serialize};
+
+/// Longest accepted `user_id`, in bytes of UTF-8.
+pub const MAX_USER_ID_BYTES: usize = 256;
+/// Largest accepted `cost`.
+pub const MAX_COST: u64 = 1_000_000;
+/// Largest accepted request body, in bytes.
+pub const MAX_BODY_BYTES: usize = 4 * 1024;
+
+/// A client mistake in one field of a request.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {detail}")]
+pub struct FieldError {
+    pub field: String,
+    pub detail: String,
+}
+
+impl FieldError {
+    pub fn new(field: impl Into<String>, detail: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            detail: detail.into(),
+        }
+    }
+}
+
+/// `POST /check` at the limiter and `POST /api` at the gateway.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CheckRequest {
+    pub user_id: String,
+    pub cost: u64,
+}
+
+#[derive(Deserialize)]
+struct CheckRequestWire {
+    #[serde(default)]
+    user_id: Option<String>,
+    #[serde(default)]
+    cost: Option<u64>,
+}
+
+impl CheckRequest {
+    /// Decodes and validates a JSON body, naming the offending field on failure.
+    pub fn from_json(body: &[u8]) -> Result<Self, FieldError> {
+        // serde would also read a struct from a JSON array; only an object is a request.
+        if body.trim_ascii_start().first() != Some(&b'{') {
+            return Err(FieldError::new("body", "must be a JSON object"));
+        }
+        let de = &mut serde_json::Deserializer::from_slice(body);
+        let wire: CheckRequestWire = serde_path_to_error::deserialize(de).map_err(|err| {
+            let path = err.path().to_string();
+            // Syntax errors have no meaningful path ("." or "?"): blame the body.
+            let field = if err.inner().is_data() && path != "." && path != "?" {
+                path
+            } else {
+                "body".to_owned()
+            };
+            FieldError::new(field, err.into_inner().to_string())
+        })?;
+        let user_id = wire
+            .user_id
+            .ok_or_else(|| FieldError::new("user_id", "is required"))?;
+        validate_user_id(&user_id)?;
+        let cost = wire.cost.unwrap_or(1);
+        if !(1..=MAX_COST).contains(&cost) {
+            return Err(FieldError::new(
+                "cost",
+                format!("must be an integer from 1 to {MAX_COST}"),
+            ));
+        }
+        Ok(Self { user_id, cost })
+    }
+}
+
+/// A user id is 1..=256 bytes of UTF-8 without control characters.
+pub fn validate_user_id(user_id: &str) -> Result<(), FieldError> {
+    if user_id.is_empty() || user_id.len() > MAX_USER_ID_BYTES {
+        return Err(FieldError::new(
+            "user_id",
+            format!("must be 1 to {MAX_USER_ID_BYTES} bytes of UTF-8"),
+        ));
+    }
+    if user_id.chars().any(char::is_control) {
+        return Err(FieldError::new(
+            "user_id",
+            "must not contain control characters",
+        ));
+    }
+    Ok(())
+}
+
+/// The limiter's answer to `POST /check`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckResponse {
+    pub allowed: bool,
+    pub limit: u64,
+    pub remaining: u64,
+    pub retry_after_ms: u64,
+    pub reset_after_ms: u64,
+    /// Decided by the local fallback bucket while the shared store was unreachable.
+    #[serde(default)]
+    pub degraded: bool,
+}
+
+/// A user's all-time counters, as `GET /analytics/:user_id` shows them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserAnalytics {
+    pub user_id: String,
+    pub total: u64,
+    pub allowed: u64,
+    pub blocked: u64,
+}
+
+/// Every error answer: a stable machine-readable `error`, a human `detail`, and the
+/// offending `field` when there is one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+    pub detail: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn accepts_a_plain_request_and_defaults_cost() {
+        let r = CheckRequest::from_json(br#"{"user_id":"u1"}"#).unwrap();
+        assert_eq!(
+            r,
+            CheckRequest {
+                user_id: "u1".into(),
+                cost: 1
+            }
+        );
+        let r = CheckRequest::from_json(br#"{"user_id":"\u00e9\u6f22","cost":5,"extra":[1]}"#)
+            .unwrap();
+        assert_eq!(r.user_id, "é漢");
+        assert_eq!(r.cost, 5);
+    }
+
+    #[test]
+    fn names_the_offending_field() {
+        let cases: &[(&[u8], &str)] = &[
+            (br#"{}"#, "user_id"),
+            (br#"{"user_id":null}"#, "user_id"),
+            (br#"{"user_id":5}"#, "user_id"),
+            (br#"{"user_id":""}"#, "user_id"),
+            (br#"{"user_id":"a\u0000b"}"#, "user_id"),
+            (br#"{"user_id":"a\nb"}"#, "user_id"),
+            (br#"{"user_id":"u","cost":0}"#, "cost"),
+            (br#"{"user_id":"u","cost":-1}"#, "cost"),
+            (br#"{"user_id":"u","cost":1.5}"#, "cost"),
+            (br#"{"user_id":"u","cost":"1"}"#, "cost"),
+            (br#"{"user_id":"u","cost":1000001}"#, "cost"),
+            (br#"[1,2]"#, "body"),
+            (br#"{"user_id":"u""#, "body"),
+            (b"\xff\xfe", "body"),
+        ];
+        for (body, field) in cases {
+            let err = CheckRequest::from_json(body).unwrap_err();
+            assert_eq!(
+                &err.field,
+                field,
+                "{}: {err}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        let long = format!(r#"{{"user_id":"{}"}}"#, "x".repeat(257));
+        assert_eq!(
+            CheckRequest::from_json(long.as_bytes()).unwrap_err().field,
+            "user_id"
+        );
+        let max = format!(r#"{{"user_id":"{}"}}"#, "x".repeat(256));
+        assert!(CheckRequest::from_json(max.as_bytes()).is_ok());
+    }
+
+    proptest! {
+        // Fuzz: decoding arbitrary bytes never panics, and anything accepted is valid.
+        #[test]
+        fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+            if let Ok(r) = CheckRequest::from_json(&bytes) {
+                prop_assert!(validate_user_id(&r.user_id).is_ok());
+                prop_assert!((1..=MAX_COST).contains(&r.cost));
+            }
+        }
+
+        #[test]
+        fn any_valid_user_id_round_trips(user in "[^\\p{Cc}]{1,64}") {
+            prop_assume!(user.len() <= MAX_USER_ID_BYTES);
+            let body = serde_json::to_vec(&serde_json::json!({"user_id": user})).unwrap();
+            prop_assert_eq!(CheckRequest::from_json(&body).unwrap().user_id, user);
+        }
+    }
+}

@@ -1,0 +1,193 @@
+//! Configuration sections shared by the services.
+//!
+//! Each service composes these into one typed config (`clap` with `env`), read from the
+//! environment after `.env` is loaded ([`crate::runtime::load_dotenv`]) and validated once
+//! at start-up: a bad value names the variable and what it accepts, and the process exits
+//! non-zero before serving. Every variable is also a `--flag`.
+
+use std::collections::BTreeMap;
+
+use clap::{Args, ValueEnum};
+
+use crate::Policy;
+
+/// How a service listens and stops.
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// Address the HTTP services bind to.
+    #[arg(long = "bind-addr", env = "BIND_ADDR", value_name = "BIND_ADDR", default_value = "0.0.0.0")]
+    pub bind_addr: std::net::IpAddr,
+    /// Longest time in-flight requests get to finish after SIGTERM, in milliseconds.
+    #[arg(long = "shutdown-grace-ms", env = "SHUTDOWN_GRACE_MS", value_name = "SHUTDOWN_GRACE_MS",
+          default_value_t = 10_000)]
+    pub shutdown_grace_ms: u64,
+    /// Concurrent requests a service works on; past it requests are shed with 429.
+    #[arg(long = "max-in-flight", env = "MAX_IN_FLIGHT", value_name = "MAX_IN_FLIGHT",
+          default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_in_flight: u64,
+    /// Longest a request may take before it is answered 503, in milliseconds.
+    #[arg(long = "request-timeout-ms", env = "REQUEST_TIMEOUT_MS", value_name = "REQUEST_TIMEOUT_MS",
+          default_value_t = 2_000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
+    pub request_timeout_ms: u64,
+}
+
+impl ServeArgs {
+    pub fn grace(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.shutdown_grace_ms)
+    }
+
+    pub fn request_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.request_timeout_ms)
+    }
+}
+
+/// The token-bucket policy every user gets.
+#[derive(Args, Debug, Clone)]
+pub struct PolicyArgs {
+    /// Bucket capacity (the burst), in tokens.
+    #[arg(long = "rate-limit-capacity", env = "RATE_LIMIT_CAPACITY", value_name = "RATE_LIMIT_CAPACITY", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub capacity: u64,
+    /// Refill rate in tokens per second; fractions allowed (0.5 = one token every 2 s).
+    #[arg(long = "rate-limit-refill-per-sec", env = "RATE_LIMIT_REFILL_PER_SEC", value_name = "RATE_LIMIT_REFILL_PER_SEC",
+          default_value_t = 1.0, value_parser = positive_rate)]
+    pub refill_per_sec: f64,
+}
+
+impl PolicyArgs {
+    pub fn policy(&self) -> Policy {
+        Policy::new(self.capacity, self.refill_per_sec).expect("validated by the parser")
+    }
+}
+
+fn positive_rate(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        _ => Err("expected a positive number of tokens per second, e.g. 1 or 0.5".into()),
+    }
+}
+
+/// Where shared state lives: Redis, or (unset) this process's memory.
+#[derive(Args, Debug, Clone)]
+pub struct RedisArgs {
+    /// redis:// URL; unset or empty keeps buckets and counters in memory (embedded mode).
+    #[arg(long = "redis-url", env = "REDIS_URL", value_name = "REDIS_URL")]
+    pub url: Option<String>,
+    /// Prefix of every key this system writes.
+    #[arg(long = "redis-key-prefix", env = "REDIS_KEY_PREFIX", value_name = "REDIS_KEY_PREFIX", default_value = "rl:")]
+    pub key_prefix: String,
+    /// Deadline of every Redis call, in milliseconds.
+    #[arg(long = "redis-timeout-ms", env = "REDIS_TIMEOUT_MS", value_name = "REDIS_TIMEOUT_MS", default_value_t = 50,
+          value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    pub timeout_ms: u64,
+}
+
+impl RedisArgs {
+    /// The Redis URL, if one is configured (an empty value counts as unset).
+    pub fn url(&self) -> Option<&str> {
+        self.url.as_deref().map(str::trim).filter(|u| !u.is_empty())
+    }
+}
+
+/// The Kafka event stream; unset brokers keep the in-process stream.
+#[derive(Args, Debug, Clone)]
+pub struct KafkaArgs {
+    /// Bootstrap servers, comma-separated; unset or empty keeps the in-process stream.
+    #[arg(long = "kafka-brokers", env = "KAFKA_BROKERS", value_name = "KAFKA_BROKERS")]
+    pub brokers: Option<String>,
+    #[arg(long = "kafka-topic", env = "KAFKA_TOPIC", value_name = "KAFKA_TOPIC", default_value = "rate-limit-events")]
+    pub topic: String,
+    #[arg(long = "kafka-group-id", env = "KAFKA_GROUP_ID", value_name = "KAFKA_GROUP_ID", default_value = "analytics-worker")]
+    pub group_id: String,
+    /// Partitions of the topic when it is created at start-up.
+    #[arg(long = "kafka-partitions", env = "KAFKA_PARTITIONS", value_name = "KAFKA_PARTITIONS", default_value_t = 6,
+          value_parser = clap::value_parser!(i32).range(1..=10_000))]
+    pub partitions: i32,
+    /// Replication factor of the topic when it is created at start-up.
+    #[arg(long = "kafka-replication", env = "KAFKA_REPLICATION", value_name = "KAFKA_REPLICATION", default_value_t = 1,
+          value_parser = clap::value_parser!(i32).range(1..=32))]
+    pub replication: i32,
+    /// Events the producer holds while the broker is unreachable; past it events are dropped.
+    #[arg(long = "kafka-producer-buffer", env = "KAFKA_PRODUCER_BUFFER", value_name = "KAFKA_PRODUCER_BUFFER", default_value_t = 1_000_000,
+          value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    pub producer_buffer: u64,
+}
+
+impl KafkaArgs {
+    pub fn brokers(&self) -> Option<&str> {
+        self.brokers
+            .as_deref()
+            .map(str::trim)
+            .filter(|b| !b.is_empty())
+    }
+
+    /// Any librdkafka setting, passed through from `RDKAFKA_<NAME>` variables:
+    /// `RDKAFKA_SECURITY_PROTOCOL=SASL_SSL` sets `security.protocol` (lower-cased, `_` -> `.`).
+    pub fn passthrough(&self) -> BTreeMap<String, String> {
+        passthrough_from(std::env::vars())
+    }
+}
+
+fn passthrough_from(vars: impl Iterator<Item = (String, String)>) -> BTreeMap<String, String> {
+    vars.filter_map(|(k, v)| {
+        let name = k.strip_prefix("RDKAFKA_")?;
+        (!name.is_empty()).then(|| (name.to_ascii_lowercase().replace('_', "."), v))
+    })
+    .collect()
+}
+
+/// What the limiter does while its shared store is unreachable.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailMode {
+    /// Decide with a local in-memory bucket per instance (degraded, still limited).
+    Open,
+    /// Refuse with 503: the limiter cannot vouch for the request.
+    Closed,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser, Debug)]
+    struct Cfg {
+        #[command(flatten)]
+        policy: PolicyArgs,
+        #[arg(long, env = "TEST_ONLY_FAIL_MODE", value_name = "TEST_ONLY_FAIL_MODE", value_enum, default_value = "open")]
+        fail_mode: FailMode,
+    }
+
+    #[test]
+    fn bad_values_name_the_variable_and_choices() {
+        let err = Cfg::try_parse_from(["x", "--fail-mode", "opne"]).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("opne") && msg.contains("open") && msg.contains("closed"), "{msg}");
+        let err = Cfg::try_parse_from(["x", "--rate-limit-capacity", "0"]).unwrap_err();
+        assert!(err.to_string().contains("RATE_LIMIT_CAPACITY"), "{err}");
+        let err = Cfg::try_parse_from(["x", "--rate-limit-refill-per-sec=-1"]).unwrap_err();
+        assert!(err.to_string().contains("RATE_LIMIT_REFILL_PER_SEC"), "{err}");
+    }
+
+    #[test]
+    fn fractional_rates_are_accepted() {
+        let cfg = Cfg::try_parse_from(["x", "--rate-limit-refill-per-sec", "0.5"]).unwrap();
+        assert_eq!(cfg.policy.policy().refill_per_sec(), 0.5);
+    }
+
+    #[test]
+    fn passthrough_maps_names() {
+        let vars = [
+            ("RDKAFKA_SECURITY_PROTOCOL", "SASL_SSL"),
+            ("RDKAFKA_SASL_USERNAME", "me"),
+            ("RDKAFKA_", "ignored"),
+            ("OTHER", "x"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()));
+        let map = passthrough_from(vars);
+        assert_eq!(map.len(), 2);
+        assert_eq!(map["security.protocol"], "SASL_SSL");
+        assert_eq!(map["sasl.username"], "me");
+    }
+}

@@ -1,0 +1,25 @@
+//! The domain shared by every service of the distributed rate limiter.
+//!
+//! - [`bucket`]: the token-bucket policy and the pure decision function.
+//! - [`clock`]: injectable time, so the algorithm never reads the wall clock itself.
+//! - [`event`]: the `RateLimitEvent` every decision emits, and its wire encoding.
+//! - [`stream`]: the event-publisher seam and its in-process (channel) implementation.
+//! - [`keys`]: Redis key names, injective per user and hash-tagged for Redis Cluster.
+//! - [`api`]: the JSON wire types and the validation of what clients send.
+//! - [`http`]: axum pieces shared by the HTTP services (strict JSON extractor, error bodies).
+//! - [`config`]: configuration sections read from `.env` and the environment.
+//! - [`runtime`]: logging set-up and the one shutdown signal.
+
+pub mod api;
+pub mod bucket;
+pub mod clock;
+pub mod config;
+pub mod event;
+pub mod http;
+pub mod keys;
+pub mod runtime;
+pub mod stream;
+
+pub use bucket::{BucketState, Decision, Policy, Quota};
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use event::RateLimitEvent;

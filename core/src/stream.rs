@@ -1,0 +1,159 @@
+//! The event-stream seam: how the limiter hands decisions to analytics.
+//!
+//! [`EventPublisher`] is what the limiter calls on every decision; it must never block or
+//! slow the answer. This module holds the in-process implementation (a bounded channel,
+//! the embedded default); the Kafka one lives with the rate limiter.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::mpsc;
+
+use crate::RateLimitEvent;
+
+/// Counters every publisher keeps.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PublisherStats {
+    /// Events accepted for delivery.
+    pub published: u64,
+    /// Events dropped because the buffer was full (or the stream closed).
+    pub dropped: u64,
+    /// Events accepted but not yet delivered.
+    pub buffered: u64,
+}
+
+/// Hands decision events to the analytics stream.
+#[async_trait]
+pub trait EventPublisher: Send + Sync + 'static {
+    /// Enqueues `event` without waiting. When the buffer is full the event is dropped and
+    /// counted; this never blocks.
+    fn publish(&self, event: RateLimitEvent);
+
+    fn stats(&self) -> PublisherStats;
+
+    /// Waits (at most `timeout`) until everything published so far has been delivered.
+    /// Returns whether it was.
+    async fn flush(&self, timeout: Duration) -> bool;
+}
+
+/// The in-process stream: a bounded channel into the analytics worker of the same process.
+#[derive(Clone)]
+pub struct ChannelPublisher {
+    tx: mpsc::Sender<RateLimitEvent>,
+    published: Arc<AtomicU64>,
+    dropped: Arc<AtomicU64>,
+}
+
+/// The receiving end of [`channel`], read by the analytics worker.
+pub type ChannelReceiver = mpsc::Receiver<RateLimitEvent>;
+
+/// A bounded in-process stream holding at most `capacity` undelivered events.
+pub fn channel(capacity: usize) -> (ChannelPublisher, ChannelReceiver) {
+    let (tx, rx) = mpsc::channel(capacity.max(1));
+    (
+        ChannelPublisher {
+            tx,
+            published: Arc::default(),
+            dropped: Arc::default(),
+        },
+        rx,
+    )
+}
+
+#[async_trait]
+impl EventPublisher for ChannelPublisher {
+    fn publish(&self, event: RateLimitEvent) {
+        match self.tx.try_send(event) {
+            Ok(()) => {
+                self.published.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(err) => {
+                let dropped = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+                // Log the first drop and then every 1,000th, so a flood does not flood the log.
+                if dropped == 1 || dropped.is_multiple_of(1000) {
+                    let reason = match err {
+                        mpsc::error::TrySendError::Full(_) => "buffer full",
+                        mpsc::error::TrySendError::Closed(_) => "stream closed",
+                    };
+                    tracing::warn!(dropped_total = dropped, reason, "decision event dropped");
+                }
+            }
+        }
+    }
+
+    fn stats(&self) -> PublisherStats {
+        PublisherStats {
+            published: self.published.load(Ordering::Relaxed),
+            dropped: self.dropped.load(Ordering::Relaxed),
+            buffered: (self.tx.max_capacity() - self.tx.capacity()) as u64,
+        }
+    }
+
+    async fn flush(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while self.tx.capacity() < self.tx.max_capacity() && !self.tx.is_closed() {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        true
+    }
+}
+
+/// A publisher that delivers nowhere, for tests and tools that make decisions only.
+#[derive(Debug, Default)]
+pub struct NullPublisher;
+
+#[async_trait]
+impl EventPublisher for NullPublisher {
+    fn publish(&self, _event: RateLimitEvent) {}
+
+    fn stats(&self) -> PublisherStats {
+        PublisherStats::default()
+    }
+
+    async fn flush(&self, _timeout: Duration) -> bool {
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::SCHEMA_VERSION;
+
+    fn event(user: &str) -> RateLimitEvent {
+        RateLimitEvent {
+            schema_version: SCHEMA_VERSION,
+            user_id: user.into(),
+            allowed: true,
+            cost: 1,
+            ts_ms: 0,
+            limiter_id: "t".into(),
+            degraded: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn full_channel_drops_and_counts_without_blocking() {
+        let (tx, mut rx) = channel(2);
+        for i in 0..5 {
+            tx.publish(event(&i.to_string()));
+        }
+        assert_eq!(
+            tx.stats(),
+            PublisherStats {
+                published: 2,
+                dropped: 3,
+                buffered: 2
+            }
+        );
+        assert!(!tx.flush(Duration::from_millis(20)).await);
+        assert_eq!(rx.recv().await.unwrap().user_id, "0");
+        assert_eq!(rx.recv().await.unwrap().user_id, "1");
+        assert!(tx.flush(Duration::from_millis(20)).await);
+    }
+}

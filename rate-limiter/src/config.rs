@@ -1,0 +1,58 @@
+//! The rate limiter's configuration.
+
+use std::time::Duration;
+
+use clap::{Args, Parser};
+use ratelimit_core::config::{FailMode, KafkaArgs, PolicyArgs, RedisArgs, ServeArgs};
+
+/// What the limiter itself needs, shared by the standalone binary and the all-in-one one.
+#[derive(Args, Debug, Clone)]
+pub struct LimiterArgs {
+    #[command(flatten)]
+    pub policy: PolicyArgs,
+    /// What to do while Redis is unreachable: `open` (decide with a local bucket) or
+    /// `closed` (answer 503).
+    #[arg(long = "fail-mode", env = "FAIL_MODE", value_name = "FAIL_MODE", value_enum, default_value = "open")]
+    pub fail_mode: FailMode,
+    /// In fail-open mode, the local bucket gets the policy divided by this many instances.
+    #[arg(long = "fail-open-instances", env = "FAIL_OPEN_INSTANCES", value_name = "FAIL_OPEN_INSTANCES",
+          default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    pub fail_open_instances: u64,
+    /// Consecutive store failures that open the circuit breaker.
+    #[arg(long = "breaker-failures", env = "BREAKER_FAILURES", value_name = "BREAKER_FAILURES",
+          default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1_000))]
+    pub breaker_failures: u32,
+    /// How long the breaker stays open before it probes the store again, in milliseconds.
+    #[arg(long = "breaker-open-ms", env = "BREAKER_OPEN_MS", value_name = "BREAKER_OPEN_MS",
+          default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    pub breaker_open_ms: u64,
+    /// Capacity of the in-process event stream (embedded mode); past it events are dropped.
+    #[arg(long = "event-buffer", env = "EVENT_BUFFER", value_name = "EVENT_BUFFER",
+          default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    pub event_buffer: u64,
+}
+
+impl LimiterArgs {
+    pub fn breaker_open(&self) -> Duration {
+        Duration::from_millis(self.breaker_open_ms)
+    }
+}
+
+/// The standalone `rate-limiter` binary.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "rate-limiter", about = "Token-bucket rate limiter: POST /check", version)]
+pub struct LimiterConfig {
+    #[arg(long = "limiter-port", env = "LIMITER_PORT", value_name = "LIMITER_PORT", default_value_t = 8080)]
+    pub port: u16,
+    #[command(flatten)]
+    pub serve: ServeArgs,
+    #[command(flatten)]
+    pub limiter: LimiterArgs,
+    #[command(flatten)]
+    pub redis: RedisArgs,
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    /// Used when `KAFKA_BROKERS` is unset: decisions are then counted in-process.
+    #[command(flatten)]
+    pub worker: analytics_worker::config::WorkerArgs,
+}

@@ -1,0 +1,57 @@
+//! The limiter's HTTP API: `POST /check`, `GET /healthz`, `GET /readyz`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use ratelimit_core::api::{CheckRequest, CheckResponse, FieldError};
+use ratelimit_core::http::{ApiError, ValidJson, with_common_layers, with_load_shedding};
+use serde_json::json;
+
+use crate::limiter::{Limiter, LimiterError};
+
+impl From<LimiterError> for ApiError {
+    fn from(err: LimiterError) -> Self {
+        match err {
+            LimiterError::CostAboveCapacity { capacity, .. } => ApiError::InvalidField(
+                FieldError::new("cost", format!("must be at most the bucket capacity {capacity}")),
+            ),
+            LimiterError::StoreUnavailable => ApiError::Unavailable {
+                what: "rate-limit store",
+                retry_after_secs: 1,
+            },
+        }
+    }
+}
+
+/// The limiter's routes, with body limits, JSON 404/405 and load shedding.
+pub fn router(limiter: Arc<Limiter>, max_in_flight: usize, request_timeout: Duration) -> Router {
+    let routes = Router::new()
+        .route("/check", post(check))
+        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/readyz", get(ready))
+        .with_state(limiter);
+    with_load_shedding(with_common_layers(routes), max_in_flight, request_timeout)
+}
+
+async fn check(
+    State(limiter): State<Arc<Limiter>>,
+    ValidJson(request): ValidJson<CheckRequest>,
+) -> Result<Json<CheckResponse>, ApiError> {
+    let checked = limiter.check(&request).await?;
+    Ok(Json(checked.to_response()))
+}
+
+async fn ready(State(limiter): State<Arc<Limiter>>) -> (StatusCode, Json<serde_json::Value>) {
+    if limiter.ready().await {
+        (StatusCode::OK, Json(json!({"status": "ready"})))
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "not_ready", "detail": "the rate-limit store is unreachable"})),
+        )
+    }
+}

@@ -1,0 +1,180 @@
+//! The Kafka event publisher: every decision goes to a topic, keyed by `user_id`.
+//!
+//! librdkafka does the heavy lifting: an idempotent producer (no duplicates from its own
+//! retries), batching (`linger.ms`) and lz4 compression, and a bounded in-memory queue
+//! (`queue.buffering.max.messages` = `KAFKA_PRODUCER_BUFFER`) in which events wait while
+//! the broker is unreachable and are retried until delivered (`message.timeout.ms=0`).
+//! Enqueuing never blocks: when the queue is full the event is dropped, counted and logged.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{DeliveryResult, Message};
+use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
+use ratelimit_core::RateLimitEvent;
+use ratelimit_core::config::KafkaArgs;
+use ratelimit_core::stream::{EventPublisher, PublisherStats};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Default)]
+struct Counters {
+    published: AtomicU64,
+    delivered: AtomicU64,
+    dropped: AtomicU64,
+}
+
+impl Counters {
+    fn drop_one(&self, reason: &str) {
+        let dropped = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+        if dropped == 1 || dropped.is_multiple_of(1000) {
+            tracing::warn!(dropped_total = dropped, reason, "decision event dropped");
+        }
+    }
+}
+
+/// Counts deliveries and failed deliveries reported by librdkafka's background thread.
+struct DeliveryCounter(Arc<Counters>);
+
+impl rdkafka::ClientContext for DeliveryCounter {}
+
+impl ProducerContext for DeliveryCounter {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        match result {
+            Ok(_) => {
+                self.0.delivered.fetch_add(1, Ordering::Relaxed);
+            }
+            Err((err, msg)) => {
+                tracing::warn!(error = %err, partition = msg.partition(), "event delivery failed");
+                self.0.drop_one("delivery failed");
+            }
+        }
+    }
+}
+
+/// Publishes decision events to Kafka.
+pub struct KafkaPublisher {
+    producer: ThreadedProducer<DeliveryCounter>,
+    topic: String,
+    counters: Arc<Counters>,
+}
+
+/// The client settings shared by the producer, the consumer and the admin client.
+pub fn base_config(args: &KafkaArgs, brokers: &str) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", brokers);
+    for (key, value) in args.passthrough() {
+        config.set(key, value);
+    }
+    config
+}
+
+impl KafkaPublisher {
+    pub fn new(args: &KafkaArgs, brokers: &str) -> Result<Self, KafkaError> {
+        let counters = Arc::new(Counters::default());
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", brokers)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "5")
+            .set("batch.num.messages", "10000")
+            .set("compression.type", "lz4")
+            .set("message.timeout.ms", "0")
+            .set("queue.buffering.max.messages", args.producer_buffer.to_string())
+            .set("queue.buffering.max.kbytes", "2097151");
+        // Operator settings (SASL/TLS, tuning) win over the defaults above.
+        for (key, value) in args.passthrough() {
+            config.set(key, value);
+        }
+        let producer = config.create_with_context(DeliveryCounter(counters.clone()))?;
+        Ok(Self {
+            producer,
+            topic: args.topic.clone(),
+            counters,
+        })
+    }
+}
+
+#[async_trait]
+impl EventPublisher for KafkaPublisher {
+    fn publish(&self, event: RateLimitEvent) {
+        let payload = event.encode();
+        let record: BaseRecord<'_, str, [u8]> = BaseRecord::to(&self.topic)
+            .key(event.user_id.as_str())
+            .payload(payload.as_slice());
+        match self.producer.send(record) {
+            Ok(()) => {
+                self.counters.published.fetch_add(1, Ordering::Relaxed);
+            }
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                self.counters.drop_one("producer buffer full");
+            }
+            Err((err, _)) => {
+                tracing::debug!(error = %err, "enqueue failed");
+                self.counters.drop_one("enqueue failed");
+            }
+        }
+    }
+
+    fn stats(&self) -> PublisherStats {
+        PublisherStats {
+            published: self.counters.published.load(Ordering::Relaxed),
+            dropped: self.counters.dropped.load(Ordering::Relaxed),
+            buffered: self.producer.in_flight_count().max(0) as u64,
+        }
+    }
+
+    async fn flush(&self, timeout: Duration) -> bool {
+        // librdkafka's flush blocks its caller: keep it off the async runtime.
+        let producer = self.producer.clone();
+        tokio::task::spawn_blocking(move || producer.flush(timeout).is_ok())
+            .await
+            .unwrap_or(false)
+    }
+}
+
+/// Creates the topic if it is missing, retrying in the background until the broker
+/// answers (so a limiter started before its broker still serves meanwhile).
+pub fn ensure_topic(args: &KafkaArgs, brokers: &str, shutdown: CancellationToken) {
+    let config = base_config(args, brokers);
+    let topic = args.topic.clone();
+    let (partitions, replication) = (args.partitions, args.replication);
+    tokio::spawn(async move {
+        let admin: AdminClient<DefaultClientContext> = match config.create() {
+            Ok(admin) => admin,
+            Err(err) => {
+                tracing::error!(error = %err, "cannot create the Kafka admin client");
+                return;
+            }
+        };
+        let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(5)));
+        loop {
+            let new = NewTopic::new(&topic, partitions, TopicReplication::Fixed(replication));
+            match admin.create_topics([&new], &options).await {
+                Ok(results) => match results.into_iter().next() {
+                    Some(Ok(_)) => {
+                        tracing::info!(topic, partitions, "created the event topic");
+                        return;
+                    }
+                    Some(Err((_, RDKafkaErrorCode::TopicAlreadyExists))) | None => return,
+                    Some(Err((_, code))) => {
+                        tracing::warn!(topic, error = %code, "cannot create the event topic yet")
+                    }
+                },
+                Err(err) => tracing::warn!(topic, error = %err, "cannot reach Kafka to create the topic"),
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+            }
+        }
+    });
+}

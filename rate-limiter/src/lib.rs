@@ -1,0 +1,121 @@
+//! The rate-limiter service: `POST /check` decides one request against the user's token
+//! bucket and publishes one event per decision, without waiting for it.
+//!
+//! - [`store`]: where buckets live (the `BucketStore` trait; memory and Redis).
+//! - [`limiter`]: the decision path, fail-open/fail-closed, event publishing.
+//! - [`breaker`]: the circuit breaker in front of the shared store.
+//! - [`kafka`]: the Kafka event publisher.
+//! - [`http`]: the HTTP API.
+//! - [`config`]: the service's configuration.
+
+pub mod breaker;
+pub mod config;
+pub mod http;
+pub mod kafka;
+pub mod limiter;
+pub mod store;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ratelimit_core::config::{KafkaArgs, RedisArgs, ServeArgs};
+use ratelimit_core::stream::{self, ChannelReceiver, EventPublisher};
+use ratelimit_core::{Clock, SystemClock};
+use tokio_util::sync::CancellationToken;
+
+use crate::breaker::Breaker;
+use crate::config::LimiterArgs;
+use crate::limiter::Limiter;
+use crate::store::{BucketStore, MemoryStore, RedisStore};
+
+/// How often the memory stores forget buckets that have refilled completely.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a shutdown waits for the event publisher to deliver what it holds.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Builds the limiter the configuration asks for: buckets in Redis when `REDIS_URL` is set
+/// (else memory); events to Kafka when `KAFKA_BROKERS` is set, else to an in-process
+/// channel whose receiving end is returned for an in-process worker.
+pub fn build(
+    args: &LimiterArgs,
+    redis: &RedisArgs,
+    kafka: &KafkaArgs,
+    instance_id: String,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<(Arc<Limiter>, Option<ChannelReceiver>)> {
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let policy = args.policy.policy();
+    let store: Arc<dyn BucketStore> = match redis.url() {
+        Some(url) => {
+            let store = Arc::new(RedisStore::new(
+                url,
+                &redis.key_prefix,
+                policy,
+                Duration::from_millis(redis.timeout_ms),
+            )?);
+            let preload = store.clone();
+            tokio::spawn(async move {
+                if let Err(err) = preload.preload().await {
+                    tracing::warn!(error = %err, "redis not reachable at start-up; will keep trying per request");
+                }
+            });
+            store
+        }
+        None => {
+            let store = Arc::new(MemoryStore::new(policy, clock.clone()));
+            store.spawn_sweeper(SWEEP_INTERVAL, shutdown.clone());
+            store
+        }
+    };
+    let fallback = Arc::new(MemoryStore::new(policy.divided(args.fail_open_instances), clock.clone()));
+    fallback.spawn_sweeper(SWEEP_INTERVAL, shutdown.clone());
+    let (publisher, events): (Arc<dyn EventPublisher>, _) = match kafka.brokers() {
+        Some(brokers) => {
+            kafka::ensure_topic(kafka, brokers, shutdown.clone());
+            (Arc::new(kafka::KafkaPublisher::new(kafka, brokers)?), None)
+        }
+        None => {
+            let (tx, rx) = stream::channel(args.event_buffer as usize);
+            (Arc::new(tx), Some(rx))
+        }
+    };
+    let limiter = Limiter::new(
+        store,
+        fallback,
+        args.fail_mode,
+        Breaker::new(args.breaker_failures, args.breaker_open()),
+        publisher,
+        clock,
+        instance_id,
+    );
+    Ok((Arc::new(limiter), events))
+}
+
+/// Serves the limiter's API on `listener` until `shutdown`, then finishes in-flight
+/// requests (at most the grace period) and flushes the event publisher.
+pub async fn run(
+    listener: tokio::net::TcpListener,
+    limiter: Arc<Limiter>,
+    serve: &ServeArgs,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let router = http::router(limiter.clone(), serve.max_in_flight as usize, serve.request_timeout());
+    tracing::info!(addr = %listener.local_addr()?, "rate limiter listening");
+    ratelimit_core::http::serve(listener, router, shutdown, serve.grace()).await?;
+    flush(&limiter).await;
+    Ok(())
+}
+
+/// Waits for the publisher to deliver what it holds (bounded), and logs the totals.
+pub async fn flush(limiter: &Limiter) {
+    let publisher = limiter.publisher();
+    let flushed = publisher.flush(FLUSH_TIMEOUT).await;
+    let stats = publisher.stats();
+    tracing::info!(
+        flushed,
+        published = stats.published,
+        dropped = stats.dropped,
+        undelivered = stats.buffered,
+        "event publisher flushed"
+    );
+}

@@ -1,0 +1,236 @@
+//! The limiter: one decision per request, from the shared store or (fail-open) a local
+//! fallback bucket, and one event per decision to the analytics stream.
+
+use std::sync::Arc;
+
+use ratelimit_core::api::{CheckRequest, CheckResponse};
+use ratelimit_core::config::FailMode;
+use ratelimit_core::event::SCHEMA_VERSION;
+use ratelimit_core::stream::EventPublisher;
+use ratelimit_core::{Clock, Decision, RateLimitEvent};
+
+use crate::breaker::{Breaker, BreakerState};
+use crate::store::{BucketStore, MemoryStore};
+
+/// A decision and how it was made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Checked {
+    pub decision: Decision,
+    /// Made by the local fallback bucket because the shared store was unreachable.
+    pub degraded: bool,
+}
+
+impl Checked {
+    pub fn to_response(&self) -> CheckResponse {
+        let quota = self.decision.quota();
+        CheckResponse {
+            allowed: self.decision.is_allowed(),
+            limit: quota.limit,
+            remaining: quota.remaining,
+            retry_after_ms: duration_ms_ceil(self.decision.retry_after()),
+            reset_after_ms: duration_ms_ceil(quota.reset_after),
+            degraded: self.degraded,
+        }
+    }
+}
+
+/// Whole milliseconds, rounded up (a retry after the rounded time is still on time).
+pub fn duration_ms_ceil(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_micros().div_ceil(1000)).unwrap_or(u64::MAX)
+}
+
+/// Why no decision could be made.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum LimiterError {
+    #[error("cost {cost} exceeds the bucket capacity {capacity}")]
+    CostAboveCapacity { cost: u64, capacity: u64 },
+    /// The shared store is unreachable and the fail mode is `closed`.
+    #[error("the rate-limit store is unavailable")]
+    StoreUnavailable,
+}
+
+pub struct Limiter {
+    store: Arc<dyn BucketStore>,
+    /// The per-instance bucket used in fail-open mode while the store is unreachable.
+    fallback: Arc<MemoryStore>,
+    fail_mode: FailMode,
+    breaker: Breaker,
+    publisher: Arc<dyn EventPublisher>,
+    clock: Arc<dyn Clock>,
+    instance_id: String,
+}
+
+impl Limiter {
+    pub fn new(
+        store: Arc<dyn BucketStore>,
+        fallback: Arc<MemoryStore>,
+        fail_mode: FailMode,
+        breaker: Breaker,
+        publisher: Arc<dyn EventPublisher>,
+        clock: Arc<dyn Clock>,
+        instance_id: String,
+    ) -> Self {
+        Self {
+            store,
+            fallback,
+            fail_mode,
+            breaker,
+            publisher,
+            clock,
+            instance_id,
+        }
+    }
+
+    pub fn publisher(&self) -> &Arc<dyn EventPublisher> {
+        &self.publisher
+    }
+
+    pub fn breaker_state(&self) -> BreakerState {
+        self.breaker.state()
+    }
+
+    pub fn capacity(&self) -> u64 {
+        self.store.policy().capacity()
+    }
+
+    /// Whether the shared store answers and the breaker is closed.
+    pub async fn ready(&self) -> bool {
+        self.breaker.state() == BreakerState::Closed && self.store.ping().await.is_ok()
+    }
+
+    /// Decides `request` and publishes the decision.
+    pub async fn check(&self, request: &CheckRequest) -> Result<Checked, LimiterError> {
+        let capacity = self.capacity();
+        if request.cost > capacity {
+            return Err(LimiterError::CostAboveCapacity {
+                cost: request.cost,
+                capacity,
+            });
+        }
+        let stored = if self.breaker.allow() {
+            match self.store.take(&request.user_id, request.cost).await {
+                Ok(decision) => {
+                    self.breaker.on_success();
+                    Some(decision)
+                }
+                Err(err) => {
+                    self.breaker.on_failure();
+                    tracing::debug!(error = %err, "bucket store call failed");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let checked = match (stored, self.fail_mode) {
+            (Some(decision), _) => Checked {
+                decision,
+                degraded: false,
+            },
+            (None, FailMode::Open) => Checked {
+                decision: self.fallback.take_now(&request.user_id, request.cost),
+                degraded: true,
+            },
+            (None, FailMode::Closed) => return Err(LimiterError::StoreUnavailable),
+        };
+        self.publisher.publish(RateLimitEvent {
+            schema_version: SCHEMA_VERSION,
+            user_id: request.user_id.clone(),
+            allowed: checked.decision.is_allowed(),
+            cost: request.cost,
+            ts_ms: self.clock.now_ms(),
+            limiter_id: self.instance_id.clone(),
+            degraded: checked.degraded,
+        });
+        Ok(checked)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::StoreError;
+    use async_trait::async_trait;
+    use ratelimit_core::stream::{NullPublisher, channel};
+    use ratelimit_core::{ManualClock, Policy};
+    use std::time::Duration;
+
+    /// A store that is down, to exercise the fail modes without a network.
+    struct DownStore(Policy);
+
+    #[async_trait]
+    impl BucketStore for DownStore {
+        fn policy(&self) -> &Policy {
+            &self.0
+        }
+        async fn take(&self, _: &str, _: u64) -> Result<Decision, StoreError> {
+            Err(StoreError::Unavailable("down".into()))
+        }
+        async fn ping(&self) -> Result<(), StoreError> {
+            Err(StoreError::Unavailable("down".into()))
+        }
+    }
+
+    fn limiter(store: Arc<dyn BucketStore>, mode: FailMode, publisher: Arc<dyn EventPublisher>) -> Limiter {
+        let clock = Arc::new(ManualClock::new(5_000_000));
+        let policy = *store.policy();
+        Limiter::new(
+            store,
+            Arc::new(MemoryStore::new(policy.divided(2), clock.clone())),
+            mode,
+            Breaker::new(3, Duration::from_secs(60)),
+            publisher,
+            clock,
+            "test".into(),
+        )
+    }
+
+    fn req(user: &str, cost: u64) -> CheckRequest {
+        CheckRequest { user_id: user.into(), cost }
+    }
+
+    #[tokio::test]
+    async fn every_decision_is_published() {
+        let clock = Arc::new(ManualClock::new(5_000_000));
+        let policy = Policy::new(2, 1.0).unwrap();
+        let (tx, mut rx) = channel(16);
+        let l = limiter(Arc::new(MemoryStore::new(policy, clock)), FailMode::Closed, Arc::new(tx));
+        for _ in 0..3 {
+            l.check(&req("u", 1)).await.unwrap();
+        }
+        let allowed: Vec<bool> = (0..3).map(|_| rx.try_recv().unwrap().allowed).collect();
+        assert_eq!(allowed, [true, true, false]);
+        assert!(rx.try_recv().is_err());
+    }
+
+    #[tokio::test]
+    async fn cost_above_capacity_is_refused_before_the_store() {
+        let l = limiter(Arc::new(DownStore(Policy::new(3, 1.0).unwrap())), FailMode::Closed, Arc::new(NullPublisher));
+        assert_eq!(
+            l.check(&req("u", 4)).await,
+            Err(LimiterError::CostAboveCapacity { cost: 4, capacity: 3 })
+        );
+    }
+
+    #[tokio::test]
+    async fn fail_closed_refuses() {
+        let l = limiter(Arc::new(DownStore(Policy::new(3, 1.0).unwrap())), FailMode::Closed, Arc::new(NullPublisher));
+        assert_eq!(l.check(&req("u", 1)).await, Err(LimiterError::StoreUnavailable));
+        assert!(!l.ready().await);
+    }
+
+    #[tokio::test]
+    async fn fail_open_uses_a_divided_local_bucket_and_says_so() {
+        let (tx, mut rx) = channel(16);
+        let l = limiter(Arc::new(DownStore(Policy::new(4, 0.001).unwrap())), FailMode::Open, Arc::new(tx));
+        let mut results = Vec::new();
+        for _ in 0..3 {
+            results.push(l.check(&req("u", 1)).await.unwrap());
+        }
+        assert!(results.iter().all(|c| c.degraded));
+        assert_eq!(results.iter().filter(|c| c.decision.is_allowed()).count(), 2, "capacity 4 split over 2 instances");
+        assert!(rx.try_recv().unwrap().degraded);
+        // The breaker opened after 3 failures: the store is no longer asked.
+        assert_eq!(l.breaker_state(), BreakerState::Open);
+    }
+}

@@ -1,0 +1,33 @@
+//! `rate-limiter`: the token-bucket service on its own (`POST /check`).
+
+use clap::Parser;
+use ratelimit_core::runtime;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    runtime::load_dotenv();
+    let config = rate_limiter::config::LimiterConfig::parse();
+    runtime::init_tracing();
+    let shutdown = runtime::shutdown_token();
+    let (limiter, events) = rate_limiter::build(
+        &config.limiter,
+        &config.redis,
+        &config.kafka,
+        runtime::instance_id(),
+        &shutdown,
+    )?;
+    // Without Kafka the decisions are counted in-process, into the configured counter store.
+    let worker = match events {
+        Some(events) => {
+            let store = analytics_worker::counter_store(&config.redis, &config.worker)?;
+            Some(analytics_worker::InProcessWorker::spawn(events, store, config.worker.batch_max as usize))
+        }
+        None => None,
+    };
+    let listener = tokio::net::TcpListener::bind((config.serve.bind_addr, config.port)).await?;
+    rate_limiter::run(listener, limiter, &config.serve, shutdown).await?;
+    if let Some(worker) = worker {
+        worker.stop().await;
+    }
+    Ok(())
+}

@@ -1,0 +1,37 @@
+//! Bucket stores: where token-bucket state lives. One trait, two implementations
+//! (memory for the embedded default, Redis for shared state), one contract suite
+//! ([`contract`]) that both must pass.
+
+pub mod contract;
+mod memory;
+mod redis;
+
+use async_trait::async_trait;
+use ratelimit_core::{Decision, Policy};
+
+pub use self::memory::MemoryStore;
+pub use self::redis::RedisStore;
+
+/// Why a store could not decide. Being over the limit is not an error.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store call timed out")]
+    Timeout,
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    #[error("store answered unexpectedly: {0}")]
+    Protocol(String),
+}
+
+/// Atomically takes `cost` tokens from a user's bucket, or reports why it cannot.
+#[async_trait]
+pub trait BucketStore: Send + Sync + 'static {
+    /// The policy every bucket of this store follows.
+    fn policy(&self) -> &Policy;
+
+    /// Decides one request: load, [`ratelimit_core::bucket::decide`], store, atomically.
+    async fn take(&self, user_id: &str, cost: u64) -> Result<Decision, StoreError>;
+
+    /// Whether the store answers.
+    async fn ping(&self) -> Result<(), StoreError>;
+}

@@ -1,0 +1,162 @@
+//! The shared bucket store: one atomic round trip to Redis per decision.
+//!
+//! The decision runs inside Redis as a Lua script (loaded once, called with EVALSHA and
+//! reloaded on NOSCRIPT by `redis::Script`), using Redis's own `TIME` so that every limiter
+//! host agrees on the clock. The arithmetic mirrors [`ratelimit_core::bucket::decide`]
+//! operation for operation. A bucket is a string `"<tokens> <updated_us>"` that expires
+//! when it would be full again, and its key carries the user id as a hash tag
+//! ([`ratelimit_core::keys`]) so the script is legal on Redis Cluster. Every request shares
+//! one multiplexed connection (pipelined), never a connection per request.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use ratelimit_core::{Decision, Policy, Quota, keys};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+
+use super::{BucketStore, StoreError};
+
+const TAKE_SCRIPT: &str = r#"
+local capacity = tonumber(ARGV[1])
+local rate = tonumber(ARGV[2])
+local cost = tonumber(ARGV[3])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local tokens = capacity
+local updated = now
+local raw = redis.call('GET', KEYS[1])
+if raw then
+  local sep = string.find(raw, ' ', 1, true)
+  tokens = tonumber(string.sub(raw, 1, sep - 1))
+  updated = tonumber(string.sub(raw, sep + 1))
+end
+if now < updated then now = updated end
+local function refill(have, elapsed)
+  return math.min(capacity, have + elapsed * rate / 1000000)
+end
+local function time_until(have, want)
+  if have >= want then return 0 end
+  local us = math.ceil((want - have) * 1000000 / rate)
+  while refill(have, us) < want do us = us + 1 end
+  return us
+end
+tokens = refill(tokens, now - updated)
+local allowed = 0
+local retry = 0
+if tokens >= cost then
+  tokens = tokens - cost
+  allowed = 1
+elseif cost > capacity then
+  retry = -1
+else
+  retry = time_until(tokens, cost)
+end
+local reset = time_until(tokens, capacity)
+redis.call('SET', KEYS[1], string.format('%.17g %.0f', tokens, now),
+  'PX', math.max(1, math.ceil(reset / 1000)))
+return {allowed, math.floor(tokens), retry, reset}
+"#;
+
+/// Token buckets in Redis, shared by every limiter instance that points at it.
+pub struct RedisStore {
+    policy: Policy,
+    conn: ConnectionManager,
+    script: redis::Script,
+    key_prefix: String,
+    timeout: Duration,
+}
+
+impl RedisStore {
+    /// A store on `url` whose calls each have `timeout`. Connects lazily and reconnects by
+    /// itself, so it can be built while Redis is down.
+    pub fn new(
+        url: &str,
+        key_prefix: &str,
+        policy: Policy,
+        timeout: Duration,
+    ) -> Result<Self, StoreError> {
+        let conn = connect(url, timeout)?;
+        Ok(Self {
+            policy,
+            conn,
+            script: redis::Script::new(TAKE_SCRIPT),
+            key_prefix: key_prefix.to_owned(),
+            timeout,
+        })
+    }
+
+    /// Loads the script now, so the first request does not pay for it.
+    pub async fn preload(&self) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let invocation = self.script.prepare_invoke();
+        with_deadline(self.timeout.max(Duration::from_secs(1)), invocation.load_async(&mut conn)).await?;
+        Ok(())
+    }
+}
+
+/// A lazily connecting, self-reconnecting multiplexed connection.
+pub fn connect(url: &str, timeout: Duration) -> Result<ConnectionManager, StoreError> {
+    let client = redis::Client::open(url).map_err(|e| StoreError::Unavailable(e.to_string()))?;
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(timeout.max(Duration::from_millis(200))))
+        .set_response_timeout(Some(timeout))
+        .set_number_of_retries(2)
+        .set_max_delay(Duration::from_millis(500));
+    ConnectionManager::new_lazy_with_config(client, config)
+        .map_err(|e| StoreError::Unavailable(e.to_string()))
+}
+
+/// Runs a Redis call under a deadline, mapping failures to [`StoreError`].
+pub async fn with_deadline<T>(
+    timeout: Duration,
+    call: impl Future<Output = redis::RedisResult<T>>,
+) -> Result<T, StoreError> {
+    match tokio::time::timeout(timeout, call).await {
+        Err(_) => Err(StoreError::Timeout),
+        Ok(Err(e)) if e.is_timeout() => Err(StoreError::Timeout),
+        Ok(Err(e)) => Err(StoreError::Unavailable(e.to_string())),
+        Ok(Ok(v)) => Ok(v),
+    }
+}
+
+#[async_trait]
+impl BucketStore for RedisStore {
+    fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    async fn take(&self, user_id: &str, cost: u64) -> Result<Decision, StoreError> {
+        let key = keys::bucket_key(&self.key_prefix, user_id);
+        let mut conn = self.conn.clone();
+        let mut invocation = self.script.key(key);
+        invocation
+            .arg(self.policy.capacity())
+            .arg(self.policy.refill_per_sec())
+            .arg(cost);
+        let (allowed, remaining, retry_us, reset_us): (i64, i64, i64, i64) =
+            with_deadline(self.timeout, invocation.invoke_async(&mut conn)).await?;
+        let quota = Quota {
+            limit: self.policy.capacity(),
+            remaining: remaining.max(0) as u64,
+            reset_after: Duration::from_micros(reset_us.max(0) as u64),
+        };
+        Ok(match (allowed, retry_us) {
+            (1, _) => Decision::Allowed(quota),
+            (0, -1) => Decision::Limited {
+                quota,
+                retry_after: Duration::MAX,
+            },
+            (0, us) if us >= 0 => Decision::Limited {
+                quota,
+                retry_after: Duration::from_micros(us as u64),
+            },
+            other => return Err(StoreError::Protocol(format!("script returned {other:?}"))),
+        })
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let _: String = with_deadline(self.timeout, redis::cmd("PING").query_async(&mut conn)).await?;
+        Ok(())
+    }
+}
