@@ -1,0 +1,123 @@
+//! The whole system in one process: the gateway (`:3000`), the rate limiter (`:8080`) and
+//! the analytics worker, with the same APIs as the distributed form.
+//!
+//! By default everything is embedded (buckets and counters in memory, events through an
+//! in-process channel); `REDIS_URL` moves buckets and counters to Redis and
+//! `KAFKA_BROKERS` moves the event stream to Kafka, with no other change.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use analytics_worker::SpawnedWorker;
+use analytics_worker::config::WorkerArgs;
+use analytics_worker::worker::WorkerStats;
+use clap::Parser;
+use gateway::client::InProcessClient;
+use gateway::config::GatewayArgs;
+use rate_limiter::config::LimiterArgs;
+use rate_limiter::limiter::Limiter;
+use ratelimit_core::config::{KafkaArgs, RedisArgs, ServeArgs};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// The all-in-one binary's configuration: every service's settings in one place.
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "distributed-rate-limiter",
+    about = "Gateway, rate limiter and analytics worker in one process (embedded by default)",
+    version
+)]
+pub struct Config {
+    #[command(flatten)]
+    pub gateway: GatewayArgs,
+    #[arg(long = "limiter-port", env = "LIMITER_PORT", value_name = "LIMITER_PORT", default_value_t = 8080)]
+    pub limiter_port: u16,
+    #[command(flatten)]
+    pub serve: ServeArgs,
+    #[command(flatten)]
+    pub limiter: LimiterArgs,
+    #[command(flatten)]
+    pub worker: WorkerArgs,
+    #[command(flatten)]
+    pub redis: RedisArgs,
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+}
+
+/// The running system.
+pub struct System {
+    pub gateway_addr: SocketAddr,
+    pub limiter_addr: SocketAddr,
+    pub limiter: Arc<Limiter>,
+    pub worker_stats: Arc<WorkerStats>,
+    shutdown: CancellationToken,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl System {
+    /// Starts every part, serving on the given listeners, until `shutdown`.
+    pub async fn start(
+        config: Config,
+        gateway_listener: TcpListener,
+        limiter_listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Self> {
+        let gateway_addr = gateway_listener.local_addr()?;
+        let limiter_addr = limiter_listener.local_addr()?;
+        let (limiter, events) = rate_limiter::build(
+            &config.limiter,
+            &config.redis,
+            &config.kafka,
+            ratelimit_core::runtime::instance_id(),
+            &shutdown,
+        )?;
+        let counters = analytics_worker::counter_store(&config.redis, config.worker.max_users as usize)?;
+        let batch_max = config.worker.batch_max as usize;
+        let worker = match (events, config.kafka.brokers()) {
+            (Some(events), _) => SpawnedWorker::in_process(events, counters.clone(), batch_max),
+            (None, Some(brokers)) => SpawnedWorker::kafka(&config.kafka, brokers, counters.clone(), batch_max)?,
+            (None, None) => unreachable!("without Kafka the limiter publishes in-process"),
+        };
+        let worker_stats = worker.stats.clone();
+        let gateway = gateway::Gateway {
+            limiter: Arc::new(InProcessClient(limiter.clone())),
+            counters,
+        };
+        let task = {
+            let limiter = limiter.clone();
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                let (g, l) = tokio::join!(
+                    gateway::run(gateway_listener, gateway, &config.serve, shutdown.clone()),
+                    rate_limiter::run(limiter_listener, limiter.clone(), &config.serve, shutdown),
+                );
+                // Nothing decides any more: deliver the last events, count them, stop.
+                rate_limiter::flush(&limiter).await;
+                worker.stop().await;
+                g?;
+                l?;
+                Ok(())
+            })
+        };
+        Ok(Self {
+            gateway_addr,
+            limiter_addr,
+            limiter,
+            worker_stats,
+            shutdown,
+            task,
+        })
+    }
+
+    /// Waits until the system has stopped (after the shutdown signal).
+    pub async fn wait(self) -> anyhow::Result<()> {
+        self.task.await?
+    }
+
+    /// Stops the system gracefully and waits for it.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        self.wait().await
+    }
+}

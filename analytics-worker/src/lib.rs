@@ -26,9 +26,10 @@ use crate::counters::{CounterStore, MemoryCounters, RedisCounters};
 use crate::worker::WorkerStats;
 
 /// The counter store the configuration asks for: Redis when `REDIS_URL` is set, else memory.
+/// `max_users` bounds the in-memory counters.
 pub fn counter_store(
     redis: &ratelimit_core::config::RedisArgs,
-    worker: &config::WorkerArgs,
+    max_users: usize,
 ) -> anyhow::Result<Arc<dyn CounterStore>> {
     Ok(match redis.url() {
         Some(url) => Arc::new(RedisCounters::new(
@@ -37,7 +38,7 @@ pub fn counter_store(
             // Batches are bigger than one decision: give them more than a decision's deadline.
             Duration::from_millis(redis.timeout_ms).max(Duration::from_secs(2)),
         )?),
-        None => Arc::new(MemoryCounters::new(worker.max_users as usize)),
+        None => Arc::new(MemoryCounters::new(max_users)),
     })
 }
 
@@ -86,50 +87,53 @@ pub async fn run(
     if config.redis.url().is_none() {
         anyhow::bail!("REDIS_URL is required: the standalone worker keeps its counters in Redis, where the gateway reads them");
     }
-    let store = counter_store(&config.redis, &config.worker)?;
-    let source = source::KafkaSource::new(&config.kafka, brokers)?;
-    let stats = Arc::new(WorkerStats::default());
-    tracing::info!(topic = config.kafka.topic, group = config.kafka.group_id, addr = %listener.local_addr()?, "analytics worker started");
-    let worker = tokio::spawn(worker::run(
-        Box::new(source),
-        store.clone(),
-        stats.clone(),
-        config.worker.batch_max as usize,
-        shutdown.clone(),
-    ));
-    ratelimit_core::http::serve(listener, router(store, stats), shutdown, config.serve.grace()).await?;
-    worker.await?;
+    let store = counter_store(&config.redis, config.worker.max_users as usize)?;
+    let worker = SpawnedWorker::kafka(&config.kafka, brokers, store.clone(), config.worker.batch_max as usize)?;
+    tracing::info!(addr = %listener.local_addr()?, "analytics worker health endpoints listening");
+    ratelimit_core::http::serve(listener, router(store, worker.stats.clone()), shutdown, config.serve.grace()).await?;
+    worker.stop().await;
     Ok(())
 }
 
-/// A worker counting the in-process stream of a limiter in the same process.
-pub struct InProcessWorker {
+/// A worker running in the background of this process.
+pub struct SpawnedWorker {
     pub stats: Arc<WorkerStats>,
     stop: tokio_util::sync::CancellationToken,
     handle: tokio::task::JoinHandle<()>,
 }
 
-impl InProcessWorker {
-    /// Starts counting `events` into `store`.
-    pub fn spawn(
+impl SpawnedWorker {
+    /// Counts `source` into `store` until [`SpawnedWorker::stop`].
+    pub fn spawn(source: Box<dyn source::EventSource>, store: Arc<dyn CounterStore>, batch_max: usize) -> Self {
+        let stats = Arc::new(WorkerStats::default());
+        let stop = tokio_util::sync::CancellationToken::new();
+        let handle = tokio::spawn(worker::run(source, store, stats.clone(), batch_max, stop.clone()));
+        Self { stats, stop, handle }
+    }
+
+    /// Counts the in-process stream of a limiter in the same process.
+    pub fn in_process(
         events: ratelimit_core::stream::ChannelReceiver,
         store: Arc<dyn CounterStore>,
         batch_max: usize,
     ) -> Self {
-        let stats = Arc::new(WorkerStats::default());
-        let stop = tokio_util::sync::CancellationToken::new();
-        let handle = tokio::spawn(worker::run(
-            Box::new(source::ChannelSource::new(events)),
-            store,
-            stats.clone(),
-            batch_max,
-            stop.clone(),
-        ));
-        Self { stats, stop, handle }
+        Self::spawn(Box::new(source::ChannelSource::new(events)), store, batch_max)
     }
 
-    /// Counts what is still in the channel, then stops. Call after the limiter has
-    /// stopped deciding and flushed its publisher.
+    /// Joins the Kafka consumer group and counts the topic.
+    pub fn kafka(
+        kafka: &ratelimit_core::config::KafkaArgs,
+        brokers: &str,
+        store: Arc<dyn CounterStore>,
+        batch_max: usize,
+    ) -> anyhow::Result<Self> {
+        let source = source::KafkaSource::new(kafka, brokers)?;
+        tracing::info!(topic = kafka.topic, group = kafka.group_id, "analytics worker joined the consumer group");
+        Ok(Self::spawn(Box::new(source), store, batch_max))
+    }
+
+    /// Counts what the source still holds without waiting, commits, and stops. For the
+    /// in-process stream, call it after the limiter has stopped deciding and flushed.
     pub async fn stop(self) {
         self.stop.cancel();
         let _ = self.handle.await;

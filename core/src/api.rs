@@ -99,6 +99,9 @@ pub struct CheckResponse {
     pub remaining: u64,
     pub retry_after_ms: u64,
     pub reset_after_ms: u64,
+    /// Time an empty bucket takes to refill completely (the policy's window).
+    #[serde(default)]
+    pub window_ms: u64,
     /// Decided by the local fallback bucket while the shared store was unreachable.
     #[serde(default)]
     pub degraded: bool,

@@ -1,0 +1,53 @@
+//! The gateway: the public face of the system. `POST /api` asks the limiter and answers
+//! 200 or 429 with rate-limit headers; `GET /analytics/{user_id}` reads the counters.
+//!
+//! - [`client`]: the limiter-client trait (HTTP with replica balancing, or in-process).
+//! - [`http`]: the routes and the mapping of decisions to HTTP.
+//! - [`config`]: the gateway's configuration.
+
+pub mod client;
+pub mod config;
+pub mod http;
+
+use std::sync::Arc;
+
+use ratelimit_core::config::ServeArgs;
+use tokio_util::sync::CancellationToken;
+
+pub use crate::http::{Gateway, router};
+
+/// Serves the gateway on `listener` until `shutdown`, then finishes in-flight requests
+/// (at most the grace period).
+pub async fn run(
+    listener: tokio::net::TcpListener,
+    gateway: Gateway,
+    serve: &ServeArgs,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    tracing::info!(addr = %listener.local_addr()?, "gateway listening");
+    let router = router(gateway, serve.max_in_flight as usize, serve.request_timeout());
+    ratelimit_core::http::serve(listener, router, shutdown, serve.grace()).await
+}
+
+/// Builds the standalone gateway from its configuration: the limiter over HTTP, the
+/// counters in Redis.
+pub async fn from_config(config: &config::GatewayConfig, shutdown: &CancellationToken) -> anyhow::Result<Gateway> {
+    if config.redis.url().is_none() {
+        anyhow::bail!(
+            "REDIS_URL is required: the standalone gateway reads analytics from Redis (run the all-in-one binary for the embedded mode)"
+        );
+    }
+    let counters = analytics_worker::counter_store(&config.redis, 0)?;
+    let limiter = client::HttpLimiterClient::new(
+        &config.limiter_url,
+        config.limiter_timeout(),
+        config.limiter_resolve(),
+        Arc::new(client::SystemResolver),
+        shutdown.clone(),
+    )
+    .await?;
+    Ok(Gateway {
+        limiter: Arc::new(limiter),
+        counters,
+    })
+}

@@ -41,8 +41,7 @@ async fn check(
     State(limiter): State<Arc<Limiter>>,
     ValidJson(request): ValidJson<CheckRequest>,
 ) -> Result<Json<CheckResponse>, ApiError> {
-    let checked = limiter.check(&request).await?;
-    Ok(Json(checked.to_response()))
+    Ok(Json(limiter.check_response(&request).await?))
 }
 
 async fn ready(State(limiter): State<Arc<Limiter>>) -> (StatusCode, Json<serde_json::Value>) {

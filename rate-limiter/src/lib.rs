@@ -92,7 +92,7 @@ pub fn build(
 }
 
 /// Serves the limiter's API on `listener` until `shutdown`, then finishes in-flight
-/// requests (at most the grace period) and flushes the event publisher.
+/// requests (at most the grace period). Call [`flush`] once nothing decides any more.
 pub async fn run(
     listener: tokio::net::TcpListener,
     limiter: Arc<Limiter>,
@@ -101,9 +101,7 @@ pub async fn run(
 ) -> std::io::Result<()> {
     let router = http::router(limiter.clone(), serve.max_in_flight as usize, serve.request_timeout());
     tracing::info!(addr = %listener.local_addr()?, "rate limiter listening");
-    ratelimit_core::http::serve(listener, router, shutdown, serve.grace()).await?;
-    flush(&limiter).await;
-    Ok(())
+    ratelimit_core::http::serve(listener, router, shutdown, serve.grace()).await
 }
 
 /// Waits for the publisher to deliver what it holds (bounded), and logs the totals.

@@ -7,7 +7,7 @@ use ratelimit_core::api::{CheckRequest, CheckResponse};
 use ratelimit_core::config::FailMode;
 use ratelimit_core::event::SCHEMA_VERSION;
 use ratelimit_core::stream::EventPublisher;
-use ratelimit_core::{Clock, Decision, RateLimitEvent};
+use ratelimit_core::{Clock, Decision, Policy, RateLimitEvent};
 
 use crate::breaker::{Breaker, BreakerState};
 use crate::store::{BucketStore, MemoryStore};
@@ -21,14 +21,16 @@ pub struct Checked {
 }
 
 impl Checked {
-    pub fn to_response(&self) -> CheckResponse {
+    pub fn to_response(&self, policy: &Policy) -> CheckResponse {
         let quota = self.decision.quota();
+        let window_secs = policy.capacity() as f64 / policy.refill_per_sec();
         CheckResponse {
             allowed: self.decision.is_allowed(),
             limit: quota.limit,
             remaining: quota.remaining,
             retry_after_ms: duration_ms_ceil(self.decision.retry_after()),
             reset_after_ms: duration_ms_ceil(quota.reset_after),
+            window_ms: (window_secs * 1000.0).ceil().min(u64::MAX as f64) as u64,
             degraded: self.degraded,
         }
     }
@@ -93,6 +95,15 @@ impl Limiter {
         self.store.policy().capacity()
     }
 
+    pub fn policy(&self) -> &Policy {
+        self.store.policy()
+    }
+
+    /// Decides `request` and answers in the wire format.
+    pub async fn check_response(&self, request: &CheckRequest) -> Result<CheckResponse, LimiterError> {
+        Ok(self.check(request).await?.to_response(self.policy()))
+    }
+
     /// Whether the shared store answers and the breaker is closed.
     pub async fn ready(&self) -> bool {
         self.breaker.state() == BreakerState::Closed && self.store.ping().await.is_ok()
@@ -152,7 +163,7 @@ mod tests {
     use crate::store::StoreError;
     use async_trait::async_trait;
     use ratelimit_core::stream::{NullPublisher, channel};
-    use ratelimit_core::{ManualClock, Policy};
+    use ratelimit_core::ManualClock;
     use std::time::Duration;
 
     /// A store that is down, to exercise the fail modes without a network.

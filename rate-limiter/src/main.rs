@@ -19,13 +19,14 @@ async fn main() -> anyhow::Result<()> {
     // Without Kafka the decisions are counted in-process, into the configured counter store.
     let worker = match events {
         Some(events) => {
-            let store = analytics_worker::counter_store(&config.redis, &config.worker)?;
-            Some(analytics_worker::InProcessWorker::spawn(events, store, config.worker.batch_max as usize))
+            let store = analytics_worker::counter_store(&config.redis, config.worker.max_users as usize)?;
+            Some(analytics_worker::SpawnedWorker::in_process(events, store, config.worker.batch_max as usize))
         }
         None => None,
     };
     let listener = tokio::net::TcpListener::bind((config.serve.bind_addr, config.port)).await?;
-    rate_limiter::run(listener, limiter, &config.serve, shutdown).await?;
+    rate_limiter::run(listener, limiter.clone(), &config.serve, shutdown).await?;
+    rate_limiter::flush(&limiter).await;
     if let Some(worker) = worker {
         worker.stop().await;
     }

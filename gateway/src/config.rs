@@ -1,0 +1,46 @@
+//! The gateway's configuration.
+
+use std::time::Duration;
+
+use clap::{Args, Parser};
+use ratelimit_core::config::{RedisArgs, ServeArgs};
+
+/// What the gateway itself needs, shared by the standalone binary and the all-in-one one.
+#[derive(Args, Debug, Clone)]
+pub struct GatewayArgs {
+    #[arg(long = "gateway-port", env = "GATEWAY_PORT", value_name = "GATEWAY_PORT", default_value_t = 3000)]
+    pub port: u16,
+}
+
+/// The standalone `gateway` binary: asks the limiter over HTTP, reads analytics from Redis.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "gateway", about = "Public API: POST /api and GET /analytics/{user_id}", version)]
+pub struct GatewayConfig {
+    #[command(flatten)]
+    pub gateway: GatewayArgs,
+    /// Base URL of the rate limiter; a name resolving to several addresses is balanced.
+    #[arg(long = "limiter-url", env = "LIMITER_URL", value_name = "LIMITER_URL", default_value = "http://127.0.0.1:8080")]
+    pub limiter_url: String,
+    /// Deadline of one call to the limiter, in milliseconds.
+    #[arg(long = "limiter-timeout-ms", env = "LIMITER_TIMEOUT_MS", value_name = "LIMITER_TIMEOUT_MS",
+          default_value_t = 500, value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    pub limiter_timeout_ms: u64,
+    /// How often the limiter's host name is re-resolved, in milliseconds.
+    #[arg(long = "limiter-resolve-ms", env = "LIMITER_RESOLVE_MS", value_name = "LIMITER_RESOLVE_MS",
+          default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
+    pub limiter_resolve_ms: u64,
+    #[command(flatten)]
+    pub serve: ServeArgs,
+    #[command(flatten)]
+    pub redis: RedisArgs,
+}
+
+impl GatewayConfig {
+    pub fn limiter_timeout(&self) -> Duration {
+        Duration::from_millis(self.limiter_timeout_ms)
+    }
+
+    pub fn limiter_resolve(&self) -> Duration {
+        Duration::from_millis(self.limiter_resolve_ms)
+    }
+}

@@ -1,0 +1,16 @@
+//! `gateway`: the public API in front of the rate limiter.
+
+use clap::Parser;
+use ratelimit_core::runtime;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    runtime::load_dotenv();
+    let config = gateway::config::GatewayConfig::parse();
+    runtime::init_tracing();
+    let shutdown = runtime::shutdown_token();
+    let gateway = gateway::from_config(&config, &shutdown).await?;
+    let listener = tokio::net::TcpListener::bind((config.serve.bind_addr, config.gateway.port)).await?;
+    gateway::run(listener, gateway, &config.serve, shutdown).await?;
+    Ok(())
+}
