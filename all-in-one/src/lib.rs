@@ -31,7 +31,12 @@ use tokio_util::sync::CancellationToken;
 pub struct Config {
     #[command(flatten)]
     pub gateway: GatewayArgs,
-    #[arg(long = "limiter-port", env = "LIMITER_PORT", value_name = "LIMITER_PORT", default_value_t = 8080)]
+    #[arg(
+        long = "limiter-port",
+        env = "LIMITER_PORT",
+        value_name = "LIMITER_PORT",
+        default_value_t = 8080
+    )]
     pub limiter_port: u16,
     #[command(flatten)]
     pub serve: ServeArgs,
@@ -72,11 +77,14 @@ impl System {
             ratelimit_core::runtime::instance_id(),
             &shutdown,
         )?;
-        let counters = analytics_worker::counter_store(&config.redis, config.worker.max_users as usize)?;
+        let counters =
+            analytics_worker::counter_store(&config.redis, config.worker.max_users as usize)?;
         let batch_max = config.worker.batch_max as usize;
         let worker = match (events, config.kafka.brokers()) {
             (Some(events), _) => SpawnedWorker::in_process(events, counters.clone(), batch_max),
-            (None, Some(brokers)) => SpawnedWorker::kafka(&config.kafka, brokers, counters.clone(), batch_max)?,
+            (None, Some(brokers)) => {
+                SpawnedWorker::kafka(&config.kafka, brokers, counters.clone(), batch_max)?
+            }
             (None, None) => unreachable!("without Kafka the limiter publishes in-process"),
         };
         let worker_stats = worker.stats.clone();

@@ -12,13 +12,17 @@ async fn main() -> anyhow::Result<()> {
     let bind = config.serve.bind_addr;
     let gateway = tokio::net::TcpListener::bind((bind, config.gateway.port)).await?;
     let limiter = tokio::net::TcpListener::bind((bind, config.limiter_port)).await?;
-    let mode = match (config.redis.url().is_some(), config.kafka.brokers().is_some()) {
+    let mode = match (
+        config.redis.url().is_some(),
+        config.kafka.brokers().is_some(),
+    ) {
         (false, false) => "embedded (memory buckets, in-process event stream)",
         (true, false) => "Redis buckets and counters, in-process event stream",
         (false, true) => "memory buckets, Kafka event stream",
         (true, true) => "Redis buckets and counters, Kafka event stream",
     };
     tracing::info!(mode, "starting the all-in-one system");
-    let system = all_in_one::System::start(config, gateway, limiter, runtime::shutdown_token()).await?;
+    let system =
+        all_in_one::System::start(config, gateway, limiter, runtime::shutdown_token()).await?;
     system.wait().await
 }

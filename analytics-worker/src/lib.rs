@@ -15,11 +15,11 @@ pub mod worker;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::Json;
 use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
-use axum::Json;
 use serde_json::json;
 
 use crate::counters::{CounterStore, MemoryCounters, RedisCounters};
@@ -85,12 +85,25 @@ pub async fn run(
         anyhow::anyhow!("KAFKA_BROKERS is required: the standalone worker consumes the Kafka topic (the embedded default runs its worker in-process)")
     })?;
     if config.redis.url().is_none() {
-        anyhow::bail!("REDIS_URL is required: the standalone worker keeps its counters in Redis, where the gateway reads them");
+        anyhow::bail!(
+            "REDIS_URL is required: the standalone worker keeps its counters in Redis, where the gateway reads them"
+        );
     }
     let store = counter_store(&config.redis, config.worker.max_users as usize)?;
-    let worker = SpawnedWorker::kafka(&config.kafka, brokers, store.clone(), config.worker.batch_max as usize)?;
+    let worker = SpawnedWorker::kafka(
+        &config.kafka,
+        brokers,
+        store.clone(),
+        config.worker.batch_max as usize,
+    )?;
     tracing::info!(addr = %listener.local_addr()?, "analytics worker health endpoints listening");
-    ratelimit_core::http::serve(listener, router(store, worker.stats.clone()), shutdown, config.serve.grace()).await?;
+    ratelimit_core::http::serve(
+        listener,
+        router(store, worker.stats.clone()),
+        shutdown,
+        config.serve.grace(),
+    )
+    .await?;
     worker.stop().await;
     Ok(())
 }
@@ -104,11 +117,25 @@ pub struct SpawnedWorker {
 
 impl SpawnedWorker {
     /// Counts `source` into `store` until [`SpawnedWorker::stop`].
-    pub fn spawn(source: Box<dyn source::EventSource>, store: Arc<dyn CounterStore>, batch_max: usize) -> Self {
+    pub fn spawn(
+        source: Box<dyn source::EventSource>,
+        store: Arc<dyn CounterStore>,
+        batch_max: usize,
+    ) -> Self {
         let stats = Arc::new(WorkerStats::default());
         let stop = tokio_util::sync::CancellationToken::new();
-        let handle = tokio::spawn(worker::run(source, store, stats.clone(), batch_max, stop.clone()));
-        Self { stats, stop, handle }
+        let handle = tokio::spawn(worker::run(
+            source,
+            store,
+            stats.clone(),
+            batch_max,
+            stop.clone(),
+        ));
+        Self {
+            stats,
+            stop,
+            handle,
+        }
     }
 
     /// Counts the in-process stream of a limiter in the same process.
@@ -117,7 +144,11 @@ impl SpawnedWorker {
         store: Arc<dyn CounterStore>,
         batch_max: usize,
     ) -> Self {
-        Self::spawn(Box::new(source::ChannelSource::new(events)), store, batch_max)
+        Self::spawn(
+            Box::new(source::ChannelSource::new(events)),
+            store,
+            batch_max,
+        )
     }
 
     /// Joins the Kafka consumer group and counts the topic.
@@ -128,7 +159,11 @@ impl SpawnedWorker {
         batch_max: usize,
     ) -> anyhow::Result<Self> {
         let source = source::KafkaSource::new(kafka, brokers)?;
-        tracing::info!(topic = kafka.topic, group = kafka.group_id, "analytics worker joined the consumer group");
+        tracing::info!(
+            topic = kafka.topic,
+            group = kafka.group_id,
+            "analytics worker joined the consumer group"
+        );
         Ok(Self::spawn(Box::new(source), store, batch_max))
     }
 

@@ -49,11 +49,22 @@ pub async fn run(
             break;
         }
         // Shutting down already: one more failure and the rest is left for a replay.
-        if !process(source.as_mut(), &*store, &stats, records, &CancellationToken::new()).await {
+        if !process(
+            source.as_mut(),
+            &*store,
+            &stats,
+            records,
+            &CancellationToken::new(),
+        )
+        .await
+        {
             break;
         }
     }
-    tracing::info!(events = stats.events.load(Ordering::Relaxed), "analytics worker stopped");
+    tracing::info!(
+        events = stats.events.load(Ordering::Relaxed),
+        "analytics worker stopped"
+    );
 }
 
 /// Counts `records` (retrying the store until it answers or `shutdown`) and commits them.
@@ -109,7 +120,9 @@ async fn process(
                 }
             }
         }
-        stats.events.fetch_add(batch.events.len() as u64, Ordering::Relaxed);
+        stats
+            .events
+            .fetch_add(batch.events.len() as u64, Ordering::Relaxed);
         stats.batches.fetch_add(1, Ordering::Relaxed);
     }
     let done: Vec<(i32, i64)> = done.into_iter().collect();
@@ -134,7 +147,11 @@ mod tests {
     #[async_trait]
     impl EventSource for Scripted {
         async fn next_batch(&mut self, _max: usize) -> Option<Vec<Record>> {
-            if self.batches.is_empty() { None } else { Some(self.batches.remove(0)) }
+            if self.batches.is_empty() {
+                None
+            } else {
+                Some(self.batches.remove(0))
+            }
         }
         fn drain(&mut self, _max: usize) -> Vec<Record> {
             Vec::new()
@@ -169,12 +186,24 @@ mod tests {
         };
         let commits = Arc::default();
         let source = Scripted {
-            batches: vec![vec![rec(0, 0, "u", true), poison, rec(0, 2, "u", false), rec(1, 7, "v", true)]],
+            batches: vec![vec![
+                rec(0, 0, "u", true),
+                poison,
+                rec(0, 2, "u", false),
+                rec(1, 7, "v", true),
+            ]],
             commits: Arc::clone(&commits),
         };
         let store = Arc::new(MemoryCounters::new(100));
         let stats = Arc::new(WorkerStats::default());
-        run(Box::new(source), store.clone(), stats.clone(), 100, CancellationToken::new()).await;
+        run(
+            Box::new(source),
+            store.clone(),
+            stats.clone(),
+            100,
+            CancellationToken::new(),
+        )
+        .await;
         let u = store.get("u").await.unwrap();
         assert_eq!((u.total, u.allowed, u.blocked), (2, 1, 1));
         assert_eq!(stats.poison.load(Ordering::Relaxed), 1);

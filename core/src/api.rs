@@ -141,8 +141,8 @@ mod tests {
                 cost: 1
             }
         );
-        let r = CheckRequest::from_json(br#"{"user_id":"\u00e9\u6f22","cost":5,"extra":[1]}"#)
-            .unwrap();
+        let r =
+            CheckRequest::from_json(br#"{"user_id":"\u00e9\u6f22","cost":5,"extra":[1]}"#).unwrap();
         assert_eq!(r.user_id, "é漢");
         assert_eq!(r.cost, 5);
     }

@@ -15,11 +15,20 @@ use crate::Policy;
 #[derive(Args, Debug, Clone)]
 pub struct ServeArgs {
     /// Address the HTTP services bind to.
-    #[arg(long = "bind-addr", env = "BIND_ADDR", value_name = "BIND_ADDR", default_value = "0.0.0.0")]
+    #[arg(
+        long = "bind-addr",
+        env = "BIND_ADDR",
+        value_name = "BIND_ADDR",
+        default_value = "0.0.0.0"
+    )]
     pub bind_addr: std::net::IpAddr,
     /// Longest time in-flight requests get to finish after SIGTERM, in milliseconds.
-    #[arg(long = "shutdown-grace-ms", env = "SHUTDOWN_GRACE_MS", value_name = "SHUTDOWN_GRACE_MS",
-          default_value_t = 10_000)]
+    #[arg(
+        long = "shutdown-grace-ms",
+        env = "SHUTDOWN_GRACE_MS",
+        value_name = "SHUTDOWN_GRACE_MS",
+        default_value_t = 10_000
+    )]
     pub shutdown_grace_ms: u64,
     /// Concurrent requests a service works on; past it requests are shed with 429.
     #[arg(long = "max-in-flight", env = "MAX_IN_FLIGHT", value_name = "MAX_IN_FLIGHT",
@@ -74,7 +83,12 @@ pub struct RedisArgs {
     #[arg(long = "redis-url", env = "REDIS_URL", value_name = "REDIS_URL")]
     pub url: Option<String>,
     /// Prefix of every key this system writes.
-    #[arg(long = "redis-key-prefix", env = "REDIS_KEY_PREFIX", value_name = "REDIS_KEY_PREFIX", default_value = "rl:")]
+    #[arg(
+        long = "redis-key-prefix",
+        env = "REDIS_KEY_PREFIX",
+        value_name = "REDIS_KEY_PREFIX",
+        default_value = "rl:"
+    )]
     pub key_prefix: String,
     /// Deadline of every Redis call, in milliseconds.
     #[arg(long = "redis-timeout-ms", env = "REDIS_TIMEOUT_MS", value_name = "REDIS_TIMEOUT_MS", default_value_t = 50,
@@ -93,11 +107,25 @@ impl RedisArgs {
 #[derive(Args, Debug, Clone)]
 pub struct KafkaArgs {
     /// Bootstrap servers, comma-separated; unset or empty keeps the in-process stream.
-    #[arg(long = "kafka-brokers", env = "KAFKA_BROKERS", value_name = "KAFKA_BROKERS")]
+    #[arg(
+        long = "kafka-brokers",
+        env = "KAFKA_BROKERS",
+        value_name = "KAFKA_BROKERS"
+    )]
     pub brokers: Option<String>,
-    #[arg(long = "kafka-topic", env = "KAFKA_TOPIC", value_name = "KAFKA_TOPIC", default_value = "rate-limit-events")]
+    #[arg(
+        long = "kafka-topic",
+        env = "KAFKA_TOPIC",
+        value_name = "KAFKA_TOPIC",
+        default_value = "rate-limit-events"
+    )]
     pub topic: String,
-    #[arg(long = "kafka-group-id", env = "KAFKA_GROUP_ID", value_name = "KAFKA_GROUP_ID", default_value = "analytics-worker")]
+    #[arg(
+        long = "kafka-group-id",
+        env = "KAFKA_GROUP_ID",
+        value_name = "KAFKA_GROUP_ID",
+        default_value = "analytics-worker"
+    )]
     pub group_id: String,
     /// Partitions of the topic when it is created at start-up.
     #[arg(long = "kafka-partitions", env = "KAFKA_PARTITIONS", value_name = "KAFKA_PARTITIONS", default_value_t = 6,
@@ -154,7 +182,13 @@ mod tests {
     struct Cfg {
         #[command(flatten)]
         policy: PolicyArgs,
-        #[arg(long, env = "TEST_ONLY_FAIL_MODE", value_name = "TEST_ONLY_FAIL_MODE", value_enum, default_value = "open")]
+        #[arg(
+            long,
+            env = "TEST_ONLY_FAIL_MODE",
+            value_name = "TEST_ONLY_FAIL_MODE",
+            value_enum,
+            default_value = "open"
+        )]
         fail_mode: FailMode,
     }
 
@@ -162,11 +196,17 @@ mod tests {
     fn bad_values_name_the_variable_and_choices() {
         let err = Cfg::try_parse_from(["x", "--fail-mode", "opne"]).unwrap_err();
         let msg = err.to_string();
-        assert!(msg.contains("opne") && msg.contains("open") && msg.contains("closed"), "{msg}");
+        assert!(
+            msg.contains("opne") && msg.contains("open") && msg.contains("closed"),
+            "{msg}"
+        );
         let err = Cfg::try_parse_from(["x", "--rate-limit-capacity", "0"]).unwrap_err();
         assert!(err.to_string().contains("RATE_LIMIT_CAPACITY"), "{err}");
         let err = Cfg::try_parse_from(["x", "--rate-limit-refill-per-sec=-1"]).unwrap_err();
-        assert!(err.to_string().contains("RATE_LIMIT_REFILL_PER_SEC"), "{err}");
+        assert!(
+            err.to_string().contains("RATE_LIMIT_REFILL_PER_SEC"),
+            "{err}"
+        );
     }
 
     #[test]

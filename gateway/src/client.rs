@@ -8,9 +8,9 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use rate_limiter::limiter::{Limiter, LimiterError};
 use ratelimit_core::api::{CheckRequest, CheckResponse, ErrorBody, FieldError};
 use ratelimit_core::http::ApiError;
-use rate_limiter::limiter::{Limiter, LimiterError};
 use tokio_util::sync::CancellationToken;
 
 /// Why the limiter gave no decision.
@@ -58,13 +58,16 @@ pub struct InProcessClient(pub Arc<Limiter>);
 #[async_trait]
 impl LimiterClient for InProcessClient {
     async fn check(&self, request: &CheckRequest) -> Result<CheckResponse, ClientError> {
-        self.0.check_response(request).await.map_err(|err| match err {
-            LimiterError::StoreUnavailable => ClientError::StoreUnavailable,
-            other @ LimiterError::CostAboveCapacity { .. } => match ApiError::from(other) {
-                ApiError::InvalidField(field) => ClientError::Invalid(field),
-                _ => unreachable!("a cost error is a field error"),
-            },
-        })
+        self.0
+            .check_response(request)
+            .await
+            .map_err(|err| match err {
+                LimiterError::StoreUnavailable => ClientError::StoreUnavailable,
+                other @ LimiterError::CostAboveCapacity { .. } => match ApiError::from(other) {
+                    ApiError::InvalidField(field) => ClientError::Invalid(field),
+                    _ => unreachable!("a cost error is a field error"),
+                },
+            })
     }
 }
 
@@ -111,7 +114,8 @@ impl HttpLimiterClient {
             .to_owned();
         let port = url.port_or_known_default().unwrap_or(80);
         let scheme = url.scheme().to_owned();
-        let fallback: Arc<[String]> = Arc::from(vec![format!("{}/check", base_url.trim_end_matches('/'))]);
+        let fallback: Arc<[String]> =
+            Arc::from(vec![format!("{}/check", base_url.trim_end_matches('/'))]);
         let targets = Arc::new(RwLock::new(fallback.clone()));
         let client = reqwest::Client::builder()
             .timeout(timeout)
@@ -123,7 +127,13 @@ impl HttpLimiterClient {
             .build()?;
         // An IP literal needs no resolving; a name is resolved now and then periodically.
         if host.parse::<std::net::IpAddr>().is_err() && scheme == "http" {
-            let refresh = Refresh { resolver, host, port, targets: targets.clone(), fallback };
+            let refresh = Refresh {
+                resolver,
+                host,
+                port,
+                targets: targets.clone(),
+                fallback,
+            };
             refresh.once().await;
             tokio::spawn(refresh.every(resolve_every, shutdown));
         }
@@ -155,10 +165,15 @@ impl Refresh {
             Ok(mut addrs) if !addrs.is_empty() => {
                 addrs.sort();
                 addrs.dedup();
-                let urls: Arc<[String]> = addrs.iter().map(|a| format!("http://{a}/check")).collect();
+                let urls: Arc<[String]> =
+                    addrs.iter().map(|a| format!("http://{a}/check")).collect();
                 let mut targets = self.targets.write().expect("targets lock");
                 if **targets != *urls {
-                    tracing::info!(host = self.host, replicas = urls.len(), "limiter replicas resolved");
+                    tracing::info!(
+                        host = self.host,
+                        replicas = urls.len(),
+                        "limiter replicas resolved"
+                    );
                     *targets = urls;
                 }
             }
@@ -202,13 +217,21 @@ impl LimiterClient for HttpLimiterClient {
         let body: Option<ErrorBody> = response.json().await.ok();
         Err(match status.as_u16() {
             400 => {
-                let field = body.as_ref().and_then(|b| b.field.clone()).unwrap_or_else(|| "body".into());
+                let field = body
+                    .as_ref()
+                    .and_then(|b| b.field.clone())
+                    .unwrap_or_else(|| "body".into());
                 let detail = body.map(|b| b.detail).unwrap_or_default();
-                let detail = detail.strip_prefix(&format!("{field}: ")).unwrap_or(&detail).to_owned();
+                let detail = detail
+                    .strip_prefix(&format!("{field}: "))
+                    .unwrap_or(&detail)
+                    .to_owned();
                 ClientError::Invalid(FieldError::new(field, detail))
             }
             429 => ClientError::Overloaded,
-            503 if body.as_ref().is_some_and(|b| b.error == "unavailable") => ClientError::StoreUnavailable,
+            503 if body.as_ref().is_some_and(|b| b.error == "unavailable") => {
+                ClientError::StoreUnavailable
+            }
             _ => ClientError::Unreachable(format!("limiter answered {status}")),
         })
     }

@@ -8,18 +8,32 @@ use ratelimit_core::config::{RedisArgs, ServeArgs};
 /// What the gateway itself needs, shared by the standalone binary and the all-in-one one.
 #[derive(Args, Debug, Clone)]
 pub struct GatewayArgs {
-    #[arg(long = "gateway-port", env = "GATEWAY_PORT", value_name = "GATEWAY_PORT", default_value_t = 3000)]
+    #[arg(
+        long = "gateway-port",
+        env = "GATEWAY_PORT",
+        value_name = "GATEWAY_PORT",
+        default_value_t = 3000
+    )]
     pub port: u16,
 }
 
 /// The standalone `gateway` binary: asks the limiter over HTTP, reads analytics from Redis.
 #[derive(Parser, Debug, Clone)]
-#[command(name = "gateway", about = "Public API: POST /api and GET /analytics/{user_id}", version)]
+#[command(
+    name = "gateway",
+    about = "Public API: POST /api and GET /analytics/{user_id}",
+    version
+)]
 pub struct GatewayConfig {
     #[command(flatten)]
     pub gateway: GatewayArgs,
     /// Base URL of the rate limiter; a name resolving to several addresses is balanced.
-    #[arg(long = "limiter-url", env = "LIMITER_URL", value_name = "LIMITER_URL", default_value = "http://127.0.0.1:8080")]
+    #[arg(
+        long = "limiter-url",
+        env = "LIMITER_URL",
+        value_name = "LIMITER_URL",
+        default_value = "http://127.0.0.1:8080"
+    )]
     pub limiter_url: String,
     /// Deadline of one call to the limiter, in milliseconds.
     #[arg(long = "limiter-timeout-ms", env = "LIMITER_TIMEOUT_MS", value_name = "LIMITER_TIMEOUT_MS",

@@ -10,7 +10,9 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use ratelimit_core::api::{CheckRequest, CheckResponse, FieldError, UserAnalytics, validate_user_id};
+use ratelimit_core::api::{
+    CheckRequest, CheckResponse, FieldError, UserAnalytics, validate_user_id,
+};
 use ratelimit_core::http::{ApiError, ValidJson, with_common_layers, with_load_shedding};
 use serde_json::json;
 
@@ -53,9 +55,16 @@ fn rate_limit_headers(d: &CheckResponse) -> HeaderMap {
     h.insert(&RATELIMIT_LIMIT, HeaderValue::from(d.limit));
     h.insert(&RATELIMIT_REMAINING, HeaderValue::from(d.remaining));
     h.insert(&RATELIMIT_RESET, HeaderValue::from(reset));
-    let policy = format!("\"default\";q={};w={}", d.limit, secs_ceil(d.window_ms).max(1));
+    let policy = format!(
+        "\"default\";q={};w={}",
+        d.limit,
+        secs_ceil(d.window_ms).max(1)
+    );
     let current = format!("\"default\";r={};t={}", d.remaining, reset);
-    h.insert(&RATELIMIT_POLICY, HeaderValue::from_str(&policy).expect("ascii"));
+    h.insert(
+        &RATELIMIT_POLICY,
+        HeaderValue::from_str(&policy).expect("ascii"),
+    );
     h.insert(&RATELIMIT, HeaderValue::from_str(&current).expect("ascii"));
     if d.degraded {
         h.insert(&DEGRADED, HeaderValue::from_static("true"));
@@ -70,10 +79,14 @@ async fn api(
     let decision = gateway.limiter.check(&request).await?;
     let mut headers = rate_limit_headers(&decision);
     if decision.allowed {
-        let body = json!({"allowed": true, "user_id": request.user_id, "remaining": decision.remaining});
+        let body =
+            json!({"allowed": true, "user_id": request.user_id, "remaining": decision.remaining});
         Ok((StatusCode::OK, headers, Json(body)).into_response())
     } else {
-        headers.insert(header::RETRY_AFTER, HeaderValue::from(secs_ceil(decision.retry_after_ms).max(1)));
+        headers.insert(
+            header::RETRY_AFTER,
+            HeaderValue::from(secs_ceil(decision.retry_after_ms).max(1)),
+        );
         let body = json!({
             "error": "rate_limited",
             "user_id": request.user_id,
@@ -89,11 +102,16 @@ async fn analytics(
 ) -> Result<Json<UserAnalytics>, ApiError> {
     let Path(user_id) = path.map_err(|e| FieldError::new("user_id", e.body_text()))?;
     validate_user_id(&user_id)?;
-    gateway.counters.get(&user_id).await.map(Json).map_err(|err| {
-        tracing::warn!(error = %err, "cannot read analytics");
-        ApiError::Unavailable {
-            what: "analytics store",
-            retry_after_secs: 1,
-        }
-    })
+    gateway
+        .counters
+        .get(&user_id)
+        .await
+        .map(Json)
+        .map_err(|err| {
+            tracing::warn!(error = %err, "cannot read analytics");
+            ApiError::Unavailable {
+                what: "analytics store",
+                retry_after_secs: 1,
+            }
+        })
 }

@@ -25,13 +25,20 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     tracing::info!(addr = %listener.local_addr()?, "gateway listening");
-    let router = router(gateway, serve.max_in_flight as usize, serve.request_timeout());
+    let router = router(
+        gateway,
+        serve.max_in_flight as usize,
+        serve.request_timeout(),
+    );
     ratelimit_core::http::serve(listener, router, shutdown, serve.grace()).await
 }
 
 /// Builds the standalone gateway from its configuration: the limiter over HTTP, the
 /// counters in Redis.
-pub async fn from_config(config: &config::GatewayConfig, shutdown: &CancellationToken) -> anyhow::Result<Gateway> {
+pub async fn from_config(
+    config: &config::GatewayConfig,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Gateway> {
     if config.redis.url().is_none() {
         anyhow::bail!(
             "REDIS_URL is required: the standalone gateway reads analytics from Redis (run the all-in-one binary for the embedded mode)"

@@ -10,7 +10,8 @@ async fn main() -> anyhow::Result<()> {
     runtime::init_tracing();
     let shutdown = runtime::shutdown_token();
     let gateway = gateway::from_config(&config, &shutdown).await?;
-    let listener = tokio::net::TcpListener::bind((config.serve.bind_addr, config.gateway.port)).await?;
+    let listener =
+        tokio::net::TcpListener::bind((config.serve.bind_addr, config.gateway.port)).await?;
     gateway::run(listener, gateway, &config.serve, shutdown).await?;
     Ok(())
 }

@@ -12,7 +12,13 @@ pub struct LimiterArgs {
     pub policy: PolicyArgs,
     /// What to do while Redis is unreachable: `open` (decide with a local bucket) or
     /// `closed` (answer 503).
-    #[arg(long = "fail-mode", env = "FAIL_MODE", value_name = "FAIL_MODE", value_enum, default_value = "open")]
+    #[arg(
+        long = "fail-mode",
+        env = "FAIL_MODE",
+        value_name = "FAIL_MODE",
+        value_enum,
+        default_value = "open"
+    )]
     pub fail_mode: FailMode,
     /// In fail-open mode, the local bucket gets the policy divided by this many instances.
     #[arg(long = "fail-open-instances", env = "FAIL_OPEN_INSTANCES", value_name = "FAIL_OPEN_INSTANCES",
@@ -40,9 +46,18 @@ impl LimiterArgs {
 
 /// The standalone `rate-limiter` binary.
 #[derive(Parser, Debug, Clone)]
-#[command(name = "rate-limiter", about = "Token-bucket rate limiter: POST /check", version)]
+#[command(
+    name = "rate-limiter",
+    about = "Token-bucket rate limiter: POST /check",
+    version
+)]
 pub struct LimiterConfig {
-    #[arg(long = "limiter-port", env = "LIMITER_PORT", value_name = "LIMITER_PORT", default_value_t = 8080)]
+    #[arg(
+        long = "limiter-port",
+        env = "LIMITER_PORT",
+        value_name = "LIMITER_PORT",
+        default_value_t = 8080
+    )]
     pub port: u16,
     #[command(flatten)]
     pub serve: ServeArgs,

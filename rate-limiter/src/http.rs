@@ -16,9 +16,12 @@ use crate::limiter::{Limiter, LimiterError};
 impl From<LimiterError> for ApiError {
     fn from(err: LimiterError) -> Self {
         match err {
-            LimiterError::CostAboveCapacity { capacity, .. } => ApiError::InvalidField(
-                FieldError::new("cost", format!("must be at most the bucket capacity {capacity}")),
-            ),
+            LimiterError::CostAboveCapacity { capacity, .. } => {
+                ApiError::InvalidField(FieldError::new(
+                    "cost",
+                    format!("must be at most the bucket capacity {capacity}"),
+                ))
+            }
             LimiterError::StoreUnavailable => ApiError::Unavailable {
                 what: "rate-limit store",
                 retry_after_secs: 1,

@@ -11,15 +11,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use ratelimit_core::RateLimitEvent;
+use ratelimit_core::config::KafkaArgs;
+use ratelimit_core::stream::{EventPublisher, PublisherStats};
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{DeliveryResult, Message};
 use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
-use ratelimit_core::RateLimitEvent;
-use ratelimit_core::config::KafkaArgs;
-use ratelimit_core::stream::{EventPublisher, PublisherStats};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Default)]
@@ -88,7 +88,10 @@ impl KafkaPublisher {
             .set("batch.num.messages", "10000")
             .set("compression.type", "lz4")
             .set("message.timeout.ms", "0")
-            .set("queue.buffering.max.messages", args.producer_buffer.to_string())
+            .set(
+                "queue.buffering.max.messages",
+                args.producer_buffer.to_string(),
+            )
             .set("queue.buffering.max.kbytes", "2097151");
         // Operator settings (SASL/TLS, tuning) win over the defaults above.
         for (key, value) in args.passthrough() {
@@ -169,7 +172,9 @@ pub fn ensure_topic(args: &KafkaArgs, brokers: &str, shutdown: CancellationToken
                         tracing::warn!(topic, error = %code, "cannot create the event topic yet")
                     }
                 },
-                Err(err) => tracing::warn!(topic, error = %err, "cannot reach Kafka to create the topic"),
+                Err(err) => {
+                    tracing::warn!(topic, error = %err, "cannot reach Kafka to create the topic")
+                }
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return,

@@ -67,7 +67,10 @@ pub fn build(
             store
         }
     };
-    let fallback = Arc::new(MemoryStore::new(policy.divided(args.fail_open_instances), clock.clone()));
+    let fallback = Arc::new(MemoryStore::new(
+        policy.divided(args.fail_open_instances),
+        clock.clone(),
+    ));
     fallback.spawn_sweeper(SWEEP_INTERVAL, shutdown.clone());
     let (publisher, events): (Arc<dyn EventPublisher>, _) = match kafka.brokers() {
         Some(brokers) => {
@@ -99,7 +102,11 @@ pub async fn run(
     serve: &ServeArgs,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let router = http::router(limiter.clone(), serve.max_in_flight as usize, serve.request_timeout());
+    let router = http::router(
+        limiter.clone(),
+        serve.max_in_flight as usize,
+        serve.request_timeout(),
+    );
     tracing::info!(addr = %listener.local_addr()?, "rate limiter listening");
     ratelimit_core::http::serve(listener, router, shutdown, serve.grace()).await
 }

@@ -100,7 +100,10 @@ impl Limiter {
     }
 
     /// Decides `request` and answers in the wire format.
-    pub async fn check_response(&self, request: &CheckRequest) -> Result<CheckResponse, LimiterError> {
+    pub async fn check_response(
+        &self,
+        request: &CheckRequest,
+    ) -> Result<CheckResponse, LimiterError> {
         Ok(self.check(request).await?.to_response(self.policy()))
     }
 
@@ -162,8 +165,8 @@ mod tests {
     use super::*;
     use crate::store::StoreError;
     use async_trait::async_trait;
-    use ratelimit_core::stream::{NullPublisher, channel};
     use ratelimit_core::ManualClock;
+    use ratelimit_core::stream::{NullPublisher, channel};
     use std::time::Duration;
 
     /// A store that is down, to exercise the fail modes without a network.
@@ -182,7 +185,11 @@ mod tests {
         }
     }
 
-    fn limiter(store: Arc<dyn BucketStore>, mode: FailMode, publisher: Arc<dyn EventPublisher>) -> Limiter {
+    fn limiter(
+        store: Arc<dyn BucketStore>,
+        mode: FailMode,
+        publisher: Arc<dyn EventPublisher>,
+    ) -> Limiter {
         let clock = Arc::new(ManualClock::new(5_000_000));
         let policy = *store.policy();
         Limiter::new(
@@ -197,7 +204,10 @@ mod tests {
     }
 
     fn req(user: &str, cost: u64) -> CheckRequest {
-        CheckRequest { user_id: user.into(), cost }
+        CheckRequest {
+            user_id: user.into(),
+            cost,
+        }
     }
 
     #[tokio::test]
@@ -205,7 +215,11 @@ mod tests {
         let clock = Arc::new(ManualClock::new(5_000_000));
         let policy = Policy::new(2, 1.0).unwrap();
         let (tx, mut rx) = channel(16);
-        let l = limiter(Arc::new(MemoryStore::new(policy, clock)), FailMode::Closed, Arc::new(tx));
+        let l = limiter(
+            Arc::new(MemoryStore::new(policy, clock)),
+            FailMode::Closed,
+            Arc::new(tx),
+        );
         for _ in 0..3 {
             l.check(&req("u", 1)).await.unwrap();
         }
@@ -216,30 +230,52 @@ mod tests {
 
     #[tokio::test]
     async fn cost_above_capacity_is_refused_before_the_store() {
-        let l = limiter(Arc::new(DownStore(Policy::new(3, 1.0).unwrap())), FailMode::Closed, Arc::new(NullPublisher));
+        let l = limiter(
+            Arc::new(DownStore(Policy::new(3, 1.0).unwrap())),
+            FailMode::Closed,
+            Arc::new(NullPublisher),
+        );
         assert_eq!(
             l.check(&req("u", 4)).await,
-            Err(LimiterError::CostAboveCapacity { cost: 4, capacity: 3 })
+            Err(LimiterError::CostAboveCapacity {
+                cost: 4,
+                capacity: 3
+            })
         );
     }
 
     #[tokio::test]
     async fn fail_closed_refuses() {
-        let l = limiter(Arc::new(DownStore(Policy::new(3, 1.0).unwrap())), FailMode::Closed, Arc::new(NullPublisher));
-        assert_eq!(l.check(&req("u", 1)).await, Err(LimiterError::StoreUnavailable));
+        let l = limiter(
+            Arc::new(DownStore(Policy::new(3, 1.0).unwrap())),
+            FailMode::Closed,
+            Arc::new(NullPublisher),
+        );
+        assert_eq!(
+            l.check(&req("u", 1)).await,
+            Err(LimiterError::StoreUnavailable)
+        );
         assert!(!l.ready().await);
     }
 
     #[tokio::test]
     async fn fail_open_uses_a_divided_local_bucket_and_says_so() {
         let (tx, mut rx) = channel(16);
-        let l = limiter(Arc::new(DownStore(Policy::new(4, 0.001).unwrap())), FailMode::Open, Arc::new(tx));
+        let l = limiter(
+            Arc::new(DownStore(Policy::new(4, 0.001).unwrap())),
+            FailMode::Open,
+            Arc::new(tx),
+        );
         let mut results = Vec::new();
         for _ in 0..3 {
             results.push(l.check(&req("u", 1)).await.unwrap());
         }
         assert!(results.iter().all(|c| c.degraded));
-        assert_eq!(results.iter().filter(|c| c.decision.is_allowed()).count(), 2, "capacity 4 split over 2 instances");
+        assert_eq!(
+            results.iter().filter(|c| c.decision.is_allowed()).count(),
+            2,
+            "capacity 4 split over 2 instances"
+        );
         assert!(rx.try_recv().unwrap().degraded);
         // The breaker opened after 3 failures: the store is no longer asked.
         assert_eq!(l.breaker_state(), BreakerState::Open);

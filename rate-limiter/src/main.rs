@@ -19,8 +19,13 @@ async fn main() -> anyhow::Result<()> {
     // Without Kafka the decisions are counted in-process, into the configured counter store.
     let worker = match events {
         Some(events) => {
-            let store = analytics_worker::counter_store(&config.redis, config.worker.max_users as usize)?;
-            Some(analytics_worker::SpawnedWorker::in_process(events, store, config.worker.batch_max as usize))
+            let store =
+                analytics_worker::counter_store(&config.redis, config.worker.max_users as usize)?;
+            Some(analytics_worker::SpawnedWorker::in_process(
+                events,
+                store,
+                config.worker.batch_max as usize,
+            ))
         }
         None => None,
     };

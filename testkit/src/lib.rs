@@ -1,0 +1,207 @@
+//! The test harness: real servers as child processes on free ports.
+//!
+//! - [`RedisServer`]: a `redis-server` with no persistence.
+//! - [`KafkaBroker`]: `tansu`, a Kafka-protocol broker, with in-memory storage.
+//!
+//! A missing binary is a failure with instructions, never a skip: the README's test
+//! command installs both.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind an ephemeral port")
+}
+
+/// A name unique to this test run, for key prefixes, topics and groups.
+pub fn unique(prefix: &str) -> String {
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!(
+        "{prefix}-{}-{nanos:x}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+fn find_binary(name: &str, hint: &str) -> PathBuf {
+    let mut candidates: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).map(|d| d.join(name)).collect())
+        .unwrap_or_default();
+    if let Some(home) = std::env::var_os("HOME") {
+        candidates.push(PathBuf::from(home).join(".cargo/bin").join(name));
+    }
+    candidates
+        .into_iter()
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| panic!("`{name}` is not installed: {hint}"))
+}
+
+fn wait_for_port(port: u16, what: &str, child: &mut Child) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    while Instant::now() < deadline {
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok() {
+            return;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("{what} exited before listening on {port}: {status}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("{what} did not listen on {port} within 20 s");
+}
+
+fn signal(pid: u32, sig: &str) {
+    let status = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill {sig} {pid} failed");
+}
+
+/// A child process that is killed when dropped.
+struct Process {
+    child: Option<Child>,
+}
+
+impl Process {
+    fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SIGCONT first, in case a test left it stopped.
+            let _ = Command::new("kill")
+                .args(["-CONT", &child.id().to_string()])
+                .status();
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A `redis-server` on a free port, without persistence.
+pub struct RedisServer {
+    port: u16,
+    process: Process,
+}
+
+impl RedisServer {
+    pub fn start() -> Self {
+        let port = free_port();
+        let process = Self::spawn(port);
+        Self { port, process }
+    }
+
+    fn spawn(port: u16) -> Process {
+        let bin = find_binary(
+            "redis-server",
+            "run scripts/test.sh (it installs redis-server), or apt-get install redis-server",
+        );
+        let mut child = Command::new(bin)
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn redis-server");
+        wait_for_port(port, "redis-server", &mut child);
+        Process { child: Some(child) }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// SIGKILLs the server (its data is gone: it had no persistence).
+    pub fn kill(&mut self) {
+        self.process.kill();
+    }
+
+    /// Starts an empty server on the same port again.
+    pub fn restart(&mut self) {
+        self.process.kill();
+        self.process = Self::spawn(self.port);
+    }
+
+    /// Freezes (SIGSTOP) or thaws (SIGCONT) the server.
+    pub fn freeze(&self, frozen: bool) {
+        signal(self.process.pid(), if frozen { "-STOP" } else { "-CONT" });
+    }
+}
+
+/// A Kafka-protocol broker (`tansu`) on a free port, storing in memory.
+pub struct KafkaBroker {
+    port: u16,
+    process: Process,
+}
+
+impl KafkaBroker {
+    pub fn start() -> Self {
+        let port = free_port();
+        let bin = find_binary(
+            "tansu",
+            "run scripts/test.sh (it installs it), or cargo install tansu --version 0.6.0 --locked --features dynostore",
+        );
+        let url = format!("tcp://127.0.0.1:{port}");
+        let mut child = Command::new(bin)
+            .args([
+                "broker",
+                "--storage-engine",
+                "memory://tansu/",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .env_remove("CLUSTER_ID")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn tansu");
+        wait_for_port(port, "tansu", &mut child);
+        Self {
+            port,
+            process: Process { child: Some(child) },
+        }
+    }
+
+    pub fn brokers(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Freezes (SIGSTOP) or thaws (SIGCONT) the broker.
+    pub fn freeze(&self, frozen: bool) {
+        signal(self.process.pid(), if frozen { "-STOP" } else { "-CONT" });
+    }
+}

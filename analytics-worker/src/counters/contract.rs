@@ -49,12 +49,23 @@ where
 
 async fn unseen_users_read_zero(store: Arc<dyn CounterStore>) {
     let c = store.get("nobody").await.unwrap();
-    assert_eq!((c.user_id.as_str(), c.total, c.allowed, c.blocked), ("nobody", 0, 0, 0));
+    assert_eq!(
+        (c.user_id.as_str(), c.total, c.allowed, c.blocked),
+        ("nobody", 0, 0, 0)
+    );
 }
 
 async fn counts_allowed_and_blocked(store: Arc<dyn CounterStore>) {
     store
-        .apply(&batch(Some(0), &[(0, "u1", true), (1, "u1", false), (2, "u2", true), (3, "u1", true)]))
+        .apply(&batch(
+            Some(0),
+            &[
+                (0, "u1", true),
+                (1, "u1", false),
+                (2, "u2", true),
+                (3, "u1", true),
+            ],
+        ))
         .await
         .unwrap();
     let c = store.get("u1").await.unwrap();
@@ -63,7 +74,10 @@ async fn counts_allowed_and_blocked(store: Arc<dyn CounterStore>) {
 }
 
 async fn replays_are_not_counted_twice(store: Arc<dyn CounterStore>) {
-    let b = batch(Some(3), &[(10, "u", true), (11, "u", false), (12, "v", true)]);
+    let b = batch(
+        Some(3),
+        &[(10, "u", true), (11, "u", false), (12, "v", true)],
+    );
     store.apply(&b).await.unwrap();
     store.apply(&b).await.unwrap();
     let c = store.get("u").await.unwrap();
@@ -72,10 +86,22 @@ async fn replays_are_not_counted_twice(store: Arc<dyn CounterStore>) {
 }
 
 async fn partial_replays_count_only_the_new_part(store: Arc<dyn CounterStore>) {
-    store.apply(&batch(Some(1), &[(5, "u", true), (6, "u", true)])).await.unwrap();
+    store
+        .apply(&batch(Some(1), &[(5, "u", true), (6, "u", true)]))
+        .await
+        .unwrap();
     // After a crash the partition is re-read from an older commit, in different batches.
     store
-        .apply(&batch(Some(1), &[(4, "w", true), (5, "u", true), (6, "u", true), (7, "u", false), (8, "u", true)]))
+        .apply(&batch(
+            Some(1),
+            &[
+                (4, "w", true),
+                (5, "u", true),
+                (6, "u", true),
+                (7, "u", false),
+                (8, "u", true),
+            ],
+        ))
         .await
         .unwrap();
     let c = store.get("u").await.unwrap();
@@ -84,9 +110,15 @@ async fn partial_replays_count_only_the_new_part(store: Arc<dyn CounterStore>) {
 }
 
 async fn partitions_are_independent(store: Arc<dyn CounterStore>) {
-    store.apply(&batch(Some(0), &[(100, "u", true)])).await.unwrap();
+    store
+        .apply(&batch(Some(0), &[(100, "u", true)]))
+        .await
+        .unwrap();
     // Offset 5 of another partition is new, though it is below 100.
-    store.apply(&batch(Some(1), &[(5, "u", true)])).await.unwrap();
+    store
+        .apply(&batch(Some(1), &[(5, "u", true)]))
+        .await
+        .unwrap();
     assert_eq!(store.get("u").await.unwrap().total, 2);
 }
 
@@ -100,7 +132,11 @@ async fn unordered_streams_always_count(store: Arc<dyn CounterStore>) {
 
 async fn tricky_user_ids_stay_apart(store: Arc<dyn CounterStore>) {
     let ids = ["a}", "{a", "a", "a%7D", "x:c", "\u{1F600}"];
-    let events: Vec<(i64, &str, bool)> = ids.iter().enumerate().map(|(i, id)| (i as i64, *id, true)).collect();
+    let events: Vec<(i64, &str, bool)> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| (i as i64, *id, true))
+        .collect();
     store.apply(&batch(Some(0), &events)).await.unwrap();
     for id in ids {
         assert_eq!(store.get(id).await.unwrap().total, 1, "{id:?}");

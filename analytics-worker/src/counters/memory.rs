@@ -48,11 +48,18 @@ impl CounterStore for MemoryCounters {
                 None if self.users.len() >= self.max_users => {
                     let n = self.overflow.fetch_add(1, Ordering::Relaxed) + 1;
                     if n == 1 || n.is_multiple_of(10_000) {
-                        tracing::warn!(max_users = self.max_users, overflow = n, "analytics user cap reached; event not counted");
+                        tracing::warn!(
+                            max_users = self.max_users,
+                            overflow = n,
+                            "analytics user cap reached; event not counted"
+                        );
                     }
                     continue;
                 }
-                None => self.users.entry(Box::from(event.user_id.as_str())).or_default(),
+                None => self
+                    .users
+                    .entry(Box::from(event.user_id.as_str()))
+                    .or_default(),
             };
             if let Some(partition) = batch.partition {
                 match entry.applied.iter_mut().find(|(p, _)| *p == partition) {
@@ -105,7 +112,15 @@ mod tests {
     #[tokio::test]
     async fn caps_distinct_users() {
         let store = MemoryCounters::new(2);
-        let batch = super::super::contract::batch(None, &[(0, "a", true), (1, "b", true), (2, "c", true), (3, "a", false)]);
+        let batch = super::super::contract::batch(
+            None,
+            &[
+                (0, "a", true),
+                (1, "b", true),
+                (2, "c", true),
+                (3, "a", false),
+            ],
+        );
         store.apply(&batch).await.unwrap();
         assert_eq!(store.get("a").await.unwrap().total, 2);
         assert_eq!(store.get("c").await.unwrap().total, 0);

@@ -40,7 +40,8 @@ pub struct RedisCounters {
 impl RedisCounters {
     /// Counters on `url`; every call has `timeout`. Connects lazily and reconnects by itself.
     pub fn new(url: &str, key_prefix: &str, timeout: Duration) -> Result<Self, CounterError> {
-        let client = redis::Client::open(url).map_err(|e| CounterError::Unavailable(e.to_string()))?;
+        let client =
+            redis::Client::open(url).map_err(|e| CounterError::Unavailable(e.to_string()))?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(timeout.max(Duration::from_millis(200))))
             .set_response_timeout(Some(timeout))
@@ -56,7 +57,10 @@ impl RedisCounters {
         })
     }
 
-    async fn deadline<T>(&self, call: impl Future<Output = redis::RedisResult<T>>) -> Result<T, CounterError> {
+    async fn deadline<T>(
+        &self,
+        call: impl Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, CounterError> {
         match tokio::time::timeout(self.timeout, call).await {
             Err(_) => Err(CounterError::Timeout),
             Ok(Err(e)) if e.is_timeout() => Err(CounterError::Timeout),
@@ -66,7 +70,11 @@ impl RedisCounters {
     }
 
     /// Runs the script for every user's tally in one pipeline; returns the script results.
-    async fn apply_tallies(&self, field: &str, tallies: &[(&str, Tally)]) -> Result<Vec<i64>, CounterError> {
+    async fn apply_tallies(
+        &self,
+        field: &str,
+        tallies: &[(&str, Tally)],
+    ) -> Result<Vec<i64>, CounterError> {
         let mut pipe = redis::pipe();
         for (user, t) in tallies {
             let mut invocation = self.script.key(keys::counter_key(&self.key_prefix, user));
@@ -80,7 +88,9 @@ impl RedisCounters {
         }
         let mut conn = self.conn.clone();
         match self.deadline(pipe.query_async::<Vec<i64>>(&mut conn)).await {
-            Err(CounterError::Unavailable(msg)) if msg.contains("NOSCRIPT") => {
+            Err(CounterError::Unavailable(msg))
+                if msg.to_ascii_lowercase().contains("noscript") =>
+            {
                 // Redis restarted or flushed its script cache: load and send again (the
                 // offsets make the repeat harmless).
                 let invocation = self.script.prepare_invoke();
@@ -95,7 +105,10 @@ impl RedisCounters {
 #[async_trait]
 impl CounterStore for RedisCounters {
     async fn apply(&self, batch: &PartitionBatch) -> Result<(), CounterError> {
-        let field = batch.partition.map(|p| format!("o:{p}")).unwrap_or_default();
+        let field = batch
+            .partition
+            .map(|p| format!("o:{p}"))
+            .unwrap_or_default();
         let mut floors: HashMap<&str, i64> = HashMap::new();
         let mut pending: Vec<(&str, Tally)> = tally(&batch.events, |_| None);
         // Each round settles every user but those whose counters already held part of
@@ -115,19 +128,29 @@ impl CounterStore for RedisCounters {
             if !retry {
                 return Ok(());
             }
-            let events = batch.events.iter().filter(|(_, e)| floors.contains_key(e.user_id.as_str()));
+            let events = batch
+                .events
+                .iter()
+                .filter(|(_, e)| floors.contains_key(e.user_id.as_str()));
             pending = tally(events, |user| floors.get(user).copied());
             // Users whose floors were just set are the only ones left; clear for next round.
             floors.clear();
         }
-        Err(CounterError::Protocol("offsets kept moving under a batch".into()))
+        Err(CounterError::Protocol(
+            "offsets kept moving under a batch".into(),
+        ))
     }
 
     async fn get(&self, user_id: &str) -> Result<UserAnalytics, CounterError> {
         let mut conn = self.conn.clone();
         let key = keys::counter_key(&self.key_prefix, user_id);
-        let cmd = redis::cmd("HMGET").arg(key).arg("allowed").arg("blocked").to_owned();
-        let (allowed, blocked): (Option<u64>, Option<u64>) = self.deadline(cmd.query_async(&mut conn)).await?;
+        let cmd = redis::cmd("HMGET")
+            .arg(key)
+            .arg("allowed")
+            .arg("blocked")
+            .to_owned();
+        let (allowed, blocked): (Option<u64>, Option<u64>) =
+            self.deadline(cmd.query_async(&mut conn)).await?;
         let (allowed, blocked) = (allowed.unwrap_or(0), blocked.unwrap_or(0));
         Ok(UserAnalytics {
             user_id: user_id.to_owned(),
@@ -139,7 +162,9 @@ impl CounterStore for RedisCounters {
 
     async fn ping(&self) -> Result<(), CounterError> {
         let mut conn = self.conn.clone();
-        let _: String = self.deadline(redis::cmd("PING").query_async(&mut conn)).await?;
+        let _: String = self
+            .deadline(redis::cmd("PING").query_async(&mut conn))
+            .await?;
         Ok(())
     }
 }

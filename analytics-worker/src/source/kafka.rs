@@ -6,11 +6,11 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::FutureExt;
+use ratelimit_core::RateLimitEvent;
+use ratelimit_core::config::KafkaArgs;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
-use ratelimit_core::RateLimitEvent;
-use ratelimit_core::config::KafkaArgs;
 
 use super::{EventSource, Record};
 
@@ -97,7 +97,9 @@ impl EventSource for KafkaSource {
         let mut tpl = TopicPartitionList::new();
         for (partition, offset) in done {
             // Kafka's committed offset is the next one to read.
-            if let Err(err) = tpl.add_partition_offset(&self.topic, *partition, Offset::Offset(offset + 1)) {
+            if let Err(err) =
+                tpl.add_partition_offset(&self.topic, *partition, Offset::Offset(offset + 1))
+            {
                 tracing::warn!(error = %err, partition, "cannot build commit");
             }
         }

@@ -58,9 +58,15 @@ where
     assert_eq!(d.quota().remaining, 0);
     // One token at 0.01/s takes 100 s; allow the few ms that passed while we ran.
     let retry = d.retry_after();
-    assert!(retry > Duration::from_secs(99) && retry <= Duration::from_secs(100), "{retry:?}");
+    assert!(
+        retry > Duration::from_secs(99) && retry <= Duration::from_secs(100),
+        "{retry:?}"
+    );
     let reset = d.quota().reset_after;
-    assert!(reset > Duration::from_secs(499) && reset <= Duration::from_secs(500), "{reset:?}");
+    assert!(
+        reset > Duration::from_secs(499) && reset <= Duration::from_secs(500),
+        "{reset:?}"
+    );
 }
 
 async fn users_are_independent<F, Fut>(make: &F)
@@ -70,12 +76,29 @@ where
 {
     let (store, _) = make(Policy::new(1, 0.01).unwrap()).await;
     // Ids that a naive key scheme would confuse: separators, braces, escapes, Unicode.
-    let ids = ["a}", "{a", "a", "a%7D", "%7Ba", "ü", "u\u{308}", "x:y", "x", "\u{1F600}"];
+    let ids = [
+        "a}",
+        "{a",
+        "a",
+        "a%7D",
+        "%7Ba",
+        "ü",
+        "u\u{308}",
+        "x:y",
+        "x",
+        "\u{1F600}",
+    ];
     for id in ids {
-        assert!(store.take(id, 1).await.unwrap().is_allowed(), "first request of {id:?}");
+        assert!(
+            store.take(id, 1).await.unwrap().is_allowed(),
+            "first request of {id:?}"
+        );
     }
     for id in ids {
-        assert!(!store.take(id, 1).await.unwrap().is_allowed(), "second request of {id:?}");
+        assert!(
+            !store.take(id, 1).await.unwrap().is_allowed(),
+            "second request of {id:?}"
+        );
     }
 }
 
@@ -88,7 +111,11 @@ where
     store.take("bob", 2).await.unwrap();
     let d = store.take("bob", 1).await.unwrap();
     assert!(!d.is_allowed());
-    assert!(d.retry_after() <= Duration::from_millis(50), "{:?}", d.retry_after());
+    assert!(
+        d.retry_after() <= Duration::from_millis(50),
+        "{:?}",
+        d.retry_after()
+    );
     advance.by(d.retry_after()).await;
     assert!(store.take("bob", 1).await.unwrap().is_allowed());
     // After a full refill period the bucket is full again.
@@ -139,5 +166,8 @@ where
     store.take("erin", 1).await.unwrap();
     let d = store.take("erin", 1).await.unwrap();
     let retry = d.retry_after();
-    assert!(retry > Duration::from_millis(1900) && retry <= Duration::from_secs(2), "{retry:?}");
+    assert!(
+        retry > Duration::from_millis(1900) && retry <= Duration::from_secs(2),
+        "{retry:?}"
+    );
 }

@@ -45,7 +45,8 @@ impl MemoryStore {
     pub fn sweep(&self) -> usize {
         let now = self.clock.now_us();
         let before = self.buckets.len();
-        self.buckets.retain(|_, state| !state.is_full_at(now, &self.policy));
+        self.buckets
+            .retain(|_, state| !state.is_full_at(now, &self.policy));
         let after = self.buckets.len();
         if after < self.buckets.capacity() / 4 {
             self.buckets.shrink_to_fit();

@@ -89,7 +89,11 @@ impl RedisStore {
     pub async fn preload(&self) -> Result<(), StoreError> {
         let mut conn = self.conn.clone();
         let invocation = self.script.prepare_invoke();
-        with_deadline(self.timeout.max(Duration::from_secs(1)), invocation.load_async(&mut conn)).await?;
+        with_deadline(
+            self.timeout.max(Duration::from_secs(1)),
+            invocation.load_async(&mut conn),
+        )
+        .await?;
         Ok(())
     }
 }
@@ -156,7 +160,8 @@ impl BucketStore for RedisStore {
 
     async fn ping(&self) -> Result<(), StoreError> {
         let mut conn = self.conn.clone();
-        let _: String = with_deadline(self.timeout, redis::cmd("PING").query_async(&mut conn)).await?;
+        let _: String =
+            with_deadline(self.timeout, redis::cmd("PING").query_async(&mut conn)).await?;
         Ok(())
     }
 }

@@ -1,0 +1,212 @@
+//! The test sandbox: the services started in-process on free ports, with their addresses
+//! and a shutdown. `embedded` is the all-in-one default; `Distributed` runs the limiters
+//! and the gateway apart, talking HTTP, on a real Redis (and Kafka when given brokers).
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use analytics_worker::SpawnedWorker;
+use clap::Parser;
+use gateway::client::{HttpLimiterClient, SystemResolver};
+use rate_limiter::limiter::Limiter;
+use ratelimit_core::api::UserAnalytics;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub async fn listener() -> TcpListener {
+    TcpListener::bind("127.0.0.1:0").await.unwrap()
+}
+
+/// The all-in-one system with `args` (e.g. `--rate-limit-capacity 5`).
+pub async fn all_in_one(args: &[&str]) -> all_in_one::System {
+    let mut argv = vec!["test"];
+    argv.extend_from_slice(args);
+    let config = all_in_one::Config::try_parse_from(argv).unwrap();
+    all_in_one::System::start(
+        config,
+        listener().await,
+        listener().await,
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap()
+}
+
+/// One limiter instance running on its own, as the `rate-limiter` binary does.
+pub struct LimiterInstance {
+    pub addr: SocketAddr,
+    pub limiter: Arc<Limiter>,
+    shutdown: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl LimiterInstance {
+    /// `args` as for the `rate-limiter` binary.
+    pub async fn start(args: &[&str]) -> Self {
+        let mut argv = vec!["rate-limiter"];
+        argv.extend_from_slice(args);
+        let config = rate_limiter::config::LimiterConfig::try_parse_from(argv).unwrap();
+        let shutdown = CancellationToken::new();
+        let (limiter, events) = rate_limiter::build(
+            &config.limiter,
+            &config.redis,
+            &config.kafka,
+            testkit::unique("limiter"),
+            &shutdown,
+        )
+        .unwrap();
+        let worker = events.map(|events| {
+            let store = analytics_worker::counter_store(&config.redis, 1_000_000).unwrap();
+            SpawnedWorker::in_process(events, store, 1000)
+        });
+        let listener = listener().await;
+        let addr = listener.local_addr().unwrap();
+        let task = {
+            let (limiter, shutdown) = (limiter.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                rate_limiter::run(listener, limiter.clone(), &config.serve, shutdown)
+                    .await
+                    .unwrap();
+                rate_limiter::flush(&limiter).await;
+                if let Some(worker) = worker {
+                    worker.stop().await;
+                }
+            })
+        };
+        Self {
+            addr,
+            limiter,
+            shutdown,
+            task,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.task.await.unwrap();
+    }
+}
+
+/// A standalone gateway asking the limiter at `limiter_url` over HTTP.
+pub struct GatewayInstance {
+    pub addr: SocketAddr,
+    shutdown: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl GatewayInstance {
+    pub async fn start(limiter_url: &str, redis_url: &str, prefix: &str, extra: &[&str]) -> Self {
+        let mut argv = vec![
+            "gateway",
+            "--limiter-url",
+            limiter_url,
+            "--redis-url",
+            redis_url,
+            "--redis-key-prefix",
+            prefix,
+        ];
+        argv.extend_from_slice(extra);
+        let config = gateway::config::GatewayConfig::try_parse_from(argv).unwrap();
+        let shutdown = CancellationToken::new();
+        let gw = gateway::from_config(&config, &shutdown).await.unwrap();
+        let listener = listener().await;
+        let addr = listener.local_addr().unwrap();
+        let task = {
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                gateway::run(listener, gw, &config.serve, shutdown)
+                    .await
+                    .unwrap();
+            })
+        };
+        Self {
+            addr,
+            shutdown,
+            task,
+        }
+    }
+
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.task.await.unwrap();
+    }
+}
+
+/// An HTTP limiter client, for tests of the gateway's client on its own.
+pub async fn http_client(url: &str, timeout: Duration) -> HttpLimiterClient {
+    HttpLimiterClient::new(
+        url,
+        timeout,
+        Duration::from_secs(5),
+        Arc::new(SystemResolver),
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap()
+}
+
+pub fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap()
+}
+
+/// `POST /api` (or `/check`) for `user`, returning the response.
+pub async fn post(client: &reqwest::Client, url: &str, user: &str) -> reqwest::Response {
+    client
+        .post(url)
+        .json(&serde_json::json!({"user_id": user}))
+        .send()
+        .await
+        .unwrap()
+}
+
+pub async fn analytics(client: &reqwest::Client, gateway: SocketAddr, user: &str) -> UserAnalytics {
+    let url = reqwest::Url::parse(&format!("http://{gateway}/analytics/"))
+        .unwrap()
+        .join(&urlencode(user))
+        .unwrap();
+    let response = client.get(url).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    response.json().await.unwrap()
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+/// Polls the analytics of `user` until they equal `(total, allowed, blocked)` or `within`
+/// passes; returns the last answer.
+pub async fn analytics_settle(
+    client: &reqwest::Client,
+    gateway: SocketAddr,
+    user: &str,
+    want: (u64, u64, u64),
+    within: Duration,
+) -> (u64, u64, u64) {
+    let deadline = Instant::now() + within;
+    loop {
+        let a = analytics(client, gateway, user).await;
+        let got = (a.total, a.allowed, a.blocked);
+        if got == want || Instant::now() > deadline {
+            return got;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -1,0 +1,45 @@
+//! The counter-store contract against a real redis-server.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use analytics_worker::counters::contract;
+use analytics_worker::counters::{CounterStore, RedisCounters};
+use testkit::{RedisServer, unique};
+
+#[tokio::test]
+async fn redis_counters_pass_the_contract_suite() {
+    let redis = RedisServer::start();
+    contract::run_all(|| {
+        let store =
+            RedisCounters::new(&redis.url(), &unique("counters"), Duration::from_secs(2)).unwrap();
+        async move { Arc::new(store) as Arc<dyn CounterStore> }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn applies_after_a_script_flush() {
+    let redis = RedisServer::start();
+    let store = RedisCounters::new(&redis.url(), &unique("flush"), Duration::from_secs(2)).unwrap();
+    store
+        .apply(&contract::batch(Some(0), &[(0, "u", true)]))
+        .await
+        .unwrap();
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    store
+        .apply(&contract::batch(Some(0), &[(1, "u", false)]))
+        .await
+        .unwrap();
+    let c = store.get("u").await.unwrap();
+    assert_eq!((c.total, c.allowed, c.blocked), (2, 1, 1));
+}

@@ -1,0 +1,120 @@
+//! The bucket-store contract against a real redis-server, and what only Redis does.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rate_limiter::store::contract::{self, Advance};
+use rate_limiter::store::{BucketStore, RedisStore};
+use ratelimit_core::Policy;
+use testkit::{RedisServer, unique};
+
+fn store(redis: &RedisServer, prefix: &str, policy: Policy) -> RedisStore {
+    RedisStore::new(&redis.url(), prefix, policy, Duration::from_millis(500)).unwrap()
+}
+
+async fn raw(redis: &RedisServer) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn redis_store_passes_the_contract_suite() {
+    let redis = RedisServer::start();
+    contract::run_all(|policy| {
+        let s = store(&redis, &unique("contract"), policy);
+        async move { (Arc::new(s) as Arc<dyn BucketStore>, Advance::Real) }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn bucket_key_expires_when_the_bucket_would_be_full() {
+    let redis = RedisServer::start();
+    let prefix = unique("ttl");
+    let s = store(&redis, &prefix, Policy::new(4, 10.0).unwrap());
+    s.take("u{1}", 2).await.unwrap();
+    let key = ratelimit_core::keys::bucket_key(&prefix, "u{1}");
+    let mut conn = raw(&redis).await;
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg(&key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(
+        (150..=200).contains(&ttl),
+        "2 tokens at 10/s refill in 200 ms; pttl {ttl}"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let exists: bool = redis::cmd("EXISTS")
+        .arg(&key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(!exists, "a full bucket's key is gone");
+}
+
+#[tokio::test]
+async fn script_is_reloaded_after_a_script_flush() {
+    let redis = RedisServer::start();
+    let s = store(&redis, &unique("noscript"), Policy::new(3, 0.01).unwrap());
+    s.preload().await.unwrap();
+    assert!(s.take("u", 1).await.unwrap().is_allowed());
+    let mut conn = raw(&redis).await;
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let d = s.take("u", 1).await.unwrap();
+    assert!(d.is_allowed());
+    assert_eq!(d.quota().remaining, 1);
+}
+
+#[tokio::test]
+async fn a_restarted_empty_redis_starts_buckets_full() {
+    let mut redis = RedisServer::start();
+    let s = store(&redis, &unique("restart"), Policy::new(2, 0.01).unwrap());
+    s.take("u", 2).await.unwrap();
+    assert!(!s.take("u", 1).await.unwrap().is_allowed());
+    redis.restart();
+    // The multiplexed connection notices the restart and reconnects by itself.
+    let mut decision = None;
+    for _ in 0..50 {
+        match s.take("u", 1).await {
+            Ok(d) => {
+                decision = Some(d);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    let d = decision.expect("store answers again after the restart");
+    assert!(d.is_allowed());
+    assert_eq!(d.quota().remaining, 1);
+}
+
+#[tokio::test]
+async fn calls_fail_fast_while_redis_is_down() {
+    let mut redis = RedisServer::start();
+    let s = RedisStore::new(
+        &redis.url(),
+        &unique("down"),
+        Policy::new(2, 1.0).unwrap(),
+        Duration::from_millis(50),
+    )
+    .unwrap();
+    s.take("u", 1).await.unwrap();
+    redis.kill();
+    for _ in 0..5 {
+        let started = std::time::Instant::now();
+        assert!(s.take("u", 1).await.is_err());
+        assert!(
+            started.elapsed() < Duration::from_millis(300),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+}

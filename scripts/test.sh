@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Runs every test of the project. Installs what the tests need when it is missing
+# (idempotent; needs root on a fresh Debian machine):
+#   - redis-server (Debian package): the integration tests start their own on free ports
+#   - cmake, libcurl4-openssl-dev, pkg-config, g++: to build librdkafka (rdkafka's cmake-build)
+#   - tansu 0.6.0 (cargo install, ~15-20 min once): the Kafka-protocol broker the tests start
+#   - docker-compose (Debian package): validates docker-compose.yml without a Docker engine
+# Then: cargo fmt --check, cargo clippy -D warnings, cargo test for the whole workspace.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH"
+
+apt_missing=()
+command -v redis-server >/dev/null || apt_missing+=(redis-server)
+command -v cmake >/dev/null || apt_missing+=(cmake)
+command -v pkg-config >/dev/null || apt_missing+=(pkg-config)
+command -v g++ >/dev/null || apt_missing+=(g++)
+dpkg -s libcurl4-openssl-dev >/dev/null 2>&1 || apt_missing+=(libcurl4-openssl-dev)
+command -v docker-compose >/dev/null || apt_missing+=(docker-compose)
+if [ ${#apt_missing[@]} -gt 0 ]; then
+  echo "==> installing ${apt_missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${apt_missing[@]}" >/dev/null
+fi
+
+if ! command -v tansu >/dev/null; then
+  echo "==> installing tansu 0.6.0 (Kafka-protocol broker; takes 15-20 minutes once)"
+  cargo install tansu --version 0.6.0 --locked --features dynostore
+fi
+
+echo "==> cargo fmt --check"
+cargo fmt --all -- --check
+echo "==> cargo clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+if [ -f docker-compose.yml ]; then
+  echo "==> docker-compose config"
+  docker-compose -f docker-compose.yml config -q
+fi
+echo "==> cargo test"
+cargo test --workspace --all-targets "$@"
