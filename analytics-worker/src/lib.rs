@@ -67,6 +67,7 @@ pub fn router(store: Arc<dyn CounterStore>, stats: Arc<WorkerStats>) -> Router {
                     "poison": stats.poison.load(Relaxed),
                     "batches": stats.batches.load(Relaxed),
                     "store_errors": stats.store_errors.load(Relaxed),
+                    "partitions": stats.partitions.lock().expect("assignment lock").iter().copied().collect::<Vec<i32>>(),
                 }))
             }),
         )
@@ -122,7 +123,15 @@ impl SpawnedWorker {
         store: Arc<dyn CounterStore>,
         batch_max: usize,
     ) -> Self {
-        let stats = Arc::new(WorkerStats::default());
+        Self::spawn_with_stats(source, store, batch_max, Arc::default())
+    }
+
+    fn spawn_with_stats(
+        source: Box<dyn source::EventSource>,
+        store: Arc<dyn CounterStore>,
+        batch_max: usize,
+        stats: Arc<WorkerStats>,
+    ) -> Self {
         let stop = tokio_util::sync::CancellationToken::new();
         let handle = tokio::spawn(worker::run(
             source,
@@ -158,13 +167,28 @@ impl SpawnedWorker {
         store: Arc<dyn CounterStore>,
         batch_max: usize,
     ) -> anyhow::Result<Self> {
+        // The limiter creates the topic too; whoever starts first does it.
+        ratelimit_core::kafka::ensure_topic(
+            kafka,
+            brokers,
+            tokio_util::sync::CancellationToken::new(),
+        );
         let source = source::KafkaSource::new(kafka, brokers)?;
         tracing::info!(
             topic = kafka.topic,
             group = kafka.group_id,
             "analytics worker joined the consumer group"
         );
-        Ok(Self::spawn(Box::new(source), store, batch_max))
+        let stats = Arc::new(WorkerStats {
+            partitions: source.assignment(),
+            ..WorkerStats::default()
+        });
+        Ok(Self::spawn_with_stats(
+            Box::new(source),
+            store,
+            batch_max,
+            stats,
+        ))
     }
 
     /// Counts what the source still holds without waiting, commits, and stops. For the

@@ -21,6 +21,8 @@ pub struct WorkerStats {
     pub batches: AtomicU64,
     /// Failed attempts to apply a batch (each retried).
     pub store_errors: AtomicU64,
+    /// The stream partitions this worker owns (Kafka), shared with the consumer.
+    pub partitions: crate::source::kafka::Assignment,
 }
 
 /// Runs until the source ends or `shutdown`; at shutdown it drains what the source holds

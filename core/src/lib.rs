@@ -4,6 +4,7 @@
 //! - [`clock`]: injectable time, so the algorithm never reads the wall clock itself.
 //! - [`event`]: the `RateLimitEvent` every decision emits, and its wire encoding.
 //! - [`stream`]: the event-publisher seam and its in-process (channel) implementation.
+//! - [`kafka`]: Kafka client settings and topic creation, shared by producer and consumer.
 //! - [`keys`]: Redis key names, injective per user and hash-tagged for Redis Cluster.
 //! - [`api`]: the JSON wire types and the validation of what clients send.
 //! - [`http`]: axum pieces shared by the HTTP services (strict JSON extractor, error bodies).
@@ -16,6 +17,7 @@ pub mod clock;
 pub mod config;
 pub mod event;
 pub mod http;
+pub mod kafka;
 pub mod keys;
 pub mod runtime;
 pub mod stream;

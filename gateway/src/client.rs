@@ -98,25 +98,26 @@ pub struct HttpLimiterClient {
 }
 
 impl HttpLimiterClient {
-    /// A client for `base_url` (e.g. `http://rate-limiter:8080`).
+    /// A client for `urls`: one base URL (e.g. `http://rate-limiter:8080`) or several,
+    /// comma-separated. Every address of every URL receives requests in turn.
     pub async fn new(
-        base_url: &str,
+        urls: &str,
         timeout: Duration,
         resolve_every: Duration,
         resolver: Arc<dyn Resolve>,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Self> {
-        let url = reqwest::Url::parse(base_url)
-            .map_err(|e| anyhow::anyhow!("LIMITER_URL is invalid: {base_url:?}: {e}"))?;
-        let host = url
-            .host_str()
-            .ok_or_else(|| anyhow::anyhow!("LIMITER_URL has no host: {base_url:?}"))?
-            .to_owned();
-        let port = url.port_or_known_default().unwrap_or(80);
-        let scheme = url.scheme().to_owned();
-        let fallback: Arc<[String]> =
-            Arc::from(vec![format!("{}/check", base_url.trim_end_matches('/'))]);
-        let targets = Arc::new(RwLock::new(fallback.clone()));
+        let endpoints = urls
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(Endpoint::parse)
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        if endpoints.is_empty() {
+            anyhow::bail!(
+                "LIMITER_URL is empty: give the limiter's base URL, e.g. http://127.0.0.1:8080"
+            );
+        }
         let client = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout)
@@ -125,16 +126,15 @@ impl HttpLimiterClient {
             .tcp_nodelay(true)
             .http1_only()
             .build()?;
-        // An IP literal needs no resolving; a name is resolved now and then periodically.
-        if host.parse::<std::net::IpAddr>().is_err() && scheme == "http" {
-            let refresh = Refresh {
-                resolver,
-                host,
-                port,
-                targets: targets.clone(),
-                fallback,
-            };
-            refresh.once().await;
+        let refresh = Refresh {
+            resolver,
+            last_resolved: std::sync::Mutex::new(vec![Vec::new(); endpoints.len()]),
+            endpoints,
+            targets: Arc::new(RwLock::new(Arc::from(Vec::new()))),
+        };
+        refresh.once().await;
+        let targets = refresh.targets.clone();
+        if refresh.endpoints.iter().any(|e| e.needs_resolving) {
             tokio::spawn(refresh.every(resolve_every, shutdown));
         }
         Ok(Self {
@@ -149,41 +149,89 @@ impl HttpLimiterClient {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % targets.len();
         targets[i].clone()
     }
+
+    /// The `/check` URLs requests currently go to.
+    pub fn targets(&self) -> Vec<String> {
+        self.targets.read().expect("targets lock").to_vec()
+    }
+}
+
+/// One configured limiter URL.
+struct Endpoint {
+    host: String,
+    port: u16,
+    /// `<url>/check`, used as is when the name does not resolve (or needs no resolving).
+    check_url: String,
+    /// A plain-HTTP host name (not an IP literal): resolved to its replicas.
+    needs_resolving: bool,
+}
+
+impl Endpoint {
+    fn parse(url: &str) -> anyhow::Result<Self> {
+        let parsed = reqwest::Url::parse(url)
+            .map_err(|e| anyhow::anyhow!("LIMITER_URL is invalid: {url:?}: {e}"))?;
+        let host = parsed
+            .host_str()
+            .ok_or_else(|| anyhow::anyhow!("LIMITER_URL has no host: {url:?}"))?
+            .to_owned();
+        let needs_resolving = parsed.scheme() == "http"
+            && host
+                .trim_matches(['[', ']'])
+                .parse::<std::net::IpAddr>()
+                .is_err();
+        Ok(Self {
+            port: parsed.port_or_known_default().unwrap_or(80),
+            host,
+            check_url: format!("{}/check", url.trim_end_matches('/')),
+            needs_resolving,
+        })
+    }
 }
 
 struct Refresh {
     resolver: Arc<dyn Resolve>,
-    host: String,
-    port: u16,
+    endpoints: Vec<Endpoint>,
+    /// Per endpoint, the replicas of its last successful resolution.
+    last_resolved: std::sync::Mutex<Vec<Vec<String>>>,
     targets: Arc<RwLock<Arc<[String]>>>,
-    fallback: Arc<[String]>,
 }
 
 impl Refresh {
     async fn once(&self) {
-        match self.resolver.resolve(&self.host, self.port).await {
-            Ok(mut addrs) if !addrs.is_empty() => {
-                addrs.sort();
-                addrs.dedup();
-                let urls: Arc<[String]> =
-                    addrs.iter().map(|a| format!("http://{a}/check")).collect();
-                let mut targets = self.targets.write().expect("targets lock");
-                if **targets != *urls {
-                    tracing::info!(
-                        host = self.host,
-                        replicas = urls.len(),
-                        "limiter replicas resolved"
-                    );
-                    *targets = urls;
+        let mut urls = Vec::new();
+        for (i, endpoint) in self.endpoints.iter().enumerate() {
+            if !endpoint.needs_resolving {
+                urls.push(endpoint.check_url.clone());
+                continue;
+            }
+            match self.resolver.resolve(&endpoint.host, endpoint.port).await {
+                Ok(mut addrs) if !addrs.is_empty() => {
+                    addrs.sort();
+                    addrs.dedup();
+                    let resolved: Vec<String> =
+                        addrs.iter().map(|a| format!("http://{a}/check")).collect();
+                    urls.extend(resolved.iter().cloned());
+                    self.last_resolved.lock().expect("resolved lock")[i] = resolved;
+                }
+                Ok(_) | Err(_) => {
+                    // Keep this endpoint's last known replicas; else use the name itself.
+                    let last = self.last_resolved.lock().expect("resolved lock")[i].clone();
+                    if last.is_empty() {
+                        urls.push(endpoint.check_url.clone());
+                    } else {
+                        urls.extend(last);
+                    }
+                    continue;
                 }
             }
-            Ok(_) | Err(_) => {
-                // Keep what we had; if we never had anything, use the name itself.
-                let mut targets = self.targets.write().expect("targets lock");
-                if targets.is_empty() {
-                    *targets = self.fallback.clone();
-                }
-            }
+        }
+        urls.sort();
+        urls.dedup();
+        let urls: Arc<[String]> = Arc::from(urls);
+        let mut targets = self.targets.write().expect("targets lock");
+        if **targets != *urls {
+            tracing::info!(replicas = urls.len(), targets = ?urls, "limiter replicas");
+            *targets = urls;
         }
     }
 

@@ -15,12 +15,9 @@ use ratelimit_core::RateLimitEvent;
 use ratelimit_core::config::KafkaArgs;
 use ratelimit_core::stream::{EventPublisher, PublisherStats};
 use rdkafka::ClientConfig;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{DeliveryResult, Message};
 use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
-use tokio_util::sync::CancellationToken;
 
 #[derive(Default)]
 struct Counters {
@@ -66,22 +63,13 @@ pub struct KafkaPublisher {
     counters: Arc<Counters>,
 }
 
-/// The client settings shared by the producer, the consumer and the admin client.
-pub fn base_config(args: &KafkaArgs, brokers: &str) -> ClientConfig {
-    let mut config = ClientConfig::new();
-    config.set("bootstrap.servers", brokers);
-    for (key, value) in args.passthrough() {
-        config.set(key, value);
-    }
-    config
-}
-
 impl KafkaPublisher {
     pub fn new(args: &KafkaArgs, brokers: &str) -> Result<Self, KafkaError> {
         let counters = Arc::new(Counters::default());
         let mut config = ClientConfig::new();
         config
             .set("bootstrap.servers", brokers)
+            .set("client.id", "rate-limiter")
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", "5")
@@ -142,44 +130,4 @@ impl EventPublisher for KafkaPublisher {
             .await
             .unwrap_or(false)
     }
-}
-
-/// Creates the topic if it is missing, retrying in the background until the broker
-/// answers (so a limiter started before its broker still serves meanwhile).
-pub fn ensure_topic(args: &KafkaArgs, brokers: &str, shutdown: CancellationToken) {
-    let config = base_config(args, brokers);
-    let topic = args.topic.clone();
-    let (partitions, replication) = (args.partitions, args.replication);
-    tokio::spawn(async move {
-        let admin: AdminClient<DefaultClientContext> = match config.create() {
-            Ok(admin) => admin,
-            Err(err) => {
-                tracing::error!(error = %err, "cannot create the Kafka admin client");
-                return;
-            }
-        };
-        let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(5)));
-        loop {
-            let new = NewTopic::new(&topic, partitions, TopicReplication::Fixed(replication));
-            match admin.create_topics([&new], &options).await {
-                Ok(results) => match results.into_iter().next() {
-                    Some(Ok(_)) => {
-                        tracing::info!(topic, partitions, "created the event topic");
-                        return;
-                    }
-                    Some(Err((_, RDKafkaErrorCode::TopicAlreadyExists))) | None => return,
-                    Some(Err((_, code))) => {
-                        tracing::warn!(topic, error = %code, "cannot create the event topic yet")
-                    }
-                },
-                Err(err) => {
-                    tracing::warn!(topic, error = %err, "cannot reach Kafka to create the topic")
-                }
-            }
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(Duration::from_secs(2)) => {}
-            }
-        }
-    });
 }

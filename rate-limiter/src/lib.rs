@@ -74,7 +74,7 @@ pub fn build(
     fallback.spawn_sweeper(SWEEP_INTERVAL, shutdown.clone());
     let (publisher, events): (Arc<dyn EventPublisher>, _) = match kafka.brokers() {
         Some(brokers) => {
-            kafka::ensure_topic(kafka, brokers, shutdown.clone());
+            ratelimit_core::kafka::ensure_topic(kafka, brokers, shutdown.clone());
             (Arc::new(kafka::KafkaPublisher::new(kafka, brokers)?), None)
         }
         None => {

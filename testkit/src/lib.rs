@@ -205,3 +205,107 @@ impl KafkaBroker {
         signal(self.process.pid(), if frozen { "-STOP" } else { "-CONT" });
     }
 }
+
+/// A binary of this workspace (`gateway`, `rate-limiter`, `analytics-worker`), built next
+/// to the running test (`cargo test --workspace` builds them).
+pub fn service_binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let path = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .map(|dir| dir.join(name))
+        .expect("target dir");
+    assert!(
+        path.is_file(),
+        "{} is missing: build the workspace first (cargo build --workspace, or scripts/test.sh)",
+        path.display()
+    );
+    path
+}
+
+/// One of this workspace's services running as its own process.
+pub struct Service {
+    pub name: String,
+    pub port: u16,
+    pub log: PathBuf,
+    process: Process,
+}
+
+impl Service {
+    /// Starts `binary` with `env` (nothing else from `.env`: it runs in a scratch directory)
+    /// listening on a free port passed in `port_var`, and waits until it listens.
+    pub fn start(binary: &str, name: &str, port_var: &str, env: &[(&str, String)]) -> Self {
+        let port = free_port();
+        let dir = std::env::temp_dir().join("drl-test-logs");
+        std::fs::create_dir_all(&dir).expect("log dir");
+        let log = dir.join(format!("{}.log", unique(name)));
+        let out = std::fs::File::create(&log).expect("log file");
+        let err = out.try_clone().expect("log file");
+        let mut command = Command::new(service_binary(binary));
+        command
+            .current_dir(std::env::temp_dir())
+            .env(port_var, port.to_string())
+            .env("BIND_ADDR", "127.0.0.1")
+            .env("INSTANCE_ID", name)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdout(out)
+            .stderr(err);
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let mut child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {binary}: {e}"));
+        wait_for_port(port, name, &mut child);
+        Self {
+            name: name.to_owned(),
+            port,
+            log,
+            process: Process { child: Some(child) },
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
+    /// SIGKILL: no shutdown, no flush, no commit.
+    pub fn kill(&mut self) {
+        self.process.kill();
+    }
+
+    /// SIGTERM, then waits (at most `within`) for the exit; returns whether it exited 0.
+    pub fn terminate(&mut self, within: Duration) -> bool {
+        let Some(mut child) = self.process.child.take() else {
+            return false;
+        };
+        signal(child.id(), "-TERM");
+        let deadline = Instant::now() + within;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status.success();
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The service's log so far, for failure messages.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+}

@@ -3,6 +3,8 @@
 //! and the gateway apart, talking HTTP, on a real Redis (and Kafka when given brokers).
 #![allow(dead_code)]
 
+pub mod cluster;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -2,21 +2,57 @@
 //! taken over when one leaves. Offsets are committed by hand, only after the worker has
 //! made the counters durable ([`EventSource::commit`]).
 
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::FutureExt;
 use ratelimit_core::RateLimitEvent;
 use ratelimit_core::config::KafkaArgs;
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
 use rdkafka::error::KafkaError;
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 
 use super::{EventSource, Record};
 
+/// The partitions this group member owns, kept current by the rebalance callbacks.
+pub type Assignment = Arc<Mutex<BTreeSet<i32>>>;
+
+/// Records assignments and revocations as the group rebalances.
+struct GroupContext {
+    assigned: Assignment,
+}
+
+impl rdkafka::ClientContext for GroupContext {}
+
+impl ConsumerContext for GroupContext {
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let mut assigned = self.assigned.lock().expect("assignment lock");
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                // Eager protocol: an assignment is the whole new set.
+                assigned.clear();
+                assigned.extend(tpl.elements().iter().map(|e| e.partition()));
+                tracing::info!(partitions = ?*assigned, "partitions assigned");
+            }
+            Rebalance::Revoke(tpl) => {
+                for e in tpl.elements() {
+                    assigned.remove(&e.partition());
+                }
+                tracing::info!(partitions = ?*assigned, "partitions revoked");
+            }
+            Rebalance::Error(err) => tracing::warn!(error = %err, "rebalance error"),
+        }
+    }
+}
+
 pub struct KafkaSource {
-    consumer: StreamConsumer,
+    consumer: StreamConsumer<GroupContext>,
     topic: String,
+    assigned: Assignment,
 }
 
 impl KafkaSource {
@@ -29,25 +65,31 @@ impl KafkaSource {
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
-            .set("session.timeout.ms", "10000")
-            .set("heartbeat.interval.ms", "1000");
+            // Longer than a broker's typical hiccup (a member whose session times out has
+            // to rejoin, which stalls its partitions), shorter than Kafka's 45 s default so
+            // a crashed worker's partitions move on sooner. RDKAFKA_SESSION_TIMEOUT_MS overrides.
+            .set("session.timeout.ms", "30000")
+            .set("heartbeat.interval.ms", "3000")
+            // Notice a topic created after we subscribed within seconds, not minutes.
+            .set("topic.metadata.refresh.interval.ms", "5000");
         for (key, value) in args.passthrough() {
             config.set(key, value);
         }
-        let consumer: StreamConsumer = config.create()?;
+        let assigned = Assignment::default();
+        let consumer: StreamConsumer<GroupContext> = config.create_with_context(GroupContext {
+            assigned: assigned.clone(),
+        })?;
         consumer.subscribe(&[&args.topic])?;
         Ok(Self {
             consumer,
             topic: args.topic.clone(),
+            assigned,
         })
     }
 
-    /// The partitions this member owns now.
-    pub fn assignment(&self) -> Vec<i32> {
-        self.consumer
-            .assignment()
-            .map(|tpl| tpl.elements().iter().map(|e| e.partition()).collect())
-            .unwrap_or_default()
+    /// The partitions this member owns, updated as the group rebalances.
+    pub fn assignment(&self) -> Assignment {
+        self.assigned.clone()
     }
 
     fn record(message: &impl Message) -> Record {

@@ -2,7 +2,7 @@
 //! embedded default) and a Kafka consumer group.
 
 mod channel;
-mod kafka;
+pub mod kafka;
 
 use async_trait::async_trait;
 use ratelimit_core::RateLimitEvent;
