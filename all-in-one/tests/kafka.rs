@@ -19,7 +19,7 @@ fn addr(service: &testkit::Service) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], service.port))
 }
 
-fn assert_converged(diffs: &[(String, (u64, u64), (u64, u64))], services: &[&testkit::Service]) {
+fn assert_converged(diffs: &[Diff], services: &[&testkit::Service]) {
     if !diffs.is_empty() {
         for s in services {
             eprintln!("--- {} ({})\n{}", s.name, s.log.display(), s.log_tail(30));
