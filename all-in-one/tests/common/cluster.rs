@@ -145,13 +145,13 @@ pub async fn drive(
     }
 }
 
+/// A user whose counters differ from what the clients saw: (user, seen, counted), each
+/// count as (allowed, blocked).
+pub type Diff = (String, (u64, u64), (u64, u64));
+
 /// Waits until every user's analytics equal what the clients saw, or `within` passes;
-/// returns the users that still differ, with (seen, counted).
-pub async fn converge(
-    gateway: SocketAddr,
-    seen: &Seen,
-    within: Duration,
-) -> Vec<(String, (u64, u64), (u64, u64))> {
+/// returns the users that still differ.
+pub async fn converge(gateway: SocketAddr, seen: &Seen, within: Duration) -> Vec<Diff> {
     let client = super::http();
     let expected = seen.0.lock().unwrap().clone();
     let deadline = Instant::now() + within;
