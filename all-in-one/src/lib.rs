@@ -76,7 +76,8 @@ impl System {
             &config.kafka,
             ratelimit_core::runtime::instance_id(),
             &shutdown,
-        )?;
+        )
+        .await?;
         let counters =
             analytics_worker::counter_store(&config.redis, config.worker.max_users as usize)?;
         let batch_max = config.worker.batch_max as usize;

@@ -248,6 +248,66 @@ mod tests {
         assert!(!is_json(&HeaderMap::new()));
     }
 
+    #[tokio::test]
+    async fn sheds_past_the_in_flight_limit_and_times_out_slow_requests() {
+        use tower::ServiceExt;
+        // with_state turns handlers into services once, as the services' routers do.
+        let slow = Router::new()
+            .route(
+                "/slow",
+                axum::routing::get(|| async {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    "done"
+                }),
+            )
+            .with_state(());
+
+        let router = with_load_shedding(slow, 5, Duration::from_secs(5));
+        let calls: Vec<_> = (0..50)
+            .map(|_| {
+                let router = router.clone();
+                tokio::spawn(async move {
+                    let req = Request::builder()
+                        .uri("/slow")
+                        .body(axum::body::Body::empty())
+                        .unwrap();
+                    let response = router.oneshot(req).await.unwrap();
+                    (
+                        response.status(),
+                        response.headers().contains_key(header::RETRY_AFTER),
+                    )
+                })
+            })
+            .collect();
+        let mut ok = 0;
+        let mut shed = 0;
+        for call in calls {
+            match call.await.unwrap() {
+                (StatusCode::OK, _) => ok += 1,
+                (StatusCode::TOO_MANY_REQUESTS, true) => shed += 1,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!((ok, shed), (5, 45));
+
+        let router = with_load_shedding(
+            Router::new().route(
+                "/stuck",
+                axum::routing::get(|| async {
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                }),
+            ),
+            5,
+            Duration::from_millis(50),
+        );
+        let req = Request::builder()
+            .uri("/stuck")
+            .body(axum::body::Body::empty())
+            .unwrap();
+        let response = router.oneshot(req).await.unwrap();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    }
+
     #[test]
     fn errors_map_to_statuses() {
         assert_eq!(

@@ -144,12 +144,6 @@ impl HttpLimiterClient {
         })
     }
 
-    fn target(&self) -> String {
-        let targets = self.targets.read().expect("targets lock").clone();
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % targets.len();
-        targets[i].clone()
-    }
-
     /// The `/check` URLs requests currently go to.
     pub fn targets(&self) -> Vec<String> {
         self.targets.read().expect("targets lock").to_vec()
@@ -248,14 +242,26 @@ impl Refresh {
 #[async_trait]
 impl LimiterClient for HttpLimiterClient {
     async fn check(&self, request: &CheckRequest) -> Result<CheckResponse, ClientError> {
-        let response = self
-            .client
-            .post(self.target())
-            .json(request)
-            .send()
-            .await
-            .map_err(|e| ClientError::Unreachable(e.to_string()))?;
+        // A replica that refuses the connection never saw the request (it is restarting,
+        // or gone since the last resolve): the next replica may decide it instead.
+        let targets = self.targets.read().expect("targets lock").clone();
+        let attempts = targets.len().clamp(1, 3);
+        let first = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut attempt = 0;
+        let response = loop {
+            let target = &targets[(first + attempt) % targets.len()];
+            match self.client.post(target).json(request).send().await {
+                Ok(response) => break response,
+                Err(err) if err.is_connect() && attempt + 1 < attempts => attempt += 1,
+                Err(err) => {
+                    tracing::warn!(target, error = %err, source = ?std::error::Error::source(&err), "limiter call failed");
+                    return Err(ClientError::Unreachable(err.to_string()));
+                }
+            }
+        };
+
         let status = response.status();
+
         if status.is_success() {
             return response
                 .json()

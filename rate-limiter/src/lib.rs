@@ -36,7 +36,7 @@ const FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
 /// Builds the limiter the configuration asks for: buckets in Redis when `REDIS_URL` is set
 /// (else memory); events to Kafka when `KAFKA_BROKERS` is set, else to an in-process
 /// channel whose receiving end is returned for an in-process worker.
-pub fn build(
+pub async fn build(
     args: &LimiterArgs,
     redis: &RedisArgs,
     kafka: &KafkaArgs,
@@ -53,12 +53,11 @@ pub fn build(
                 policy,
                 Duration::from_millis(redis.timeout_ms),
             )?);
-            let preload = store.clone();
-            tokio::spawn(async move {
-                if let Err(err) = preload.preload().await {
-                    tracing::warn!(error = %err, "redis not reachable at start-up; will keep trying per request");
-                }
-            });
+            // Connect and load the script before serving, so the first requests do not pay
+            // for it; a Redis that is down now is not fatal (the fail mode applies).
+            if let Err(err) = store.preload().await {
+                tracing::warn!(error = %err, "redis not reachable at start-up; will keep trying per request");
+            }
             store
         }
         None => {

@@ -15,7 +15,8 @@ async fn main() -> anyhow::Result<()> {
         &config.kafka,
         runtime::instance_id(),
         &shutdown,
-    )?;
+    )
+    .await?;
     // Without Kafka the decisions are counted in-process, into the configured counter store.
     let worker = match events {
         Some(events) => {

@@ -229,6 +229,9 @@ pub struct Service {
     pub name: String,
     pub port: u16,
     pub log: PathBuf,
+    binary: String,
+    port_var: String,
+    env: Vec<(String, String)>,
     process: Process,
 }
 
@@ -240,7 +243,35 @@ impl Service {
         let dir = std::env::temp_dir().join("drl-test-logs");
         std::fs::create_dir_all(&dir).expect("log dir");
         let log = dir.join(format!("{}.log", unique(name)));
-        let out = std::fs::File::create(&log).expect("log file");
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), v.clone()))
+            .collect();
+        let process = Self::spawn(binary, name, port_var, port, &env, &log);
+        Self {
+            name: name.to_owned(),
+            port,
+            log,
+            binary: binary.to_owned(),
+            port_var: port_var.to_owned(),
+            env,
+            process,
+        }
+    }
+
+    fn spawn(
+        binary: &str,
+        name: &str,
+        port_var: &str,
+        port: u16,
+        env: &[(String, String)],
+        log: &PathBuf,
+    ) -> Process {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("log file");
         let err = out.try_clone().expect("log file");
         let mut command = Command::new(service_binary(binary));
         command
@@ -261,12 +292,21 @@ impl Service {
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {binary}: {e}"));
         wait_for_port(port, name, &mut child);
-        Self {
-            name: name.to_owned(),
-            port,
-            log,
-            process: Process { child: Some(child) },
-        }
+        Process { child: Some(child) }
+    }
+
+    /// Starts the service again on the same port (after [`Service::kill`] or
+    /// [`Service::terminate`]), as a rolling restart would.
+    pub fn restart(&mut self) {
+        self.process.kill();
+        self.process = Self::spawn(
+            &self.binary,
+            &self.name,
+            &self.port_var,
+            self.port,
+            &self.env,
+            &self.log,
+        );
     }
 
     pub fn url(&self) -> String {

@@ -59,6 +59,7 @@ impl LimiterInstance {
             testkit::unique("limiter"),
             &shutdown,
         )
+        .await
         .unwrap();
         let worker = events.map(|events| {
             let store = analytics_worker::counter_store(&config.redis, 1_000_000).unwrap();
