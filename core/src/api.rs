@@ -184,7 +184,11 @@ mod tests {
     }
 
     proptest! {
+        // Fuzzing: many more cases than the default 256, still well under a second.
+        #![proptest_config(ProptestConfig::with_cases(20_000))]
+
         // Fuzz: decoding arbitrary bytes never panics, and anything accepted is valid.
+
         #[test]
         fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
             if let Ok(r) = CheckRequest::from_json(&bytes) {

@@ -86,7 +86,11 @@ mod tests {
     }
 
     proptest! {
+        // Fuzzing: many more cases than the default 256, still well under a second.
+        #![proptest_config(ProptestConfig::with_cases(20_000))]
+
         // Fuzz: the worker's decoder never panics on arbitrary bytes.
+
         #[test]
         fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
             let _ = RateLimitEvent::decode(&bytes);
