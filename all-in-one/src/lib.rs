@@ -79,7 +79,11 @@ impl System {
         )
         .await?;
         let counters =
-            analytics_worker::counter_store(&config.redis, config.worker.max_users as usize)?;
+            analytics_worker::counter_store(
+                &config.redis,
+                config.worker.max_users as usize,
+                config.worker.retention.retention,
+            )?;
         let batch_max = config.worker.batch_max as usize;
         let worker = match (events, config.kafka.brokers()) {
             (Some(events), _) => SpawnedWorker::in_process(events, counters.clone(), batch_max),

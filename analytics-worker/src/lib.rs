@@ -26,19 +26,23 @@ use crate::counters::{CounterStore, MemoryCounters, RedisCounters};
 use crate::worker::WorkerStats;
 
 /// The counter store the configuration asks for: Redis when `REDIS_URL` is set, else memory.
-/// `max_users` bounds the in-memory counters.
+/// `max_users` bounds the in-memory counters; `retention` is how long the per-minute
+/// series are kept.
 pub fn counter_store(
     redis: &ratelimit_core::config::RedisArgs,
     max_users: usize,
+    retention: Duration,
 ) -> anyhow::Result<Arc<dyn CounterStore>> {
+
     Ok(match redis.url() {
         Some(url) => Arc::new(RedisCounters::new(
             url,
             &redis.key_prefix,
             // Batches are bigger than one decision: give them more than a decision's deadline.
             Duration::from_millis(redis.timeout_ms).max(Duration::from_secs(2)),
+            retention,
         )?),
-        None => Arc::new(MemoryCounters::new(max_users)),
+        None => Arc::new(MemoryCounters::new(max_users, retention)),
     })
 }
 
@@ -90,7 +94,11 @@ pub async fn run(
             "REDIS_URL is required: the standalone worker keeps its counters in Redis, where the gateway reads them"
         );
     }
-    let store = counter_store(&config.redis, config.worker.max_users as usize)?;
+    let store = counter_store(
+        &config.redis,
+        config.worker.max_users as usize,
+        config.worker.retention.retention,
+    )?;
     let worker = SpawnedWorker::kafka(
         &config.kafka,
         brokers,

@@ -196,7 +196,7 @@ mod tests {
             ]],
             commits: Arc::clone(&commits),
         };
-        let store = Arc::new(MemoryCounters::new(100));
+        let store = Arc::new(MemoryCounters::new(100, Duration::from_secs(3600)));
         let stats = Arc::new(WorkerStats::default());
         run(
             Box::new(source),

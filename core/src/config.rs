@@ -69,6 +69,26 @@ impl PolicyArgs {
     }
 }
 
+/// Parses a duration written `<n>s`, `<n>m`, `<n>h` or `<n>d` (e.g. `15m`, `24h`).
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let s = s.trim();
+    let (number, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("expected a duration like 15m, 1h or 7d, got {s:?}"))?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n.saturating_mul(60),
+        "h" => n.saturating_mul(3_600),
+        "d" => n.saturating_mul(86_400),
+        _ => return Err(format!("expected a duration like 15m, 1h or 7d, got {s:?}")),
+    };
+    if secs == 0 {
+        return Err("the duration must be positive".into());
+    }
+    Ok(std::time::Duration::from_secs(secs))
+}
+
 fn positive_rate(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
@@ -216,7 +236,18 @@ mod tests {
     }
 
     #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("15m"), Ok(std::time::Duration::from_secs(900)));
+        assert_eq!(parse_duration("24h"), Ok(std::time::Duration::from_secs(86_400)));
+        assert_eq!(parse_duration("2d"), Ok(std::time::Duration::from_secs(172_800)));
+        for bad in ["", "m", "15", "0m", "-1h", "1.5h", "1w", "h1"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
     fn passthrough_maps_names() {
+
         let vars = [
             ("RDKAFKA_SECURITY_PROTOCOL", "SASL_SSL"),
             ("RDKAFKA_SASL_USERNAME", "me"),

@@ -31,7 +31,14 @@ pub fn counter_key(prefix: &str, user_id: &str) -> String {
     format!("{prefix}c{{{}}}", escape_user_id(user_id))
 }
 
+/// The key of a user's counts in one minute: `<prefix>c{<escaped id>}:m<minute>` (same
+/// slot as the user's counters).
+pub fn counter_minute_key(prefix: &str, user_id: &str, minute: u64) -> String {
+    format!("{prefix}c{{{}}}:m{minute}", escape_user_id(user_id))
+}
+
 #[cfg(test)]
+
 mod tests {
     use super::*;
     use proptest::prelude::*;

@@ -47,6 +47,8 @@ pub struct GatewayConfig {
     pub serve: ServeArgs,
     #[command(flatten)]
     pub redis: RedisArgs,
+    #[command(flatten)]
+    pub retention: analytics_worker::config::RetentionArgs,
 }
 
 impl GatewayConfig {

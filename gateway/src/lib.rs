@@ -7,6 +7,8 @@
 
 pub mod client;
 pub mod config;
+pub mod dashboard;
+
 pub mod http;
 
 use std::sync::Arc;
@@ -44,7 +46,7 @@ pub async fn from_config(
             "REDIS_URL is required: the standalone gateway reads analytics from Redis (run the all-in-one binary for the embedded mode)"
         );
     }
-    let counters = analytics_worker::counter_store(&config.redis, 0)?;
+    let counters = analytics_worker::counter_store(&config.redis, 0, config.retention.retention)?;
     let limiter = client::HttpLimiterClient::new(
         &config.limiter_url,
         config.limiter_timeout(),

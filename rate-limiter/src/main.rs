@@ -21,7 +21,11 @@ async fn main() -> anyhow::Result<()> {
     let worker = match events {
         Some(events) => {
             let store =
-                analytics_worker::counter_store(&config.redis, config.worker.max_users as usize)?;
+                analytics_worker::counter_store(
+                    &config.redis,
+                    config.worker.max_users as usize,
+                    config.worker.retention.retention,
+                )?;
             Some(analytics_worker::SpawnedWorker::in_process(
                 events,
                 store,

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use ratelimit_core::RateLimitEvent;
 use ratelimit_core::event::SCHEMA_VERSION;
 
-use super::{CounterStore, PartitionBatch};
+use super::{BlockedUser, CounterStore, DAY_MS, MINUTE_MS, PartitionBatch};
 
 /// A batch from `(offset, user, allowed)` triples.
 pub fn batch(partition: Option<i32>, events: &[(i64, &str, bool)]) -> PartitionBatch {
@@ -32,6 +32,16 @@ pub fn batch(partition: Option<i32>, events: &[(i64, &str, bool)]) -> PartitionB
     }
 }
 
+/// A batch from `(offset, user, allowed, minute)`: events at the start of that minute.
+pub fn timed_batch(partition: Option<i32>, events: &[(i64, &str, bool, u64)]) -> PartitionBatch {
+    let plain: Vec<(i64, &str, bool)> = events.iter().map(|(o, u, a, _)| (*o, *u, *a)).collect();
+    let mut b = batch(partition, &plain);
+    for ((_, event), (_, _, _, minute)) in b.events.iter_mut().zip(events) {
+        event.ts_ms = minute * MINUTE_MS + 1_234;
+    }
+    b
+}
+
 /// Runs every check, each with a fresh empty store made by `make`.
 pub async fn run_all<F, Fut>(make: F)
 where
@@ -45,7 +55,78 @@ where
     partitions_are_independent(make().await).await;
     unordered_streams_always_count(make().await).await;
     tricky_user_ids_stay_apart(make().await).await;
+    series_per_minute(make().await).await;
+    series_survive_replays(make().await).await;
+    most_blocked_users(make().await).await;
 }
+
+/// Minute numbers near now, so stores with a retention keep them.
+fn now_minute() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64 / MINUTE_MS
+}
+
+async fn series_per_minute(store: Arc<dyn CounterStore>) {
+    let m = now_minute();
+    store
+        .apply(&timed_batch(Some(0), &[(0, "u", true, m - 2), (1, "u", false, m - 2), (2, "v", false, m), (3, "u", true, m)]))
+        .await
+        .unwrap();
+    let u = store.user_series("u", m - 3..=m).await.unwrap();
+    let got: Vec<(u64, u64, u64)> = u.iter().map(|c| (c.minute_ms, c.allowed, c.blocked)).collect();
+    let want = vec![((m - 3) * MINUTE_MS, 0, 0), ((m - 2) * MINUTE_MS, 1, 1), ((m - 1) * MINUTE_MS, 0, 0), (m * MINUTE_MS, 1, 0)];
+    assert_eq!(got, want);
+    let g = store.global_series(m - 2..=m).await.unwrap();
+    let got: Vec<(u64, u64)> = g.iter().map(|c| (c.allowed, c.blocked)).collect();
+    assert_eq!(got, vec![(1, 1), (0, 0), (1, 1)]);
+    assert_eq!(store.user_series("nobody", m..=m).await.unwrap()[0].allowed, 0);
+}
+
+async fn series_survive_replays(store: Arc<dyn CounterStore>) {
+    let m = now_minute();
+    let first = timed_batch(Some(2), &[(10, "u", false, m), (11, "w", false, m)]);
+    store.apply(&first).await.unwrap();
+    store.apply(&first).await.unwrap();
+    // A replay from an older commit, overlapping the first batch.
+    store
+        .apply(&timed_batch(Some(2), &[(10, "u", false, m), (11, "w", false, m), (12, "u", false, m), (13, "u", true, m)]))
+        .await
+        .unwrap();
+    let g = store.global_series(m..=m).await.unwrap();
+    assert_eq!((g[0].allowed, g[0].blocked), (1, 3));
+    let u = store.user_series("u", m..=m).await.unwrap();
+    assert_eq!((u[0].allowed, u[0].blocked), (1, 2));
+    let top = store.top_blocked(m..=m, 10).await.unwrap();
+    assert_eq!(top, vec![BlockedUser { user_id: "u".into(), blocked: 2 }, BlockedUser { user_id: "w".into(), blocked: 1 }]);
+}
+
+async fn most_blocked_users(store: Arc<dyn CounterStore>) {
+    let m = now_minute();
+    let mut events = Vec::new();
+    let mut offset = 0;
+    for (user, blocked, minute) in [("a", 1, m - 1), ("b", 3, m), ("c", 2, m), ("a", 3, m)] {
+        for _ in 0..blocked {
+            events.push((offset, user, false, minute));
+            offset += 1;
+        }
+    }
+    events.push((offset, "d", true, m));
+    // Split over two partitions: the top merges them.
+    let (p0, p1) = events.split_at(5);
+    store.apply(&timed_batch(Some(0), p0)).await.unwrap();
+    store.apply(&timed_batch(Some(1), p1)).await.unwrap();
+    let names = |v: Vec<BlockedUser>| v.into_iter().map(|b| (b.user_id, b.blocked)).collect::<Vec<_>>();
+    assert_eq!(
+        names(store.top_blocked(m..=m, 10).await.unwrap()),
+        vec![("a".into(), 3), ("b".into(), 3), ("c".into(), 2)]
+    );
+    assert_eq!(names(store.top_blocked(m - 1..=m, 1).await.unwrap()), vec![("a".into(), 4)]);
+    let today = m * MINUTE_MS / DAY_MS;
+    if (m - 1) * MINUTE_MS / DAY_MS == today {
+        assert_eq!(names(store.top_blocked_day(today, 2).await.unwrap()), vec![("a".into(), 4), ("b".into(), 3)]);
+    }
+    assert!(store.top_blocked_day(today + 5, 2).await.unwrap().is_empty());
+}
+
 
 async fn unseen_users_read_zero(store: Arc<dyn CounterStore>) {
     let c = store.get("nobody").await.unwrap();

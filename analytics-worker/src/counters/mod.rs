@@ -8,12 +8,21 @@
 //! is applied to a user only past that offset, atomically with the increments. Replaying
 //! events after a crash (offsets not yet committed) therefore counts nothing twice, and
 //! since the offset lives in the user's own key this holds on Redis Cluster too.
+//!
+//! Over time: per user and globally, allowed and blocked per minute (of the decision's
+//! timestamp), kept for a retention period, and the most-blocked users per minute and per
+//! day. The global aggregates are kept per partition, with the partition's last applied
+//! offset beside them (one hash tag per partition), so they are exactly-once the same way.
 
 pub mod contract;
 mod memory;
 mod redis;
 
+use std::collections::{BTreeMap, HashMap};
+use std::ops::RangeInclusive;
+
 use async_trait::async_trait;
+use serde::Serialize;
 use ratelimit_core::RateLimitEvent;
 use ratelimit_core::api::UserAnalytics;
 
@@ -40,13 +49,68 @@ pub enum CounterError {
     Protocol(String),
 }
 
+/// Milliseconds in a minute and in a day: the buckets of the time series.
+pub const MINUTE_MS: u64 = 60_000;
+pub const DAY_MS: u64 = 86_400_000;
+/// Most users kept per minute and per day in a top-blocked set; past it the least blocked
+/// are dropped, which bounds memory whatever the number of users.
+pub const TOP_KEEP: usize = 1_000;
+/// The top-blocked answer over a window covers at most its newest this-many minutes (a
+/// day's top comes from the per-day sets instead).
+pub const TOP_WINDOW_MINUTES: u64 = 60;
+
+/// Allowed and blocked decisions within one minute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct MinuteCounts {
+    /// The minute's start, milliseconds since the Unix epoch.
+    pub minute_ms: u64,
+    pub allowed: u64,
+    pub blocked: u64,
+}
+
+/// A user and how many of their requests were blocked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BlockedUser {
+    pub user_id: String,
+    pub blocked: u64,
+}
+
+/// Per-minute counts, keyed by minute number (ms / 60,000).
+pub(crate) type Minutes = BTreeMap<u64, (u64, u64)>;
+
 /// A user's increments within one batch, and the offsets they span.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Tally {
     pub first_offset: i64,
     pub last_offset: i64,
     pub allowed: u64,
     pub blocked: u64,
+    pub minutes: Minutes,
+}
+
+impl Tally {
+    fn new(offset: i64) -> Self {
+        Self {
+            first_offset: offset,
+            last_offset: offset,
+            allowed: 0,
+            blocked: 0,
+            minutes: Minutes::new(),
+        }
+    }
+
+    fn add(&mut self, offset: i64, event: &RateLimitEvent) {
+        self.first_offset = self.first_offset.min(offset);
+        self.last_offset = self.last_offset.max(offset);
+        let minute = self.minutes.entry(event.ts_ms / MINUTE_MS).or_default();
+        if event.allowed {
+            self.allowed += 1;
+            minute.0 += 1;
+        } else {
+            self.blocked += 1;
+            minute.1 += 1;
+        }
+    }
 }
 
 /// Sums a batch per user, counting only events past `floor(user)` (the offset already applied).
@@ -54,26 +118,82 @@ pub(crate) fn tally<'a>(
     events: impl IntoIterator<Item = &'a (i64, RateLimitEvent)>,
     floor: impl Fn(&str) -> Option<i64>,
 ) -> Vec<(&'a str, Tally)> {
-    let mut per_user: std::collections::HashMap<&'a str, Tally> = std::collections::HashMap::new();
+    let mut per_user: HashMap<&'a str, Tally> = HashMap::new();
     for (offset, event) in events {
         if floor(&event.user_id).is_some_and(|applied| *offset <= applied) {
             continue;
         }
-        let t = per_user.entry(event.user_id.as_str()).or_insert(Tally {
-            first_offset: *offset,
-            last_offset: *offset,
-            allowed: 0,
-            blocked: 0,
-        });
-        t.first_offset = t.first_offset.min(*offset);
-        t.last_offset = t.last_offset.max(*offset);
-        if event.allowed {
-            t.allowed += 1;
-        } else {
-            t.blocked += 1;
-        }
+        per_user
+            .entry(event.user_id.as_str())
+            .or_insert_with(|| Tally::new(*offset))
+            .add(*offset, event);
     }
     per_user.into_iter().collect()
+}
+
+/// A partition batch's global increments: per minute, and blocked per user per minute and
+/// per day, for events past `floor` (the partition's offset already applied).
+#[derive(Debug, Default)]
+pub(crate) struct GlobalTally<'a> {
+    pub first_offset: i64,
+    pub last_offset: i64,
+    pub minutes: Minutes,
+    pub blocked_by_minute: BTreeMap<u64, HashMap<&'a str, u64>>,
+    pub blocked_by_day: BTreeMap<u64, HashMap<&'a str, u64>>,
+}
+
+pub(crate) fn global_tally(events: &[(i64, RateLimitEvent)], floor: Option<i64>) -> GlobalTally<'_> {
+    let mut g = GlobalTally {
+        first_offset: i64::MAX,
+        last_offset: i64::MIN,
+        ..GlobalTally::default()
+    };
+    for (offset, event) in events {
+        if floor.is_some_and(|applied| *offset <= applied) {
+            continue;
+        }
+        g.first_offset = g.first_offset.min(*offset);
+        g.last_offset = g.last_offset.max(*offset);
+        let minute = event.ts_ms / MINUTE_MS;
+        let counts = g.minutes.entry(minute).or_default();
+        if event.allowed {
+            counts.0 += 1;
+        } else {
+            counts.1 += 1;
+            *g.blocked_by_minute.entry(minute).or_default().entry(&event.user_id).or_default() += 1;
+            *g.blocked_by_day
+                .entry(event.ts_ms / DAY_MS)
+                .or_default()
+                .entry(&event.user_id)
+                .or_default() += 1;
+        }
+    }
+    g
+}
+
+/// A series over `minutes` with zeros where nothing was counted.
+pub(crate) fn fill_series(minutes: RangeInclusive<u64>, counts: &Minutes) -> Vec<MinuteCounts> {
+    minutes
+        .map(|m| {
+            let (allowed, blocked) = counts.get(&m).copied().unwrap_or_default();
+            MinuteCounts {
+                minute_ms: m * MINUTE_MS,
+                allowed,
+                blocked,
+            }
+        })
+        .collect()
+}
+
+/// The `n` most blocked of `counts`, most blocked first (ties by user id).
+pub(crate) fn top_n(counts: HashMap<String, u64>, n: usize) -> Vec<BlockedUser> {
+    let mut all: Vec<BlockedUser> = counts
+        .into_iter()
+        .map(|(user_id, blocked)| BlockedUser { user_id, blocked })
+        .collect();
+    all.sort_by(|a, b| b.blocked.cmp(&a.blocked).then_with(|| a.user_id.cmp(&b.user_id)));
+    all.truncate(n);
+    all
 }
 
 #[async_trait]
@@ -81,8 +201,20 @@ pub trait CounterStore: Send + Sync + 'static {
     /// Counts `batch`, skipping for each user what that user's counters already include.
     async fn apply(&self, batch: &PartitionBatch) -> Result<(), CounterError>;
 
-    /// A user's counters; zeros for a user never seen.
+    /// A user's all-time counters; zeros for a user never seen.
     async fn get(&self, user_id: &str) -> Result<UserAnalytics, CounterError>;
+
+    /// A user's counts per minute over `minutes` (minute numbers, inclusive), zeros included.
+    async fn user_series(&self, user_id: &str, minutes: RangeInclusive<u64>) -> Result<Vec<MinuteCounts>, CounterError>;
+
+    /// Everyone's counts per minute over `minutes`, zeros included.
+    async fn global_series(&self, minutes: RangeInclusive<u64>) -> Result<Vec<MinuteCounts>, CounterError>;
+
+    /// The `n` users most blocked over `minutes` (at most the newest [`TOP_WINDOW_MINUTES`]).
+    async fn top_blocked(&self, minutes: RangeInclusive<u64>, n: usize) -> Result<Vec<BlockedUser>, CounterError>;
+
+    /// The `n` users most blocked on `day` (days since the epoch, UTC).
+    async fn top_blocked_day(&self, day: u64, n: usize) -> Result<Vec<BlockedUser>, CounterError>;
 
     async fn ping(&self) -> Result<(), CounterError>;
 }

@@ -1,11 +1,25 @@
-//! Counters in Redis: a hash per user (`<prefix>c{<user>}`) with `allowed`, `blocked` and,
-//! per partition, `o:<partition>` = the last offset already counted.
+//! Counters in Redis.
 //!
-//! One Lua script per user and batch checks that offset and applies the increments
-//! atomically (a single key, so legal on Redis Cluster); all users of a batch go in one
-//! pipelined round trip.
+//! Per user (hash tag = the user id, so one slot per user on Redis Cluster):
+//! - `<prefix>c{<user>}`: a hash with `allowed`, `blocked` and, per partition,
+//!   `o:<partition>` = the last offset already counted for this user;
+//! - `<prefix>c{<user>}:m<minute>`: a hash with `a`, `b` (allowed, blocked in that minute),
+//!   expiring after the retention.
+//!
+//! Per partition (hash tag `p<partition>`, or `local` for the in-process stream):
+//! - `<prefix>g{p3}:o`: the last offset of partition 3 counted into the global aggregates;
+//! - `<prefix>g{p3}:m<minute>`: everyone's `a`, `b` in that minute (expiring);
+//! - `<prefix>g{p3}:t<minute>` / `:d<day>`: sorted sets of blocked counts per user, trimmed
+//!   to the [`TOP_KEEP`] highest (expiring).
+//!
+//! and `<prefix>gparts`, the set of partition tags, so readers know which keys to sum.
+//!
+//! One Lua script per user (and one per partition for the global aggregates) checks the
+//! offset and applies the increments atomically; all of a batch goes in one pipeline.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::ops::RangeInclusive;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -13,11 +27,14 @@ use ratelimit_core::api::UserAnalytics;
 use ratelimit_core::keys;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
-use super::{CounterError, CounterStore, PartitionBatch, Tally, tally};
+use super::{
+    BlockedUser, CounterError, CounterStore, GlobalTally, MinuteCounts, Minutes,
+    PartitionBatch, TOP_KEEP, TOP_WINDOW_MINUTES, Tally, fill_series, global_tally, tally, top_n,
+};
 
-/// Returns -2 when applied, -1 when everything was already counted, or the offset
-/// already counted when only part of the batch is new (the caller re-tallies past it).
-const APPLY_SCRIPT: &str = r#"
+/// Per user. Returns -2 when applied, -1 when everything was already counted, or the
+/// offset already counted when only part of the batch is new (the caller re-tallies).
+const USER_SCRIPT: &str = r#"
 local field = ARGV[1]
 if field ~= '' then
   local applied = tonumber(redis.call('HGET', KEYS[1], field) or '-1')
@@ -27,21 +44,78 @@ if field ~= '' then
 end
 if ARGV[4] ~= '0' then redis.call('HINCRBY', KEYS[1], 'allowed', ARGV[4]) end
 if ARGV[5] ~= '0' then redis.call('HINCRBY', KEYS[1], 'blocked', ARGV[5]) end
+for i = 2, #KEYS do
+  local a = ARGV[5 + 2 * (i - 1)]
+  local b = ARGV[6 + 2 * (i - 1)]
+  if a ~= '0' then redis.call('HINCRBY', KEYS[i], 'a', a) end
+  if b ~= '0' then redis.call('HINCRBY', KEYS[i], 'b', b) end
+  redis.call('EXPIRE', KEYS[i], ARGV[6])
+end
 return -2
 "#;
 
+/// Per partition: the global minutes and the top-blocked sets, same return values.
+const GLOBAL_SCRIPT: &str = r#"
+if ARGV[1] ~= '' then
+  local applied = tonumber(redis.call('GET', KEYS[1]) or '-1')
+  if applied >= tonumber(ARGV[3]) then return -1 end
+  if applied >= tonumber(ARGV[2]) then return applied end
+  redis.call('SET', KEYS[1], ARGV[3])
+end
+local retention, day_ttl, keep = ARGV[4], ARGV[5], tonumber(ARGV[6])
+local nm, nd = tonumber(ARGV[7]), tonumber(ARGV[8])
+local a, k = 9, 2
+local function bump(zkey, n, ttl)
+  for _ = 1, n do
+    redis.call('ZINCRBY', zkey, ARGV[a + 1], ARGV[a])
+    a = a + 2
+  end
+  if n > 0 then
+    redis.call('ZREMRANGEBYRANK', zkey, 0, -(keep + 1))
+    redis.call('EXPIRE', zkey, ttl)
+  end
+end
+for _ = 1, nm do
+  local mkey, tkey = KEYS[k], KEYS[k + 1]
+  k = k + 2
+  local ma, mb, nu = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
+  a = a + 3
+  if ma ~= '0' then redis.call('HINCRBY', mkey, 'a', ma) end
+  if mb ~= '0' then redis.call('HINCRBY', mkey, 'b', mb) end
+  redis.call('EXPIRE', mkey, retention)
+  bump(tkey, nu, retention)
+end
+for _ = 1, nd do
+  local dkey = KEYS[k]
+  k = k + 1
+  local nu = tonumber(ARGV[a])
+  a = a + 1
+  bump(dkey, nu, day_ttl)
+end
+return -2
+"#;
+
+
 pub struct RedisCounters {
     conn: ConnectionManager,
-    script: redis::Script,
+    user_script: redis::Script,
+    global_script: redis::Script,
     key_prefix: String,
     timeout: Duration,
+    retention_secs: u64,
+    /// Partition tags already registered in `<prefix>gparts` by this process.
+    registered: Mutex<HashSet<String>>,
+}
+
+fn is_noscript(err: &CounterError) -> bool {
+    matches!(err, CounterError::Unavailable(msg) if msg.to_ascii_lowercase().contains("noscript"))
 }
 
 impl RedisCounters {
-    /// Counters on `url`; every call has `timeout`. Connects lazily and reconnects by itself.
-    pub fn new(url: &str, key_prefix: &str, timeout: Duration) -> Result<Self, CounterError> {
-        let client =
-            redis::Client::open(url).map_err(|e| CounterError::Unavailable(e.to_string()))?;
+    /// Counters on `url`, keeping time series for `retention`; every call has `timeout`.
+    /// Connects lazily and reconnects by itself.
+    pub fn new(url: &str, key_prefix: &str, timeout: Duration, retention: Duration) -> Result<Self, CounterError> {
+        let client = redis::Client::open(url).map_err(|e| CounterError::Unavailable(e.to_string()))?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(timeout.max(Duration::from_millis(200))))
             .set_response_timeout(Some(timeout))
@@ -51,16 +125,16 @@ impl RedisCounters {
             .map_err(|e| CounterError::Unavailable(e.to_string()))?;
         Ok(Self {
             conn,
-            script: redis::Script::new(APPLY_SCRIPT),
+            user_script: redis::Script::new(USER_SCRIPT),
+            global_script: redis::Script::new(GLOBAL_SCRIPT),
             key_prefix: key_prefix.to_owned(),
             timeout,
+            retention_secs: retention.as_secs().max(60),
+            registered: Mutex::default(),
         })
     }
 
-    async fn deadline<T>(
-        &self,
-        call: impl Future<Output = redis::RedisResult<T>>,
-    ) -> Result<T, CounterError> {
+    async fn deadline<T>(&self, call: impl Future<Output = redis::RedisResult<T>>) -> Result<T, CounterError> {
         match tokio::time::timeout(self.timeout, call).await {
             Err(_) => Err(CounterError::Timeout),
             Ok(Err(e)) if e.is_timeout() => Err(CounterError::Timeout),
@@ -69,88 +143,183 @@ impl RedisCounters {
         }
     }
 
-    /// Runs the script for every user's tally in one pipeline; returns the script results.
-    async fn apply_tallies(
-        &self,
-        field: &str,
-        tallies: &[(&str, Tally)],
-    ) -> Result<Vec<i64>, CounterError> {
+    /// Sends `pipe`; after a `NOSCRIPT` (Redis restarted or flushed its scripts) loads the
+    /// scripts and sends it again (the offsets make the repeat harmless).
+    async fn query_scripts<T: redis::FromRedisValue>(&self, pipe: &redis::Pipeline) -> Result<T, CounterError> {
+        let mut conn = self.conn.clone();
+        match self.deadline(pipe.query_async::<T>(&mut conn)).await {
+            Err(err) if is_noscript(&err) => {
+                for script in [&self.user_script, &self.global_script] {
+                    let invocation = script.prepare_invoke();
+                    self.deadline(invocation.load_async(&mut conn)).await?;
+                }
+                self.deadline(pipe.query_async(&mut conn)).await
+            }
+            other => other,
+        }
+    }
+
+    fn tag(partition: Option<i32>) -> String {
+        partition.map_or_else(|| "local".to_owned(), |p| format!("p{p}"))
+    }
+
+    fn global_key(&self, tag: &str, suffix: &str) -> String {
+        format!("{}g{{{tag}}}:{suffix}", self.key_prefix)
+    }
+
+    fn tags_key(&self) -> String {
+        format!("{}gparts", self.key_prefix)
+    }
+
+    /// Runs the user script for every tally in one pipeline; returns the script results.
+    async fn apply_users(&self, field: &str, tallies: &[(&str, Tally)]) -> Result<Vec<i64>, CounterError> {
         let mut pipe = redis::pipe();
         for (user, t) in tallies {
-            let mut invocation = self.script.key(keys::counter_key(&self.key_prefix, user));
+            let mut invocation = self.user_script.key(keys::counter_key(&self.key_prefix, user));
             invocation
                 .arg(field)
                 .arg(t.first_offset)
                 .arg(t.last_offset)
                 .arg(t.allowed)
-                .arg(t.blocked);
+                .arg(t.blocked)
+                .arg(self.retention_secs);
+            for (minute, (a, b)) in &t.minutes {
+                invocation.key(keys::counter_minute_key(&self.key_prefix, user, *minute)).arg(*a).arg(*b);
+            }
             pipe.invoke_script(&invocation);
         }
-        let mut conn = self.conn.clone();
-        match self.deadline(pipe.query_async::<Vec<i64>>(&mut conn)).await {
-            Err(CounterError::Unavailable(msg))
-                if msg.to_ascii_lowercase().contains("noscript") =>
-            {
-                // Redis restarted or flushed its script cache: load and send again (the
-                // offsets make the repeat harmless).
-                let invocation = self.script.prepare_invoke();
-                self.deadline(invocation.load_async(&mut conn)).await?;
-                self.deadline(pipe.query_async(&mut conn)).await
+        self.query_scripts(&pipe).await
+    }
+
+    /// Runs the global script for one partition's tally.
+    async fn apply_global(&self, tag: &str, checked: bool, g: &GlobalTally<'_>) -> Result<i64, CounterError> {
+        let mut invocation = self.global_script.key(self.global_key(tag, "o"));
+        invocation
+            .arg(if checked { "1" } else { "" })
+            .arg(g.first_offset)
+            .arg(g.last_offset)
+            .arg(self.retention_secs)
+            .arg(2 * 86_400)
+            .arg(TOP_KEEP)
+            .arg(g.minutes.len())
+            .arg(g.blocked_by_day.len());
+        for (minute, (a, b)) in &g.minutes {
+            invocation.key(self.global_key(tag, &format!("m{minute}")));
+            invocation.key(self.global_key(tag, &format!("t{minute}")));
+            let users = g.blocked_by_minute.get(minute);
+            invocation.arg(*a).arg(*b).arg(users.map_or(0, HashMap::len));
+            for (user, n) in users.into_iter().flatten() {
+                invocation.arg(*user).arg(*n);
             }
-            other => other,
         }
+        for (day, users) in &g.blocked_by_day {
+            invocation.key(self.global_key(tag, &format!("d{day}")));
+            invocation.arg(users.len());
+            for (user, n) in users {
+                invocation.arg(*user).arg(*n);
+            }
+        }
+        let mut pipe = redis::pipe();
+        pipe.invoke_script(&invocation);
+        let (result,): (i64,) = self.query_scripts(&pipe).await?;
+        Ok(result)
+    }
+
+    async fn register(&self, tag: &str) -> Result<(), CounterError> {
+        if self.registered.lock().expect("registered lock").contains(tag) {
+            return Ok(());
+        }
+        let mut conn = self.conn.clone();
+        let cmd = redis::cmd("SADD").arg(self.tags_key()).arg(tag).to_owned();
+        let _: i64 = self.deadline(cmd.query_async(&mut conn)).await?;
+        self.registered.lock().expect("registered lock").insert(tag.to_owned());
+        Ok(())
+    }
+
+    async fn tags(&self) -> Result<Vec<String>, CounterError> {
+        let mut conn = self.conn.clone();
+        let cmd = redis::cmd("SMEMBERS").arg(self.tags_key()).to_owned();
+        self.deadline(cmd.query_async(&mut conn)).await
+    }
+
+    /// Sums `HMGET key a b` over `keys` per minute.
+    async fn sum_minutes(&self, keys: Vec<(u64, String)>) -> Result<Minutes, CounterError> {
+        let mut pipe = redis::pipe();
+        for (_, key) in &keys {
+            pipe.cmd("HMGET").arg(key).arg("a").arg("b");
+        }
+        let mut conn = self.conn.clone();
+        let rows: Vec<(Option<u64>, Option<u64>)> = self.deadline(pipe.query_async(&mut conn)).await?;
+        let mut minutes = Minutes::new();
+        for ((minute, _), (a, b)) in keys.iter().zip(rows) {
+            let m = minutes.entry(*minute).or_default();
+            m.0 += a.unwrap_or(0);
+            m.1 += b.unwrap_or(0);
+        }
+        Ok(minutes)
+    }
+
+    /// Merges the sorted sets at `keys` into blocked counts per user.
+    async fn merge_sets(&self, keys: Vec<String>) -> Result<HashMap<String, u64>, CounterError> {
+        let mut pipe = redis::pipe();
+        for key in &keys {
+            pipe.cmd("ZRANGE").arg(key).arg(0).arg(-1).arg("WITHSCORES");
+        }
+        let mut conn = self.conn.clone();
+        let sets: Vec<Vec<(String, f64)>> = self.deadline(pipe.query_async(&mut conn)).await?;
+        let mut merged = HashMap::new();
+        for (user, score) in sets.into_iter().flatten() {
+            *merged.entry(user).or_default() += score as u64;
+        }
+        Ok(merged)
     }
 }
 
 #[async_trait]
 impl CounterStore for RedisCounters {
     async fn apply(&self, batch: &PartitionBatch) -> Result<(), CounterError> {
-        let field = batch
-            .partition
-            .map(|p| format!("o:{p}"))
-            .unwrap_or_default();
-        let mut floors: HashMap<&str, i64> = HashMap::new();
+        let field = batch.partition.map(|p| format!("o:{p}")).unwrap_or_default();
         let mut pending: Vec<(&str, Tally)> = tally(&batch.events, |_| None);
-        // Each round settles every user but those whose counters already held part of
-        // the batch; those are re-tallied past what they hold. One round is the rule.
-        for _ in 0..8 {
-            if pending.is_empty() {
-                return Ok(());
+        // Each round settles every user but those whose counters already held part of the
+        // batch; those are re-tallied past what they hold. One round is the rule.
+        let mut rounds = 0;
+        while !pending.is_empty() {
+            rounds += 1;
+            if rounds > 8 {
+                return Err(CounterError::Protocol("user offsets kept moving under a batch".into()));
             }
-            let results = self.apply_tallies(&field, &pending).await?;
-            let mut retry = false;
-            for ((user, _), result) in pending.iter().zip(&results) {
-                if *result >= 0 {
-                    floors.insert(user, *result);
-                    retry = true;
-                }
-            }
-            if !retry {
-                return Ok(());
-            }
-            let events = batch
-                .events
+            let results = self.apply_users(&field, &pending).await?;
+            let floors: HashMap<&str, i64> = pending
                 .iter()
-                .filter(|(_, e)| floors.contains_key(e.user_id.as_str()));
+                .zip(&results)
+                .filter(|(_, r)| **r >= 0)
+                .map(|((user, _), r)| (*user, *r))
+                .collect();
+            let events = batch.events.iter().filter(|(_, e)| floors.contains_key(e.user_id.as_str()));
             pending = tally(events, |user| floors.get(user).copied());
-            // Users whose floors were just set are the only ones left; clear for next round.
-            floors.clear();
         }
-        Err(CounterError::Protocol(
-            "offsets kept moving under a batch".into(),
-        ))
+
+        let tag = Self::tag(batch.partition);
+        self.register(&tag).await?;
+        let mut floor = None;
+        for _ in 0..8 {
+            let g = global_tally(&batch.events, floor);
+            if g.minutes.is_empty() {
+                return Ok(());
+            }
+            match self.apply_global(&tag, batch.partition.is_some(), &g).await? {
+                applied if applied >= 0 => floor = Some(applied),
+                _ => return Ok(()),
+            }
+        }
+        Err(CounterError::Protocol("partition offset kept moving under a batch".into()))
     }
 
     async fn get(&self, user_id: &str) -> Result<UserAnalytics, CounterError> {
         let mut conn = self.conn.clone();
         let key = keys::counter_key(&self.key_prefix, user_id);
-        let cmd = redis::cmd("HMGET")
-            .arg(key)
-            .arg("allowed")
-            .arg("blocked")
-            .to_owned();
-        let (allowed, blocked): (Option<u64>, Option<u64>) =
-            self.deadline(cmd.query_async(&mut conn)).await?;
+        let cmd = redis::cmd("HMGET").arg(key).arg("allowed").arg("blocked").to_owned();
+        let (allowed, blocked): (Option<u64>, Option<u64>) = self.deadline(cmd.query_async(&mut conn)).await?;
         let (allowed, blocked) = (allowed.unwrap_or(0), blocked.unwrap_or(0));
         Ok(UserAnalytics {
             user_id: user_id.to_owned(),
@@ -160,11 +329,55 @@ impl CounterStore for RedisCounters {
         })
     }
 
+    async fn user_series(&self, user_id: &str, minutes: RangeInclusive<u64>) -> Result<Vec<MinuteCounts>, CounterError> {
+        let keys = minutes
+            .clone()
+            .map(|m| (m, keys::counter_minute_key(&self.key_prefix, user_id, m)))
+            .collect();
+        let counts = self.sum_minutes(keys).await?;
+        Ok(fill_series(minutes, &counts))
+    }
+
+    async fn global_series(&self, minutes: RangeInclusive<u64>) -> Result<Vec<MinuteCounts>, CounterError> {
+        let tags = self.tags().await?;
+        let keys = tags
+            .iter()
+            .flat_map(|tag| minutes.clone().map(move |m| (m, self.global_key(tag, &format!("m{m}")))))
+            .collect();
+        let counts = self.sum_minutes(keys).await?;
+        Ok(fill_series(minutes, &counts))
+    }
+
+    async fn top_blocked(&self, minutes: RangeInclusive<u64>, n: usize) -> Result<Vec<BlockedUser>, CounterError> {
+        let newest = *minutes.end();
+        let oldest = (*minutes.start()).max(newest.saturating_sub(TOP_WINDOW_MINUTES - 1));
+        let tags = self.tags().await?;
+        let keys = tags
+            .iter()
+            .flat_map(|tag| (oldest..=newest).map(move |m| self.global_key(tag, &format!("t{m}"))))
+            .collect();
+        Ok(top_n(self.merge_sets(keys).await?, n))
+    }
+
+    async fn top_blocked_day(&self, day: u64, n: usize) -> Result<Vec<BlockedUser>, CounterError> {
+        let tags = self.tags().await?;
+        let keys = tags.iter().map(|tag| self.global_key(tag, &format!("d{day}"))).collect();
+        Ok(top_n(self.merge_sets(keys).await?, n))
+    }
+
     async fn ping(&self) -> Result<(), CounterError> {
         let mut conn = self.conn.clone();
-        let _: String = self
-            .deadline(redis::cmd("PING").query_async(&mut conn))
-            .await?;
+        let _: String = self.deadline(redis::cmd("PING").query_async(&mut conn)).await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn minute_keys_follow_the_user_hash_tag() {
+        let key = ratelimit_core::keys::counter_minute_key("rl:", "a}b", 7);
+        assert_eq!(key, "rl:c{a%7Db}:m7");
+        assert_eq!(super::super::MINUTE_MS, 60_000);
     }
 }
