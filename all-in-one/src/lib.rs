@@ -78,12 +78,11 @@ impl System {
             &shutdown,
         )
         .await?;
-        let counters =
-            analytics_worker::counter_store(
-                &config.redis,
-                config.worker.max_users as usize,
-                config.worker.retention.retention,
-            )?;
+        let counters = analytics_worker::counter_store(
+            &config.redis,
+            config.worker.max_users as usize,
+            config.worker.retention.retention,
+        )?;
         let batch_max = config.worker.batch_max as usize;
         let worker = match (events, config.kafka.brokers()) {
             (Some(events), _) => SpawnedWorker::in_process(events, counters.clone(), batch_max),
@@ -93,9 +92,26 @@ impl System {
             (None, None) => unreachable!("without Kafka the limiter publishes in-process"),
         };
         let worker_stats = worker.stats.clone();
+        let status = gateway::status::LocalStatus {
+            limiter: limiter.clone(),
+            worker: worker_stats.clone(),
+            counters: counters.clone(),
+            store_kind: if config.redis.url().is_some() {
+                "redis"
+            } else {
+                "memory"
+            },
+            stream_kind: if config.kafka.brokers().is_some() {
+                "kafka"
+            } else {
+                "in-process"
+            },
+        };
         let gateway = gateway::Gateway {
             limiter: Arc::new(InProcessClient(limiter.clone())),
             counters,
+            status: Arc::new(status),
+            retention: config.worker.retention.retention,
         };
         let task = {
             let limiter = limiter.clone();

@@ -28,7 +28,6 @@ pub struct WorkerArgs {
     pub retention: RetentionArgs,
 }
 
-
 /// The standalone `analytics-worker` binary: Kafka in, Redis out.
 #[derive(Parser, Debug, Clone)]
 #[command(

@@ -33,7 +33,6 @@ pub fn counter_store(
     max_users: usize,
     retention: Duration,
 ) -> anyhow::Result<Arc<dyn CounterStore>> {
-
     Ok(match redis.url() {
         Some(url) => Arc::new(RedisCounters::new(
             url,
@@ -72,10 +71,19 @@ pub fn router(store: Arc<dyn CounterStore>, stats: Arc<WorkerStats>) -> Router {
                     "batches": stats.batches.load(Relaxed),
                     "store_errors": stats.store_errors.load(Relaxed),
                     "partitions": stats.partitions.lock().expect("assignment lock").iter().copied().collect::<Vec<i32>>(),
+                    "consumer_lag": stats.total_lag(),
                 }))
             }),
         )
+        .route(
+            "/metrics",
+            get(|State((_, stats)): State<(Arc<dyn CounterStore>, Arc<WorkerStats>)>| async move {
+                stats.export_metrics();
+                ratelimit_core::metrics::render()
+            }),
+        )
         .with_state((store, stats));
+    let routes = ratelimit_core::metrics::with_http_metrics(routes, "analytics-worker");
     ratelimit_core::http::with_common_layers(routes)
 }
 
@@ -189,6 +197,7 @@ impl SpawnedWorker {
         );
         let stats = Arc::new(WorkerStats {
             partitions: source.assignment(),
+            lag: source.lag(),
             ..WorkerStats::default()
         });
         Ok(Self::spawn_with_stats(

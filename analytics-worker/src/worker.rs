@@ -23,6 +23,29 @@ pub struct WorkerStats {
     pub store_errors: AtomicU64,
     /// The stream partitions this worker owns (Kafka), shared with the consumer.
     pub partitions: crate::source::kafka::Assignment,
+    /// Consumer lag per partition (Kafka), from the client's statistics.
+    pub lag: crate::source::kafka::Lag,
+}
+
+impl WorkerStats {
+    /// Total consumer lag over the owned partitions, if known.
+    pub fn total_lag(&self) -> Option<i64> {
+        let lag = self.lag.lock().expect("lag lock");
+        (!lag.is_empty()).then(|| lag.values().map(|l| (*l).max(0)).sum())
+    }
+
+    /// Copies the worker's counters into the metrics registry (called before a scrape).
+    pub fn export_metrics(&self) {
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        metrics::counter!("analytics_events_applied_total").absolute(load(&self.events));
+        metrics::counter!("analytics_poison_messages_total").absolute(load(&self.poison));
+        metrics::counter!("analytics_batches_total").absolute(load(&self.batches));
+        metrics::counter!("analytics_store_errors_total").absolute(load(&self.store_errors));
+        for (partition, lag) in self.lag.lock().expect("lag lock").iter() {
+            metrics::gauge!("analytics_consumer_lag", "partition" => partition.to_string())
+                .set(*lag as f64);
+        }
+    }
 }
 
 /// Runs until the source ends or `shutdown`; at shutdown it drains what the source holds

@@ -11,8 +11,13 @@ use testkit::{RedisServer, unique};
 async fn redis_counters_pass_the_contract_suite() {
     let redis = RedisServer::start();
     contract::run_all(|| {
-        let store =
-            RedisCounters::new(&redis.url(), &unique("counters"), Duration::from_secs(2), Duration::from_secs(86_400)).unwrap();
+        let store = RedisCounters::new(
+            &redis.url(),
+            &unique("counters"),
+            Duration::from_secs(2),
+            Duration::from_secs(86_400),
+        )
+        .unwrap();
         async move { Arc::new(store) as Arc<dyn CounterStore> }
     })
     .await;
@@ -21,7 +26,13 @@ async fn redis_counters_pass_the_contract_suite() {
 #[tokio::test]
 async fn applies_after_a_script_flush() {
     let redis = RedisServer::start();
-    let store = RedisCounters::new(&redis.url(), &unique("flush"), Duration::from_secs(2), Duration::from_secs(86_400)).unwrap();
+    let store = RedisCounters::new(
+        &redis.url(),
+        &unique("flush"),
+        Duration::from_secs(2),
+        Duration::from_secs(86_400),
+    )
+    .unwrap();
     store
         .apply(&contract::batch(Some(0), &[(0, "u", true)]))
         .await

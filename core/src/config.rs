@@ -237,9 +237,18 @@ mod tests {
 
     #[test]
     fn durations_parse() {
-        assert_eq!(parse_duration("15m"), Ok(std::time::Duration::from_secs(900)));
-        assert_eq!(parse_duration("24h"), Ok(std::time::Duration::from_secs(86_400)));
-        assert_eq!(parse_duration("2d"), Ok(std::time::Duration::from_secs(172_800)));
+        assert_eq!(
+            parse_duration("15m"),
+            Ok(std::time::Duration::from_secs(900))
+        );
+        assert_eq!(
+            parse_duration("24h"),
+            Ok(std::time::Duration::from_secs(86_400))
+        );
+        assert_eq!(
+            parse_duration("2d"),
+            Ok(std::time::Duration::from_secs(172_800))
+        );
         for bad in ["", "m", "15", "0m", "-1h", "1.5h", "1w", "h1"] {
             assert!(parse_duration(bad).is_err(), "{bad:?}");
         }
@@ -247,7 +256,6 @@ mod tests {
 
     #[test]
     fn passthrough_maps_names() {
-
         let vars = [
             ("RDKAFKA_SECURITY_PROTOCOL", "SASL_SSL"),
             ("RDKAFKA_SASL_USERNAME", "me"),

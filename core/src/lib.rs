@@ -9,6 +9,7 @@
 //! - [`api`]: the JSON wire types and the validation of what clients send.
 //! - [`http`]: axum pieces shared by the HTTP services (strict JSON extractor, error bodies).
 //! - [`config`]: configuration sections read from `.env` and the environment.
+//! - [`metrics`]: the Prometheus recorder, `/metrics` rendering, HTTP request metrics.
 //! - [`runtime`]: logging set-up and the one shutdown signal.
 
 pub mod api;
@@ -19,6 +20,7 @@ pub mod event;
 pub mod http;
 pub mod kafka;
 pub mod keys;
+pub mod metrics;
 pub mod runtime;
 pub mod stream;
 

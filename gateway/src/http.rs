@@ -1,11 +1,14 @@
-//! The public API: `POST /api`, `GET /analytics/{user_id}`, `GET /healthz`.
+//! The public API: `POST /api`, `GET /analytics[/{user_id}][?window=15m]`, `GET /status`,
+//! `GET /metrics`, `GET /dashboard`, `GET /healthz`.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use analytics_worker::counters::CounterStore;
-use axum::extract::rejection::PathRejection;
-use axum::extract::{Path, State};
+use std::ops::RangeInclusive;
+
+use analytics_worker::counters::{CounterStore, DAY_MS, MINUTE_MS, MinuteCounts};
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -14,24 +17,35 @@ use ratelimit_core::api::{
     CheckRequest, CheckResponse, FieldError, UserAnalytics, validate_user_id,
 };
 use ratelimit_core::http::{ApiError, ValidJson, with_common_layers, with_load_shedding};
+use ratelimit_core::{Clock, SystemClock};
+use serde::Deserialize;
 use serde_json::json;
 
 use crate::client::LimiterClient;
+use crate::status::{Status, StatusSource};
 
 /// What the gateway's handlers share.
 #[derive(Clone)]
 pub struct Gateway {
     pub limiter: Arc<dyn LimiterClient>,
     pub counters: Arc<dyn CounterStore>,
+    pub status: Arc<dyn StatusSource>,
+    /// How far back the per-minute analytics go: the longest window answered.
+    pub retention: Duration,
 }
 
-/// The gateway's routes, with body limits, JSON 404/405 and load shedding.
+/// The gateway's routes, with body limits, JSON 404/405, metrics and load shedding.
 pub fn router(gateway: Gateway, max_in_flight: usize, request_timeout: Duration) -> Router {
     let routes = Router::new()
         .route("/api", post(api))
+        .route("/analytics", get(global_analytics))
         .route("/analytics/{user_id}", get(analytics))
+        .route("/status", get(status))
+        .route("/metrics", get(metrics))
+        .route("/dashboard", get(crate::dashboard::dashboard))
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .with_state(gateway);
+    let routes = ratelimit_core::metrics::with_http_metrics(routes, "gateway");
     with_load_shedding(with_common_layers(routes), max_in_flight, request_timeout)
 }
 
@@ -96,22 +110,119 @@ async fn api(
     }
 }
 
+fn analytics_unavailable(err: analytics_worker::counters::CounterError) -> ApiError {
+    tracing::warn!(error = %err, "cannot read analytics");
+    ApiError::Unavailable {
+        what: "analytics store",
+        retry_after_secs: 1,
+    }
+}
+
+/// `?window=15m`: a time window of whole minutes ending with the current one.
+#[derive(Debug, Deserialize)]
+struct WindowQuery {
+    window: Option<String>,
+}
+
+/// The minute numbers a window covers, and its length in seconds.
+fn window_minutes(
+    window: &str,
+    retention: Duration,
+) -> Result<(RangeInclusive<u64>, u64), ApiError> {
+    let d =
+        ratelimit_core::config::parse_duration(window).map_err(|e| FieldError::new("window", e))?;
+    if d > retention {
+        return Err(FieldError::new(
+            "window",
+            format!(
+                "must be at most the analytics retention ({}m)",
+                retention.as_secs() / 60
+            ),
+        )
+        .into());
+    }
+    let minutes = d.as_secs().div_ceil(60).max(1);
+    let now = SystemClock.now_ms() / MINUTE_MS;
+    Ok((now + 1 - minutes..=now, minutes * 60))
+}
+
+fn query(q: Result<Query<WindowQuery>, QueryRejection>) -> Result<WindowQuery, ApiError> {
+    q.map(|Query(q)| q)
+        .map_err(|e| FieldError::new("query", e.body_text()).into())
+}
+
+fn sum(series: &[MinuteCounts]) -> (u64, u64) {
+    series
+        .iter()
+        .fold((0, 0), |(a, b), m| (a + m.allowed, b + m.blocked))
+}
+
 async fn analytics(
     State(gateway): State<Gateway>,
     path: Result<Path<String>, PathRejection>,
-) -> Result<Json<UserAnalytics>, ApiError> {
+    q: Result<Query<WindowQuery>, QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
     let Path(user_id) = path.map_err(|e| FieldError::new("user_id", e.body_text()))?;
     validate_user_id(&user_id)?;
-    gateway
+    let Some(window) = query(q)?.window else {
+        let all_time: UserAnalytics = gateway
+            .counters
+            .get(&user_id)
+            .await
+            .map_err(analytics_unavailable)?;
+        return Ok(Json(serde_json::to_value(all_time).expect("serializes")));
+    };
+    let (minutes, window_secs) = window_minutes(&window, gateway.retention)?;
+    let series = gateway
         .counters
-        .get(&user_id)
+        .user_series(&user_id, minutes)
         .await
-        .map(Json)
-        .map_err(|err| {
-            tracing::warn!(error = %err, "cannot read analytics");
-            ApiError::Unavailable {
-                what: "analytics store",
-                retry_after_secs: 1,
-            }
-        })
+        .map_err(analytics_unavailable)?;
+    let (allowed, blocked) = sum(&series);
+    Ok(Json(json!({
+        "user_id": user_id,
+        "total": allowed + blocked,
+        "allowed": allowed,
+        "blocked": blocked,
+        "window_secs": window_secs,
+        "series": series,
+    })))
+}
+
+/// How many users the top-blocked lists show.
+const TOP_N: usize = 10;
+
+async fn global_analytics(
+    State(gateway): State<Gateway>,
+    q: Result<Query<WindowQuery>, QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let window = query(q)?.window.unwrap_or_else(|| "15m".to_owned());
+    let (minutes, window_secs) = window_minutes(&window, gateway.retention)?;
+    let today = *minutes.end() * MINUTE_MS / DAY_MS;
+    let counters = &gateway.counters;
+    let (series, top, top_day) = tokio::try_join!(
+        counters.global_series(minutes.clone()),
+        counters.top_blocked(minutes, TOP_N),
+        counters.top_blocked_day(today, TOP_N),
+    )
+    .map_err(analytics_unavailable)?;
+    let (allowed, blocked) = sum(&series);
+    Ok(Json(json!({
+        "window_secs": window_secs,
+        "total": allowed + blocked,
+        "allowed": allowed,
+        "blocked": blocked,
+        "series": series,
+        "top_blocked": top,
+        "top_blocked_day": top_day,
+    })))
+}
+
+async fn status(State(gateway): State<Gateway>) -> Json<Status> {
+    Json(gateway.status.status().await)
+}
+
+async fn metrics(State(gateway): State<Gateway>) -> Response {
+    gateway.status.export_metrics();
+    ratelimit_core::metrics::render()
 }

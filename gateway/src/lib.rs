@@ -10,6 +10,7 @@ pub mod config;
 pub mod dashboard;
 
 pub mod http;
+pub mod status;
 
 use std::sync::Arc;
 
@@ -57,6 +58,11 @@ pub async fn from_config(
     .await?;
     Ok(Gateway {
         limiter: Arc::new(limiter),
+        status: Arc::new(status::RemoteStatus::new(
+            &config.limiter_url,
+            counters.clone(),
+        )),
         counters,
+        retention: config.retention.retention,
     })
 }

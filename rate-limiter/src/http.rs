@@ -36,7 +36,9 @@ pub fn router(limiter: Arc<Limiter>, max_in_flight: usize, request_timeout: Dura
         .route("/check", post(check))
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(ready))
+        .route("/metrics", get(metrics))
         .with_state(limiter);
+    let routes = ratelimit_core::metrics::with_http_metrics(routes, "rate-limiter");
     with_load_shedding(with_common_layers(routes), max_in_flight, request_timeout)
 }
 
@@ -45,6 +47,11 @@ async fn check(
     ValidJson(request): ValidJson<CheckRequest>,
 ) -> Result<Json<CheckResponse>, ApiError> {
     Ok(Json(limiter.check_response(&request).await?))
+}
+
+async fn metrics(State(limiter): State<Arc<Limiter>>) -> axum::response::Response {
+    limiter.export_metrics();
+    ratelimit_core::metrics::render()
 }
 
 async fn ready(State(limiter): State<Arc<Limiter>>) -> (StatusCode, Json<serde_json::Value>) {

@@ -2,6 +2,8 @@
 //! fallback bucket, and one event per decision to the analytics stream.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
 use ratelimit_core::api::{CheckRequest, CheckResponse};
 use ratelimit_core::config::FailMode;
@@ -51,7 +53,22 @@ pub enum LimiterError {
     StoreUnavailable,
 }
 
+/// Decisions made since start, by outcome and by how they were made.
+#[derive(Debug, Default)]
+pub struct LimiterStats {
+    pub allowed: AtomicU64,
+    pub limited: AtomicU64,
+    /// Decisions (allowed or limited) made by the fallback bucket.
+    pub degraded: AtomicU64,
+    /// Bucket-store calls that failed or timed out.
+    pub store_errors: AtomicU64,
+    /// Requests refused (fail-closed) because the store was unavailable.
+    pub refused: AtomicU64,
+}
+
 pub struct Limiter {
+    stats: LimiterStats,
+    latency: metrics::Histogram,
     store: Arc<dyn BucketStore>,
     /// The per-instance bucket used in fail-open mode while the store is unreachable.
     fallback: Arc<MemoryStore>,
@@ -72,7 +89,10 @@ impl Limiter {
         clock: Arc<dyn Clock>,
         instance_id: String,
     ) -> Self {
+        ratelimit_core::metrics::handle();
         Self {
+            stats: LimiterStats::default(),
+            latency: metrics::histogram!("ratelimit_decision_duration_seconds"),
             store,
             fallback,
             fail_mode,
@@ -89,6 +109,34 @@ impl Limiter {
 
     pub fn breaker_state(&self) -> BreakerState {
         self.breaker.state()
+    }
+
+    pub fn stats(&self) -> &LimiterStats {
+        &self.stats
+    }
+
+    /// Copies the limiter's counters into the metrics registry (called before a scrape).
+    pub fn export_metrics(&self) {
+        let s = &self.stats;
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let degraded = load(&s.degraded);
+        metrics::counter!("ratelimit_decisions_total", "outcome" => "allowed")
+            .absolute(load(&s.allowed));
+        metrics::counter!("ratelimit_decisions_total", "outcome" => "limited")
+            .absolute(load(&s.limited));
+        metrics::counter!("ratelimit_degraded_decisions_total").absolute(degraded);
+        metrics::counter!("ratelimit_store_errors_total").absolute(load(&s.store_errors));
+        metrics::counter!("ratelimit_refused_total").absolute(load(&s.refused));
+        let breaker = match self.breaker.state() {
+            BreakerState::Closed => 0.0,
+            BreakerState::HalfOpen => 1.0,
+            BreakerState::Open => 2.0,
+        };
+        metrics::gauge!("ratelimit_breaker_state").set(breaker);
+        let p = self.publisher.stats();
+        metrics::counter!("ratelimit_events_published_total").absolute(p.published);
+        metrics::counter!("ratelimit_events_dropped_total").absolute(p.dropped);
+        metrics::gauge!("ratelimit_events_buffered").set(p.buffered as f64);
     }
 
     pub fn capacity(&self) -> u64 {
@@ -121,6 +169,7 @@ impl Limiter {
                 capacity,
             });
         }
+        let started = Instant::now();
         let stored = if self.breaker.allow() {
             match self.store.take(&request.user_id, request.cost).await {
                 Ok(decision) => {
@@ -129,6 +178,7 @@ impl Limiter {
                 }
                 Err(err) => {
                     self.breaker.on_failure();
+                    self.stats.store_errors.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(error = %err, "bucket store call failed");
                     None
                 }
@@ -145,8 +195,21 @@ impl Limiter {
                 decision: self.fallback.take_now(&request.user_id, request.cost),
                 degraded: true,
             },
-            (None, FailMode::Closed) => return Err(LimiterError::StoreUnavailable),
+            (None, FailMode::Closed) => {
+                self.stats.refused.fetch_add(1, Ordering::Relaxed);
+                return Err(LimiterError::StoreUnavailable);
+            }
         };
+        self.latency.record(started.elapsed().as_secs_f64());
+        let outcome = if checked.decision.is_allowed() {
+            &self.stats.allowed
+        } else {
+            &self.stats.limited
+        };
+        outcome.fetch_add(1, Ordering::Relaxed);
+        if checked.degraded {
+            self.stats.degraded.fetch_add(1, Ordering::Relaxed);
+        }
         self.publisher.publish(RateLimitEvent {
             schema_version: SCHEMA_VERSION,
             user_id: request.user_id.clone(),

@@ -20,12 +20,11 @@ async fn main() -> anyhow::Result<()> {
     // Without Kafka the decisions are counted in-process, into the configured counter store.
     let worker = match events {
         Some(events) => {
-            let store =
-                analytics_worker::counter_store(
-                    &config.redis,
-                    config.worker.max_users as usize,
-                    config.worker.retention.retention,
-                )?;
+            let store = analytics_worker::counter_store(
+                &config.redis,
+                config.worker.max_users as usize,
+                config.worker.retention.retention,
+            )?;
             Some(analytics_worker::SpawnedWorker::in_process(
                 events,
                 store,

@@ -62,7 +62,12 @@ impl LimiterInstance {
         .await
         .unwrap();
         let worker = events.map(|events| {
-            let store = analytics_worker::counter_store(&config.redis, 1_000_000, config.worker.retention.retention).unwrap();
+            let store = analytics_worker::counter_store(
+                &config.redis,
+                1_000_000,
+                config.worker.retention.retention,
+            )
+            .unwrap();
             SpawnedWorker::in_process(events, store, 1000)
         });
         let listener = listener().await;

@@ -62,23 +62,46 @@ where
 
 /// Minute numbers near now, so stores with a retention keep them.
 fn now_minute() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64 / MINUTE_MS
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+        / MINUTE_MS
 }
 
 async fn series_per_minute(store: Arc<dyn CounterStore>) {
     let m = now_minute();
     store
-        .apply(&timed_batch(Some(0), &[(0, "u", true, m - 2), (1, "u", false, m - 2), (2, "v", false, m), (3, "u", true, m)]))
+        .apply(&timed_batch(
+            Some(0),
+            &[
+                (0, "u", true, m - 2),
+                (1, "u", false, m - 2),
+                (2, "v", false, m),
+                (3, "u", true, m),
+            ],
+        ))
         .await
         .unwrap();
     let u = store.user_series("u", m - 3..=m).await.unwrap();
-    let got: Vec<(u64, u64, u64)> = u.iter().map(|c| (c.minute_ms, c.allowed, c.blocked)).collect();
-    let want = vec![((m - 3) * MINUTE_MS, 0, 0), ((m - 2) * MINUTE_MS, 1, 1), ((m - 1) * MINUTE_MS, 0, 0), (m * MINUTE_MS, 1, 0)];
+    let got: Vec<(u64, u64, u64)> = u
+        .iter()
+        .map(|c| (c.minute_ms, c.allowed, c.blocked))
+        .collect();
+    let want = vec![
+        ((m - 3) * MINUTE_MS, 0, 0),
+        ((m - 2) * MINUTE_MS, 1, 1),
+        ((m - 1) * MINUTE_MS, 0, 0),
+        (m * MINUTE_MS, 1, 0),
+    ];
     assert_eq!(got, want);
     let g = store.global_series(m - 2..=m).await.unwrap();
     let got: Vec<(u64, u64)> = g.iter().map(|c| (c.allowed, c.blocked)).collect();
     assert_eq!(got, vec![(1, 1), (0, 0), (1, 1)]);
-    assert_eq!(store.user_series("nobody", m..=m).await.unwrap()[0].allowed, 0);
+    assert_eq!(
+        store.user_series("nobody", m..=m).await.unwrap()[0].allowed,
+        0
+    );
 }
 
 async fn series_survive_replays(store: Arc<dyn CounterStore>) {
@@ -88,7 +111,15 @@ async fn series_survive_replays(store: Arc<dyn CounterStore>) {
     store.apply(&first).await.unwrap();
     // A replay from an older commit, overlapping the first batch.
     store
-        .apply(&timed_batch(Some(2), &[(10, "u", false, m), (11, "w", false, m), (12, "u", false, m), (13, "u", true, m)]))
+        .apply(&timed_batch(
+            Some(2),
+            &[
+                (10, "u", false, m),
+                (11, "w", false, m),
+                (12, "u", false, m),
+                (13, "u", true, m),
+            ],
+        ))
         .await
         .unwrap();
     let g = store.global_series(m..=m).await.unwrap();
@@ -96,7 +127,19 @@ async fn series_survive_replays(store: Arc<dyn CounterStore>) {
     let u = store.user_series("u", m..=m).await.unwrap();
     assert_eq!((u[0].allowed, u[0].blocked), (1, 2));
     let top = store.top_blocked(m..=m, 10).await.unwrap();
-    assert_eq!(top, vec![BlockedUser { user_id: "u".into(), blocked: 2 }, BlockedUser { user_id: "w".into(), blocked: 1 }]);
+    assert_eq!(
+        top,
+        vec![
+            BlockedUser {
+                user_id: "u".into(),
+                blocked: 2
+            },
+            BlockedUser {
+                user_id: "w".into(),
+                blocked: 1
+            }
+        ]
+    );
 }
 
 async fn most_blocked_users(store: Arc<dyn CounterStore>) {
@@ -114,19 +157,34 @@ async fn most_blocked_users(store: Arc<dyn CounterStore>) {
     let (p0, p1) = events.split_at(5);
     store.apply(&timed_batch(Some(0), p0)).await.unwrap();
     store.apply(&timed_batch(Some(1), p1)).await.unwrap();
-    let names = |v: Vec<BlockedUser>| v.into_iter().map(|b| (b.user_id, b.blocked)).collect::<Vec<_>>();
+    let names = |v: Vec<BlockedUser>| {
+        v.into_iter()
+            .map(|b| (b.user_id, b.blocked))
+            .collect::<Vec<_>>()
+    };
     assert_eq!(
         names(store.top_blocked(m..=m, 10).await.unwrap()),
         vec![("a".into(), 3), ("b".into(), 3), ("c".into(), 2)]
     );
-    assert_eq!(names(store.top_blocked(m - 1..=m, 1).await.unwrap()), vec![("a".into(), 4)]);
+    assert_eq!(
+        names(store.top_blocked(m - 1..=m, 1).await.unwrap()),
+        vec![("a".into(), 4)]
+    );
     let today = m * MINUTE_MS / DAY_MS;
     if (m - 1) * MINUTE_MS / DAY_MS == today {
-        assert_eq!(names(store.top_blocked_day(today, 2).await.unwrap()), vec![("a".into(), 4), ("b".into(), 3)]);
+        assert_eq!(
+            names(store.top_blocked_day(today, 2).await.unwrap()),
+            vec![("a".into(), 4), ("b".into(), 3)]
+        );
     }
-    assert!(store.top_blocked_day(today + 5, 2).await.unwrap().is_empty());
+    assert!(
+        store
+            .top_blocked_day(today + 5, 2)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
-
 
 async fn unseen_users_read_zero(store: Arc<dyn CounterStore>) {
     let c = store.get("nobody").await.unwrap();

@@ -77,11 +77,18 @@ impl MemoryCounters {
                 None if self.users.len() >= self.max_users => {
                     let n = self.overflow.fetch_add(1, Ordering::Relaxed) + 1;
                     if n == 1 || n.is_multiple_of(10_000) {
-                        tracing::warn!(max_users = self.max_users, overflow = n, "analytics user cap reached; event not counted");
+                        tracing::warn!(
+                            max_users = self.max_users,
+                            overflow = n,
+                            "analytics user cap reached; event not counted"
+                        );
                     }
                     continue;
                 }
-                None => self.users.entry(Box::from(event.user_id.as_str())).or_default(),
+                None => self
+                    .users
+                    .entry(Box::from(event.user_id.as_str()))
+                    .or_default(),
             };
             if let Some(partition) = batch.partition {
                 match entry.applied.iter_mut().find(|(p, _)| *p == partition) {
@@ -104,7 +111,10 @@ impl MemoryCounters {
                 Some(i) => minutes.insert(i + 1, (minute, a, b)),
                 None => minutes.push_front((minute, a, b)),
             }
-            let oldest = minutes.back().map_or(0, |m| m.0).saturating_sub(self.retention_minutes);
+            let oldest = minutes
+                .back()
+                .map_or(0, |m| m.0)
+                .saturating_sub(self.retention_minutes);
             while minutes.front().is_some_and(|(m, _, _)| *m < oldest) {
                 minutes.pop_front();
             }
@@ -113,7 +123,9 @@ impl MemoryCounters {
 
     fn apply_global(&self, batch: &PartitionBatch) {
         let mut global = self.global.lock().expect("global counters lock");
-        let floor = batch.partition.and_then(|p| global.applied.get(&p).copied());
+        let floor = batch
+            .partition
+            .and_then(|p| global.applied.get(&p).copied());
         let tally = global_tally(&batch.events, floor);
         if tally.minutes.is_empty() {
             return;
@@ -172,7 +184,11 @@ impl CounterStore for MemoryCounters {
         })
     }
 
-    async fn user_series(&self, user_id: &str, minutes: RangeInclusive<u64>) -> Result<Vec<MinuteCounts>, CounterError> {
+    async fn user_series(
+        &self,
+        user_id: &str,
+        minutes: RangeInclusive<u64>,
+    ) -> Result<Vec<MinuteCounts>, CounterError> {
         let counts: Minutes = self
             .users
             .get(user_id)
@@ -181,12 +197,19 @@ impl CounterStore for MemoryCounters {
         Ok(fill_series(minutes, &counts))
     }
 
-    async fn global_series(&self, minutes: RangeInclusive<u64>) -> Result<Vec<MinuteCounts>, CounterError> {
+    async fn global_series(
+        &self,
+        minutes: RangeInclusive<u64>,
+    ) -> Result<Vec<MinuteCounts>, CounterError> {
         let global = self.global.lock().expect("global counters lock");
         Ok(fill_series(minutes, &global.minutes))
     }
 
-    async fn top_blocked(&self, minutes: RangeInclusive<u64>, n: usize) -> Result<Vec<BlockedUser>, CounterError> {
+    async fn top_blocked(
+        &self,
+        minutes: RangeInclusive<u64>,
+        n: usize,
+    ) -> Result<Vec<BlockedUser>, CounterError> {
         let global = self.global.lock().expect("global counters lock");
         let newest = *minutes.end();
         let oldest = (*minutes.start()).max(newest.saturating_sub(TOP_WINDOW_MINUTES - 1));
@@ -201,7 +224,11 @@ impl CounterStore for MemoryCounters {
 
     async fn top_blocked_day(&self, day: u64, n: usize) -> Result<Vec<BlockedUser>, CounterError> {
         let global = self.global.lock().expect("global counters lock");
-        let set = global.top_days.get(&day).map(|s| s.iter().map(|(u, c)| (u.to_string(), *c)).collect()).unwrap_or_default();
+        let set = global
+            .top_days
+            .get(&day)
+            .map(|s| s.iter().map(|(u, c)| (u.to_string(), *c)).collect())
+            .unwrap_or_default();
         Ok(top_n(set, n))
     }
 
@@ -228,7 +255,15 @@ mod tests {
     #[tokio::test]
     async fn caps_distinct_users() {
         let store = MemoryCounters::new(2, DAY);
-        let batch = super::super::contract::batch(None, &[(0, "a", true), (1, "b", true), (2, "c", true), (3, "a", false)]);
+        let batch = super::super::contract::batch(
+            None,
+            &[
+                (0, "a", true),
+                (1, "b", true),
+                (2, "c", true),
+                (3, "a", false),
+            ],
+        );
         store.apply(&batch).await.unwrap();
         assert_eq!(store.get("a").await.unwrap().total, 2);
         assert_eq!(store.get("c").await.unwrap().total, 0);
@@ -242,9 +277,16 @@ mod tests {
         b.events[1].1.ts_ms = 20 * MINUTE_MS;
         store.apply(&b).await.unwrap();
         let series = store.user_series("u", 0..=20).await.unwrap();
-        assert_eq!(series[0].allowed, 0, "minute 0 is past a 10-minute retention");
+        assert_eq!(
+            series[0].allowed, 0,
+            "minute 0 is past a 10-minute retention"
+        );
         assert_eq!(series[20].blocked, 1);
         assert_eq!(store.global_series(0..=0).await.unwrap()[0].allowed, 0);
-        assert_eq!(store.get("u").await.unwrap().total, 2, "all-time counts are kept");
+        assert_eq!(
+            store.get("u").await.unwrap().total,
+            2,
+            "all-time counts are kept"
+        );
     }
 }

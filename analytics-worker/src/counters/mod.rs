@@ -22,9 +22,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::ops::RangeInclusive;
 
 use async_trait::async_trait;
-use serde::Serialize;
 use ratelimit_core::RateLimitEvent;
 use ratelimit_core::api::UserAnalytics;
+use serde::Serialize;
 
 pub use self::memory::MemoryCounters;
 pub use self::redis::RedisCounters;
@@ -142,7 +142,10 @@ pub(crate) struct GlobalTally<'a> {
     pub blocked_by_day: BTreeMap<u64, HashMap<&'a str, u64>>,
 }
 
-pub(crate) fn global_tally(events: &[(i64, RateLimitEvent)], floor: Option<i64>) -> GlobalTally<'_> {
+pub(crate) fn global_tally(
+    events: &[(i64, RateLimitEvent)],
+    floor: Option<i64>,
+) -> GlobalTally<'_> {
     let mut g = GlobalTally {
         first_offset: i64::MAX,
         last_offset: i64::MIN,
@@ -160,7 +163,11 @@ pub(crate) fn global_tally(events: &[(i64, RateLimitEvent)], floor: Option<i64>)
             counts.0 += 1;
         } else {
             counts.1 += 1;
-            *g.blocked_by_minute.entry(minute).or_default().entry(&event.user_id).or_default() += 1;
+            *g.blocked_by_minute
+                .entry(minute)
+                .or_default()
+                .entry(&event.user_id)
+                .or_default() += 1;
             *g.blocked_by_day
                 .entry(event.ts_ms / DAY_MS)
                 .or_default()
@@ -191,7 +198,11 @@ pub(crate) fn top_n(counts: HashMap<String, u64>, n: usize) -> Vec<BlockedUser> 
         .into_iter()
         .map(|(user_id, blocked)| BlockedUser { user_id, blocked })
         .collect();
-    all.sort_by(|a, b| b.blocked.cmp(&a.blocked).then_with(|| a.user_id.cmp(&b.user_id)));
+    all.sort_by(|a, b| {
+        b.blocked
+            .cmp(&a.blocked)
+            .then_with(|| a.user_id.cmp(&b.user_id))
+    });
     all.truncate(n);
     all
 }
@@ -205,13 +216,24 @@ pub trait CounterStore: Send + Sync + 'static {
     async fn get(&self, user_id: &str) -> Result<UserAnalytics, CounterError>;
 
     /// A user's counts per minute over `minutes` (minute numbers, inclusive), zeros included.
-    async fn user_series(&self, user_id: &str, minutes: RangeInclusive<u64>) -> Result<Vec<MinuteCounts>, CounterError>;
+    async fn user_series(
+        &self,
+        user_id: &str,
+        minutes: RangeInclusive<u64>,
+    ) -> Result<Vec<MinuteCounts>, CounterError>;
 
     /// Everyone's counts per minute over `minutes`, zeros included.
-    async fn global_series(&self, minutes: RangeInclusive<u64>) -> Result<Vec<MinuteCounts>, CounterError>;
+    async fn global_series(
+        &self,
+        minutes: RangeInclusive<u64>,
+    ) -> Result<Vec<MinuteCounts>, CounterError>;
 
     /// The `n` users most blocked over `minutes` (at most the newest [`TOP_WINDOW_MINUTES`]).
-    async fn top_blocked(&self, minutes: RangeInclusive<u64>, n: usize) -> Result<Vec<BlockedUser>, CounterError>;
+    async fn top_blocked(
+        &self,
+        minutes: RangeInclusive<u64>,
+        n: usize,
+    ) -> Result<Vec<BlockedUser>, CounterError>;
 
     /// The `n` users most blocked on `day` (days since the epoch, UTC).
     async fn top_blocked_day(&self, day: u64, n: usize) -> Result<Vec<BlockedUser>, CounterError>;

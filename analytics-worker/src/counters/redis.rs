@@ -28,8 +28,8 @@ use ratelimit_core::keys;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use super::{
-    BlockedUser, CounterError, CounterStore, GlobalTally, MinuteCounts, Minutes,
-    PartitionBatch, TOP_KEEP, TOP_WINDOW_MINUTES, Tally, fill_series, global_tally, tally, top_n,
+    BlockedUser, CounterError, CounterStore, GlobalTally, MinuteCounts, Minutes, PartitionBatch,
+    TOP_KEEP, TOP_WINDOW_MINUTES, Tally, fill_series, global_tally, tally, top_n,
 };
 
 /// Per user. Returns -2 when applied, -1 when everything was already counted, or the
@@ -95,7 +95,6 @@ end
 return -2
 "#;
 
-
 pub struct RedisCounters {
     conn: ConnectionManager,
     user_script: redis::Script,
@@ -114,8 +113,14 @@ fn is_noscript(err: &CounterError) -> bool {
 impl RedisCounters {
     /// Counters on `url`, keeping time series for `retention`; every call has `timeout`.
     /// Connects lazily and reconnects by itself.
-    pub fn new(url: &str, key_prefix: &str, timeout: Duration, retention: Duration) -> Result<Self, CounterError> {
-        let client = redis::Client::open(url).map_err(|e| CounterError::Unavailable(e.to_string()))?;
+    pub fn new(
+        url: &str,
+        key_prefix: &str,
+        timeout: Duration,
+        retention: Duration,
+    ) -> Result<Self, CounterError> {
+        let client =
+            redis::Client::open(url).map_err(|e| CounterError::Unavailable(e.to_string()))?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(timeout.max(Duration::from_millis(200))))
             .set_response_timeout(Some(timeout))
@@ -134,7 +139,10 @@ impl RedisCounters {
         })
     }
 
-    async fn deadline<T>(&self, call: impl Future<Output = redis::RedisResult<T>>) -> Result<T, CounterError> {
+    async fn deadline<T>(
+        &self,
+        call: impl Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, CounterError> {
         match tokio::time::timeout(self.timeout, call).await {
             Err(_) => Err(CounterError::Timeout),
             Ok(Err(e)) if e.is_timeout() => Err(CounterError::Timeout),
@@ -145,7 +153,10 @@ impl RedisCounters {
 
     /// Sends `pipe`; after a `NOSCRIPT` (Redis restarted or flushed its scripts) loads the
     /// scripts and sends it again (the offsets make the repeat harmless).
-    async fn query_scripts<T: redis::FromRedisValue>(&self, pipe: &redis::Pipeline) -> Result<T, CounterError> {
+    async fn query_scripts<T: redis::FromRedisValue>(
+        &self,
+        pipe: &redis::Pipeline,
+    ) -> Result<T, CounterError> {
         let mut conn = self.conn.clone();
         match self.deadline(pipe.query_async::<T>(&mut conn)).await {
             Err(err) if is_noscript(&err) => {
@@ -172,10 +183,16 @@ impl RedisCounters {
     }
 
     /// Runs the user script for every tally in one pipeline; returns the script results.
-    async fn apply_users(&self, field: &str, tallies: &[(&str, Tally)]) -> Result<Vec<i64>, CounterError> {
+    async fn apply_users(
+        &self,
+        field: &str,
+        tallies: &[(&str, Tally)],
+    ) -> Result<Vec<i64>, CounterError> {
         let mut pipe = redis::pipe();
         for (user, t) in tallies {
-            let mut invocation = self.user_script.key(keys::counter_key(&self.key_prefix, user));
+            let mut invocation = self
+                .user_script
+                .key(keys::counter_key(&self.key_prefix, user));
             invocation
                 .arg(field)
                 .arg(t.first_offset)
@@ -184,7 +201,10 @@ impl RedisCounters {
                 .arg(t.blocked)
                 .arg(self.retention_secs);
             for (minute, (a, b)) in &t.minutes {
-                invocation.key(keys::counter_minute_key(&self.key_prefix, user, *minute)).arg(*a).arg(*b);
+                invocation
+                    .key(keys::counter_minute_key(&self.key_prefix, user, *minute))
+                    .arg(*a)
+                    .arg(*b);
             }
             pipe.invoke_script(&invocation);
         }
@@ -192,7 +212,12 @@ impl RedisCounters {
     }
 
     /// Runs the global script for one partition's tally.
-    async fn apply_global(&self, tag: &str, checked: bool, g: &GlobalTally<'_>) -> Result<i64, CounterError> {
+    async fn apply_global(
+        &self,
+        tag: &str,
+        checked: bool,
+        g: &GlobalTally<'_>,
+    ) -> Result<i64, CounterError> {
         let mut invocation = self.global_script.key(self.global_key(tag, "o"));
         invocation
             .arg(if checked { "1" } else { "" })
@@ -207,7 +232,10 @@ impl RedisCounters {
             invocation.key(self.global_key(tag, &format!("m{minute}")));
             invocation.key(self.global_key(tag, &format!("t{minute}")));
             let users = g.blocked_by_minute.get(minute);
-            invocation.arg(*a).arg(*b).arg(users.map_or(0, HashMap::len));
+            invocation
+                .arg(*a)
+                .arg(*b)
+                .arg(users.map_or(0, HashMap::len));
             for (user, n) in users.into_iter().flatten() {
                 invocation.arg(*user).arg(*n);
             }
@@ -226,13 +254,21 @@ impl RedisCounters {
     }
 
     async fn register(&self, tag: &str) -> Result<(), CounterError> {
-        if self.registered.lock().expect("registered lock").contains(tag) {
+        if self
+            .registered
+            .lock()
+            .expect("registered lock")
+            .contains(tag)
+        {
             return Ok(());
         }
         let mut conn = self.conn.clone();
         let cmd = redis::cmd("SADD").arg(self.tags_key()).arg(tag).to_owned();
         let _: i64 = self.deadline(cmd.query_async(&mut conn)).await?;
-        self.registered.lock().expect("registered lock").insert(tag.to_owned());
+        self.registered
+            .lock()
+            .expect("registered lock")
+            .insert(tag.to_owned());
         Ok(())
     }
 
@@ -249,7 +285,8 @@ impl RedisCounters {
             pipe.cmd("HMGET").arg(key).arg("a").arg("b");
         }
         let mut conn = self.conn.clone();
-        let rows: Vec<(Option<u64>, Option<u64>)> = self.deadline(pipe.query_async(&mut conn)).await?;
+        let rows: Vec<(Option<u64>, Option<u64>)> =
+            self.deadline(pipe.query_async(&mut conn)).await?;
         let mut minutes = Minutes::new();
         for ((minute, _), (a, b)) in keys.iter().zip(rows) {
             let m = minutes.entry(*minute).or_default();
@@ -278,7 +315,10 @@ impl RedisCounters {
 #[async_trait]
 impl CounterStore for RedisCounters {
     async fn apply(&self, batch: &PartitionBatch) -> Result<(), CounterError> {
-        let field = batch.partition.map(|p| format!("o:{p}")).unwrap_or_default();
+        let field = batch
+            .partition
+            .map(|p| format!("o:{p}"))
+            .unwrap_or_default();
         let mut pending: Vec<(&str, Tally)> = tally(&batch.events, |_| None);
         // Each round settles every user but those whose counters already held part of the
         // batch; those are re-tallied past what they hold. One round is the rule.
@@ -286,7 +326,9 @@ impl CounterStore for RedisCounters {
         while !pending.is_empty() {
             rounds += 1;
             if rounds > 8 {
-                return Err(CounterError::Protocol("user offsets kept moving under a batch".into()));
+                return Err(CounterError::Protocol(
+                    "user offsets kept moving under a batch".into(),
+                ));
             }
             let results = self.apply_users(&field, &pending).await?;
             let floors: HashMap<&str, i64> = pending
@@ -295,7 +337,10 @@ impl CounterStore for RedisCounters {
                 .filter(|(_, r)| **r >= 0)
                 .map(|((user, _), r)| (*user, *r))
                 .collect();
-            let events = batch.events.iter().filter(|(_, e)| floors.contains_key(e.user_id.as_str()));
+            let events = batch
+                .events
+                .iter()
+                .filter(|(_, e)| floors.contains_key(e.user_id.as_str()));
             pending = tally(events, |user| floors.get(user).copied());
         }
 
@@ -307,19 +352,29 @@ impl CounterStore for RedisCounters {
             if g.minutes.is_empty() {
                 return Ok(());
             }
-            match self.apply_global(&tag, batch.partition.is_some(), &g).await? {
+            match self
+                .apply_global(&tag, batch.partition.is_some(), &g)
+                .await?
+            {
                 applied if applied >= 0 => floor = Some(applied),
                 _ => return Ok(()),
             }
         }
-        Err(CounterError::Protocol("partition offset kept moving under a batch".into()))
+        Err(CounterError::Protocol(
+            "partition offset kept moving under a batch".into(),
+        ))
     }
 
     async fn get(&self, user_id: &str) -> Result<UserAnalytics, CounterError> {
         let mut conn = self.conn.clone();
         let key = keys::counter_key(&self.key_prefix, user_id);
-        let cmd = redis::cmd("HMGET").arg(key).arg("allowed").arg("blocked").to_owned();
-        let (allowed, blocked): (Option<u64>, Option<u64>) = self.deadline(cmd.query_async(&mut conn)).await?;
+        let cmd = redis::cmd("HMGET")
+            .arg(key)
+            .arg("allowed")
+            .arg("blocked")
+            .to_owned();
+        let (allowed, blocked): (Option<u64>, Option<u64>) =
+            self.deadline(cmd.query_async(&mut conn)).await?;
         let (allowed, blocked) = (allowed.unwrap_or(0), blocked.unwrap_or(0));
         Ok(UserAnalytics {
             user_id: user_id.to_owned(),
@@ -329,7 +384,11 @@ impl CounterStore for RedisCounters {
         })
     }
 
-    async fn user_series(&self, user_id: &str, minutes: RangeInclusive<u64>) -> Result<Vec<MinuteCounts>, CounterError> {
+    async fn user_series(
+        &self,
+        user_id: &str,
+        minutes: RangeInclusive<u64>,
+    ) -> Result<Vec<MinuteCounts>, CounterError> {
         let keys = minutes
             .clone()
             .map(|m| (m, keys::counter_minute_key(&self.key_prefix, user_id, m)))
@@ -338,17 +397,28 @@ impl CounterStore for RedisCounters {
         Ok(fill_series(minutes, &counts))
     }
 
-    async fn global_series(&self, minutes: RangeInclusive<u64>) -> Result<Vec<MinuteCounts>, CounterError> {
+    async fn global_series(
+        &self,
+        minutes: RangeInclusive<u64>,
+    ) -> Result<Vec<MinuteCounts>, CounterError> {
         let tags = self.tags().await?;
         let keys = tags
             .iter()
-            .flat_map(|tag| minutes.clone().map(move |m| (m, self.global_key(tag, &format!("m{m}")))))
+            .flat_map(|tag| {
+                minutes
+                    .clone()
+                    .map(move |m| (m, self.global_key(tag, &format!("m{m}"))))
+            })
             .collect();
         let counts = self.sum_minutes(keys).await?;
         Ok(fill_series(minutes, &counts))
     }
 
-    async fn top_blocked(&self, minutes: RangeInclusive<u64>, n: usize) -> Result<Vec<BlockedUser>, CounterError> {
+    async fn top_blocked(
+        &self,
+        minutes: RangeInclusive<u64>,
+        n: usize,
+    ) -> Result<Vec<BlockedUser>, CounterError> {
         let newest = *minutes.end();
         let oldest = (*minutes.start()).max(newest.saturating_sub(TOP_WINDOW_MINUTES - 1));
         let tags = self.tags().await?;
@@ -361,13 +431,18 @@ impl CounterStore for RedisCounters {
 
     async fn top_blocked_day(&self, day: u64, n: usize) -> Result<Vec<BlockedUser>, CounterError> {
         let tags = self.tags().await?;
-        let keys = tags.iter().map(|tag| self.global_key(tag, &format!("d{day}"))).collect();
+        let keys = tags
+            .iter()
+            .map(|tag| self.global_key(tag, &format!("d{day}")))
+            .collect();
         Ok(top_n(self.merge_sets(keys).await?, n))
     }
 
     async fn ping(&self) -> Result<(), CounterError> {
         let mut conn = self.conn.clone();
-        let _: String = self.deadline(redis::cmd("PING").query_async(&mut conn)).await?;
+        let _: String = self
+            .deadline(redis::cmd("PING").query_async(&mut conn))
+            .await?;
         Ok(())
     }
 }

@@ -2,7 +2,7 @@
 //! taken over when one leaves. Offsets are committed by hand, only after the worker has
 //! made the counters durable ([`EventSource::commit`]).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -20,13 +20,31 @@ use super::{EventSource, Record};
 
 /// The partitions this group member owns, kept current by the rebalance callbacks.
 pub type Assignment = Arc<Mutex<BTreeSet<i32>>>;
+/// Consumer lag per owned partition, from librdkafka's statistics (every 5 s).
+pub type Lag = Arc<Mutex<BTreeMap<i32, i64>>>;
 
-/// Records assignments and revocations as the group rebalances.
+/// Records assignments and revocations as the group rebalances, and the lag.
 struct GroupContext {
     assigned: Assignment,
+    lag: Lag,
+    topic: String,
 }
 
-impl rdkafka::ClientContext for GroupContext {}
+impl rdkafka::ClientContext for GroupContext {
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        let Some(topic) = statistics.topics.get(&self.topic) else {
+            return;
+        };
+        let assigned = self.assigned.lock().expect("assignment lock").clone();
+        let mut lag = self.lag.lock().expect("lag lock");
+        lag.clear();
+        for (partition, p) in &topic.partitions {
+            if assigned.contains(partition) && p.consumer_lag >= 0 {
+                lag.insert(*partition, p.consumer_lag);
+            }
+        }
+    }
+}
 
 impl ConsumerContext for GroupContext {
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -53,6 +71,7 @@ pub struct KafkaSource {
     consumer: StreamConsumer<GroupContext>,
     topic: String,
     assigned: Assignment,
+    lag: Lag,
 }
 
 impl KafkaSource {
@@ -71,25 +90,35 @@ impl KafkaSource {
             .set("session.timeout.ms", "30000")
             .set("heartbeat.interval.ms", "3000")
             // Notice a topic created after we subscribed within seconds, not minutes.
-            .set("topic.metadata.refresh.interval.ms", "5000");
+            .set("topic.metadata.refresh.interval.ms", "5000")
+            .set("statistics.interval.ms", "5000");
         for (key, value) in args.passthrough() {
             config.set(key, value);
         }
         let assigned = Assignment::default();
+        let lag = Lag::default();
         let consumer: StreamConsumer<GroupContext> = config.create_with_context(GroupContext {
             assigned: assigned.clone(),
+            lag: lag.clone(),
+            topic: args.topic.clone(),
         })?;
         consumer.subscribe(&[&args.topic])?;
         Ok(Self {
             consumer,
             topic: args.topic.clone(),
             assigned,
+            lag,
         })
     }
 
     /// The partitions this member owns, updated as the group rebalances.
     pub fn assignment(&self) -> Assignment {
         self.assigned.clone()
+    }
+
+    /// The consumer lag per owned partition, updated every few seconds.
+    pub fn lag(&self) -> Lag {
+        self.lag.clone()
     }
 
     fn record(message: &impl Message) -> Record {

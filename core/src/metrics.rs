@@ -1,0 +1,70 @@
+//! Prometheus metrics: one recorder per process, `GET /metrics` on every service, and HTTP
+//! request metrics by route (the route template, never the raw path or a user id, so label
+//! cardinality stays bounded).
+
+use std::sync::OnceLock;
+use std::time::Instant;
+
+use axum::Router;
+use axum::extract::{MatchedPath, Request};
+use axum::http::header;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Latency buckets, in seconds: 50 µs to 2.5 s.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5,
+];
+
+/// The process's Prometheus recorder, installed on first use.
+pub fn handle() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+            .expect("non-empty buckets")
+            .build_recorder();
+        let handle = recorder.handle();
+        if metrics::set_global_recorder(recorder).is_err() {
+            tracing::warn!("a metrics recorder was already installed; /metrics may be empty");
+        }
+        handle
+    })
+}
+
+/// The Prometheus text of everything recorded so far.
+pub fn render() -> Response {
+    let handle = handle();
+    handle.run_upkeep();
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        handle.render(),
+    )
+        .into_response()
+}
+
+/// Records `http_requests_total{service,route,status}` and
+/// `http_request_duration_seconds{service,route}` for every request through `router`.
+pub fn with_http_metrics(router: Router, service: &'static str) -> Router {
+    handle();
+    router.layer(axum::middleware::from_fn(move |req: Request, next: Next| async move {
+        let route = req
+            .extensions()
+            .get::<MatchedPath>()
+            .map(|p| p.as_str().to_owned())
+            .unwrap_or_else(|| "unmatched".to_owned());
+        let started = Instant::now();
+        let response = next.run(req).await;
+        let status = response.status().as_u16().to_string();
+        metrics::counter!("http_requests_total", "service" => service, "route" => route.clone(), "status" => status)
+            .increment(1);
+        metrics::histogram!("http_request_duration_seconds", "service" => service, "route" => route)
+            .record(started.elapsed().as_secs_f64());
+        response
+    }))
+}
