@@ -38,7 +38,6 @@ pub fn counter_minute_key(prefix: &str, user_id: &str, minute: u64) -> String {
 }
 
 #[cfg(test)]
-
 mod tests {
     use super::*;
     use proptest::prelude::*;
