@@ -62,6 +62,79 @@ async fn flow(gateway: SocketAddr) {
     // A user never seen reads zeros.
     let a = analytics(&client, gateway, &unique("nobody")).await;
     assert_eq!((a.total, a.allowed, a.blocked), (0, 0, 0));
+
+    // The same counts over a time window, per minute, and the user among the most blocked.
+    let get = |path: String| {
+        let client = client.clone();
+        async move {
+            let r = client
+                .get(format!("http://{gateway}{path}"))
+                .send()
+                .await
+                .unwrap();
+            (
+                r.status().as_u16(),
+                r.json::<serde_json::Value>().await.unwrap(),
+            )
+        }
+    };
+    let (status, w) = get(format!("/analytics/{user}?window=5m")).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        (
+            w["total"].as_u64(),
+            w["allowed"].as_u64(),
+            w["blocked"].as_u64()
+        ),
+        (Some(7), Some(6), Some(1)),
+        "{w}"
+    );
+    assert_eq!(w["window_secs"], 300);
+    let series = w["series"].as_array().unwrap();
+    assert_eq!(series.len(), 5);
+    let per_minute: u64 = series
+        .iter()
+        .map(|m| m["allowed"].as_u64().unwrap() + m["blocked"].as_u64().unwrap())
+        .sum();
+    assert_eq!(per_minute, 7);
+    let (status, g) = get("/analytics?window=5m".into()).await;
+    assert_eq!(status, 200);
+    assert!(g["total"].as_u64().unwrap() >= 7, "{g}");
+    let top = g["top_blocked"].as_array().unwrap();
+    assert!(
+        top.iter()
+            .any(|t| t["user_id"] == user.as_str() && t["blocked"] == 1),
+        "{g}"
+    );
+    assert!(
+        g["top_blocked_day"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["user_id"] == user.as_str()),
+        "{g}"
+    );
+    for bad in ["abc", "0m", "1w", "9999d"] {
+        let (status, e) = get(format!("/analytics?window={bad}")).await;
+        assert_eq!(
+            (status, e["field"].as_str()),
+            (400, Some("window")),
+            "window={bad}: {e}"
+        );
+    }
+    // The gateway's metrics saw the 200s and the 429.
+    let metrics = client
+        .get(format!("http://{gateway}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(r#"http_requests_total{service="gateway",route="/api",status="429"}"#),
+        "{metrics}"
+    );
 }
 
 const POLICY: [&str; 4] = [

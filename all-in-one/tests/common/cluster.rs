@@ -191,3 +191,40 @@ pub fn users(n: usize) -> Vec<String> {
     let run = unique("user");
     (0..n).map(|i| format!("{run}-{i}")).collect()
 }
+
+/// The global per-minute analytics over the last 10 minutes add up to what the clients saw
+/// (this test's Redis prefix holds only its own traffic), and so do a few users' series.
+pub async fn assert_window_totals(gateway: SocketAddr, seen: &Seen) {
+    let client = super::http();
+    let expected = seen.0.lock().unwrap().clone();
+    let (allowed, blocked) = expected
+        .values()
+        .fold((0, 0), |(a, b), (x, y)| (a + x, b + y));
+    let g: serde_json::Value = client
+        .get(format!("http://{gateway}/analytics?window=10m"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (g["allowed"].as_u64(), g["blocked"].as_u64()),
+        (Some(allowed), Some(blocked)),
+        "global window: {g}"
+    );
+    for (user, (a, b)) in expected.iter().take(5) {
+        let url = reqwest::Url::parse(&format!("http://{gateway}/analytics/"))
+            .unwrap()
+            .join(user)
+            .unwrap();
+        let mut url = url;
+        url.set_query(Some("window=10m"));
+        let w: serde_json::Value = client.get(url).send().await.unwrap().json().await.unwrap();
+        assert_eq!(
+            (w["allowed"].as_u64(), w["blocked"].as_u64()),
+            (Some(*a), Some(*b)),
+            "{user}: {w}"
+        );
+    }
+}
