@@ -63,10 +63,9 @@ impl LimiterClient for InProcessClient {
             .await
             .map_err(|err| match err {
                 LimiterError::StoreUnavailable => ClientError::StoreUnavailable,
-                other @ LimiterError::CostAboveCapacity { .. } => match ApiError::from(other) {
-                    ApiError::InvalidField(field) => ClientError::Invalid(field),
-                    _ => unreachable!("a cost error is a field error"),
-                },
+                LimiterError::CostAboveCapacity { capacity, .. } => {
+                    ClientError::Invalid(LimiterError::cost_field_error(capacity))
+                }
             })
     }
 }

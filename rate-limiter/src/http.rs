@@ -7,7 +7,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use ratelimit_core::api::{CheckRequest, CheckResponse, FieldError};
+use ratelimit_core::api::{CheckRequest, CheckResponse};
 use ratelimit_core::http::{ApiError, ValidJson, with_common_layers, with_load_shedding};
 use serde_json::json;
 
@@ -17,10 +17,7 @@ impl From<LimiterError> for ApiError {
     fn from(err: LimiterError) -> Self {
         match err {
             LimiterError::CostAboveCapacity { capacity, .. } => {
-                ApiError::InvalidField(FieldError::new(
-                    "cost",
-                    format!("must be at most the bucket capacity {capacity}"),
-                ))
+                ApiError::InvalidField(LimiterError::cost_field_error(capacity))
             }
             LimiterError::StoreUnavailable => ApiError::Unavailable {
                 what: "rate-limit store",

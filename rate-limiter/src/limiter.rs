@@ -43,6 +43,16 @@ pub fn duration_ms_ceil(d: std::time::Duration) -> u64 {
     u64::try_from(d.as_micros().div_ceil(1000)).unwrap_or(u64::MAX)
 }
 
+impl LimiterError {
+    /// What a client is told about a cost above the capacity.
+    pub fn cost_field_error(capacity: u64) -> ratelimit_core::api::FieldError {
+        ratelimit_core::api::FieldError::new(
+            "cost",
+            format!("must be at most the bucket capacity {capacity}"),
+        )
+    }
+}
+
 /// Why no decision could be made.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum LimiterError {
