@@ -5,6 +5,7 @@
 #   - cmake, libcurl4-openssl-dev, pkg-config, g++: to build librdkafka (rdkafka's cmake-build)
 #   - tansu 0.6.0 (cargo install, ~15-20 min once): the Kafka-protocol broker the tests start
 #   - docker-compose (Debian package): validates docker-compose.yml without a Docker engine
+#   - chromium, fonts-liberation (Debian packages): the dashboard's real-browser test
 # Then: cargo fmt --check, cargo clippy -D warnings, cargo test for the whole workspace.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +18,8 @@ command -v pkg-config >/dev/null || apt_missing+=(pkg-config)
 command -v g++ >/dev/null || apt_missing+=(g++)
 dpkg -s libcurl4-openssl-dev >/dev/null 2>&1 || apt_missing+=(libcurl4-openssl-dev)
 command -v docker-compose >/dev/null || apt_missing+=(docker-compose)
+command -v chromium >/dev/null || apt_missing+=(chromium)
+dpkg -s fonts-liberation >/dev/null 2>&1 || apt_missing+=(fonts-liberation)
 if [ ${#apt_missing[@]} -gt 0 ]; then
   echo "==> installing ${apt_missing[*]}"
   export DEBIAN_FRONTEND=noninteractive

@@ -220,7 +220,7 @@ fn live_load(gateway: SocketAddr, stop: Arc<AtomicBool>) -> tokio::task::JoinHan
         let mut n = 0u64;
         while !stop.load(Ordering::Relaxed) {
             n += 1;
-            let user = if n % 3 == 0 {
+            let user = if n.is_multiple_of(3) {
                 BLOCKED_USER.to_string()
             } else {
                 format!("live-{n}")
@@ -275,6 +275,15 @@ async fn the_dashboard_shows_traffic_blocked_users_and_health_in_a_browser() {
     total.allowed += blocked_user.allowed;
     total.blocked += blocked_user.blocked;
     window_settles(gateway, total).await;
+
+    let served = client
+        .get(format!("http://{gateway}/dashboard"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(served.status(), 200);
+    assert_eq!(served.headers()["content-type"], "text/html; charset=utf-8");
+    assert_eq!(served.headers()["cache-control"], "no-cache");
 
     let page = format!("http://{gateway}/dashboard#user={BLOCKED_USER}");
 
@@ -360,7 +369,7 @@ async fn the_dashboard_shows_traffic_blocked_users_and_health_in_a_browser() {
     let dom = render(
         &page,
         &[
-            "--window-size=1280,1300".to_string(),
+            "--window-size=1280,1240".to_string(),
             format!("--screenshot={}", screenshot.display()),
         ],
     )
