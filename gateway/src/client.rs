@@ -8,6 +8,11 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use axum::body::Bytes;
+use axum::http::{Request, StatusCode, Uri, header};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
 use rate_limiter::limiter::{Limiter, LimiterError};
 use ratelimit_core::api::{CheckRequest, CheckResponse, ErrorBody, FieldError};
 use ratelimit_core::http::ApiError;
@@ -90,10 +95,29 @@ impl Resolve for SystemResolver {
 /// round-robin over every address the limiter's host name resolves to, re-resolved
 /// periodically so replicas added or removed are picked up.
 pub struct HttpLimiterClient {
-    client: reqwest::Client,
+    client: HttpClient,
+    timeout: Duration,
     /// `http://<addr>/check` for each resolved replica.
-    targets: Arc<RwLock<Arc<[String]>>>,
+    targets: Arc<RwLock<Arc<[Target]>>>,
     next: AtomicUsize,
+}
+
+/// hyper's pooled HTTP/1 client: reqwest's conveniences (redirects, URL parsing, cookies)
+/// cost more per call than this hop needs (measured in BENCHMARKS.md).
+type HttpClient = hyper_util::client::legacy::Client<HttpConnector, Full<Bytes>>;
+
+/// One replica's `/check` URL, parsed once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Target {
+    url: String,
+    uri: Uri,
+}
+
+impl Target {
+    fn new(url: String) -> Option<Self> {
+        let uri = url.parse().ok()?;
+        Some(Self { url, uri })
+    }
 }
 
 impl HttpLimiterClient {
@@ -117,14 +141,13 @@ impl HttpLimiterClient {
                 "LIMITER_URL is empty: give the limiter's base URL, e.g. http://127.0.0.1:8080"
             );
         }
-        let client = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(timeout)
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(timeout));
+        let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
             .pool_max_idle_per_host(1024)
             .pool_idle_timeout(Duration::from_secs(60))
-            .tcp_nodelay(true)
-            .http1_only()
-            .build()?;
+            .build(connector);
         let refresh = Refresh {
             resolver,
             last_resolved: std::sync::Mutex::new(vec![Vec::new(); endpoints.len()]),
@@ -138,6 +161,7 @@ impl HttpLimiterClient {
         }
         Ok(Self {
             client,
+            timeout,
             targets,
             next: AtomicUsize::new(0),
         })
@@ -145,7 +169,34 @@ impl HttpLimiterClient {
 
     /// The `/check` URLs requests currently go to.
     pub fn targets(&self) -> Vec<String> {
-        self.targets.read().expect("targets lock").to_vec()
+        self.targets
+            .read()
+            .expect("targets lock")
+            .iter()
+            .map(|t| t.url.clone())
+            .collect()
+    }
+
+    /// One exchange with one replica: the status and the body.
+    async fn exchange(
+        &self,
+        target: &Target,
+        body: Bytes,
+    ) -> Result<(StatusCode, Bytes), hyper_util::client::legacy::Error> {
+        let request = Request::post(target.uri.clone())
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Full::new(body))
+            .expect("a valid request");
+        let response = self.client.request(request).await?;
+        let status = response.status();
+        // A body that breaks off mid-way reads as empty, which fails to parse below.
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        Ok((status, body))
     }
 }
 
@@ -186,7 +237,7 @@ struct Refresh {
     endpoints: Vec<Endpoint>,
     /// Per endpoint, the replicas of its last successful resolution.
     last_resolved: std::sync::Mutex<Vec<Vec<String>>>,
-    targets: Arc<RwLock<Arc<[String]>>>,
+    targets: Arc<RwLock<Arc<[Target]>>>,
 }
 
 impl Refresh {
@@ -220,10 +271,11 @@ impl Refresh {
         }
         urls.sort();
         urls.dedup();
-        let urls: Arc<[String]> = Arc::from(urls);
+        let urls: Arc<[Target]> = urls.into_iter().filter_map(Target::new).collect();
         let mut targets = self.targets.write().expect("targets lock");
         if **targets != *urls {
-            tracing::info!(replicas = urls.len(), targets = ?urls, "limiter replicas");
+            let names: Vec<&str> = urls.iter().map(|t| t.url.as_str()).collect();
+            tracing::info!(replicas = urls.len(), targets = ?names, "limiter replicas");
             *targets = urls;
         }
     }
@@ -244,30 +296,35 @@ impl LimiterClient for HttpLimiterClient {
         // A replica that refuses the connection never saw the request (it is restarting,
         // or gone since the last resolve): the next replica may decide it instead.
         let targets = self.targets.read().expect("targets lock").clone();
+        if targets.is_empty() {
+            return Err(ClientError::Unreachable("no limiter address".into()));
+        }
         let attempts = targets.len().clamp(1, 3);
         let first = self.next.fetch_add(1, Ordering::Relaxed);
-        let mut attempt = 0;
-        let response = loop {
-            let target = &targets[(first + attempt) % targets.len()];
-            match self.client.post(target).json(request).send().await {
-                Ok(response) => break response,
-                Err(err) if err.is_connect() && attempt + 1 < attempts => attempt += 1,
-                Err(err) => {
-                    tracing::warn!(target, error = %err, source = ?std::error::Error::source(&err), "limiter call failed");
-                    return Err(ClientError::Unreachable(err.to_string()));
+        let body = Bytes::from(serde_json::to_vec(request).expect("a request serializes"));
+        let exchange = async {
+            let mut attempt = 0;
+            loop {
+                let target = &targets[(first + attempt) % targets.len()];
+                match self.exchange(target, body.clone()).await {
+                    Ok(answer) => return Ok(answer),
+                    Err(err) if err.is_connect() && attempt + 1 < attempts => attempt += 1,
+                    Err(err) => {
+                        tracing::warn!(target = target.url, error = %err, source = ?std::error::Error::source(&err), "limiter call failed");
+                        return Err(ClientError::Unreachable(err.to_string()));
+                    }
                 }
             }
         };
-
-        let status = response.status();
+        let (status, body) = tokio::time::timeout(self.timeout, exchange)
+            .await
+            .map_err(|_| ClientError::Unreachable("timed out".into()))??;
 
         if status.is_success() {
-            return response
-                .json()
-                .await
+            return serde_json::from_slice(&body)
                 .map_err(|e| ClientError::Unreachable(format!("bad answer: {e}")));
         }
-        let body: Option<ErrorBody> = response.json().await.ok();
+        let body: Option<ErrorBody> = serde_json::from_slice(&body).ok();
         Err(match status.as_u16() {
             400 => {
                 let field = body

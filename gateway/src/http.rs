@@ -18,7 +18,7 @@ use ratelimit_core::api::{
 };
 use ratelimit_core::http::{ApiError, ValidJson, with_common_layers, with_load_shedding};
 use ratelimit_core::{Clock, SystemClock};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::client::LimiterClient;
@@ -93,21 +93,40 @@ async fn api(
     let decision = gateway.limiter.check(&request).await?;
     let mut headers = rate_limit_headers(&decision);
     if decision.allowed {
-        let body =
-            json!({"allowed": true, "user_id": request.user_id, "remaining": decision.remaining});
+        let body = AllowedBody {
+            allowed: true,
+            user_id: &request.user_id,
+            remaining: decision.remaining,
+        };
         Ok((StatusCode::OK, headers, Json(body)).into_response())
     } else {
         headers.insert(
             header::RETRY_AFTER,
             HeaderValue::from(secs_ceil(decision.retry_after_ms).max(1)),
         );
-        let body = json!({
-            "error": "rate_limited",
-            "user_id": request.user_id,
-            "retry_after_ms": decision.retry_after_ms,
-        });
+        let body = LimitedBody {
+            error: "rate_limited",
+            user_id: &request.user_id,
+            retry_after_ms: decision.retry_after_ms,
+        };
         Ok((StatusCode::TOO_MANY_REQUESTS, headers, Json(body)).into_response())
     }
+}
+
+/// `POST /api` when allowed.
+#[derive(Serialize)]
+struct AllowedBody<'a> {
+    allowed: bool,
+    user_id: &'a str,
+    remaining: u64,
+}
+
+/// `POST /api` when over the limit.
+#[derive(Serialize)]
+struct LimitedBody<'a> {
+    error: &'static str,
+    user_id: &'a str,
+    retry_after_ms: u64,
 }
 
 fn analytics_unavailable(err: analytics_worker::counters::CounterError) -> ApiError {

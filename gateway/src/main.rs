@@ -3,6 +3,10 @@
 use clap::Parser;
 use ratelimit_core::runtime;
 
+// mimalloc: the allocator was ~15 % of CPU with glibc malloc (BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     runtime::load_dotenv();

@@ -91,7 +91,10 @@ impl KafkaSource {
             .set("heartbeat.interval.ms", "3000")
             // Notice a topic created after we subscribed within seconds, not minutes.
             .set("topic.metadata.refresh.interval.ms", "5000")
-            .set("statistics.interval.ms", "5000");
+            .set("statistics.interval.ms", "5000")
+            // Answer a fetch as soon as there is data, or after 50 ms: librdkafka's default
+            // (500 ms) was most of the decision-to-counter lag (BENCHMARKS.md).
+            .set("fetch.wait.max.ms", "50");
         for (key, value) in args.passthrough() {
             config.set(key, value);
         }
