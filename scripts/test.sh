@@ -2,11 +2,14 @@
 # Runs every test of the project. Installs what the tests need when it is missing
 # (idempotent; needs root on a fresh Debian machine):
 #   - redis-server (Debian package): the integration tests start their own on free ports
-#   - cmake, libcurl4-openssl-dev, pkg-config, g++: to build librdkafka (rdkafka's cmake-build)
+#   - cmake, libcurl4-openssl-dev, libssl-dev, pkg-config, g++: to build librdkafka
+#     (rdkafka's cmake-build, with OpenSSL)
 #   - tansu 0.6.0 (cargo install, ~15-20 min once): the Kafka-protocol broker the tests start
 #   - docker-compose (Debian package): validates docker-compose.yml without a Docker engine
 #   - chromium, fonts-liberation (Debian packages): the dashboard's real-browser test
-# Then: cargo fmt --check, cargo clippy -D warnings, cargo test for the whole workspace.
+# Then: cargo fmt --check, cargo clippy -D warnings, docker-compose config, cargo test for
+# the whole workspace, and scripts/check-docker-build.sh (the Dockerfile's build commands run
+# here; ~11 minutes the first time, cached in target/docker-build-check after).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -17,6 +20,7 @@ command -v cmake >/dev/null || apt_missing+=(cmake)
 command -v pkg-config >/dev/null || apt_missing+=(pkg-config)
 command -v g++ >/dev/null || apt_missing+=(g++)
 dpkg -s libcurl4-openssl-dev >/dev/null 2>&1 || apt_missing+=(libcurl4-openssl-dev)
+dpkg -s libssl-dev >/dev/null 2>&1 || apt_missing+=(libssl-dev)
 command -v docker-compose >/dev/null || apt_missing+=(docker-compose)
 command -v chromium >/dev/null || apt_missing+=(chromium)
 dpkg -s fonts-liberation >/dev/null 2>&1 || apt_missing+=(fonts-liberation)
@@ -42,3 +46,5 @@ if [ -f docker-compose.yml ]; then
 fi
 echo "==> cargo test"
 cargo test --workspace --all-targets "$@"
+echo "==> the Dockerfile's build steps, without a Docker engine"
+./scripts/check-docker-build.sh

@@ -1,0 +1,563 @@
+#!/usr/bin/env bash
+# The benchmark suite, one command:  bench/run.sh [--quick]
+#
+# Builds the workspace in release mode (with the ceiling server, bench/ceiling), starts
+# what each scenario needs (redis-server, the tansu Kafka-protocol broker, the services)
+# on free ports from a scratch directory, drives them with wrk and bench/post.lua, and
+# writes bench/results/<timestamp>.md (also printed). Everything it started is stopped by
+# PID on exit. BENCHMARKS.md explains the scenarios and the numbers.
+#
+# Needs: wrk, redis-server, redis-cli, curl, jq, ss, tansu (scripts/test.sh installs it), and for
+# the fixed-rate latencies oha (cargo install oha --locked; skipped with a note when
+# missing). Honours CARGO_TARGET_DIR (default: the repository's target/).
+#
+# Knobs (environment): BENCH_DURATION (wrk -d, default 10s; 3s with --quick),
+# BENCH_THREADS (2), BENCH_CONNECTIONS (200), BENCH_RATE (oha -q, 10000),
+# BENCH_FILL_USERS (buckets written for the Redis memory measurement, 100000).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+BENCH="$ROOT/bench"
+export PATH="$HOME/.cargo/bin:$PATH"
+QUICK=0
+for arg in "$@"; do
+  case "$arg" in
+    --quick) QUICK=1 ;;
+    -h | --help) sed -n '2,16p' "$0"; exit 0 ;;
+    *) echo "unknown argument: $arg (usage: bench/run.sh [--quick])" >&2; exit 2 ;;
+  esac
+done
+if [ "$QUICK" = 1 ]; then
+  DURATION=${BENCH_DURATION:-3s}
+  FILL_USERS=${BENCH_FILL_USERS:-20000}
+else
+  DURATION=${BENCH_DURATION:-10s}
+  FILL_USERS=${BENCH_FILL_USERS:-100000}
+fi
+THREADS=${BENCH_THREADS:-2}
+CONNS=${BENCH_CONNECTIONS:-200}
+RATE=${BENCH_RATE:-10000}
+TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
+BIN="$TARGET/release"
+CLK_TCK=$(getconf CLK_TCK)
+
+for tool in wrk redis-server redis-cli curl jq ss tansu cargo; do
+  command -v "$tool" >/dev/null || { echo "bench: $tool is not installed" >&2; exit 1; }
+done
+OHA=$(command -v oha || true)
+
+# ---------------------------------------------------------------------------------------
+# Processes: started in the background, remembered by PID, stopped on exit.
+
+SCRATCH=$(mktemp -d /tmp/rl-bench.XXXXXX)
+LOGS="$SCRATCH/logs"
+mkdir -p "$LOGS"
+PIDS=()
+
+stop_pid() {
+  local pid=$1
+  kill -0 "$pid" 2>/dev/null || return 0
+  kill -TERM "$pid" 2>/dev/null || true
+  for _ in $(seq 1 100); do
+    kill -0 "$pid" 2>/dev/null || return 0
+    sleep 0.1
+  done
+  kill -KILL "$pid" 2>/dev/null || true
+}
+
+cleanup() {
+  local status=$?
+  for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do
+    stop_pid "${PIDS[$i]}"
+  done
+  wait 2>/dev/null || true
+  if [ "$status" -eq 0 ]; then
+    rm -rf "$SCRATCH"
+  else
+    echo "bench: failed (exit $status); logs kept in $LOGS" >&2
+  fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+USED_PORTS=" "
+EPHEMERAL_LOW=$(cut -f1 /proc/sys/net/ipv4/ip_local_port_range)
+# pick_port VAR: sets VAR to a port that no socket uses (listening, connected or in TIME_WAIT)
+# and that this run has not handed out yet, below the ephemeral range so that outgoing
+# connections (wrk opens hundreds) cannot take it between the check and the bind.
+pick_port() {
+  local p low=10000 high=$((EPHEMERAL_LOW > 20000 ? EPHEMERAL_LOW : 60000))
+  while :; do
+    p=$((low + RANDOM % (high - low)))
+    case "$USED_PORTS" in *" $p "*) continue ;; esac
+    if [ -z "$(ss -Htan "( sport = :$p )" 2>/dev/null)" ]; then
+      USED_PORTS="$USED_PORTS$p "
+      printf -v "$1" '%s' "$p"
+      return
+    fi
+  done
+}
+
+# start NAME COMMAND... : runs COMMAND from the scratch dir (so no .env is found), logs to
+# logs/NAME.log, and sets LAST_PID.
+start() {
+  local name=$1
+  shift
+  (cd "$SCRATCH" && exec "$@") >"$LOGS/$name.log" 2>&1 &
+  LAST_PID=$!
+  PIDS+=("$LAST_PID")
+}
+
+# wait_http URL [SECONDS]: until URL answers 2xx.
+wait_http() {
+  local url=$1 limit=${2:-60}
+  for _ in $(seq 1 $((limit * 10))); do
+    curl -fsS -o /dev/null --max-time 1 "$url" 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "bench: $url did not come up within ${limit}s" >&2
+  return 1
+}
+
+wait_port() {
+  local port=$1
+  for _ in $(seq 1 300); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "bench: nothing listens on $port after 30s" >&2
+  return 1
+}
+
+now_ms() { date +%s%3N; }
+
+# CPU ticks (user + system, all threads) of a process so far.
+ticks() {
+  local stat
+  stat=$(cat "/proc/$1/stat" 2>/dev/null) || { echo 0; return; }
+  stat=${stat##*) }
+  # shellcheck disable=SC2086
+  set -- $stat
+  echo $((${12} + ${13}))
+}
+
+# CPU ticks of this shell's reaped children (wrk, oha).
+children_ticks() {
+  local stat
+  stat=$(cat "/proc/$$/stat")
+  stat=${stat##*) }
+  # shellcheck disable=SC2086
+  set -- $stat
+  echo $((${14} + ${15}))
+}
+
+# The environment every service gets: everything explicit, nothing from .env or the caller.
+# Used as a command prefix: start NAME "${SERVICE_ENV[@]}" VAR=value... BINARY
+SERVICE_ENV=(env -u CLUSTER_ID
+  BIND_ADDR=127.0.0.1 REDIS_URL= KAFKA_BROKERS= REDIS_KEY_PREFIX=rl:
+  KAFKA_TOPIC=bench-events KAFKA_GROUP_ID=bench-worker KAFKA_PARTITIONS=6
+  RATE_LIMIT_CAPACITY=10 RATE_LIMIT_REFILL_PER_SEC=1 MAX_IN_FLIGHT=4096
+  SHUTDOWN_GRACE_MS=2000 RUST_LOG=info)
+
+# ---------------------------------------------------------------------------------------
+# Load and measurement.
+
+ROWS="$SCRATCH/rows.tsv"      # one line per wrk run
+FIXED="$SCRATCH/fixed.tsv"    # one line per oha run
+NOTES="$SCRATCH/notes.md"     # extra measurements, as markdown lines
+: >"$ROWS"
+: >"$FIXED"
+: >"$NOTES"
+
+# load LABEL URL USERS NAME=PID... : one wrk run at saturation; records requests/s,
+# latency percentiles and each process's CPU seconds per 1,000 requests.
+load() {
+  local label=$1 url=$2 users=$3
+  shift 3
+  local slug=${label//[^A-Za-z0-9]/_}_$users
+  local procs=("$@") before=() p c0 c1
+  for p in "${procs[@]}"; do before+=("$(ticks "${p#*=}")"); done
+  c0=$(children_ticks)
+  echo "== $label, $users users: wrk -t$THREADS -c$CONNS -d$DURATION $url" >&2
+  wrk -t"$THREADS" -c"$CONNS" -d"$DURATION" --latency -s "$BENCH/post.lua" "$url" -- "$users" \
+    >"$LOGS/$slug.wrk" 2>&1
+  c1=$(children_ticks)
+  local line
+  line=$(grep '^BENCH ' "$LOGS/$slug.wrk") || {
+    cat "$LOGS/$slug.wrk" >&2
+    return 1
+  }
+  local requests
+  requests=$(sed -E 's/.*requests=([0-9]+).*/\1/' <<<"$line")
+  local cpu="" i=0
+  for p in "${procs[@]}"; do
+    local spent=$(($(ticks "${p#*=}") - before[i]))
+    cpu+="${p%%=*} $(awk -v t="$spent" -v hz="$CLK_TCK" -v n="$requests" \
+      'BEGIN { printf "%.3f", n ? t / hz / n * 1000 : 0 }'), "
+    i=$((i + 1))
+  done
+  cpu+="wrk $(awk -v t="$((c1 - c0))" -v hz="$CLK_TCK" -v n="$requests" \
+    'BEGIN { printf "%.3f", n ? t / hz / n * 1000 : 0 }')"
+  printf '%s\t%s\t%s\t%s\n' "$label" "$users" "$line" "$cpu" >>"$ROWS"
+  grep '^BENCH ' "$LOGS/$slug.wrk" >&2
+}
+
+# Bodies for oha, one a line: the 10,000 users in a random order (oha -Z cycles through them).
+BODIES="$SCRATCH/bodies.txt"
+seq 0 9999 | shuf | sed 's/.*/{"user_id":"user-&"}/' >"$BODIES"
+
+# fixed LABEL URL : latency at a fixed offered rate (open loop) with oha, over 10,000 users.
+fixed() {
+  local label=$1 url=$2
+  if [ -z "$OHA" ]; then
+    printf '%s\tskipped: oha not installed\n' "$label" >>"$FIXED"
+    return
+  fi
+  local slug=${label//[^A-Za-z0-9]/_}_fixed
+  echo "== $label: oha -q $RATE -z $DURATION --latency-correction $url" >&2
+  "$OHA" -z "$DURATION" -q "$RATE" --latency-correction -c "$CONNS" --no-tui \
+    --output-format json -m POST -H 'Content-Type: application/json' \
+    -Z "$BODIES" "$url" >"$LOGS/$slug.json" 2>"$LOGS/$slug.err" || {
+    printf '%s\tfailed: see logs\n' "$label" >>"$FIXED"
+    return
+  }
+  printf '%s\t%s\n' "$label" "$(jq -r '[.summary.requestsPerSec,
+      .latencyPercentiles.p50, .latencyPercentiles.p90, .latencyPercentiles.p99,
+      .latencyPercentiles["p99.9"], ((.statusCodeDistribution | to_entries
+      | map(select(.key != "200")) | map(.value) | add) // 0),
+      ((.errorDistribution | to_entries
+      | map(select(.key != "aborted due to deadline")) | map(.value) | add) // 0)]
+      | map(tostring) | join(" ")' "$LOGS/$slug.json")" >>"$FIXED"
+}
+
+# events COUNT from the worker's /stats.
+worker_events() { curl -fsS --max-time 2 "http://127.0.0.1:$1/stats" | jq -r .events; }
+
+# ---------------------------------------------------------------------------------------
+echo "== building (release): cargo build --release --workspace" >&2
+(cd "$ROOT" && cargo build --release --workspace --quiet)
+for bin in distributed-rate-limiter gateway rate-limiter analytics-worker bench-ceiling; do
+  [ -x "$BIN/$bin" ] || { echo "bench: $BIN/$bin was not built" >&2; exit 1; }
+done
+
+STARTED=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+STAMP=$(date -u +%Y%m%d-%H%M%S)
+cd "$SCRATCH"
+
+# --- Ceiling: bare axum, the same JSON body, no state ----------------------------------
+pick_port CEILING_PORT
+start ceiling env CEILING_PORT="$CEILING_PORT" "$BIN/bench-ceiling"
+CEILING_PID=$LAST_PID
+wait_port "$CEILING_PORT"
+CEILING_URL="http://127.0.0.1:$CEILING_PORT/api"
+wrk -t"$THREADS" -c"$CONNS" -d2s -s "$BENCH/post.lua" "$CEILING_URL" -- 10000 >/dev/null
+load "ceiling (bare axum)" "$CEILING_URL" 10000 "ceiling=$CEILING_PID"
+fixed "ceiling (bare axum)" "$CEILING_URL"
+
+# --- (1) The all-in-one default: embedded, memory buckets, in-process events ----------
+pick_port GW
+pick_port LIM
+start all-in-one "${SERVICE_ENV[@]}" GATEWAY_PORT="$GW" LIMITER_PORT="$LIM" "$BIN/distributed-rate-limiter"
+AIO_PID=$LAST_PID
+wait_http "http://127.0.0.1:$GW/healthz"
+AIO_URL="http://127.0.0.1:$GW/api"
+wrk -t"$THREADS" -c"$CONNS" -d2s -s "$BENCH/post.lua" "$AIO_URL" -- 10000 >/dev/null
+for users in 10000 1 1000000; do
+  load "all-in-one (embedded)" "$AIO_URL" "$users" "all-in-one=$AIO_PID"
+done
+fixed "all-in-one (embedded)" "$AIO_URL"
+stop_pid "$AIO_PID"
+
+# --- (2) The three services apart on Redis and Kafka ----------------------------------
+pick_port REDIS_PORT
+start redis redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no
+REDIS_PID=$LAST_PID
+pick_port KAFKA_PORT
+start tansu env -u CLUSTER_ID tansu broker --storage-engine memory://tansu/ \
+  --listener-url "tcp://127.0.0.1:$KAFKA_PORT" --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT"
+TANSU_PID=$LAST_PID
+wait_port "$REDIS_PORT"
+wait_port "$KAFKA_PORT"
+REDIS_URL="redis://127.0.0.1:$REDIS_PORT/0"
+BROKERS="127.0.0.1:$KAFKA_PORT"
+
+pick_port LIM
+start rate-limiter "${SERVICE_ENV[@]}" LIMITER_PORT="$LIM" REDIS_URL="$REDIS_URL" KAFKA_BROKERS="$BROKERS" \
+  "$BIN/rate-limiter"
+LIM_PID=$LAST_PID
+wait_http "http://127.0.0.1:$LIM/readyz"
+pick_port WORKER_PORT
+start analytics-worker "${SERVICE_ENV[@]}" WORKER_PORT="$WORKER_PORT" REDIS_URL="$REDIS_URL" \
+  KAFKA_BROKERS="$BROKERS" "$BIN/analytics-worker"
+WORKER_PID=$LAST_PID
+wait_http "http://127.0.0.1:$WORKER_PORT/readyz"
+pick_port GW
+start gateway "${SERVICE_ENV[@]}" GATEWAY_PORT="$GW" LIMITER_URL="http://127.0.0.1:$LIM" \
+  REDIS_URL="$REDIS_URL" "$BIN/gateway"
+GW_PID=$LAST_PID
+wait_http "http://127.0.0.1:$GW/healthz"
+DIST_URL="http://127.0.0.1:$GW/api"
+
+# The pipeline is live once a decision shows up in the counters (group joined, topic made).
+probe_user() {
+  local user=$1
+  curl -fsS -o /dev/null --max-time 2 -X POST -H 'Content-Type: application/json' \
+    -d "{\"user_id\":\"$user\"}" "$DIST_URL" || true
+}
+counted() {
+  local body
+  body=$(curl -fsS --max-time 2 "http://127.0.0.1:$GW/analytics/$1" 2>/dev/null) || return 1
+  [[ "$body" =~ \"total\":1[,}] ]]
+}
+probe_user bench-warmup
+for _ in $(seq 1 600); do
+  counted bench-warmup && break
+  sleep 0.1
+done
+counted bench-warmup || { echo "bench: the analytics pipeline did not count a decision in 60s" >&2; exit 1; }
+
+DIST_PROCS=("gateway=$GW_PID" "rate-limiter=$LIM_PID" "analytics-worker=$WORKER_PID"
+  "redis=$REDIS_PID" "tansu=$TANSU_PID")
+wrk -t"$THREADS" -c"$CONNS" -d2s -s "$BENCH/post.lua" "$DIST_URL" -- 10000 >/dev/null
+load "distributed (gateway, limiter, Redis, Kafka, worker)" "$DIST_URL" 10000 "${DIST_PROCS[@]}"
+
+# Lag from decision to counter, in a second run of the same load (the probes' curl
+# processes take CPU, so they stay out of the saturation numbers): a probe user gets one
+# request, then its counter is polled until it shows; the lag is from just before the
+# request was sent (an upper bound) to the first poll that sees it.
+LAGS="$SCRATCH/lag.txt"
+: >"$LAGS"
+lag_probe() {
+  local k=0 t0 user
+  while [ -e "$SCRATCH/probing" ]; do
+    k=$((k + 1))
+    user="lag-probe-$1-$k"
+    t0=$(now_ms)
+    probe_user "$user"
+    while ! counted "$user"; do
+      if [ $(($(now_ms) - t0)) -gt 30000 ]; then break; fi
+      sleep 0.01
+    done
+    echo $(($(now_ms) - t0)) >>"$LAGS"
+    sleep 0.1
+  done
+}
+# Two probes at a time, for more samples.
+echo "== lag: the same load again, with probes" >&2
+touch "$SCRATCH/probing"
+PROBE_PIDS=()
+for probe in 1 2; do
+  lag_probe "$probe" &
+  PROBE_PIDS+=("$!")
+  PIDS+=("$!")
+done
+wrk -t"$THREADS" -c"$CONNS" -d"$DURATION" -s "$BENCH/post.lua" "$DIST_URL" -- 10000 \
+  >"$LOGS/lag.wrk" 2>&1
+LOAD_END=$(now_ms)
+LAG_RPS=$(sed -nE 's/^BENCH .*rps=([0-9]+).*/\1/p' "$LOGS/lag.wrk")
+rm -f "$SCRATCH/probing"
+wait "${PROBE_PIDS[@]}" || true
+# Drain: how long after the load stops until the worker has counted everything.
+last=-1
+stable_since=$(now_ms)
+while :; do
+  ev=$(worker_events "$WORKER_PORT")
+  if [ "$ev" != "$last" ]; then
+    last=$ev
+    stable_since=$(now_ms)
+  elif [ $(($(now_ms) - stable_since)) -ge 2000 ]; then
+    break
+  fi
+  sleep 0.05
+done
+DRAIN_MS=$((stable_since - LOAD_END))
+[ "$DRAIN_MS" -lt 0 ] && DRAIN_MS=0
+sort -n "$LAGS" | awk -v drain="$DRAIN_MS" -v rps="$LAG_RPS" '
+  { v[NR] = $1 }
+  END {
+    if (NR == 0) { print "- Lag from decision to counter: no samples"; exit }
+    p50 = v[int((NR - 1) * 0.50) + 1]; p99 = v[int((NR - 1) * 0.99) + 1]
+    printf "- **Lag from decision to counter** at the distributed path'"'"'s full load "
+    printf "(%s requests/s over 10,000 users, with the probes running): ", rps
+    printf "%d probes, p50 %d ms, p99 %d ms, max %d ms. ", NR, p50, p99, v[NR]
+    printf "After the load stopped, the worker counted its last event %d ms later.\n", drain
+  }' >>"$NOTES"
+
+for users in 1 1000000; do
+  load "distributed (gateway, limiter, Redis, Kafka, worker)" "$DIST_URL" "$users" "${DIST_PROCS[@]}"
+done
+load "limiter /check alone (Redis, Kafka)" "http://127.0.0.1:$LIM/check" 10000 \
+  "rate-limiter=$LIM_PID" "analytics-worker=$WORKER_PID" "redis=$REDIS_PID" "tansu=$TANSU_PID"
+fixed "distributed (gateway, limiter, Redis, Kafka, worker)" "$DIST_URL"
+
+# --- The analytics worker's rate into Redis: a backlog drained by one fresh worker -----
+for _ in $(seq 1 100); do
+  a=$(worker_events "$WORKER_PORT")
+  sleep 1
+  [ "$a" = "$(worker_events "$WORKER_PORT")" ] && break
+done
+stop_pid "$WORKER_PID"
+echo "== worker stopped; building a backlog in Kafka" >&2
+wrk -t"$THREADS" -c"$CONNS" -d"$DURATION" -s "$BENCH/post.lua" "$DIST_URL" -- 10000 \
+  >"$LOGS/backlog.wrk" 2>&1
+BACKLOG=$(sed -nE 's/^BENCH requests=([0-9]+).*/\1/p' "$LOGS/backlog.wrk")
+sleep 2 # the producer lingers 5 ms and retries; let it hand everything to the broker
+pick_port WORKER_PORT
+start analytics-worker-2 "${SERVICE_ENV[@]}" WORKER_PORT="$WORKER_PORT" REDIS_URL="$REDIS_URL" \
+  KAFKA_BROKERS="$BROKERS" "$BIN/analytics-worker"
+WORKER_PID=$LAST_PID
+wait_http "http://127.0.0.1:$WORKER_PORT/healthz"
+w0=$(ticks "$WORKER_PID")
+r0=$(ticks "$REDIS_PID")
+first_ms=0
+first_ev=0
+last=0
+last_ms=0
+stable_since=$(now_ms)
+deadline=$(($(now_ms) + 120000))
+while [ "$(now_ms)" -lt "$deadline" ]; do
+  ev=$(worker_events "$WORKER_PORT" 2>/dev/null || echo 0)
+  t=$(now_ms)
+  if [ "$ev" -gt 0 ] && [ "$first_ms" = 0 ]; then
+    first_ms=$t
+    first_ev=$ev
+  fi
+  if [ "$ev" != "$last" ]; then
+    last=$ev
+    last_ms=$t
+    stable_since=$t
+  elif [ "$ev" -gt 0 ] && [ $((t - stable_since)) -ge 3000 ]; then
+    break
+  fi
+  sleep 0.02
+done
+w1=$(ticks "$WORKER_PID")
+r1=$(ticks "$REDIS_PID")
+awk -v backlog="$BACKLOG" -v first="$first_ev" -v n="$last" -v t0="$first_ms" -v t1="$last_ms" \
+  -v wt="$((w1 - w0))" -v rt="$((r1 - r0))" -v hz="$CLK_TCK" 'BEGIN {
+    dt = (t1 - t0) / 1000
+    printf "- **Analytics worker into Redis**: a backlog of %d decisions (%d events with the probes) ", backlog, n
+    printf "left in Kafka while no worker ran, then drained by one fresh worker: "
+    if (dt > 0) printf "%.0f events/s ", (n - first) / dt
+    else printf "too fast to time "
+    printf "(%d events between the first and the last /stats change, %.2f s apart; ", n - first, dt
+    printf "worker %.3f CPU s and Redis %.3f CPU s per 1,000 events).\n", wt / hz / n * 1000, rt / hz / n * 1000
+  }' >>"$NOTES"
+
+# --- Bytes per active bucket ------------------------------------------------------------
+# Redis: a fresh redis-server and a limiter that refills so slowly that no bucket expires
+# during the measurement; FILL_USERS distinct users through /check, then INFO memory's
+# used_memory delta per key and MEMORY USAGE of sampled keys.
+pick_port REDIS2_PORT
+start redis-memory redis-server --port "$REDIS2_PORT" --bind 127.0.0.1 --save "" --appendonly no
+wait_port "$REDIS2_PORT"
+pick_port LIM2
+start rate-limiter-fill "${SERVICE_ENV[@]}" LIMITER_PORT="$LIM2" REDIS_URL="redis://127.0.0.1:$REDIS2_PORT/0" \
+  KAFKA_BROKERS="$BROKERS" KAFKA_TOPIC=bench-fill RATE_LIMIT_REFILL_PER_SEC=0.0001 \
+  "$BIN/rate-limiter"
+FILL_PID=$LAST_PID
+wait_http "http://127.0.0.1:$LIM2/readyz"
+curl -fsS -o /dev/null -X POST -H 'Content-Type: application/json' -d '{"user_id":"warm-up"}' \
+  "http://127.0.0.1:$LIM2/check"
+rcli() { redis-cli -p "$REDIS2_PORT" "$@"; }
+used_memory() { rcli INFO memory | tr -d '\r' | sed -n 's/^used_memory:\([0-9]*\)$/\1/p'; }
+keys0=$(rcli DBSIZE)
+mem0=$(used_memory)
+# Sequential ids: every request a new user, until FILL_USERS buckets exist.
+round=0
+while [ "$(rcli DBSIZE)" -lt $((keys0 + FILL_USERS)) ]; do
+  round=$((round + 1))
+  wrk -t"$THREADS" -c50 -d1s -s "$BENCH/post.lua" "http://127.0.0.1:$LIM2/check" -- 0 seq \
+    "$((round * 1000000000))" >>"$LOGS/fill.wrk" 2>&1
+done
+keys1=$(rcli DBSIZE)
+mem1=$(used_memory)
+sample_total=0
+sample_n=0
+example=
+for _ in $(seq 1 200); do
+  key=$(rcli RANDOMKEY)
+  case "$key" in rl:b*) ;; *) continue ;; esac
+  bytes=$(rcli MEMORY USAGE "$key")
+  sample_total=$((sample_total + bytes))
+  sample_n=$((sample_n + 1))
+  example=$key
+done
+awk -v m0="$mem0" -v m1="$mem1" -v k0="$keys0" -v k1="$keys1" -v st="$sample_total" -v sn="$sample_n" \
+  -v key="$example" -v val="$(rcli GET "$example")" 'BEGIN {
+    printf "- **Redis bytes per active bucket**: %.0f (INFO memory used_memory grew %d bytes for %d bucket keys); ", (m1 - m0) / (k1 - k0), m1 - m0, k1 - k0
+    printf "MEMORY USAGE averages %.0f bytes over %d sampled keys (e.g. `%s` = `%s`).\n", sn ? st / sn : 0, sn, key, val
+  }' >>"$NOTES"
+stop_pid "$FILL_PID"
+
+# Memory store: the allocator-counted measurement of rate-limiter/tests/memory_bound.rs.
+echo "== memory store: cargo test --release -p rate-limiter --test memory_bound" >&2
+if (cd "$ROOT" && cargo test --release --quiet -p rate-limiter --test memory_bound -- --nocapture) \
+  >"$LOGS/memory_bound.log" 2>&1; then
+  per=$(sed -nE 's/^memory store: ([0-9]+) bytes per active bucket.*/\1/p' "$LOGS/memory_bound.log")
+  echo "- **Memory store bytes per active bucket**: $per (heap growth counted by a global allocator over 1,000,000 users, \`rate-limiter/tests/memory_bound.rs\`; the map's table included)." >>"$NOTES"
+else
+  echo "- Memory store bytes per active bucket: the memory_bound test failed (see its log)." >>"$NOTES"
+fi
+
+# --- The ceiling again, for the noise ---------------------------------------------------
+load "ceiling (bare axum)" "$CEILING_URL" 10000 "ceiling=$CEILING_PID"
+
+# ---------------------------------------------------------------------------------------
+# The report.
+mkdir -p "$BENCH/results"
+REPORT="$BENCH/results/$STAMP.md"
+CPU_MODEL=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)
+MEM_GB=$(awk '/MemTotal/ { printf "%.1f", $2 / 1048576 }' /proc/meminfo)
+LOADAVG=$(cut -d' ' -f1-3 /proc/loadavg)
+{
+  echo "# Benchmark run $STARTED"
+  echo
+  echo "Machine: $(nproc) CPUs ($CPU_MODEL), $MEM_GB GiB RAM, $(uname -sr); load average at the end: $LOADAVG."
+  echo "Command: \`bench/run.sh$([ "$QUICK" = 1 ] && echo " --quick")\`; load: \`wrk -t$THREADS -c$CONNS -d$DURATION --latency -s bench/post.lua URL -- <users>\`"
+  echo "(POST \`{\"user_id\":\"user-<n>\"}\`, n uniform over the users); policy: capacity 10, 1 token/s."
+  echo
+  echo "## Saturation (wrk, closed loop)"
+  echo
+  echo "| Scenario | Users | Requests/s | × ceiling | p50 ms | p90 ms | p99 ms | p99.9 ms | non-2xx | errors | CPU s per 1,000 requests |"
+  echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"
+  awk -F'\t' '
+    function field(line, name,   m) { match(line, name "=[0-9.]+"); return substr(line, RSTART + length(name) + 1, RLENGTH - length(name) - 1) }
+    { label[NR] = $1; users[NR] = $2; line[NR] = $3; cpu[NR] = $4
+      if ($1 ~ /^ceiling/) { ceil += field($3, "rps"); nceil++ } }
+    END {
+      ceil = nceil ? ceil / nceil : 0
+      for (i = 1; i <= NR; i++) {
+        rps = field(line[i], "rps"); n = field(line[i], "requests")
+        printf "| %s | %s | %.0f | %.2f | %.2f | %.2f | %.2f | %.2f | %.1f %% | %d | %s |\n",
+          label[i], users[i], rps, ceil ? rps / ceil : 0,
+          field(line[i], "p50_us") / 1000, field(line[i], "p90_us") / 1000,
+          field(line[i], "p99_us") / 1000, field(line[i], "p999_us") / 1000,
+          n ? field(line[i], "non2xx") / n * 100 : 0, field(line[i], "errors"), cpu[i]
+      }
+      printf "\nCeiling (mean of the runs above): %.0f requests/s. non-2xx are 429 rate_limited answers (each a full decision).\n", ceil
+    }' "$ROWS"
+  echo
+  echo "## Latency at a fixed offered rate (oha -q $RATE --latency-correction, open loop, 10,000 users)"
+  echo
+  echo "| Scenario | Achieved req/s | p50 ms | p90 ms | p99 ms | p99.9 ms | non-200 | errors |"
+  echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+  while IFS=$'\t' read -r label rest; do
+    case "$rest" in
+      skipped* | failed*) echo "| $label | $rest | | | | | | |" ;;
+      *)
+        # shellcheck disable=SC2086
+        set -- $rest
+        awk -v l="$label" -v r="$1" -v a="$2" -v b="$3" -v c="$4" -v d="$5" -v e="$6" -v f="$7" \
+          'BEGIN { printf "| %s | %.0f | %.2f | %.2f | %.2f | %.2f | %s | %s |\n", l, r, a * 1000, b * 1000, c * 1000, d * 1000, e, f }'
+        ;;
+    esac
+  done <"$FIXED"
+  echo
+  echo "## Analytics and memory"
+  echo
+  cat "$NOTES"
+} >"$REPORT"
+cat "$REPORT"
+echo >&2
+echo "bench: report written to $REPORT" >&2
