@@ -6,13 +6,6 @@ mod common;
 use common::*;
 use testkit::unique;
 
-const POLICY: [&str; 4] = [
-    "--rate-limit-capacity",
-    "5",
-    "--rate-limit-refill-per-sec",
-    "2",
-];
-
 #[tokio::test]
 async fn metrics_and_status_show_the_traffic() {
     let system = all_in_one(&POLICY).await;

@@ -137,13 +137,6 @@ async fn flow(gateway: SocketAddr) {
     );
 }
 
-const POLICY: [&str; 4] = [
-    "--rate-limit-capacity",
-    "5",
-    "--rate-limit-refill-per-sec",
-    "2",
-];
-
 #[tokio::test]
 async fn embedded_default_limits_and_counts() {
     let system = all_in_one(&POLICY).await;

@@ -18,6 +18,14 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+/// Capacity 5, refill 2/s: the policy of the end-to-end flows.
+pub const POLICY: [&str; 4] = [
+    "--rate-limit-capacity",
+    "5",
+    "--rate-limit-refill-per-sec",
+    "2",
+];
+
 pub async fn listener() -> TcpListener {
     TcpListener::bind("127.0.0.1:0").await.unwrap()
 }

@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::ops::RangeInclusive;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -50,6 +50,8 @@ pub struct MemoryCounters {
     users: DashMap<Box<str>, UserCounters>,
     global: Mutex<Global>,
     max_users: usize,
+    /// Distinct users held (users are never removed).
+    user_count: AtomicUsize,
     retention_minutes: u64,
     overflow: AtomicU64,
 }
@@ -60,6 +62,7 @@ impl MemoryCounters {
             users: DashMap::new(),
             global: Mutex::default(),
             max_users,
+            user_count: AtomicUsize::new(0),
             retention_minutes: (retention.as_millis() as u64 / MINUTE_MS).max(1),
             overflow: AtomicU64::new(0),
         }
@@ -74,7 +77,8 @@ impl MemoryCounters {
         for (offset, event) in &batch.events {
             let mut entry = match self.users.get_mut(event.user_id.as_str()) {
                 Some(entry) => entry,
-                None if self.users.len() >= self.max_users => {
+                // The count, not `DashMap::len` (which visits every shard), per new user.
+                None if self.user_count.load(Ordering::Relaxed) >= self.max_users => {
                     let n = self.overflow.fetch_add(1, Ordering::Relaxed) + 1;
                     if n == 1 || n.is_multiple_of(10_000) {
                         tracing::warn!(
@@ -88,7 +92,10 @@ impl MemoryCounters {
                 None => self
                     .users
                     .entry(Box::from(event.user_id.as_str()))
-                    .or_default(),
+                    .or_insert_with(|| {
+                        self.user_count.fetch_add(1, Ordering::Relaxed);
+                        UserCounters::default()
+                    }),
             };
             if let Some(partition) = batch.partition {
                 match entry.applied.iter_mut().find(|(p, _)| *p == partition) {
