@@ -183,28 +183,31 @@ pub fn with_common_layers(router: Router) -> Router {
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
 }
 
-/// Bounds in-flight work: past `max_in_flight` concurrent requests a request is shed at
-/// once with 429 (never queued), and one running longer than `timeout` answers 503.
+/// Bounds in-flight work: past `max_in_flight` concurrent requests (all routes together) a
+/// request is shed at once with 429 (never queued), and one running longer than `timeout`
+/// answers 503.
 pub fn with_load_shedding(router: Router, max_in_flight: usize, timeout: Duration) -> Router {
-    router.layer(
-        tower::ServiceBuilder::new()
-            .layer(HandleErrorLayer::new(|err: tower::BoxError| async move {
-                if err.is::<tower::load_shed::error::Overloaded>() {
-                    ApiError::Overloaded
-                } else if err.is::<tower::timeout::error::Elapsed>() {
-                    ApiError::Timeout
-                } else {
-                    tracing::error!(error = %err, "middleware error");
-                    ApiError::Unavailable {
-                        what: "service",
-                        retry_after_secs: 1,
-                    }
+    // Around the whole router (not `Router::layer`, which wraps each route apart), so the
+    // limit counts every request the service has in flight.
+    let service = tower::ServiceBuilder::new()
+        .layer(HandleErrorLayer::new(|err: tower::BoxError| async move {
+            if err.is::<tower::load_shed::error::Overloaded>() {
+                ApiError::Overloaded
+            } else if err.is::<tower::timeout::error::Elapsed>() {
+                ApiError::Timeout
+            } else {
+                tracing::error!(error = %err, "middleware error");
+                ApiError::Unavailable {
+                    what: "service",
+                    retry_after_secs: 1,
                 }
-            }))
-            .load_shed()
-            .concurrency_limit(max_in_flight.max(1))
-            .timeout(timeout),
-    )
+            }
+        }))
+        .load_shed()
+        .concurrency_limit(max_in_flight.max(1))
+        .timeout(timeout)
+        .service(router);
+    Router::new().fallback_service(service)
 }
 
 /// Serves `router` on `listener` until `shutdown`, then stops accepting and lets in-flight
@@ -251,24 +254,24 @@ mod tests {
     #[tokio::test]
     async fn sheds_past_the_in_flight_limit_and_times_out_slow_requests() {
         use tower::ServiceExt;
-        // with_state turns handlers into services once, as the services' routers do.
+        // Two slow routes share the one limit. with_state turns handlers into services
+        // once, as the services' routers do.
+        let handler = || async {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            "done"
+        };
         let slow = Router::new()
-            .route(
-                "/slow",
-                axum::routing::get(|| async {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    "done"
-                }),
-            )
+            .route("/slow", axum::routing::get(handler))
+            .route("/other", axum::routing::get(handler))
             .with_state(());
 
         let router = with_load_shedding(slow, 5, Duration::from_secs(5));
-        let calls: Vec<_> = (0..50)
-            .map(|_| {
+        let calls: Vec<_> = (0..50usize)
+            .map(|i| {
                 let router = router.clone();
                 tokio::spawn(async move {
                     let req = Request::builder()
-                        .uri("/slow")
+                        .uri(if i % 2 == 0 { "/slow" } else { "/other" })
                         .body(axum::body::Body::empty())
                         .unwrap();
                     let response = router.oneshot(req).await.unwrap();
