@@ -86,10 +86,12 @@ impl System {
         let batch_max = config.worker.batch_max as usize;
         let worker = match (events, config.kafka.brokers()) {
             (Some(events), _) => SpawnedWorker::in_process(events, counters.clone(), batch_max),
+            #[cfg(feature = "kafka")]
             (None, Some(brokers)) => {
                 SpawnedWorker::kafka(&config.kafka, brokers, counters.clone(), batch_max)?
             }
-            (None, None) => unreachable!("without Kafka the limiter publishes in-process"),
+            // Without the feature, `build` refused KAFKA_BROKERS already.
+            (None, _) => unreachable!("without Kafka the limiter publishes in-process"),
         };
         let worker_stats = worker.stats.clone();
         let status = gateway::status::LocalStatus {

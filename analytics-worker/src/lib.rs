@@ -87,6 +87,7 @@ pub fn router(store: Arc<dyn CounterStore>, stats: Arc<WorkerStats>) -> Router {
     ratelimit_core::http::with_common_layers(routes)
 }
 
+#[cfg(feature = "kafka")]
 /// Runs the standalone worker: a Kafka group member counting into Redis, with its health
 /// endpoints on `listener`, until `shutdown`.
 pub async fn run(
@@ -176,6 +177,7 @@ impl SpawnedWorker {
         )
     }
 
+    #[cfg(feature = "kafka")]
     /// Joins the Kafka consumer group and counts the topic.
     pub fn kafka(
         kafka: &ratelimit_core::config::KafkaArgs,

@@ -22,9 +22,9 @@ pub struct WorkerStats {
     /// Failed attempts to apply a batch (each retried).
     pub store_errors: AtomicU64,
     /// The stream partitions this worker owns (Kafka), shared with the consumer.
-    pub partitions: crate::source::kafka::Assignment,
+    pub partitions: crate::source::Assignment,
     /// Consumer lag per partition (Kafka), from the client's statistics.
-    pub lag: crate::source::kafka::Lag,
+    pub lag: crate::source::Lag,
 }
 
 impl WorkerStats {

@@ -18,6 +18,7 @@ pub mod clock;
 pub mod config;
 pub mod event;
 pub mod http;
+#[cfg(feature = "kafka")]
 pub mod kafka;
 pub mod keys;
 pub mod metrics;

@@ -11,6 +11,7 @@
 pub mod breaker;
 pub mod config;
 pub mod http;
+#[cfg(feature = "kafka")]
 pub mod kafka;
 pub mod limiter;
 pub mod store;
@@ -27,6 +28,10 @@ use crate::breaker::Breaker;
 use crate::config::LimiterArgs;
 use crate::limiter::Limiter;
 use crate::store::{BucketStore, MemoryStore, RedisStore};
+
+/// Why a build without the `kafka` feature refuses `KAFKA_BROKERS`.
+pub const NO_KAFKA: &str = "KAFKA_BROKERS is set, but this binary was built without Kafka support: \
+build it with `--features kafka` (cargo build --release --workspace does), or unset KAFKA_BROKERS";
 
 /// How often the memory stores forget buckets that have refilled completely.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
@@ -72,10 +77,13 @@ pub async fn build(
     ));
     fallback.spawn_sweeper(SWEEP_INTERVAL, shutdown.clone());
     let (publisher, events): (Arc<dyn EventPublisher>, _) = match kafka.brokers() {
+        #[cfg(feature = "kafka")]
         Some(brokers) => {
             ratelimit_core::kafka::ensure_topic(kafka, brokers, shutdown.clone());
             (Arc::new(kafka::KafkaPublisher::new(kafka, brokers)?), None)
         }
+        #[cfg(not(feature = "kafka"))]
+        Some(_) => anyhow::bail!("{NO_KAFKA}"),
         None => {
             let (tx, rx) = stream::channel(args.event_buffer as usize);
             (Arc::new(tx), Some(rx))

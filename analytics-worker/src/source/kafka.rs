@@ -2,8 +2,6 @@
 //! taken over when one leaves. Offsets are committed by hand, only after the worker has
 //! made the counters durable ([`EventSource::commit`]).
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -16,12 +14,7 @@ use rdkafka::consumer::{
 use rdkafka::error::KafkaError;
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 
-use super::{EventSource, Record};
-
-/// The partitions this group member owns, kept current by the rebalance callbacks.
-pub type Assignment = Arc<Mutex<BTreeSet<i32>>>;
-/// Consumer lag per owned partition, from librdkafka's statistics (every 5 s).
-pub type Lag = Arc<Mutex<BTreeMap<i32, i64>>>;
+use super::{Assignment, EventSource, Lag, Record};
 
 /// Records assignments and revocations as the group rebalances, and the lag.
 struct GroupContext {

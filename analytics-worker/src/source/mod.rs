@@ -2,6 +2,7 @@
 //! embedded default) and a Kafka consumer group.
 
 mod channel;
+#[cfg(feature = "kafka")]
 pub mod kafka;
 
 use async_trait::async_trait;
@@ -9,7 +10,13 @@ use ratelimit_core::RateLimitEvent;
 use ratelimit_core::event::DecodeError;
 
 pub use self::channel::ChannelSource;
+#[cfg(feature = "kafka")]
 pub use self::kafka::KafkaSource;
+
+/// The partitions a group member owns, kept current by the rebalance callbacks.
+pub type Assignment = std::sync::Arc<std::sync::Mutex<std::collections::BTreeSet<i32>>>;
+/// Consumer lag per owned partition.
+pub type Lag = std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<i32, i64>>>;
 
 /// One record read from the stream.
 #[derive(Debug)]
