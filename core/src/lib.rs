@@ -10,6 +10,7 @@
 //! - [`http`]: axum pieces shared by the HTTP services (strict JSON extractor, error bodies).
 //! - [`config`]: configuration sections read from `.env` and the environment.
 //! - [`metrics`]: the Prometheus recorder, `/metrics` rendering, HTTP request metrics.
+//! - [`redis`]: the Redis connection and deadline both Redis stores use.
 //! - [`runtime`]: logging set-up and the one shutdown signal.
 
 pub mod api;
@@ -22,6 +23,7 @@ pub mod http;
 pub mod kafka;
 pub mod keys;
 pub mod metrics;
+pub mod redis;
 pub mod runtime;
 pub mod stream;
 

@@ -38,12 +38,31 @@ pub trait EventPublisher: Send + Sync + 'static {
     async fn flush(&self, timeout: Duration) -> bool;
 }
 
+/// Counts dropped events and logs the first drop and then every 1,000th, so a flood of
+/// drops does not flood the log.
+#[derive(Debug, Default)]
+pub struct DropCounter(AtomicU64);
+
+impl DropCounter {
+    pub fn drop_one(&self, reason: &str) {
+        let dropped = self.0.fetch_add(1, Ordering::Relaxed) + 1;
+        if dropped == 1 || dropped.is_multiple_of(1000) {
+            tracing::warn!(dropped_total = dropped, reason, "decision event dropped");
+        }
+    }
+
+    /// Events dropped so far.
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
 /// The in-process stream: a bounded channel into the analytics worker of the same process.
 #[derive(Clone)]
 pub struct ChannelPublisher {
     tx: mpsc::Sender<RateLimitEvent>,
     published: Arc<AtomicU64>,
-    dropped: Arc<AtomicU64>,
+    dropped: Arc<DropCounter>,
 }
 
 /// The receiving end of [`channel`], read by the analytics worker.
@@ -69,24 +88,15 @@ impl EventPublisher for ChannelPublisher {
             Ok(()) => {
                 self.published.fetch_add(1, Ordering::Relaxed);
             }
-            Err(err) => {
-                let dropped = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
-                // Log the first drop and then every 1,000th, so a flood does not flood the log.
-                if dropped == 1 || dropped.is_multiple_of(1000) {
-                    let reason = match err {
-                        mpsc::error::TrySendError::Full(_) => "buffer full",
-                        mpsc::error::TrySendError::Closed(_) => "stream closed",
-                    };
-                    tracing::warn!(dropped_total = dropped, reason, "decision event dropped");
-                }
-            }
+            Err(mpsc::error::TrySendError::Full(_)) => self.dropped.drop_one("buffer full"),
+            Err(mpsc::error::TrySendError::Closed(_)) => self.dropped.drop_one("stream closed"),
         }
     }
 
     fn stats(&self) -> PublisherStats {
         PublisherStats {
             published: self.published.load(Ordering::Relaxed),
-            dropped: self.dropped.load(Ordering::Relaxed),
+            dropped: self.dropped.get(),
             buffered: (self.tx.max_capacity() - self.tx.capacity()) as u64,
         }
     }

@@ -13,7 +13,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use ratelimit_core::RateLimitEvent;
 use ratelimit_core::config::KafkaArgs;
-use ratelimit_core::stream::{EventPublisher, PublisherStats};
+use ratelimit_core::stream::{DropCounter, EventPublisher, PublisherStats};
 use rdkafka::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{DeliveryResult, Message};
@@ -22,20 +22,10 @@ use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer}
 #[derive(Default)]
 struct Counters {
     published: AtomicU64,
-    delivered: AtomicU64,
-    dropped: AtomicU64,
+    dropped: DropCounter,
 }
 
-impl Counters {
-    fn drop_one(&self, reason: &str) {
-        let dropped = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
-        if dropped == 1 || dropped.is_multiple_of(1000) {
-            tracing::warn!(dropped_total = dropped, reason, "decision event dropped");
-        }
-    }
-}
-
-/// Counts deliveries and failed deliveries reported by librdkafka's background thread.
+/// Counts the failed deliveries reported by librdkafka's background thread.
 struct DeliveryCounter(Arc<Counters>);
 
 impl rdkafka::ClientContext for DeliveryCounter {}
@@ -44,14 +34,11 @@ impl ProducerContext for DeliveryCounter {
     type DeliveryOpaque = ();
 
     fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
-        match result {
-            Ok(_) => {
-                self.0.delivered.fetch_add(1, Ordering::Relaxed);
-            }
-            Err((err, msg)) => {
-                tracing::warn!(error = %err, partition = msg.partition(), "event delivery failed");
-                self.0.drop_one("delivery failed");
-            }
+        // A delivered event leaves librdkafka's queue (`in_flight_count`); only failures
+        // need counting.
+        if let Err((err, msg)) = result {
+            tracing::warn!(error = %err, partition = msg.partition(), "event delivery failed");
+            self.0.dropped.drop_one("delivery failed");
         }
     }
 }
@@ -106,11 +93,11 @@ impl EventPublisher for KafkaPublisher {
                 self.counters.published.fetch_add(1, Ordering::Relaxed);
             }
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                self.counters.drop_one("producer buffer full");
+                self.counters.dropped.drop_one("producer buffer full");
             }
             Err((err, _)) => {
                 tracing::debug!(error = %err, "enqueue failed");
-                self.counters.drop_one("enqueue failed");
+                self.counters.dropped.drop_one("enqueue failed");
             }
         }
     }
@@ -118,7 +105,7 @@ impl EventPublisher for KafkaPublisher {
     fn stats(&self) -> PublisherStats {
         PublisherStats {
             published: self.counters.published.load(Ordering::Relaxed),
-            dropped: self.counters.dropped.load(Ordering::Relaxed),
+            dropped: self.counters.dropped.get(),
             buffered: self.producer.in_flight_count().max(0) as u64,
         }
     }

@@ -131,3 +131,60 @@ pub async fn flush(limiter: &Limiter) {
         "event publisher flushed"
     );
 }
+
+/// The standalone `rate-limiter` service: the limiter and, without Kafka, the worker that
+/// counts its decisions in-process into the configured counter store.
+pub struct Standalone {
+    pub limiter: Arc<Limiter>,
+    worker: Option<analytics_worker::SpawnedWorker>,
+}
+
+impl Standalone {
+    /// Builds the service `config` describes (see [`build`]).
+    pub async fn start(
+        config: &config::LimiterConfig,
+        instance_id: String,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<Self> {
+        let (limiter, events) = build(
+            &config.limiter,
+            &config.redis,
+            &config.kafka,
+            instance_id,
+            shutdown,
+        )
+        .await?;
+        let worker = match events {
+            Some(events) => {
+                let store = analytics_worker::counter_store(
+                    &config.redis,
+                    config.worker.max_users as usize,
+                    config.worker.retention.retention,
+                )?;
+                Some(analytics_worker::SpawnedWorker::in_process(
+                    events,
+                    store,
+                    config.worker.batch_max as usize,
+                ))
+            }
+            None => None,
+        };
+        Ok(Self { limiter, worker })
+    }
+
+    /// Serves until `shutdown`, then flushes the publisher and lets the worker count what
+    /// is left.
+    pub async fn serve(
+        self,
+        listener: tokio::net::TcpListener,
+        serve: &ServeArgs,
+        shutdown: CancellationToken,
+    ) -> std::io::Result<()> {
+        let served = run(listener, self.limiter.clone(), serve, shutdown).await;
+        flush(&self.limiter).await;
+        if let Some(worker) = self.worker {
+            worker.stop().await;
+        }
+        served
+    }
+}

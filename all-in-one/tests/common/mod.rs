@@ -9,7 +9,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use analytics_worker::SpawnedWorker;
 use clap::Parser;
 use gateway::client::{HttpLimiterClient, SystemResolver};
 use rate_limiter::limiter::Limiter;
@@ -60,36 +59,20 @@ impl LimiterInstance {
         argv.extend_from_slice(args);
         let config = rate_limiter::config::LimiterConfig::try_parse_from(argv).unwrap();
         let shutdown = CancellationToken::new();
-        let (limiter, events) = rate_limiter::build(
-            &config.limiter,
-            &config.redis,
-            &config.kafka,
-            testkit::unique("limiter"),
-            &shutdown,
-        )
-        .await
-        .unwrap();
-        let worker = events.map(|events| {
-            let store = analytics_worker::counter_store(
-                &config.redis,
-                1_000_000,
-                config.worker.retention.retention,
-            )
-            .unwrap();
-            SpawnedWorker::in_process(events, store, 1000)
-        });
+        let service =
+            rate_limiter::Standalone::start(&config, testkit::unique("limiter"), &shutdown)
+                .await
+                .unwrap();
+        let limiter = service.limiter.clone();
         let listener = listener().await;
         let addr = listener.local_addr().unwrap();
         let task = {
-            let (limiter, shutdown) = (limiter.clone(), shutdown.clone());
+            let shutdown = shutdown.clone();
             tokio::spawn(async move {
-                rate_limiter::run(listener, limiter.clone(), &config.serve, shutdown)
+                service
+                    .serve(listener, &config.serve, shutdown)
                     .await
                     .unwrap();
-                rate_limiter::flush(&limiter).await;
-                if let Some(worker) = worker {
-                    worker.stop().await;
-                }
             })
         };
         Self {

@@ -49,6 +49,15 @@ pub enum CounterError {
     Protocol(String),
 }
 
+impl From<ratelimit_core::redis::RedisCallError> for CounterError {
+    fn from(err: ratelimit_core::redis::RedisCallError) -> Self {
+        match err {
+            ratelimit_core::redis::RedisCallError::Timeout => CounterError::Timeout,
+            ratelimit_core::redis::RedisCallError::Failed(msg) => CounterError::Unavailable(msg),
+        }
+    }
+}
+
 /// Milliseconds in a minute and in a day: the buckets of the time series.
 pub const MINUTE_MS: u64 = 60_000;
 pub const DAY_MS: u64 = 86_400_000;

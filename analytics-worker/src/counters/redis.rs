@@ -25,7 +25,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use ratelimit_core::api::UserAnalytics;
 use ratelimit_core::keys;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManager;
 
 use super::{
     BlockedUser, CounterError, CounterStore, GlobalTally, MinuteCounts, Minutes, PartitionBatch,
@@ -119,15 +119,7 @@ impl RedisCounters {
         timeout: Duration,
         retention: Duration,
     ) -> Result<Self, CounterError> {
-        let client =
-            redis::Client::open(url).map_err(|e| CounterError::Unavailable(e.to_string()))?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(timeout.max(Duration::from_millis(200))))
-            .set_response_timeout(Some(timeout))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_lazy_with_config(client, config)
-            .map_err(|e| CounterError::Unavailable(e.to_string()))?;
+        let conn = ratelimit_core::redis::connect(url, timeout)?;
         Ok(Self {
             conn,
             user_script: redis::Script::new(USER_SCRIPT),
@@ -143,12 +135,7 @@ impl RedisCounters {
         &self,
         call: impl Future<Output = redis::RedisResult<T>>,
     ) -> Result<T, CounterError> {
-        match tokio::time::timeout(self.timeout, call).await {
-            Err(_) => Err(CounterError::Timeout),
-            Ok(Err(e)) if e.is_timeout() => Err(CounterError::Timeout),
-            Ok(Err(e)) => Err(CounterError::Unavailable(e.to_string())),
-            Ok(Ok(v)) => Ok(v),
-        }
+        Ok(ratelimit_core::redis::with_deadline(self.timeout, call).await?)
     }
 
     /// Sends `pipe`; after a `NOSCRIPT` (Redis restarted or flushed its scripts) loads the

@@ -23,6 +23,15 @@ pub enum StoreError {
     Protocol(String),
 }
 
+impl From<ratelimit_core::redis::RedisCallError> for StoreError {
+    fn from(err: ratelimit_core::redis::RedisCallError) -> Self {
+        match err {
+            ratelimit_core::redis::RedisCallError::Timeout => StoreError::Timeout,
+            ratelimit_core::redis::RedisCallError::Failed(msg) => StoreError::Unavailable(msg),
+        }
+    }
+}
+
 /// Atomically takes `cost` tokens from a user's bucket, or reports why it cannot.
 #[async_trait]
 pub trait BucketStore: Send + Sync + 'static {

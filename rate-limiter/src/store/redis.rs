@@ -11,8 +11,9 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
+use ratelimit_core::redis::{connect, with_deadline};
 use ratelimit_core::{Decision, Policy, Quota, keys};
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManager;
 
 use super::{BucketStore, StoreError};
 
@@ -95,31 +96,6 @@ impl RedisStore {
         )
         .await?;
         Ok(())
-    }
-}
-
-/// A lazily connecting, self-reconnecting multiplexed connection.
-pub fn connect(url: &str, timeout: Duration) -> Result<ConnectionManager, StoreError> {
-    let client = redis::Client::open(url).map_err(|e| StoreError::Unavailable(e.to_string()))?;
-    let config = ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(timeout.max(Duration::from_millis(200))))
-        .set_response_timeout(Some(timeout))
-        .set_number_of_retries(2)
-        .set_max_delay(Duration::from_millis(500));
-    ConnectionManager::new_lazy_with_config(client, config)
-        .map_err(|e| StoreError::Unavailable(e.to_string()))
-}
-
-/// Runs a Redis call under a deadline, mapping failures to [`StoreError`].
-pub async fn with_deadline<T>(
-    timeout: Duration,
-    call: impl Future<Output = redis::RedisResult<T>>,
-) -> Result<T, StoreError> {
-    match tokio::time::timeout(timeout, call).await {
-        Err(_) => Err(StoreError::Timeout),
-        Ok(Err(e)) if e.is_timeout() => Err(StoreError::Timeout),
-        Ok(Err(e)) => Err(StoreError::Unavailable(e.to_string())),
-        Ok(Ok(v)) => Ok(v),
     }
 }
 
