@@ -293,13 +293,13 @@ impl Refresh {
 #[async_trait]
 impl LimiterClient for HttpLimiterClient {
     async fn check(&self, request: &CheckRequest) -> Result<CheckResponse, ClientError> {
-        // A replica that refuses the connection never saw the request (it is restarting,
-        // or gone since the last resolve): the next replica may decide it instead.
+        // A request that got no answer at all is asked again, of the next replica: see
+        // `unanswered` for when that is, and why it never lets a client past its limit.
         let targets = self.targets.read().expect("targets lock").clone();
         if targets.is_empty() {
             return Err(ClientError::Unreachable("no limiter address".into()));
         }
-        let attempts = targets.len().clamp(1, 3);
+        let attempts = targets.len().clamp(2, 3);
         let first = self.next.fetch_add(1, Ordering::Relaxed);
         let body = Bytes::from(serde_json::to_vec(request).expect("a request serializes"));
         let exchange = async {
@@ -308,7 +308,11 @@ impl LimiterClient for HttpLimiterClient {
                 let target = &targets[(first + attempt) % targets.len()];
                 match self.exchange(target, body.clone()).await {
                     Ok(answer) => return Ok(answer),
-                    Err(err) if err.is_connect() && attempt + 1 < attempts => attempt += 1,
+                    Err(err) if attempt + 1 < attempts && unanswered(&err) => {
+                        metrics::counter!("gateway_limiter_retries_total").increment(1);
+                        tracing::debug!(target = target.url, error = %err, "limiter call unanswered; asking the next replica");
+                        attempt += 1;
+                    }
                     Err(err) => {
                         tracing::warn!(target = target.url, error = %err, source = ?std::error::Error::source(&err), "limiter call failed");
                         return Err(ClientError::Unreachable(err.to_string()));
@@ -345,4 +349,40 @@ impl LimiterClient for HttpLimiterClient {
             _ => ClientError::Unreachable(format!("limiter answered {status}")),
         })
     }
+}
+
+/// Whether a failed call got no answer at all, so that asking again is how the request gets
+/// its one decision:
+/// - the connection was refused: the replica is restarting, or gone since the last resolve;
+/// - the connection closed (or was reset) before any answer: a keep-alive connection the
+///   replica closed as the request went out, which is what a graceful shutdown does to an
+///   idle connection. Such a request was never read, so it was never decided.
+///
+/// Only a replica that dies (SIGKILL, crash) after deciding but before answering makes the
+/// second ask a second decision. That costs the client one more token (stricter, never past
+/// its limit) and counts one more event than the client saw.
+fn unanswered(err: &hyper_util::client::legacy::Error) -> bool {
+    if err.is_connect() {
+        return true;
+    }
+    let mut source = std::error::Error::source(err);
+    while let Some(cause) = source {
+        if let Some(err) = cause.downcast_ref::<hyper::Error>()
+            && (err.is_incomplete_message() || err.is_canceled())
+        {
+            return true;
+        }
+        if let Some(err) = cause.downcast_ref::<std::io::Error>()
+            && matches!(
+                err.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::BrokenPipe
+            )
+        {
+            return true;
+        }
+        source = cause.source();
+    }
+    false
 }
