@@ -181,10 +181,12 @@ async fn redis_loss_fail_closed_answers_503_within_100ms_and_recovers() {
 /// A limiter that takes 200 ms per decision, so requests pile up at the gateway.
 async fn slow_limiter() -> SocketAddr {
     let router = axum::Router::new().route(
-        "/check",
-        route_post(|| async {
+        "/check/batch",
+        route_post(|Json(batch): Json<serde_json::Value>| async move {
             tokio::time::sleep(Duration::from_millis(200)).await;
-            Json(serde_json::json!({"allowed": true, "limit": 10, "remaining": 9, "retry_after_ms": 0, "reset_after_ms": 100, "window_ms": 10000}))
+            let allowed = serde_json::json!({"ok": {"allowed": true, "limit": 10, "remaining": 9, "retry_after_ms": 0, "reset_after_ms": 100, "window_ms": 10000}});
+            let checks = batch["checks"].as_array().map_or(0, Vec::len);
+            Json(serde_json::json!({"results": vec![allowed; checks]}))
         }),
     );
     let listener = listener().await;
@@ -602,6 +604,73 @@ async fn check_hostile(base: &str, path: &str) {
     );
 }
 
+/// The limiter's batch endpoint: a bad batch is refused whole, naming the bad check; a check
+/// no bucket can admit is refused alone inside a 200.
+async fn check_hostile_batches(url: &str) {
+    let client = http();
+    let many = |n: usize, item: &str| format!(r#"{{"checks":[{}]}}"#, vec![item; n].join(","));
+    let user = |len: usize| format!(r#"{{"user_id":"{}"}}"#, "x".repeat(len));
+    for (what, body, status, field) in [
+        (
+            "no checks",
+            r#"{"checks":[]}"#.to_owned(),
+            400,
+            Some("checks"),
+        ),
+        ("checks missing", "{}".to_owned(), 400, Some("checks")),
+        (
+            "checks not a list",
+            r#"{"checks":7}"#.to_owned(),
+            400,
+            Some("checks"),
+        ),
+        (
+            "257 checks",
+            many(257, r#"{"user_id":"u"}"#),
+            400,
+            Some("checks"),
+        ),
+        (
+            "a bad check",
+            r#"{"checks":[{"user_id":"u"},{"user_id":"u","cost":0}]}"#.to_owned(),
+            400,
+            Some("checks[1].cost"),
+        ),
+        (
+            "malformed",
+            r#"{"checks":[{"user_id":"#.to_owned(),
+            400,
+            Some("body"),
+        ),
+        ("over 1 MiB", many(5000, &user(250)), 413, None),
+    ] {
+        let r = client
+            .post(url)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("batch {what}: {e}"));
+        assert_eq!(r.status().as_u16(), status, "batch {what}");
+        let body: serde_json::Value = r.json().await.unwrap();
+        if let Some(field) = field {
+            assert_eq!(body["field"], field, "batch {what}: {body}");
+        }
+    }
+    let r = client
+        .post(url)
+        .header("content-type", "application/json")
+        .body(r#"{"checks":[{"user_id":"batch-a"},{"user_id":"batch-a","cost":11},{"user_id":"batch-a","cost":9}]}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["results"][0]["ok"]["remaining"], 9, "{body}");
+    assert_eq!(body["results"][1]["error"]["field"], "cost", "{body}");
+    assert_eq!(body["results"][2]["ok"]["remaining"], 0, "{body}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_input_gets_a_clear_4xx_from_the_gateway_and_the_limiter() {
     let _serial = SERIAL.lock().await;
@@ -609,6 +678,7 @@ async fn hostile_input_gets_a_clear_4xx_from_the_gateway_and_the_limiter() {
     let system = all_in_one(&["--rate-limit-capacity", "10"]).await;
     check_hostile(&format!("http://{}", system.gateway_addr), "/api").await;
     check_hostile(&format!("http://{}", system.limiter_addr), "/check").await;
+    check_hostile_batches(&format!("http://{}/check/batch", system.limiter_addr)).await;
     // Analytics: the path segment is a user id and is validated like one.
     let client = http();
     for (path, status) in [

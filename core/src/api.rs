@@ -41,37 +41,106 @@ struct CheckRequestWire {
     cost: Option<u64>,
 }
 
+impl CheckRequestWire {
+    /// The request, if every field is valid; field names get `prefix` (e.g. `checks[3].`).
+    fn validate(self, prefix: &str) -> Result<CheckRequest, FieldError> {
+        let named = |e: FieldError| FieldError::new(format!("{prefix}{}", e.field), e.detail);
+        let user_id = self
+            .user_id
+            .ok_or_else(|| FieldError::new("user_id", "is required"))
+            .map_err(named)?;
+        validate_user_id(&user_id).map_err(named)?;
+        let cost = self.cost.unwrap_or(1);
+        if !(1..=MAX_COST).contains(&cost) {
+            return Err(named(FieldError::new(
+                "cost",
+                format!("must be an integer from 1 to {MAX_COST}"),
+            )));
+        }
+        Ok(CheckRequest { user_id, cost })
+    }
+}
+
+/// Decodes a JSON object body into `T`, naming the offending field on failure.
+fn decode<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, FieldError> {
+    // serde would also read a struct from a JSON array; only an object is a request.
+    if body.trim_ascii_start().first() != Some(&b'{') {
+        return Err(FieldError::new("body", "must be a JSON object"));
+    }
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(de).map_err(|err| {
+        let path = err.path().to_string();
+        // Syntax errors have no meaningful path ("." or "?"): blame the body.
+        let field = if err.inner().is_data() && path != "." && path != "?" {
+            path
+        } else {
+            "body".to_owned()
+        };
+        FieldError::new(field, err.into_inner().to_string())
+    })
+}
+
 impl CheckRequest {
     /// Decodes and validates a JSON body, naming the offending field on failure.
     pub fn from_json(body: &[u8]) -> Result<Self, FieldError> {
-        // serde would also read a struct from a JSON array; only an object is a request.
-        if body.trim_ascii_start().first() != Some(&b'{') {
-            return Err(FieldError::new("body", "must be a JSON object"));
-        }
-        let de = &mut serde_json::Deserializer::from_slice(body);
-        let wire: CheckRequestWire = serde_path_to_error::deserialize(de).map_err(|err| {
-            let path = err.path().to_string();
-            // Syntax errors have no meaningful path ("." or "?"): blame the body.
-            let field = if err.inner().is_data() && path != "." && path != "?" {
-                path
-            } else {
-                "body".to_owned()
-            };
-            FieldError::new(field, err.into_inner().to_string())
-        })?;
-        let user_id = wire
-            .user_id
-            .ok_or_else(|| FieldError::new("user_id", "is required"))?;
-        validate_user_id(&user_id)?;
-        let cost = wire.cost.unwrap_or(1);
-        if !(1..=MAX_COST).contains(&cost) {
+        decode::<CheckRequestWire>(body)?.validate("")
+    }
+}
+
+/// Most checks in one `POST /check/batch`.
+pub const MAX_BATCH: usize = 256;
+/// Largest accepted `POST /check/batch` body, in bytes: room for [`MAX_BATCH`] checks of the
+/// longest user id with every character escaped.
+pub const MAX_BATCH_BODY_BYTES: usize = 1024 * 1024;
+
+/// `POST /check/batch` at the limiter: several checks decided in one exchange, in order.
+/// The gateway sends what queued up while its previous exchanges were in flight.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BatchRequest {
+    pub checks: Vec<CheckRequest>,
+}
+
+#[derive(Deserialize)]
+struct BatchRequestWire {
+    #[serde(default)]
+    checks: Option<Vec<CheckRequestWire>>,
+}
+
+impl BatchRequest {
+    /// Decodes and validates a JSON body; a bad check is named by its index
+    /// (`checks[3].user_id`).
+    pub fn from_json(body: &[u8]) -> Result<Self, FieldError> {
+        let checks = decode::<BatchRequestWire>(body)?
+            .checks
+            .ok_or_else(|| FieldError::new("checks", "is required"))?;
+        if checks.is_empty() || checks.len() > MAX_BATCH {
             return Err(FieldError::new(
-                "cost",
-                format!("must be an integer from 1 to {MAX_COST}"),
+                "checks",
+                format!("must hold 1 to {MAX_BATCH} checks"),
             ));
         }
-        Ok(Self { user_id, cost })
+        let checks = checks
+            .into_iter()
+            .enumerate()
+            .map(|(i, wire)| wire.validate(&format!("checks[{i}].")))
+            .collect::<Result<_, _>>()?;
+        Ok(Self { checks })
     }
+}
+
+/// The limiter's answer to `POST /check/batch`: one result per check, in the same order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchResponse {
+    pub results: Vec<BatchResult>,
+}
+
+/// One check's result: `{"ok":{...}}` with the decision as `POST /check` answers it, or
+/// `{"error":{...}}` with the error body `POST /check` would have answered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BatchResult {
+    Ok(CheckResponse),
+    Error(ErrorBody),
 }
 
 /// A user id is 1..=256 bytes of UTF-8 without control characters.
@@ -130,6 +199,83 @@ pub struct ErrorBody {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_batch_is_validated_check_by_check_and_names_the_bad_one() {
+        let b =
+            BatchRequest::from_json(br#"{"checks":[{"user_id":"a"},{"user_id":"b","cost":3}]}"#)
+                .unwrap();
+        assert_eq!(
+            b.checks,
+            [
+                CheckRequest {
+                    user_id: "a".into(),
+                    cost: 1
+                },
+                CheckRequest {
+                    user_id: "b".into(),
+                    cost: 3
+                }
+            ]
+        );
+        let field = |body: &[u8]| BatchRequest::from_json(body).unwrap_err().field;
+        assert_eq!(
+            field(br#"{"checks":[{"user_id":"a"},{"cost":2}]}"#),
+            "checks[1].user_id"
+        );
+        assert_eq!(
+            field(br#"{"checks":[{"user_id":"a","cost":0}]}"#),
+            "checks[0].cost"
+        );
+        assert_eq!(
+            field(br#"{"checks":[{"user_id":""}]}"#),
+            "checks[0].user_id"
+        );
+        assert_eq!(field(br#"{"checks":[{"user_id":7}]}"#), "checks[0].user_id");
+        assert_eq!(field(br#"{"checks":[]}"#), "checks");
+        assert_eq!(field(br#"{}"#), "checks");
+        assert_eq!(field(br#"[]"#), "body");
+        let many = format!(
+            r#"{{"checks":[{}]}}"#,
+            vec![r#"{"user_id":"u"}"#; MAX_BATCH + 1].join(",")
+        );
+        assert_eq!(field(many.as_bytes()), "checks");
+    }
+
+    #[test]
+    fn batch_results_round_trip_as_ok_or_error() {
+        let response = BatchResponse {
+            results: vec![
+                BatchResult::Ok(CheckResponse {
+                    allowed: true,
+                    limit: 10,
+                    remaining: 9,
+                    retry_after_ms: 0,
+                    reset_after_ms: 100,
+                    window_ms: 1000,
+                    degraded: false,
+                }),
+                BatchResult::Error(ErrorBody {
+                    error: "unavailable".into(),
+                    detail: "down".into(),
+                    field: None,
+                }),
+            ],
+        };
+        let json = serde_json::to_string(&response).unwrap();
+        assert!(
+            json.starts_with(r#"{"results":[{"ok":{"allowed":true"#),
+            "{json}"
+        );
+        assert!(
+            json.contains(r#"{"error":{"error":"unavailable""#),
+            "{json}"
+        );
+        assert_eq!(
+            serde_json::from_str::<BatchResponse>(&json).unwrap(),
+            response
+        );
+    }
 
     #[test]
     fn accepts_a_plain_request_and_defaults_cost() {

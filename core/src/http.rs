@@ -54,7 +54,8 @@ impl ApiError {
         }
     }
 
-    fn body(&self) -> ErrorBody {
+    /// The JSON body this error answers with.
+    pub fn body(&self) -> ErrorBody {
         let (error, detail, field) = match self {
             ApiError::InvalidField(e) => (
                 "invalid_request",
@@ -134,6 +135,12 @@ pub trait FromJsonBody: Sized {
 impl FromJsonBody for crate::api::CheckRequest {
     fn from_json(body: &[u8]) -> Result<Self, FieldError> {
         crate::api::CheckRequest::from_json(body)
+    }
+}
+
+impl FromJsonBody for crate::api::BatchRequest {
+    fn from_json(body: &[u8]) -> Result<Self, FieldError> {
+        crate::api::BatchRequest::from_json(body)
     }
 }
 

@@ -14,12 +14,16 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use rate_limiter::limiter::{Limiter, LimiterError};
-use ratelimit_core::api::{CheckRequest, CheckResponse, ErrorBody, FieldError};
+use ratelimit_core::api::{
+    BatchRequest, BatchResponse, BatchResult, CheckRequest, CheckResponse, ErrorBody, FieldError,
+    MAX_BATCH,
+};
 use ratelimit_core::http::ApiError;
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 /// Why the limiter gave no decision.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum ClientError {
     /// The limiter refused the request as invalid (e.g. a cost above the capacity).
     #[error("invalid request: {0}")]
@@ -94,10 +98,49 @@ impl Resolve for SystemResolver {
 /// The limiter over HTTP: a keep-alive pool, a timeout per call, and requests spread
 /// round-robin over every address the limiter's host name resolves to, re-resolved
 /// periodically so replicas added or removed are picked up.
+///
+/// Checks are sent in batches (`POST /check/batch`) with at most `in_flight` exchanges
+/// outstanding: a check that arrives while they are all busy waits for the next one, with
+/// whatever else arrived meanwhile. An idle gateway therefore sends each check at once, on
+/// its own, and a loaded one sends a few large exchanges instead of one per request.
 pub struct HttpLimiterClient {
+    queue: mpsc::Sender<Pending>,
+    timeout: Duration,
+    /// `http://<addr>/check/batch` for each resolved replica.
+    targets: Arc<RwLock<Arc<[Target]>>>,
+}
+
+/// How the client batches its checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Batching {
+    /// Most checks in one exchange (at most [`MAX_BATCH`]).
+    pub max_batch: usize,
+    /// Most exchanges outstanding at once, over all replicas.
+    pub in_flight: usize,
+}
+
+impl Default for Batching {
+    fn default() -> Self {
+        Self {
+            max_batch: 128,
+            in_flight: 4,
+        }
+    }
+}
+
+/// Checks waiting for an exchange; past this, a check is refused as overloaded at once.
+const QUEUE_CAPACITY: usize = 16_384;
+
+/// A check waiting for its batch, and where its answer goes.
+struct Pending {
+    request: CheckRequest,
+    reply: oneshot::Sender<Result<CheckResponse, ClientError>>,
+}
+
+/// What the batches are sent with.
+struct Exchanger {
     client: HttpClient,
     timeout: Duration,
-    /// `http://<addr>/check` for each resolved replica.
     targets: Arc<RwLock<Arc<[Target]>>>,
     next: AtomicUsize,
 }
@@ -126,6 +169,7 @@ impl HttpLimiterClient {
     pub async fn new(
         urls: &str,
         timeout: Duration,
+        batching: Batching,
         resolve_every: Duration,
         resolver: Arc<dyn Resolve>,
         shutdown: CancellationToken,
@@ -159,15 +203,22 @@ impl HttpLimiterClient {
         if refresh.endpoints.iter().any(|e| e.needs_resolving) {
             tokio::spawn(refresh.every(resolve_every, shutdown));
         }
-        Ok(Self {
+        let (queue, waiting) = mpsc::channel(QUEUE_CAPACITY);
+        let exchanger = Arc::new(Exchanger {
             client,
             timeout,
-            targets,
+            targets: targets.clone(),
             next: AtomicUsize::new(0),
+        });
+        tokio::spawn(dispatch(exchanger, waiting, batching));
+        Ok(Self {
+            queue,
+            timeout,
+            targets,
         })
     }
 
-    /// The `/check` URLs requests currently go to.
+    /// The `/check/batch` URLs requests currently go to.
     pub fn targets(&self) -> Vec<String> {
         self.targets
             .read()
@@ -175,6 +226,121 @@ impl HttpLimiterClient {
             .iter()
             .map(|t| t.url.clone())
             .collect()
+    }
+}
+
+/// Sends what waits in `queue` in batches, at most `batching.in_flight` at a time, until
+/// the client is dropped.
+async fn dispatch(
+    exchanger: Arc<Exchanger>,
+    mut queue: mpsc::Receiver<Pending>,
+    batching: Batching,
+) {
+    let max_batch = batching.max_batch.clamp(1, MAX_BATCH);
+    let in_flight = Arc::new(Semaphore::new(batching.in_flight.max(1)));
+    let mut batch = Vec::with_capacity(max_batch);
+    loop {
+        let permit = in_flight
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
+        if queue.recv_many(&mut batch, max_batch).await == 0 {
+            return;
+        }
+        let pending = std::mem::replace(&mut batch, Vec::with_capacity(max_batch));
+        let exchanger = exchanger.clone();
+        tokio::spawn(async move {
+            exchanger.settle(pending).await;
+            drop(permit);
+        });
+    }
+}
+
+impl Exchanger {
+    /// Asks the limiter to decide `pending` and hands each check its answer. A check whose
+    /// caller stopped waiting (timed out, or the client went away) is not sent: nobody would
+    /// learn its decision, so it must not spend a token.
+    async fn settle(&self, pending: Vec<Pending>) {
+        let (requests, replies): (Vec<CheckRequest>, Vec<_>) = pending
+            .into_iter()
+            .filter(|p| !p.reply.is_closed())
+            .map(|p| (p.request, p.reply))
+            .unzip();
+        if requests.is_empty() {
+            return;
+        }
+        metrics::histogram!("gateway_limiter_batch_size").record(requests.len() as f64);
+        match self.decide(requests).await {
+            Ok(results) => {
+                for (reply, result) in replies.into_iter().zip(results) {
+                    let _ = reply.send(result);
+                }
+            }
+            Err(err) => {
+                for reply in replies {
+                    let _ = reply.send(Err(err.clone()));
+                }
+            }
+        }
+    }
+
+    /// One batch exchange, each check's result in order; an error is the whole batch's.
+    async fn decide(
+        &self,
+        checks: Vec<CheckRequest>,
+    ) -> Result<Vec<Result<CheckResponse, ClientError>>, ClientError> {
+        // A request that got no answer at all is asked again, of the next replica: see
+        // `unanswered` for when that is, and why it never lets a client past its limit.
+        let targets = self.targets.read().expect("targets lock").clone();
+        if targets.is_empty() {
+            return Err(ClientError::Unreachable("no limiter address".into()));
+        }
+        let attempts = targets.len().clamp(2, 3);
+        let first = self.next.fetch_add(1, Ordering::Relaxed);
+        let count = checks.len();
+        let body =
+            Bytes::from(serde_json::to_vec(&BatchRequest { checks }).expect("a batch serializes"));
+        let exchange = async {
+            let mut attempt = 0;
+            loop {
+                let target = &targets[(first + attempt) % targets.len()];
+                match self.exchange(target, body.clone()).await {
+                    Ok(answer) => return Ok(answer),
+                    Err(err) if attempt + 1 < attempts && unanswered(&err) => {
+                        metrics::counter!("gateway_limiter_retries_total").increment(1);
+                        tracing::debug!(target = target.url, error = %err, "limiter call unanswered; asking the next replica");
+                        attempt += 1;
+                    }
+                    Err(err) => {
+                        tracing::warn!(target = target.url, error = %err, source = ?std::error::Error::source(&err), "limiter call failed");
+                        return Err(ClientError::Unreachable(err.to_string()));
+                    }
+                }
+            }
+        };
+        let (status, body) = tokio::time::timeout(self.timeout, exchange)
+            .await
+            .map_err(|_| ClientError::Unreachable("timed out".into()))??;
+        if !status.is_success() {
+            return Err(refusal(status, serde_json::from_slice(&body).ok()));
+        }
+        let answer: BatchResponse = serde_json::from_slice(&body)
+            .map_err(|e| ClientError::Unreachable(format!("bad answer: {e}")))?;
+        if answer.results.len() != count {
+            return Err(ClientError::Unreachable(format!(
+                "bad answer: {} results for {count} checks",
+                answer.results.len()
+            )));
+        }
+        Ok(answer
+            .results
+            .into_iter()
+            .map(|result| match result {
+                BatchResult::Ok(decision) => Ok(decision),
+                BatchResult::Error(body) => Err(refusal(StatusCode::OK, Some(body))),
+            })
+            .collect())
     }
 
     /// One exchange with one replica: the status and the body.
@@ -226,7 +392,7 @@ impl Endpoint {
         Ok(Self {
             port: parsed.port_or_known_default().unwrap_or(80),
             host,
-            check_url: format!("{}/check", url.trim_end_matches('/')),
+            check_url: format!("{}/check/batch", url.trim_end_matches('/')),
             needs_resolving,
         })
     }
@@ -252,8 +418,10 @@ impl Refresh {
                 Ok(mut addrs) if !addrs.is_empty() => {
                     addrs.sort();
                     addrs.dedup();
-                    let resolved: Vec<String> =
-                        addrs.iter().map(|a| format!("http://{a}/check")).collect();
+                    let resolved: Vec<String> = addrs
+                        .iter()
+                        .map(|a| format!("http://{a}/check/batch"))
+                        .collect();
                     urls.extend(resolved.iter().cloned());
                     self.last_resolved.lock().expect("resolved lock")[i] = resolved;
                 }
@@ -293,61 +461,43 @@ impl Refresh {
 #[async_trait]
 impl LimiterClient for HttpLimiterClient {
     async fn check(&self, request: &CheckRequest) -> Result<CheckResponse, ClientError> {
-        // A request that got no answer at all is asked again, of the next replica: see
-        // `unanswered` for when that is, and why it never lets a client past its limit.
-        let targets = self.targets.read().expect("targets lock").clone();
-        if targets.is_empty() {
-            return Err(ClientError::Unreachable("no limiter address".into()));
-        }
-        let attempts = targets.len().clamp(2, 3);
-        let first = self.next.fetch_add(1, Ordering::Relaxed);
-        let body = Bytes::from(serde_json::to_vec(request).expect("a request serializes"));
-        let exchange = async {
-            let mut attempt = 0;
-            loop {
-                let target = &targets[(first + attempt) % targets.len()];
-                match self.exchange(target, body.clone()).await {
-                    Ok(answer) => return Ok(answer),
-                    Err(err) if attempt + 1 < attempts && unanswered(&err) => {
-                        metrics::counter!("gateway_limiter_retries_total").increment(1);
-                        tracing::debug!(target = target.url, error = %err, "limiter call unanswered; asking the next replica");
-                        attempt += 1;
-                    }
-                    Err(err) => {
-                        tracing::warn!(target = target.url, error = %err, source = ?std::error::Error::source(&err), "limiter call failed");
-                        return Err(ClientError::Unreachable(err.to_string()));
-                    }
-                }
-            }
+        let (reply, answer) = oneshot::channel();
+        let pending = Pending {
+            request: request.clone(),
+            reply,
         };
-        let (status, body) = tokio::time::timeout(self.timeout, exchange)
-            .await
-            .map_err(|_| ClientError::Unreachable("timed out".into()))??;
-
-        if status.is_success() {
-            return serde_json::from_slice(&body)
-                .map_err(|e| ClientError::Unreachable(format!("bad answer: {e}")));
+        self.queue.try_send(pending).map_err(|err| match err {
+            mpsc::error::TrySendError::Full(_) => ClientError::Overloaded,
+            mpsc::error::TrySendError::Closed(_) => {
+                ClientError::Unreachable("the limiter client is stopped".into())
+            }
+        })?;
+        match tokio::time::timeout(self.timeout, answer).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(ClientError::Unreachable("no answer".into())),
+            Err(_) => Err(ClientError::Unreachable("timed out".into())),
         }
-        let body: Option<ErrorBody> = serde_json::from_slice(&body).ok();
-        Err(match status.as_u16() {
-            400 => {
-                let field = body
-                    .as_ref()
-                    .and_then(|b| b.field.clone())
-                    .unwrap_or_else(|| "body".into());
-                let detail = body.map(|b| b.detail).unwrap_or_default();
-                let detail = detail
-                    .strip_prefix(&format!("{field}: "))
-                    .unwrap_or(&detail)
-                    .to_owned();
-                ClientError::Invalid(FieldError::new(field, detail))
-            }
-            429 => ClientError::Overloaded,
-            503 if body.as_ref().is_some_and(|b| b.error == "unavailable") => {
-                ClientError::StoreUnavailable
-            }
-            _ => ClientError::Unreachable(format!("limiter answered {status}")),
-        })
+    }
+}
+
+/// Why the limiter refused a check (or a whole batch), from its error body.
+fn refusal(status: StatusCode, body: Option<ErrorBody>) -> ClientError {
+    match body {
+        Some(body) if body.error == "invalid_request" => {
+            let field = body.field.unwrap_or_else(|| "body".into());
+            let detail = body
+                .detail
+                .strip_prefix(&format!("{field}: "))
+                .unwrap_or(&body.detail)
+                .to_owned();
+            ClientError::Invalid(FieldError::new(field, detail))
+        }
+        // Only the store's unavailability is reported as `unavailable` per check; the
+        // whole exchange answers it too when the limiter cannot decide at all.
+        Some(body) if body.error == "unavailable" => ClientError::StoreUnavailable,
+        Some(body) if body.error == "overloaded" => ClientError::Overloaded,
+        _ if status == StatusCode::TOO_MANY_REQUESTS => ClientError::Overloaded,
+        _ => ClientError::Unreachable(format!("limiter answered {status}")),
     }
 }
 

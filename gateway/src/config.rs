@@ -43,6 +43,15 @@ pub struct GatewayConfig {
     #[arg(long = "limiter-resolve-ms", env = "LIMITER_RESOLVE_MS", value_name = "LIMITER_RESOLVE_MS",
           default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
     pub limiter_resolve_ms: u64,
+    /// Most checks sent to the limiter in one exchange (`POST /check/batch`).
+    #[arg(long = "limiter-max-batch", env = "LIMITER_MAX_BATCH", value_name = "LIMITER_MAX_BATCH",
+          default_value_t = 128, value_parser = clap::value_parser!(u64).range(1..=ratelimit_core::api::MAX_BATCH as u64))]
+    pub limiter_max_batch: u64,
+    /// Most exchanges with the limiter outstanding at once; checks arriving while all are
+    /// busy go together in the next one.
+    #[arg(long = "limiter-in-flight", env = "LIMITER_IN_FLIGHT", value_name = "LIMITER_IN_FLIGHT",
+          default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub limiter_in_flight: u64,
     #[command(flatten)]
     pub serve: ServeArgs,
     #[command(flatten)]
@@ -54,6 +63,13 @@ pub struct GatewayConfig {
 impl GatewayConfig {
     pub fn limiter_timeout(&self) -> Duration {
         Duration::from_millis(self.limiter_timeout_ms)
+    }
+
+    pub fn limiter_batching(&self) -> crate::client::Batching {
+        crate::client::Batching {
+            max_batch: self.limiter_max_batch as usize,
+            in_flight: self.limiter_in_flight as usize,
+        }
     }
 
     pub fn limiter_resolve(&self) -> Duration {

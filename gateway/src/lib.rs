@@ -51,6 +51,7 @@ pub async fn from_config(
     let limiter = client::HttpLimiterClient::new(
         &config.limiter_url,
         config.limiter_timeout(),
+        config.limiter_batching(),
         config.limiter_resolve(),
         Arc::new(client::SystemResolver),
         shutdown.clone(),

@@ -138,6 +138,7 @@ async fn client(dns: &Arc<FakeDns>, port: u16, resolve_every: Duration) -> HttpL
     HttpLimiterClient::new(
         &format!("http://{NAME}:{port}"),
         Duration::from_secs(2),
+        Default::default(),
         resolve_every,
         dns.clone(),
         CancellationToken::new(),
@@ -149,7 +150,7 @@ async fn client(dns: &Arc<FakeDns>, port: u16, resolve_every: Duration) -> HttpL
 fn check_urls(replicas: &[&Replica]) -> Vec<String> {
     let mut urls: Vec<String> = replicas
         .iter()
-        .map(|r| format!("http://{}/check", r.addr))
+        .map(|r| format!("http://{}/check/batch", r.addr))
         .collect();
     urls.sort();
     urls

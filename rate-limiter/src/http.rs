@@ -1,13 +1,17 @@
-//! The limiter's HTTP API: `POST /check`, `GET /healthz`, `GET /readyz`.
+//! The limiter's HTTP API: `POST /check`, `POST /check/batch`, `GET /healthz`, `GET /readyz`,
+//! `GET /metrics`.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::extract::DefaultBodyLimit;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use ratelimit_core::api::{CheckRequest, CheckResponse};
+use ratelimit_core::api::{
+    BatchRequest, BatchResponse, BatchResult, CheckRequest, CheckResponse, MAX_BATCH_BODY_BYTES,
+};
 use ratelimit_core::http::{ApiError, ValidJson, with_common_layers, with_load_shedding};
 use serde_json::json;
 
@@ -31,6 +35,10 @@ impl From<LimiterError> for ApiError {
 pub fn router(limiter: Arc<Limiter>, max_in_flight: usize, request_timeout: Duration) -> Router {
     let routes = Router::new()
         .route("/check", post(check))
+        .route(
+            "/check/batch",
+            post(check_batch).layer(DefaultBodyLimit::max(MAX_BATCH_BODY_BYTES)),
+        )
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
@@ -44,6 +52,25 @@ async fn check(
     ValidJson(request): ValidJson<CheckRequest>,
 ) -> Result<Json<CheckResponse>, ApiError> {
     Ok(Json(limiter.check_response(&request).await?))
+}
+
+/// Several checks in one exchange (what the gateway sends under load): each is decided,
+/// or refused, as `POST /check` would, in order.
+async fn check_batch(
+    State(limiter): State<Arc<Limiter>>,
+    ValidJson(batch): ValidJson<BatchRequest>,
+) -> Json<BatchResponse> {
+    let policy = limiter.policy();
+    let results = limiter
+        .check_many(&batch.checks)
+        .await
+        .into_iter()
+        .map(|result| match result {
+            Ok(checked) => BatchResult::Ok(checked.to_response(policy)),
+            Err(err) => BatchResult::Error(ApiError::from(err).body()),
+        })
+        .collect();
+    Json(BatchResponse { results })
 }
 
 async fn metrics(State(limiter): State<Arc<Limiter>>) -> axum::response::Response {

@@ -12,7 +12,7 @@ use ratelimit_core::stream::EventPublisher;
 use ratelimit_core::{Clock, Decision, Policy, RateLimitEvent};
 
 use crate::breaker::{Breaker, BreakerState};
-use crate::store::{BucketStore, MemoryStore};
+use crate::store::{BucketStore, MemoryStore, Taken};
 
 /// A decision and how it was made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -172,6 +172,56 @@ impl Limiter {
 
     /// Decides `request` and publishes the decision.
     pub async fn check(&self, request: &CheckRequest) -> Result<Checked, LimiterError> {
+        self.admissible(request)?;
+        let started = Instant::now();
+        let stored = if self.breaker.allow() {
+            let taken = self.store.take(&request.user_id, request.cost).await;
+            self.stored(taken)
+        } else {
+            None
+        };
+        self.settle(request, stored, started)
+    }
+
+    /// Decides `requests` in order, as [`Limiter::check`] would one after the other, in one
+    /// call to the store, and publishes each decision.
+    pub async fn check_many(
+        &self,
+        requests: &[CheckRequest],
+    ) -> Vec<Result<Checked, LimiterError>> {
+        let started = Instant::now();
+        let admissible: Vec<Result<(), LimiterError>> =
+            requests.iter().map(|r| self.admissible(r)).collect();
+        let takes: Vec<(&str, u64)> = requests
+            .iter()
+            .zip(&admissible)
+            .filter(|(_, ok)| ok.is_ok())
+            .map(|(r, _)| (r.user_id.as_str(), r.cost))
+            .collect();
+        let stored: Vec<Option<Decision>> = if !takes.is_empty() && self.breaker.allow() {
+            match self.store.take_many(&takes).await {
+                Ok(taken) => taken.into_iter().map(|t| self.stored(t)).collect(),
+                Err(err) => {
+                    self.stored(Err(err));
+                    vec![None; takes.len()]
+                }
+            }
+        } else {
+            vec![None; takes.len()]
+        };
+        let mut stored = stored.into_iter();
+        requests
+            .iter()
+            .zip(admissible)
+            .map(|(request, admissible)| {
+                admissible?;
+                self.settle(request, stored.next().flatten(), started)
+            })
+            .collect()
+    }
+
+    /// Refuses a request no bucket can ever admit.
+    fn admissible(&self, request: &CheckRequest) -> Result<(), LimiterError> {
         let capacity = self.capacity();
         if request.cost > capacity {
             return Err(LimiterError::CostAboveCapacity {
@@ -179,23 +229,33 @@ impl Limiter {
                 capacity,
             });
         }
-        let started = Instant::now();
-        let stored = if self.breaker.allow() {
-            match self.store.take(&request.user_id, request.cost).await {
-                Ok(decision) => {
-                    self.breaker.on_success();
-                    Some(decision)
-                }
-                Err(err) => {
-                    self.breaker.on_failure();
-                    self.stats.store_errors.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(error = %err, "bucket store call failed");
-                    None
-                }
+        Ok(())
+    }
+
+    /// The store's decision, or `None` (noted by the breaker) when it could not decide.
+    fn stored(&self, taken: Taken) -> Option<Decision> {
+        match taken {
+            Ok(decision) => {
+                self.breaker.on_success();
+                Some(decision)
             }
-        } else {
-            None
-        };
+            Err(err) => {
+                self.breaker.on_failure();
+                self.stats.store_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(error = %err, "bucket store call failed");
+                None
+            }
+        }
+    }
+
+    /// Completes a decision: falls back (fail-open) or refuses (fail-closed) when the store
+    /// gave none, counts it and publishes it.
+    fn settle(
+        &self,
+        request: &CheckRequest,
+        stored: Option<Decision>,
+        started: Instant,
+    ) -> Result<Checked, LimiterError> {
         let checked = match (stored, self.fail_mode) {
             (Some(decision), _) => Checked {
                 decision,
@@ -352,5 +412,86 @@ mod tests {
         assert!(rx.try_recv().unwrap().degraded);
         // The breaker opened after 3 failures: the store is no longer asked.
         assert_eq!(l.breaker_state(), BreakerState::Open);
+    }
+
+    #[tokio::test]
+    async fn a_batch_is_decided_in_order_refuses_only_the_bad_check_and_publishes_each() {
+        let clock = Arc::new(ManualClock::new(5_000_000));
+        let (tx, mut rx) = channel(16);
+        let l = limiter(
+            Arc::new(MemoryStore::new(Policy::new(2, 1.0).unwrap(), clock)),
+            FailMode::Closed,
+            Arc::new(tx),
+        );
+        let results = l
+            .check_many(&[
+                req("u", 1),
+                req("u", 3),
+                req("v", 2),
+                req("u", 1),
+                req("u", 1),
+            ])
+            .await;
+        let got: Vec<Result<bool, LimiterError>> = results
+            .into_iter()
+            .map(|r| r.map(|c| c.decision.is_allowed()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                Ok(true),
+                Err(LimiterError::CostAboveCapacity {
+                    cost: 3,
+                    capacity: 2
+                }),
+                Ok(true),
+                Ok(true),
+                Ok(false)
+            ]
+        );
+        let events: Vec<(String, bool)> = (0..4)
+            .map(|_| rx.try_recv().unwrap())
+            .map(|e| (e.user_id, e.allowed))
+            .collect();
+        assert_eq!(
+            events,
+            [
+                ("u".into(), true),
+                ("v".into(), true),
+                ("u".into(), true),
+                ("u".into(), false)
+            ]
+        );
+        assert!(rx.try_recv().is_err(), "no event for the refused check");
+    }
+
+    #[tokio::test]
+    async fn a_batch_follows_the_fail_mode_when_the_store_is_down() {
+        let closed = limiter(
+            Arc::new(DownStore(Policy::new(4, 0.001).unwrap())),
+            FailMode::Closed,
+            Arc::new(NullPublisher),
+        );
+        let results = closed.check_many(&[req("u", 1), req("w", 1)]).await;
+        assert!(
+            results
+                .iter()
+                .all(|r| r == &Err(LimiterError::StoreUnavailable))
+        );
+        let open = limiter(
+            Arc::new(DownStore(Policy::new(4, 0.001).unwrap())),
+            FailMode::Open,
+            Arc::new(NullPublisher),
+        );
+        let results = open
+            .check_many(&[req("u", 1), req("u", 1), req("u", 1)])
+            .await;
+        let allowed: Vec<bool> = results
+            .into_iter()
+            .map(|r| r.unwrap())
+            .inspect(|c| assert!(c.degraded))
+            .map(|c| c.decision.is_allowed())
+            .collect();
+        assert_eq!(allowed, [true, true, false], "capacity 4 split over 2");
     }
 }

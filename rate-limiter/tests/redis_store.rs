@@ -71,6 +71,20 @@ async fn script_is_reloaded_after_a_script_flush() {
     let d = s.take("u", 1).await.unwrap();
     assert!(d.is_allowed());
     assert_eq!(d.quota().remaining, 1);
+    // A batch after a flush: every take finds the script missing, none ran; all are sent
+    // again once it is loaded, and each is decided exactly once.
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let taken = s.take_many(&[("u", 1), ("v", 2), ("u", 1)]).await.unwrap();
+    let got: Vec<(bool, u64)> = taken
+        .into_iter()
+        .map(|t| t.unwrap())
+        .map(|d| (d.is_allowed(), d.quota().remaining))
+        .collect();
+    assert_eq!(got, [(true, 0), (true, 1), (false, 0)]);
 }
 
 #[tokio::test]

@@ -143,6 +143,7 @@ pub async fn http_client(url: &str, timeout: Duration) -> HttpLimiterClient {
     HttpLimiterClient::new(
         url,
         timeout,
+        Default::default(),
         Duration::from_secs(5),
         Arc::new(SystemResolver),
         CancellationToken::new(),

@@ -39,6 +39,45 @@ where
     cost_counts_and_refusal_spends_nothing(&make).await;
     concurrent_takes_admit_exactly_capacity(&make).await;
     fractional_rates(&make).await;
+    a_batch_decides_in_order_like_single_takes(&make).await;
+}
+
+async fn a_batch_decides_in_order_like_single_takes<F, Fut>(make: &F)
+where
+    F: Fn(Policy) -> Fut,
+    Fut: Future<Output = (Arc<dyn BucketStore>, Advance)>,
+{
+    let (store, _) = make(Policy::new(3, 0.01).unwrap()).await;
+    store.take("carol", 1).await.unwrap();
+    // carol has 2 tokens left, dave 3: the batch must see them in order.
+    let takes = [
+        ("carol", 1),
+        ("dave", 2),
+        ("carol", 1),
+        ("carol", 1),
+        ("dave", 2),
+        ("dave", 1),
+    ];
+    let taken = store.take_many(&takes).await.unwrap();
+    let got: Vec<(bool, u64)> = taken
+        .into_iter()
+        .map(|t| t.unwrap())
+        .map(|d| (d.is_allowed(), d.quota().remaining))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (true, 1),
+            (true, 1),
+            (true, 0),
+            (false, 0),
+            (false, 1),
+            (true, 0)
+        ]
+    );
+    // And the state it left is the one single takes see.
+    assert!(!store.take("carol", 1).await.unwrap().is_allowed());
+    assert!(!store.take("dave", 1).await.unwrap().is_allowed());
 }
 
 async fn full_bucket_admits_capacity_then_limits<F, Fut>(make: &F)

@@ -32,6 +32,9 @@ impl From<ratelimit_core::redis::RedisCallError> for StoreError {
     }
 }
 
+/// One request's outcome in [`BucketStore::take_many`].
+pub type Taken = Result<Decision, StoreError>;
+
 /// Atomically takes `cost` tokens from a user's bucket, or reports why it cannot.
 #[async_trait]
 pub trait BucketStore: Send + Sync + 'static {
@@ -40,6 +43,17 @@ pub trait BucketStore: Send + Sync + 'static {
 
     /// Decides one request: load, [`ratelimit_core::bucket::decide`], store, atomically.
     async fn take(&self, user_id: &str, cost: u64) -> Result<Decision, StoreError>;
+
+    /// Decides several requests, in order, as [`BucketStore::take`] would one after the
+    /// other; a store may do it in one round trip. The outer error is a failure of the
+    /// whole call (what it decided is unknown, as with a `take` that timed out).
+    async fn take_many(&self, takes: &[(&str, u64)]) -> Result<Vec<Taken>, StoreError> {
+        let mut taken = Vec::with_capacity(takes.len());
+        for &(user_id, cost) in takes {
+            taken.push(self.take(user_id, cost).await);
+        }
+        Ok(taken)
+    }
 
     /// Whether the store answers.
     async fn ping(&self) -> Result<(), StoreError>;

@@ -15,7 +15,7 @@ use ratelimit_core::redis::{connect, with_deadline};
 use ratelimit_core::{Decision, Policy, Quota, keys};
 use redis::aio::ConnectionManager;
 
-use super::{BucketStore, StoreError};
+use super::{BucketStore, StoreError, Taken};
 
 const TAKE_SCRIPT: &str = r#"
 local capacity = tonumber(ARGV[1])
@@ -113,8 +113,77 @@ impl BucketStore for RedisStore {
             .arg(self.policy.capacity())
             .arg(self.policy.refill_per_sec())
             .arg(cost);
-        let (allowed, remaining, retry_us, reset_us): (i64, i64, i64, i64) =
-            with_deadline(self.timeout, invocation.invoke_async(&mut conn)).await?;
+        let answer = with_deadline(self.timeout, invocation.invoke_async(&mut conn)).await?;
+        self.decision(answer)
+    }
+
+    /// Every take in one pipeline of `EVALSHA`s: one write and one round trip for the batch.
+    /// Redis runs them one after the other, each atomic, in order. Takes that find the
+    /// script missing (`NOSCRIPT`: Redis restarted or flushed) did not run; they are sent
+    /// again once the script is loaded.
+    async fn take_many(&self, takes: &[(&str, u64)]) -> Result<Vec<Taken>, StoreError> {
+        let mut taken: Vec<Option<Taken>> = takes.iter().map(|_| None).collect();
+        let mut pending: Vec<usize> = (0..takes.len()).collect();
+        for round in 0..2 {
+            let mut pipe = redis::pipe();
+            pipe.ignore_errors();
+            for &i in &pending {
+                let (user_id, cost) = takes[i];
+                pipe.cmd("EVALSHA")
+                    .arg(self.script.get_hash())
+                    .arg(1)
+                    .arg(keys::bucket_key(&self.key_prefix, user_id))
+                    .arg(self.policy.capacity())
+                    .arg(self.policy.refill_per_sec())
+                    .arg(cost);
+            }
+            let mut conn = self.conn.clone();
+            let answers: Vec<redis::RedisResult<Answer>> =
+                with_deadline(self.timeout, pipe.query_async(&mut conn)).await?;
+            if answers.len() != pending.len() {
+                return Err(StoreError::Protocol(format!(
+                    "{} answers to {} takes",
+                    answers.len(),
+                    pending.len()
+                )));
+            }
+            let mut missing_script = Vec::new();
+            for (&i, answer) in pending.iter().zip(answers) {
+                match answer {
+                    Ok(answer) => taken[i] = Some(self.decision(answer)),
+                    Err(err) if round == 0 && err.kind() == NO_SCRIPT => missing_script.push(i),
+                    Err(err) => taken[i] = Some(Err(StoreError::Unavailable(err.to_string()))),
+                }
+            }
+            if missing_script.is_empty() {
+                break;
+            }
+            self.preload().await?;
+            pending = missing_script;
+        }
+        Ok(taken
+            .into_iter()
+            .map(|t| t.unwrap_or_else(|| Err(StoreError::Protocol("no answer".into()))))
+            .collect())
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let _: String =
+            with_deadline(self.timeout, redis::cmd("PING").query_async(&mut conn)).await?;
+        Ok(())
+    }
+}
+
+/// What the script returns: allowed (0/1), whole tokens left, retry after (µs, -1 for
+/// never), reset after (µs).
+type Answer = (i64, i64, i64, i64);
+
+const NO_SCRIPT: redis::ErrorKind = redis::ErrorKind::Server(redis::ServerErrorKind::NoScript);
+
+impl RedisStore {
+    fn decision(&self, answer: Answer) -> Result<Decision, StoreError> {
+        let (allowed, remaining, retry_us, reset_us) = answer;
         let quota = Quota {
             limit: self.policy.capacity(),
             remaining: remaining.max(0) as u64,
@@ -132,12 +201,5 @@ impl BucketStore for RedisStore {
             },
             other => return Err(StoreError::Protocol(format!("script returned {other:?}"))),
         })
-    }
-
-    async fn ping(&self) -> Result<(), StoreError> {
-        let mut conn = self.conn.clone();
-        let _: String =
-            with_deadline(self.timeout, redis::cmd("PING").query_async(&mut conn)).await?;
-        Ok(())
     }
 }
