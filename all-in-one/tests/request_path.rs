@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
-use testkit::{RedisServer, free_port, unique};
+use testkit::{RedisCluster, RedisServer, free_port, unique};
 
 /// Capacity 5, refill 2/s: five 200s with the headers, a 429 with Retry-After, a 200 after
 /// waiting `retry_after_ms`, and the analytics count exactly that.
@@ -153,6 +153,27 @@ async fn all_in_one_on_redis_limits_and_counts() {
     let system = all_in_one(&args).await;
     flow(system.gateway_addr).await;
     system.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn services_apart_on_a_redis_cluster_limit_and_count() {
+    let cluster = RedisCluster::start();
+    let prefix = unique("cluster");
+    let url = cluster.url();
+    let mut args = POLICY.to_vec();
+    args.extend([
+        "--redis-url",
+        &url,
+        "--redis-cluster=true",
+        "--redis-key-prefix",
+        &prefix,
+    ]);
+    let limiter = LimiterInstance::start(&args).await;
+    let gateway =
+        GatewayInstance::start(&limiter.url(), &url, &prefix, &["--redis-cluster=true"]).await;
+    flow(gateway.addr).await;
+    gateway.stop().await;
+    limiter.stop().await;
 }
 
 #[tokio::test]

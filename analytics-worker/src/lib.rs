@@ -36,6 +36,7 @@ pub fn counter_store(
     Ok(match redis.url() {
         Some(url) => Arc::new(RedisCounters::new(
             url,
+            redis.cluster,
             &redis.key_prefix,
             // Batches are bigger than one decision: give them more than a decision's deadline.
             Duration::from_millis(redis.timeout_ms).max(Duration::from_secs(2)),

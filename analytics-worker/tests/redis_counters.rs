@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use analytics_worker::counters::contract;
 use analytics_worker::counters::{CounterStore, RedisCounters};
-use testkit::{RedisServer, unique};
+use testkit::{RedisCluster, RedisServer, unique};
 
 #[tokio::test]
 async fn redis_counters_pass_the_contract_suite() {
@@ -13,6 +13,24 @@ async fn redis_counters_pass_the_contract_suite() {
     contract::run_all(|| {
         let store = RedisCounters::new(
             &redis.url(),
+            false,
+            &unique("counters"),
+            Duration::from_secs(2),
+            Duration::from_secs(86_400),
+        )
+        .unwrap();
+        async move { Arc::new(store) as Arc<dyn CounterStore> }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn redis_cluster_counters_pass_the_contract_suite() {
+    let cluster = RedisCluster::start();
+    contract::run_all(|| {
+        let store = RedisCounters::new(
+            &cluster.url(),
+            true,
             &unique("counters"),
             Duration::from_secs(2),
             Duration::from_secs(86_400),
@@ -28,6 +46,7 @@ async fn applies_after_a_script_flush() {
     let redis = RedisServer::start();
     let store = RedisCounters::new(
         &redis.url(),
+        false,
         &unique("flush"),
         Duration::from_secs(2),
         Duration::from_secs(86_400),

@@ -100,8 +100,13 @@ fn positive_rate(s: &str) -> Result<f64, String> {
 #[derive(Args, Debug, Clone)]
 pub struct RedisArgs {
     /// redis:// URL; unset or empty keeps buckets and counters in memory (embedded mode).
+    /// With `REDIS_CLUSTER=true`, one or more cluster nodes, comma-separated.
     #[arg(long = "redis-url", env = "REDIS_URL", value_name = "REDIS_URL")]
     pub url: Option<String>,
+    /// `REDIS_URL` is a Redis Cluster: follow its slot map, one connection per node.
+    #[arg(long = "redis-cluster", env = "REDIS_CLUSTER", value_name = "REDIS_CLUSTER",
+          default_value_t = false, action = clap::ArgAction::Set)]
+    pub cluster: bool,
     /// Prefix of every key this system writes.
     #[arg(
         long = "redis-key-prefix",

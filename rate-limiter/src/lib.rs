@@ -54,6 +54,7 @@ pub async fn build(
         Some(url) => {
             let store = Arc::new(RedisStore::new(
                 url,
+                redis.cluster,
                 &redis.key_prefix,
                 policy,
                 Duration::from_millis(redis.timeout_ms),

@@ -6,10 +6,17 @@ use std::time::Duration;
 use rate_limiter::store::contract::{self, Advance};
 use rate_limiter::store::{BucketStore, RedisStore};
 use ratelimit_core::Policy;
-use testkit::{RedisServer, unique};
+use testkit::{RedisCluster, RedisServer, unique};
 
 fn store(redis: &RedisServer, prefix: &str, policy: Policy) -> RedisStore {
-    RedisStore::new(&redis.url(), prefix, policy, Duration::from_millis(500)).unwrap()
+    RedisStore::new(
+        &redis.url(),
+        false,
+        prefix,
+        policy,
+        Duration::from_millis(500),
+    )
+    .unwrap()
 }
 
 async fn raw(redis: &RedisServer) -> redis::aio::MultiplexedConnection {
@@ -28,6 +35,60 @@ async fn redis_store_passes_the_contract_suite() {
         async move { (Arc::new(s) as Arc<dyn BucketStore>, Advance::Real) }
     })
     .await;
+}
+
+#[tokio::test]
+async fn redis_cluster_store_passes_the_contract_suite_with_buckets_on_every_node() {
+    let cluster = RedisCluster::start();
+    let prefix = unique("cluster");
+    contract::run_all(|policy| {
+        let s = RedisStore::new(
+            &cluster.url(),
+            true,
+            &unique("contract"),
+            policy,
+            Duration::from_millis(500),
+        )
+        .unwrap();
+        async move { (Arc::new(s) as Arc<dyn BucketStore>, Advance::Real) }
+    })
+    .await;
+    // A batch over many users is spread over the nodes, each take decided where its key
+    // lives, one user's takes in order.
+    let s = RedisStore::new(
+        &cluster.url(),
+        true,
+        &prefix,
+        Policy::new(2, 0.01).unwrap(),
+        Duration::from_millis(500),
+    )
+    .unwrap();
+    s.preload().await.unwrap();
+    let users: Vec<String> = (0..60).map(|i| format!("user-{i}")).collect();
+    let mut takes: Vec<(&str, u64)> = Vec::new();
+    for _ in 0..3 {
+        takes.extend(users.iter().map(|u| (u.as_str(), 1)));
+    }
+    let taken = s.take_many(&takes).await.unwrap();
+    let allowed: Vec<bool> = taken.into_iter().map(|t| t.unwrap().is_allowed()).collect();
+    assert!(allowed[..120].iter().all(|a| *a), "2 tokens each");
+    assert!(
+        allowed[120..].iter().all(|a| !*a),
+        "the third take of each is refused"
+    );
+    for url in cluster.node_urls() {
+        let mut node = redis::Client::open(url.as_str())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{prefix}*"))
+            .query_async(&mut node)
+            .await
+            .unwrap();
+        assert!(!keys.is_empty(), "node {url} holds some of the 60 buckets");
+    }
 }
 
 #[tokio::test]
@@ -115,6 +176,7 @@ async fn calls_fail_fast_while_redis_is_down() {
     let mut redis = RedisServer::start();
     let s = RedisStore::new(
         &redis.url(),
+        false,
         &unique("down"),
         Policy::new(2, 1.0).unwrap(),
         Duration::from_millis(50),

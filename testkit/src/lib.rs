@@ -160,6 +160,119 @@ impl RedisServer {
     }
 }
 
+/// A three-node Redis Cluster (masters only) on free ports, its slots spread over the
+/// three, in a scratch directory.
+pub struct RedisCluster {
+    ports: Vec<u16>,
+    _nodes: Vec<Process>,
+    dir: PathBuf,
+}
+
+impl RedisCluster {
+    pub fn start() -> Self {
+        let bin = find_binary(
+            "redis-server",
+            "run scripts/test.sh (it installs redis-server), or apt-get install redis-server",
+        );
+        let cli = find_binary(
+            "redis-cli",
+            "run scripts/test.sh (it installs redis-tools), or apt-get install redis-tools",
+        );
+        let dir = std::env::temp_dir().join(unique("redis-cluster"));
+        std::fs::create_dir_all(&dir).expect("cluster dir");
+        let mut ports = Vec::new();
+        let mut nodes = Vec::new();
+        for _ in 0..3 {
+            let (port, bus) = (free_port(), free_port());
+            let mut child = Command::new(&bin)
+                .args([
+                    "--port",
+                    &port.to_string(),
+                    "--cluster-port",
+                    &bus.to_string(),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    &format!("nodes-{port}.conf"),
+                    "--cluster-node-timeout",
+                    "5000",
+                    "--dir",
+                ])
+                .arg(&dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("spawn redis-server");
+            wait_for_port(port, "redis-server (cluster node)", &mut child);
+            ports.push(port);
+            nodes.push(Process { child: Some(child) });
+        }
+        let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let out = Command::new(&cli)
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .expect("run redis-cli --cluster create");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // Every node must see the whole cluster before clients use it.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for port in &ports {
+            loop {
+                let info = Command::new(&cli)
+                    .args(["-p", &port.to_string(), "cluster", "info"])
+                    .output()
+                    .expect("run redis-cli cluster info");
+                if String::from_utf8_lossy(&info.stdout).contains("cluster_state:ok") {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "redis cluster not ok after 30 s");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        Self {
+            ports,
+            _nodes: nodes,
+            dir,
+        }
+    }
+
+    /// The nodes as `REDIS_URL` takes them with `REDIS_CLUSTER=true`: comma-separated.
+    pub fn url(&self) -> String {
+        self.ports
+            .iter()
+            .map(|p| format!("redis://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Each node's own URL (a plain connection to one node, e.g. to count its keys).
+    pub fn node_urls(&self) -> Vec<String> {
+        self.ports
+            .iter()
+            .map(|p| format!("redis://127.0.0.1:{p}/"))
+            .collect()
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        self._nodes.clear();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// A Kafka-protocol broker (`tansu`) on a free port, storing in memory.
 pub struct KafkaBroker {
     port: u16,

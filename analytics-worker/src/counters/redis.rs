@@ -25,7 +25,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use ratelimit_core::api::UserAnalytics;
 use ratelimit_core::keys;
-use redis::aio::ConnectionManager;
+use ratelimit_core::redis::Connection;
 
 use super::{
     BlockedUser, CounterError, CounterStore, GlobalTally, MinuteCounts, Minutes, PartitionBatch,
@@ -96,7 +96,7 @@ return -2
 "#;
 
 pub struct RedisCounters {
-    conn: ConnectionManager,
+    conn: Connection,
     user_script: redis::Script,
     global_script: redis::Script,
     key_prefix: String,
@@ -115,11 +115,12 @@ impl RedisCounters {
     /// Connects lazily and reconnects by itself.
     pub fn new(
         url: &str,
+        cluster: bool,
         key_prefix: &str,
         timeout: Duration,
         retention: Duration,
     ) -> Result<Self, CounterError> {
-        let conn = ratelimit_core::redis::connect(url, timeout)?;
+        let conn = ratelimit_core::redis::connect(url, cluster, timeout)?;
         Ok(Self {
             conn,
             user_script: redis::Script::new(USER_SCRIPT),

@@ -11,9 +11,9 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
+use ratelimit_core::redis::Connection;
 use ratelimit_core::redis::{connect, with_deadline};
 use ratelimit_core::{Decision, Policy, Quota, keys};
-use redis::aio::ConnectionManager;
 
 use super::{BucketStore, StoreError, Taken};
 
@@ -61,7 +61,7 @@ return {allowed, math.floor(tokens), retry, reset}
 /// Token buckets in Redis, shared by every limiter instance that points at it.
 pub struct RedisStore {
     policy: Policy,
-    conn: ConnectionManager,
+    conn: Connection,
     script: redis::Script,
     key_prefix: String,
     timeout: Duration,
@@ -72,11 +72,12 @@ impl RedisStore {
     /// itself, so it can be built while Redis is down.
     pub fn new(
         url: &str,
+        cluster: bool,
         key_prefix: &str,
         policy: Policy,
         timeout: Duration,
     ) -> Result<Self, StoreError> {
-        let conn = connect(url, timeout)?;
+        let conn = connect(url, cluster, timeout)?;
         Ok(Self {
             policy,
             conn,
@@ -125,28 +126,7 @@ impl BucketStore for RedisStore {
         let mut taken: Vec<Option<Taken>> = takes.iter().map(|_| None).collect();
         let mut pending: Vec<usize> = (0..takes.len()).collect();
         for round in 0..2 {
-            let mut pipe = redis::pipe();
-            pipe.ignore_errors();
-            for &i in &pending {
-                let (user_id, cost) = takes[i];
-                pipe.cmd("EVALSHA")
-                    .arg(self.script.get_hash())
-                    .arg(1)
-                    .arg(keys::bucket_key(&self.key_prefix, user_id))
-                    .arg(self.policy.capacity())
-                    .arg(self.policy.refill_per_sec())
-                    .arg(cost);
-            }
-            let mut conn = self.conn.clone();
-            let answers: Vec<redis::RedisResult<Answer>> =
-                with_deadline(self.timeout, pipe.query_async(&mut conn)).await?;
-            if answers.len() != pending.len() {
-                return Err(StoreError::Protocol(format!(
-                    "{} answers to {} takes",
-                    answers.len(),
-                    pending.len()
-                )));
-            }
+            let answers = self.run_takes(takes, &pending).await?;
             let mut missing_script = Vec::new();
             for (&i, answer) in pending.iter().zip(answers) {
                 match answer {
@@ -182,6 +162,65 @@ type Answer = (i64, i64, i64, i64);
 const NO_SCRIPT: redis::ErrorKind = redis::ErrorKind::Server(redis::ServerErrorKind::NoScript);
 
 impl RedisStore {
+    /// Sends the takes at `indices` and returns their answers, in the order of `indices`.
+    /// On one Redis: one pipeline. On a Cluster, where a pipeline must stay in one slot:
+    /// one pipeline per user (so one user's takes still run in order), all at once.
+    async fn run_takes(
+        &self,
+        takes: &[(&str, u64)],
+        indices: &[usize],
+    ) -> Result<Vec<redis::RedisResult<Answer>>, StoreError> {
+        let groups: Vec<Vec<usize>> = if self.conn.is_cluster() {
+            let mut by_user: Vec<(&str, Vec<usize>)> = Vec::new();
+            let mut position: std::collections::HashMap<&str, usize> = Default::default();
+            for &i in indices {
+                let user = takes[i].0;
+                let at = *position.entry(user).or_insert_with(|| {
+                    by_user.push((user, Vec::new()));
+                    by_user.len() - 1
+                });
+                by_user[at].1.push(i);
+            }
+            by_user.into_iter().map(|(_, group)| group).collect()
+        } else {
+            vec![indices.to_vec()]
+        };
+        let pipelines = groups.iter().map(|group| {
+            let mut pipe = redis::pipe();
+            pipe.ignore_errors();
+            for &i in group {
+                let (user_id, cost) = takes[i];
+                pipe.cmd("EVALSHA")
+                    .arg(self.script.get_hash())
+                    .arg(1)
+                    .arg(keys::bucket_key(&self.key_prefix, user_id))
+                    .arg(self.policy.capacity())
+                    .arg(self.policy.refill_per_sec())
+                    .arg(cost);
+            }
+            let mut conn = self.conn.clone();
+            async move {
+                let answers: Vec<redis::RedisResult<Answer>> = pipe.query_async(&mut conn).await?;
+                if answers.len() != group.len() {
+                    return Err(redis::RedisError::from((
+                        redis::ErrorKind::Client,
+                        "wrong number of answers",
+                        format!("{} answers to {} takes", answers.len(), group.len()),
+                    )));
+                }
+                Ok(group.iter().copied().zip(answers).collect::<Vec<_>>())
+            }
+        });
+        let answered =
+            with_deadline(self.timeout, futures::future::try_join_all(pipelines)).await?;
+        let mut by_index: std::collections::HashMap<usize, redis::RedisResult<Answer>> =
+            answered.into_iter().flatten().collect();
+        Ok(indices
+            .iter()
+            .map(|i| by_index.remove(i).expect("every take answered"))
+            .collect())
+    }
+
     fn decision(&self, answer: Answer) -> Result<Decision, StoreError> {
         let (allowed, remaining, retry_us, reset_us) = answer;
         let quota = Quota {
