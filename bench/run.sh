@@ -484,9 +484,9 @@ for _ in $(seq 1 200); do
   example=$key
 done
 awk -v m0="$mem0" -v m1="$mem1" -v k0="$keys0" -v k1="$keys1" -v st="$sample_total" -v sn="$sample_n" \
-  -v key="$example" -v val="$(rcli GET "$example")" 'BEGIN {
+  -v key="$example" -v val="$(rcli STRLEN "$example")" 'BEGIN {
     printf "- **Redis bytes per active bucket**: %.0f (INFO memory used_memory grew %d bytes for %d bucket keys); ", (m1 - m0) / (k1 - k0), m1 - m0, k1 - k0
-    printf "MEMORY USAGE averages %.0f bytes over %d sampled keys (e.g. `%s` = `%s`).\n", sn ? st / sn : 0, sn, key, val
+    printf "MEMORY USAGE averages %.0f bytes over %d sampled keys (e.g. `%s`, a %d-byte value).\n", sn ? st / sn : 0, sn, key, val
   }' >>"$NOTES"
 stop_pid "$FILL_PID"
 

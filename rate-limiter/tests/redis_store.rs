@@ -118,6 +118,37 @@ async fn bucket_key_expires_when_the_bucket_would_be_full() {
 }
 
 #[tokio::test]
+async fn a_bucket_is_16_bytes_and_the_earlier_text_form_is_still_read() {
+    let redis = RedisServer::start();
+    let prefix = unique("format");
+    let s = store(&redis, &prefix, Policy::new(10, 0.001).unwrap());
+    s.take("new", 3).await.unwrap();
+    let mut conn = raw(&redis).await;
+    let len: usize = redis::cmd("STRLEN")
+        .arg(ratelimit_core::keys::bucket_key(&prefix, "new"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(len, 16);
+    // A bucket written by an earlier version: 5 tokens, updated now (Redis's clock).
+    let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(&mut conn).await.unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(ratelimit_core::keys::bucket_key(&prefix, "old"))
+        .arg(format!("5 {}", secs * 1_000_000 + micros))
+        .arg("PX")
+        .arg(60_000)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let d = s.take("old", 1).await.unwrap();
+    assert!(d.is_allowed());
+    assert_eq!(d.quota().remaining, 4);
+    let d = s.take("old", 4).await.unwrap();
+    assert!(d.is_allowed());
+    assert!(!s.take("old", 1).await.unwrap().is_allowed());
+}
+
+#[tokio::test]
 async fn script_is_reloaded_after_a_script_flush() {
     let redis = RedisServer::start();
     let s = store(&redis, &unique("noscript"), Policy::new(3, 0.01).unwrap());
