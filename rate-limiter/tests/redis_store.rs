@@ -149,6 +149,41 @@ async fn a_bucket_is_16_bytes_and_the_earlier_text_form_is_still_read() {
 }
 
 #[tokio::test]
+async fn a_refused_take_writes_nothing_and_its_retry_after_is_exact() {
+    let redis = RedisServer::start();
+    let prefix = unique("refused");
+    // 3 tokens per second: waits are fractions of a millisecond that do not divide evenly.
+    let s = store(&redis, &prefix, Policy::new(2, 3.0).unwrap());
+    let key = ratelimit_core::keys::bucket_key(&prefix, "u");
+    let mut conn = raw(&redis).await;
+    for round in 0..5 {
+        while s.take("u", 1).await.unwrap().is_allowed() {}
+        let before: Vec<u8> = redis::cmd("GET")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let refused = s.take("u", 1).await.unwrap();
+        assert!(!refused.is_allowed());
+        let after: Vec<u8> = redis::cmd("GET")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(
+            before, after,
+            "round {round}: a refusal leaves the bucket as it was"
+        );
+        tokio::time::sleep(refused.retry_after()).await;
+        assert!(
+            s.take("u", 1).await.unwrap().is_allowed(),
+            "round {round}: a retry after retry_after ({:?}) is admitted",
+            refused.retry_after()
+        );
+    }
+}
+
+#[tokio::test]
 async fn script_is_reloaded_after_a_script_flush() {
     let redis = RedisServer::start();
     let s = store(&redis, &unique("noscript"), Policy::new(3, 0.01).unwrap());

@@ -3,12 +3,14 @@
 //! The decision runs inside Redis as a Lua script (loaded once, called with EVALSHA and
 //! reloaded on NOSCRIPT by `redis::Script`), using Redis's own `TIME` so that every limiter
 //! host agrees on the clock. The arithmetic mirrors [`ratelimit_core::bucket::decide`]
-//! operation for operation. A bucket is 16 bytes, the tokens and the µs of the last update as
-//! two little-endian doubles (`struct.pack`, cheaper in Lua than formatting and parsing
-//! text; the earlier text form is still read), that expires
-//! when it would be full again, and its key carries the user id as a hash tag
-//! ([`ratelimit_core::keys`]) so the script is legal on Redis Cluster. Every request shares
-//! one multiplexed connection (pipelined), never a connection per request.
+//! operation for operation, except that a refused request writes nothing (a write is a
+//! Redis call, replicated; the refill it would record is recomputed from the stored state
+//! next time). A bucket is 16 bytes, the tokens and the µs of the last update as two
+//! little-endian doubles (`struct.pack`, cheaper in Lua than formatting and parsing text;
+//! the earlier text form is still read), that expires when it would be full again, and its
+//! key carries the user id as a hash tag ([`ratelimit_core::keys`]) so the script is legal
+//! on Redis Cluster. Every request shares one multiplexed connection (pipelined), never a
+//! connection per request.
 
 use std::time::Duration;
 
@@ -25,40 +27,43 @@ local rate = tonumber(ARGV[2])
 local cost = tonumber(ARGV[3])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local tokens = capacity
+local stored = capacity
 local updated = now
 local raw = redis.call('GET', KEYS[1])
 if raw then
   if #raw == 16 then
-    tokens, updated = struct.unpack('<d<d', raw)
+    stored, updated = struct.unpack('<d<d', raw)
   else
     -- The earlier text form "<tokens> <updated_us>" (never 16 bytes), during an upgrade.
     local sep = string.find(raw, ' ', 1, true)
-    tokens = tonumber(string.sub(raw, 1, sep - 1))
+    stored = tonumber(string.sub(raw, 1, sep - 1))
     updated = tonumber(string.sub(raw, sep + 1))
   end
 end
 if now < updated then now = updated end
-tokens = math.min(capacity, tokens + (now - updated) * rate / 1000000)
-local allowed = 0
-local retry = 0
+local elapsed = now - updated
+local tokens = math.min(capacity, stored + elapsed * rate / 1000000)
 if tokens >= cost then
   tokens = tokens - cost
-  allowed = 1
-elseif cost > capacity then
-  retry = -1
-else
-  retry = math.ceil((cost - tokens) * 1000000 / rate)
-  while math.min(capacity, tokens + retry * rate / 1000000) < cost do retry = retry + 1 end
+  local reset = 0
+  if tokens < capacity then
+    reset = math.ceil((capacity - tokens) * 1000000 / rate)
+    while math.min(capacity, tokens + reset * rate / 1000000) < capacity do reset = reset + 1 end
+  end
+  redis.call('SET', KEYS[1], struct.pack('<d<d', tokens, now), 'PX', math.max(1, math.ceil(reset / 1000)))
+  return {1, math.floor(tokens), 0, reset}
 end
-local reset = 0
-if tokens < capacity then
-  reset = math.ceil((capacity - tokens) * 1000000 / rate)
-  while math.min(capacity, tokens + reset * rate / 1000000) < capacity do reset = reset + 1 end
+-- Refused: nothing is written. The bucket stays as stored, so the waits are computed with
+-- the very expression a later call will evaluate (stored + elapsed since the update): a
+-- retry at now + retry_after sees at least `cost` tokens, bit for bit.
+local function wait(want)
+  local us = math.ceil((want - tokens) * 1000000 / rate)
+  while math.min(capacity, stored + (elapsed + us) * rate / 1000000) < want do us = us + 1 end
+  return us
 end
-redis.call('SET', KEYS[1], struct.pack('<d<d', tokens, now),
-  'PX', math.max(1, math.ceil(reset / 1000)))
-return {allowed, math.floor(tokens), retry, reset}
+local retry = -1
+if cost <= capacity then retry = wait(cost) end
+return {0, math.floor(tokens), retry, wait(capacity)}
 "#;
 
 /// Token buckets in Redis, shared by every limiter instance that points at it.
