@@ -7,51 +7,42 @@ use analytics_worker::counters::contract;
 use analytics_worker::counters::{CounterStore, RedisCounters};
 use testkit::{RedisCluster, RedisServer, unique};
 
-#[tokio::test]
-async fn redis_counters_pass_the_contract_suite() {
-    let redis = RedisServer::start();
+/// Counters on `url` under a fresh key prefix.
+fn counters(url: &str, cluster: bool, name: &str) -> RedisCounters {
+    RedisCounters::new(
+        url,
+        cluster,
+        &unique(name),
+        Duration::from_secs(2),
+        Duration::from_secs(86_400),
+    )
+    .unwrap()
+}
+
+async fn passes_the_contract_suite(url: &str, cluster: bool) {
     contract::run_all(|| {
-        let store = RedisCounters::new(
-            &redis.url(),
-            false,
-            &unique("counters"),
-            Duration::from_secs(2),
-            Duration::from_secs(86_400),
-        )
-        .unwrap();
+        let store = counters(url, cluster, "counters");
         async move { Arc::new(store) as Arc<dyn CounterStore> }
     })
     .await;
+}
+
+#[tokio::test]
+async fn redis_counters_pass_the_contract_suite() {
+    let redis = RedisServer::start();
+    passes_the_contract_suite(&redis.url(), false).await;
 }
 
 #[tokio::test]
 async fn redis_cluster_counters_pass_the_contract_suite() {
     let cluster = RedisCluster::start();
-    contract::run_all(|| {
-        let store = RedisCounters::new(
-            &cluster.url(),
-            true,
-            &unique("counters"),
-            Duration::from_secs(2),
-            Duration::from_secs(86_400),
-        )
-        .unwrap();
-        async move { Arc::new(store) as Arc<dyn CounterStore> }
-    })
-    .await;
+    passes_the_contract_suite(&cluster.url(), true).await;
 }
 
 #[tokio::test]
 async fn applies_after_a_script_flush() {
     let redis = RedisServer::start();
-    let store = RedisCounters::new(
-        &redis.url(),
-        false,
-        &unique("flush"),
-        Duration::from_secs(2),
-        Duration::from_secs(86_400),
-    )
-    .unwrap();
+    let store = counters(&redis.url(), false, "flush");
     store
         .apply(&contract::batch(Some(0), &[(0, "u", true)]))
         .await

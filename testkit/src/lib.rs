@@ -98,6 +98,13 @@ impl Drop for Process {
     }
 }
 
+fn redis_server_binary() -> PathBuf {
+    find_binary(
+        "redis-server",
+        "run scripts/test.sh (it installs redis-server), or apt-get install redis-server",
+    )
+}
+
 /// A `redis-server` on a free port, without persistence.
 pub struct RedisServer {
     port: u16,
@@ -112,11 +119,7 @@ impl RedisServer {
     }
 
     fn spawn(port: u16) -> Process {
-        let bin = find_binary(
-            "redis-server",
-            "run scripts/test.sh (it installs redis-server), or apt-get install redis-server",
-        );
-        let mut child = Command::new(bin)
+        let mut child = Command::new(redis_server_binary())
             .args([
                 "--port",
                 &port.to_string(),
@@ -170,10 +173,7 @@ pub struct RedisCluster {
 
 impl RedisCluster {
     pub fn start() -> Self {
-        let bin = find_binary(
-            "redis-server",
-            "run scripts/test.sh (it installs redis-server), or apt-get install redis-server",
-        );
+        let bin = redis_server_binary();
         let cli = find_binary(
             "redis-cli",
             "run scripts/test.sh (it installs redis-tools), or apt-get install redis-tools",
