@@ -78,6 +78,44 @@ async fn end_to_end_counts_are_exact_with_two_limiters_and_two_workers() {
     let diffs = converge(addr(&gateway), &seen, Duration::from_secs(60)).await;
     assert_converged(&diffs, &[&l1, &l2, &w1, &w2, &gateway]);
     assert_window_totals(addr(&gateway), &seen).await;
+    assert_status_sums_the_instances(addr(&gateway), 3000, 2, 2).await;
+}
+
+/// The standalone gateway's `/status` (what its dashboard shows) sums what every limiter
+/// and worker reports through Redis: the decisions and events of the whole deployment, and
+/// the workers' consumer lag.
+async fn assert_status_sums_the_instances(
+    gateway: SocketAddr,
+    decisions: u64,
+    limiters: usize,
+    workers: usize,
+) {
+    let client = common::http();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let st = common::get_json(&client, &format!("http://{gateway}/status")).await;
+        let count = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
+        let decided = count(&st["decisions"]["allowed"]) + count(&st["decisions"]["limited"]);
+        let detail = st["stream"]["detail"].as_str().unwrap_or_default();
+        if decided == decisions
+            && count(&st["events"]["published"]) == decisions
+            && st["consumer_lag"].is_i64()
+            && detail.starts_with(&format!("{limiters} limiters:"))
+            && detail.ends_with(&format!("; {workers} workers"))
+        {
+            assert_eq!(st["decisions"]["degraded"], 0, "{st}");
+            assert_eq!(st["events"]["dropped"], 0, "{st}");
+            for part in ["limiter", "store", "stream"] {
+                assert_eq!(st[part]["ok"], true, "{part}: {st}");
+            }
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/status never summed {limiters} limiters and {workers} workers: {st}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -56,14 +56,7 @@ async fn metrics_and_status_show_the_traffic() {
     );
     assert!(after.contains("ratelimit_events_published_total"));
     assert!(!after.contains(&user), "user ids are never labels");
-    let status: serde_json::Value = client
-        .get(format!("http://{}/status", system.gateway_addr))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status = get_json(&client, &format!("http://{}/status", system.gateway_addr)).await;
     assert_eq!(status["limiter"]["ok"], true, "{status}");
     assert_eq!(status["store"]["ok"], true, "{status}");
     assert!(

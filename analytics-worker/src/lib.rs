@@ -115,6 +115,20 @@ pub async fn run(
         store.clone(),
         config.worker.batch_max as usize,
     )?;
+    // For a standalone gateway's /status: this worker's events and consumer lag.
+    if let Some(reports) = ratelimit_core::report::Reports::from_args(&config.redis)? {
+        let stats = worker.stats.clone();
+        reports.spawn_writer(
+            ratelimit_core::report::Role::Worker,
+            ratelimit_core::runtime::instance_id(),
+            move || ratelimit_core::report::Report {
+                events: stats.events.load(std::sync::atomic::Ordering::Relaxed),
+                consumer_lag: stats.total_lag(),
+                ..Default::default()
+            },
+            shutdown.clone(),
+        );
+    }
     tracing::info!(addr = %listener.local_addr()?, "analytics worker health endpoints listening");
     ratelimit_core::http::serve(
         listener,

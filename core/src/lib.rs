@@ -24,6 +24,7 @@ pub mod kafka;
 pub mod keys;
 pub mod metrics;
 pub mod redis;
+pub mod report;
 pub mod runtime;
 pub mod stream;
 

@@ -62,6 +62,8 @@ pub async fn from_config(
         status: Arc::new(status::RemoteStatus::new(
             &config.limiter_url,
             counters.clone(),
+            ratelimit_core::report::Reports::from_args(&config.redis)?
+                .expect("REDIS_URL is checked above"),
         )),
         counters,
         retention: config.retention.retention,

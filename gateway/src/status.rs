@@ -1,8 +1,9 @@
 //! `GET /status`: the health of the limiter, store and stream paths, for the dashboard.
 //!
 //! In the all-in-one process everything is in reach ([`LocalStatus`]); a standalone
-//! gateway knows the limiter's readiness and the counter store ([`RemoteStatus`]) — the
-//! other services' numbers are on their own `/metrics`.
+//! gateway ([`RemoteStatus`]) asks the limiter's readiness, pings the counter store, and
+//! sums the reports every limiter and worker writes to Redis each second
+//! ([`ratelimit_core::report`]).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -13,6 +14,7 @@ use analytics_worker::worker::WorkerStats;
 use async_trait::async_trait;
 use rate_limiter::breaker::BreakerState;
 use rate_limiter::limiter::Limiter;
+use ratelimit_core::report::{self, Reports, Role};
 use serde::Serialize;
 
 #[derive(Debug, Clone, Serialize)]
@@ -49,10 +51,10 @@ pub struct Status {
     pub limiter: Health,
     pub store: Health,
     pub stream: Health,
-    /// Totals since start (all-in-one only).
+    /// Totals since start: this process's, or the sum over the running instances.
     pub decisions: Option<Decisions>,
     pub events: Option<Events>,
-    /// Total consumer lag over the worker's partitions (Kafka only).
+    /// Total consumer lag over the workers' partitions (Kafka only).
     pub consumer_lag: Option<i64>,
 }
 
@@ -129,11 +131,12 @@ impl StatusSource for LocalStatus {
 pub struct RemoteStatus {
     pub limiter_url: String,
     pub counters: Arc<dyn CounterStore>,
+    pub reports: Reports,
     pub client: reqwest::Client,
 }
 
 impl RemoteStatus {
-    pub fn new(limiter_url: &str, counters: Arc<dyn CounterStore>) -> Self {
+    pub fn new(limiter_url: &str, counters: Arc<dyn CounterStore>, reports: Reports) -> Self {
         let first = limiter_url
             .split(',')
             .next()
@@ -143,6 +146,7 @@ impl RemoteStatus {
         Self {
             limiter_url: first.to_owned(),
             counters,
+            reports,
             client: reqwest::Client::builder()
                 .timeout(Duration::from_secs(1))
                 .build()
@@ -169,17 +173,51 @@ impl StatusSource for RemoteStatus {
             ),
             Err(e) => Health::new(false, format!("{} unreachable: {e}", self.limiter_url)),
         };
+        let (limiters, workers) = tokio::join!(
+            self.reports.read(Role::Limiter),
+            self.reports.read(Role::Worker)
+        );
+        let (limiters, workers) = (limiters.unwrap_or_default(), workers.unwrap_or_default());
+        let l = report::total(&limiters);
+        let w = report::total(&workers);
         let store = match self.counters.ping().await {
-            Ok(()) => Health::new(true, "redis"),
+            Ok(()) => Health::new(
+                l.breaker_closed,
+                format!(
+                    "redis: {} of {} limiters with the breaker closed, {} errors",
+                    limiters.iter().filter(|(_, r)| r.breaker_closed).count(),
+                    limiters.len(),
+                    l.store_errors
+                ),
+            ),
             Err(e) => Health::new(false, format!("redis: {e}")),
         };
+        let stream = Health::new(
+            l.buffered < 10_000 && w.consumer_lag.is_none_or(|lag| lag < 100_000),
+            format!(
+                "{} limiters: {} buffered, {} dropped; {} workers",
+                limiters.len(),
+                l.buffered,
+                l.dropped,
+                workers.len()
+            ),
+        );
+        let reported = !limiters.is_empty();
         Status {
             limiter,
             store,
-            stream: Health::new(true, "see the limiters' and workers' /metrics"),
-            decisions: None,
-            events: None,
-            consumer_lag: None,
+            stream,
+            decisions: reported.then_some(Decisions {
+                allowed: l.allowed,
+                limited: l.limited,
+                degraded: l.degraded,
+            }),
+            events: reported.then_some(Events {
+                published: l.published,
+                dropped: l.dropped,
+                buffered: l.buffered,
+            }),
+            consumer_lag: w.consumer_lag,
         }
     }
 }

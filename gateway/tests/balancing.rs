@@ -197,9 +197,17 @@ async fn the_gateway_spreads_requests_over_every_address_of_the_limiter_name() {
     );
     let gw = gateway::Gateway {
         limiter: Arc::new(limiter),
+        // Not asked here: /status is not part of this test (the connection is lazy).
         status: Arc::new(gateway::status::RemoteStatus::new(
             &format!("http://{}", a.addr),
             counters.clone(),
+            ratelimit_core::report::Reports::new(
+                "redis://127.0.0.1:1",
+                false,
+                "rl:",
+                Duration::from_millis(50),
+            )
+            .unwrap(),
         )),
         counters,
         retention: Duration::from_secs(3600),

@@ -151,10 +151,20 @@ impl Standalone {
             &config.limiter,
             &config.redis,
             &config.kafka,
-            instance_id,
+            instance_id.clone(),
             shutdown,
         )
         .await?;
+        // For a standalone gateway's /status: this instance's decisions and events.
+        if let Some(reports) = ratelimit_core::report::Reports::from_args(&config.redis)? {
+            let limiter = limiter.clone();
+            reports.spawn_writer(
+                ratelimit_core::report::Role::Limiter,
+                instance_id,
+                move || limiter.report(),
+                shutdown.clone(),
+            );
+        }
         let worker = match events {
             Some(events) => {
                 let store = analytics_worker::counter_store(

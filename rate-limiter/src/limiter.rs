@@ -125,6 +125,24 @@ impl Limiter {
         &self.stats
     }
 
+    /// This instance's numbers, for the deployment-wide `/status` of a standalone gateway.
+    pub fn report(&self) -> ratelimit_core::report::Report {
+        let s = &self.stats;
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let p = self.publisher.stats();
+        ratelimit_core::report::Report {
+            allowed: load(&s.allowed),
+            limited: load(&s.limited),
+            degraded: load(&s.degraded),
+            store_errors: load(&s.store_errors),
+            breaker_closed: self.breaker.state() == BreakerState::Closed,
+            published: p.published,
+            dropped: p.dropped,
+            buffered: p.buffered,
+            ..Default::default()
+        }
+    }
+
     /// Copies the limiter's counters into the metrics registry (called before a scrape).
     pub fn export_metrics(&self) {
         let s = &self.stats;

@@ -200,14 +200,7 @@ pub async fn assert_window_totals(gateway: SocketAddr, seen: &Seen) {
     let (allowed, blocked) = expected
         .values()
         .fold((0, 0), |(a, b), (x, y)| (a + x, b + y));
-    let g: serde_json::Value = client
-        .get(format!("http://{gateway}/analytics?window=10m"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let g = super::get_json(&client, &format!("http://{gateway}/analytics?window=10m")).await;
     assert_eq!(
         (g["allowed"].as_u64(), g["blocked"].as_u64()),
         (Some(allowed), Some(blocked)),
