@@ -58,6 +58,12 @@ pub struct Status {
     pub consumer_lag: Option<i64>,
 }
 
+/// The stream path is healthy while the producers hold fewer than 10,000 undelivered
+/// events and the consumers lag fewer than 100,000 behind.
+fn stream_ok(buffered: u64, consumer_lag: Option<i64>) -> bool {
+    buffered < 10_000 && consumer_lag.is_none_or(|lag| lag < 100_000)
+}
+
 #[async_trait]
 pub trait StatusSource: Send + Sync + 'static {
     async fn status(&self) -> Status;
@@ -97,7 +103,7 @@ impl StatusSource for LocalStatus {
         let p = self.limiter.publisher().stats();
         let lag = self.worker.total_lag();
         let stream = Health::new(
-            p.buffered < 10_000 && lag.is_none_or(|l| l < 100_000),
+            stream_ok(p.buffered, lag),
             format!(
                 "{}: {} buffered, {} dropped",
                 self.stream_kind, p.buffered, p.dropped
@@ -193,7 +199,7 @@ impl StatusSource for RemoteStatus {
             Err(e) => Health::new(false, format!("redis: {e}")),
         };
         let stream = Health::new(
-            l.buffered < 10_000 && w.consumer_lag.is_none_or(|lag| lag < 100_000),
+            stream_ok(l.buffered, w.consumer_lag),
             format!(
                 "{} limiters: {} buffered, {} dropped; {} workers",
                 limiters.len(),

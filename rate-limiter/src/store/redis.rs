@@ -221,11 +221,14 @@ impl RedisStore {
         });
         let answered =
             with_deadline(self.timeout, futures::future::try_join_all(pipelines)).await?;
-        let mut by_index: std::collections::HashMap<usize, redis::RedisResult<Answer>> =
-            answered.into_iter().flatten().collect();
+        let mut by_take: Vec<Option<redis::RedisResult<Answer>>> =
+            takes.iter().map(|_| None).collect();
+        for (i, answer) in answered.into_iter().flatten() {
+            by_take[i] = Some(answer);
+        }
         Ok(indices
             .iter()
-            .map(|i| by_index.remove(i).expect("every take answered"))
+            .map(|&i| by_take[i].take().expect("every take answered"))
             .collect())
     }
 
