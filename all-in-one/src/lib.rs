@@ -1,6 +1,9 @@
 //! The whole system in one process: the gateway (`:3000`), the rate limiter (`:8080`) and
 //! the analytics worker, with the same APIs as the distributed form.
 //!
+//! This is the one crate that knows all three services: it composes them ([`System`]),
+//! with an in-process limiter client and a status read from memory ([`local`]).
+//!
 //! By default everything is embedded (buckets and counters in memory, events through an
 //! in-process channel); `REDIS_URL` moves buckets and counters to Redis and
 //! `KAFKA_BROKERS` moves the event stream to Kafka, with no other change.
@@ -8,15 +11,17 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use analytics_worker::SpawnedWorker;
-use analytics_worker::config::WorkerArgs;
-use analytics_worker::worker::WorkerStats;
+pub mod local;
+
+use analytics_counters::SpawnedWorker;
+use analytics_counters::worker::WorkerStats;
 use clap::Parser;
-use gateway::client::InProcessClient;
 use gateway::config::GatewayArgs;
 use rate_limiter::config::LimiterArgs;
 use rate_limiter::limiter::Limiter;
-use ratelimit_core::config::{KafkaArgs, RedisArgs, ServeArgs};
+use service_kit::config::{KafkaArgs, RedisArgs, ServeArgs, WorkerArgs};
+
+use crate::local::{InProcessClient, LocalStatus};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -74,11 +79,11 @@ impl System {
             &config.limiter,
             &config.redis,
             &config.kafka,
-            ratelimit_core::runtime::instance_id(),
+            service_kit::runtime::instance_id(),
             &shutdown,
         )
         .await?;
-        let counters = analytics_worker::counter_store(
+        let counters = analytics_counters::counter_store(
             &config.redis,
             config.worker.max_users as usize,
             config.worker.retention.retention,
@@ -94,7 +99,7 @@ impl System {
             (None, _) => unreachable!("without Kafka the limiter publishes in-process"),
         };
         let worker_stats = worker.stats.clone();
-        let status = gateway::status::LocalStatus {
+        let status = LocalStatus {
             limiter: limiter.clone(),
             worker: worker_stats.clone(),
             counters: counters.clone(),
@@ -111,7 +116,7 @@ impl System {
         };
         let gateway = gateway::Gateway {
             limiter: Arc::new(InProcessClient(limiter.clone())),
-            counters,
+            analytics: counters,
             status: Arc::new(status),
             retention: config.worker.retention.retention,
         };

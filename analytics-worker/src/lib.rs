@@ -1,19 +1,16 @@
-//! The analytics worker: reads decision events from a stream (the in-process channel, or
-//! a Kafka consumer group) and keeps exact per-user counters (memory or Redis).
+//! The analytics worker service: a Kafka consumer-group member that keeps exact per-user
+//! counters in Redis, with its health and stats endpoints.
 //!
-//! - [`counters`]: the counter-store trait, its memory and Redis implementations, and the
-//!   exactly-once design (per-user, per-partition applied offsets).
-//! - [`source`]: the event-source trait, the channel and Kafka implementations.
-//! - [`worker`]: the loop: batch, count, commit.
+//! The counting itself (stores, sources, the batch-count-commit loop) is the
+//! `analytics-counters` library, which a rate limiter without Kafka also runs in-process.
+//!
+//! - [`router`]: `/healthz`, `/readyz`, `/stats`, `/metrics`.
+//! - [`run`]: the standalone service.
 //! - [`config`]: the worker's configuration.
 
 pub mod config;
-pub mod counters;
-pub mod source;
-pub mod worker;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::Json;
 use axum::Router;
@@ -22,29 +19,10 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use serde_json::json;
 
-use crate::counters::{CounterStore, MemoryCounters, RedisCounters};
-use crate::worker::WorkerStats;
-
-/// The counter store the configuration asks for: Redis when `REDIS_URL` is set, else memory.
-/// `max_users` bounds the in-memory counters; `retention` is how long the per-minute
-/// series are kept.
-pub fn counter_store(
-    redis: &ratelimit_core::config::RedisArgs,
-    max_users: usize,
-    retention: Duration,
-) -> anyhow::Result<Arc<dyn CounterStore>> {
-    Ok(match redis.url() {
-        Some(url) => Arc::new(RedisCounters::new(
-            url,
-            redis.cluster,
-            &redis.key_prefix,
-            // Batches are bigger than one decision: give them more than a decision's deadline.
-            Duration::from_millis(redis.timeout_ms).max(Duration::from_secs(2)),
-            retention,
-        )?),
-        None => Arc::new(MemoryCounters::new(max_users, retention)),
-    })
-}
+use analytics_counters::worker::WorkerStats;
+#[cfg(feature = "kafka")]
+use analytics_counters::{SpawnedWorker, counter_store};
+use ratelimit_domain::analytics::CounterStore;
 
 /// The worker's own HTTP endpoints: `/healthz`, `/readyz` (counter store reachable), `/stats`.
 pub fn router(store: Arc<dyn CounterStore>, stats: Arc<WorkerStats>) -> Router {
@@ -80,12 +58,12 @@ pub fn router(store: Arc<dyn CounterStore>, stats: Arc<WorkerStats>) -> Router {
             "/metrics",
             get(|State((_, stats)): State<(Arc<dyn CounterStore>, Arc<WorkerStats>)>| async move {
                 stats.export_metrics();
-                ratelimit_core::metrics::render()
+                service_kit::metrics::render()
             }),
         )
         .with_state((store, stats));
-    let routes = ratelimit_core::metrics::with_http_metrics(routes, "analytics-worker");
-    ratelimit_core::http::with_common_layers(routes)
+    let routes = service_kit::metrics::with_http_metrics(routes, "analytics-worker");
+    service_kit::http::with_common_layers(routes)
 }
 
 #[cfg(feature = "kafka")]
@@ -116,12 +94,12 @@ pub async fn run(
         config.worker.batch_max as usize,
     )?;
     // For a standalone gateway's /status: this worker's events and consumer lag.
-    if let Some(reports) = ratelimit_core::report::Reports::from_args(&config.redis)? {
+    if let Some(reports) = service_kit::report::Reports::from_args(&config.redis)? {
         let stats = worker.stats.clone();
         reports.spawn_writer(
-            ratelimit_core::report::Role::Worker,
-            ratelimit_core::runtime::instance_id(),
-            move || ratelimit_core::report::Report {
+            service_kit::report::Role::Worker,
+            service_kit::runtime::instance_id(),
+            move || service_kit::report::Report {
                 events: stats.events.load(std::sync::atomic::Ordering::Relaxed),
                 consumer_lag: stats.total_lag(),
                 ..Default::default()
@@ -130,7 +108,7 @@ pub async fn run(
         );
     }
     tracing::info!(addr = %listener.local_addr()?, "analytics worker health endpoints listening");
-    ratelimit_core::http::serve(
+    service_kit::http::serve(
         listener,
         router(store, worker.stats.clone()),
         shutdown,
@@ -139,96 +117,4 @@ pub async fn run(
     .await?;
     worker.stop().await;
     Ok(())
-}
-
-/// A worker running in the background of this process.
-pub struct SpawnedWorker {
-    pub stats: Arc<WorkerStats>,
-    stop: tokio_util::sync::CancellationToken,
-    handle: tokio::task::JoinHandle<()>,
-}
-
-impl SpawnedWorker {
-    /// Counts `source` into `store` until [`SpawnedWorker::stop`].
-    pub fn spawn(
-        source: Box<dyn source::EventSource>,
-        store: Arc<dyn CounterStore>,
-        batch_max: usize,
-    ) -> Self {
-        Self::spawn_with_stats(source, store, batch_max, Arc::default())
-    }
-
-    fn spawn_with_stats(
-        source: Box<dyn source::EventSource>,
-        store: Arc<dyn CounterStore>,
-        batch_max: usize,
-        stats: Arc<WorkerStats>,
-    ) -> Self {
-        let stop = tokio_util::sync::CancellationToken::new();
-        let handle = tokio::spawn(worker::run(
-            source,
-            store,
-            stats.clone(),
-            batch_max,
-            stop.clone(),
-        ));
-        Self {
-            stats,
-            stop,
-            handle,
-        }
-    }
-
-    /// Counts the in-process stream of a limiter in the same process.
-    pub fn in_process(
-        events: ratelimit_core::stream::ChannelReceiver,
-        store: Arc<dyn CounterStore>,
-        batch_max: usize,
-    ) -> Self {
-        Self::spawn(
-            Box::new(source::ChannelSource::new(events)),
-            store,
-            batch_max,
-        )
-    }
-
-    #[cfg(feature = "kafka")]
-    /// Joins the Kafka consumer group and counts the topic.
-    pub fn kafka(
-        kafka: &ratelimit_core::config::KafkaArgs,
-        brokers: &str,
-        store: Arc<dyn CounterStore>,
-        batch_max: usize,
-    ) -> anyhow::Result<Self> {
-        // The limiter creates the topic too; whoever starts first does it.
-        ratelimit_core::kafka::ensure_topic(
-            kafka,
-            brokers,
-            tokio_util::sync::CancellationToken::new(),
-        );
-        let source = source::KafkaSource::new(kafka, brokers)?;
-        tracing::info!(
-            topic = kafka.topic,
-            group = kafka.group_id,
-            "analytics worker joined the consumer group"
-        );
-        let stats = Arc::new(WorkerStats {
-            partitions: source.assignment(),
-            lag: source.lag(),
-            ..WorkerStats::default()
-        });
-        Ok(Self::spawn_with_stats(
-            Box::new(source),
-            store,
-            batch_max,
-            stats,
-        ))
-    }
-
-    /// Counts what the source still holds without waiting, commits, and stops. For the
-    /// in-process stream, call it after the limiter has stopped deciding and flushed.
-    pub async fn stop(self) {
-        self.stop.cancel();
-        let _ = self.handle.await;
-    }
 }

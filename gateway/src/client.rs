@@ -1,6 +1,6 @@
 //! How the gateway asks the limiter: the [`LimiterClient`] trait, over HTTP when the
-//! services run apart ([`HttpLimiterClient`]), or an in-process call in the all-in-one
-//! binary ([`InProcessClient`]).
+//! services run apart ([`HttpLimiterClient`]); the all-in-one binary brings an in-process
+//! one.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -13,12 +13,11 @@ use axum::http::{Request, StatusCode, Uri, header};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use rate_limiter::limiter::{Limiter, LimiterError};
-use ratelimit_core::api::{
+use ratelimit_domain::api::{
     BatchRequest, BatchResponse, BatchResult, CheckRequest, CheckResponse, ErrorBody, FieldError,
     MAX_BATCH,
 };
-use ratelimit_core::http::ApiError;
+use service_kit::http::ApiError;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -59,24 +58,6 @@ impl From<ClientError> for ApiError {
 #[async_trait]
 pub trait LimiterClient: Send + Sync + 'static {
     async fn check(&self, request: &CheckRequest) -> Result<CheckResponse, ClientError>;
-}
-
-/// The limiter in the same process.
-pub struct InProcessClient(pub Arc<Limiter>);
-
-#[async_trait]
-impl LimiterClient for InProcessClient {
-    async fn check(&self, request: &CheckRequest) -> Result<CheckResponse, ClientError> {
-        self.0
-            .check_response(request)
-            .await
-            .map_err(|err| match err {
-                LimiterError::StoreUnavailable => ClientError::StoreUnavailable,
-                LimiterError::CostAboveCapacity { capacity, .. } => {
-                    ClientError::Invalid(LimiterError::cost_field_error(capacity))
-                }
-            })
-    }
 }
 
 /// Resolves a host name to the addresses of its limiter replicas.

@@ -6,20 +6,20 @@ use std::time::Duration;
 
 use std::ops::RangeInclusive;
 
-use analytics_worker::counters::{CounterStore, DAY_MS, MINUTE_MS, MinuteCounts};
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use ratelimit_core::api::{
+use ratelimit_domain::analytics::{AnalyticsReader, CounterError, DAY_MS, MINUTE_MS, MinuteCounts};
+use ratelimit_domain::api::{
     CheckRequest, CheckResponse, FieldError, UserAnalytics, validate_user_id,
 };
-use ratelimit_core::http::{ApiError, ValidJson, with_common_layers, with_load_shedding};
-use ratelimit_core::{Clock, SystemClock};
+use ratelimit_domain::{Clock, SystemClock};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use service_kit::http::{ApiError, ValidJson, with_common_layers, with_load_shedding};
 
 use crate::client::LimiterClient;
 use crate::status::{Status, StatusSource};
@@ -28,7 +28,8 @@ use crate::status::{Status, StatusSource};
 #[derive(Clone)]
 pub struct Gateway {
     pub limiter: Arc<dyn LimiterClient>,
-    pub counters: Arc<dyn CounterStore>,
+    /// The counters, read-only.
+    pub analytics: Arc<dyn AnalyticsReader>,
     pub status: Arc<dyn StatusSource>,
     /// How far back the per-minute analytics go: the longest window answered.
     pub retention: Duration,
@@ -45,7 +46,7 @@ pub fn router(gateway: Gateway, max_in_flight: usize, request_timeout: Duration)
         .route("/dashboard", get(crate::dashboard::dashboard))
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .with_state(gateway);
-    let routes = ratelimit_core::metrics::with_http_metrics(routes, "gateway");
+    let routes = service_kit::metrics::with_http_metrics(routes, "gateway");
     with_load_shedding(with_common_layers(routes), max_in_flight, request_timeout)
 }
 
@@ -129,7 +130,7 @@ struct LimitedBody<'a> {
     retry_after_ms: u64,
 }
 
-fn analytics_unavailable(err: analytics_worker::counters::CounterError) -> ApiError {
+fn analytics_unavailable(err: CounterError) -> ApiError {
     tracing::warn!(error = %err, "cannot read analytics");
     ApiError::Unavailable {
         what: "analytics store",
@@ -149,7 +150,7 @@ fn window_minutes(
     retention: Duration,
 ) -> Result<(RangeInclusive<u64>, u64), ApiError> {
     let d =
-        ratelimit_core::config::parse_duration(window).map_err(|e| FieldError::new("window", e))?;
+        service_kit::config::parse_duration(window).map_err(|e| FieldError::new("window", e))?;
     if d > retention {
         return Err(FieldError::new(
             "window",
@@ -185,7 +186,7 @@ async fn analytics(
     validate_user_id(&user_id)?;
     let Some(window) = query(q)?.window else {
         let all_time: UserAnalytics = gateway
-            .counters
+            .analytics
             .get(&user_id)
             .await
             .map_err(analytics_unavailable)?;
@@ -193,7 +194,7 @@ async fn analytics(
     };
     let (minutes, window_secs) = window_minutes(&window, gateway.retention)?;
     let series = gateway
-        .counters
+        .analytics
         .user_series(&user_id, minutes)
         .await
         .map_err(analytics_unavailable)?;
@@ -218,7 +219,7 @@ async fn global_analytics(
     let window = query(q)?.window.unwrap_or_else(|| "15m".to_owned());
     let (minutes, window_secs) = window_minutes(&window, gateway.retention)?;
     let today = *minutes.end() * MINUTE_MS / DAY_MS;
-    let counters = &gateway.counters;
+    let counters = &gateway.analytics;
     let (series, top, top_day) = tokio::try_join!(
         counters.global_series(minutes.clone()),
         counters.top_blocked(minutes, TOP_N),
@@ -243,5 +244,5 @@ async fn status(State(gateway): State<Gateway>) -> Json<Status> {
 
 async fn metrics(State(gateway): State<Gateway>) -> Response {
     gateway.status.export_metrics();
-    ratelimit_core::metrics::render()
+    service_kit::metrics::render()
 }

@@ -1,7 +1,7 @@
 //! The gateway: the public face of the system. `POST /api` asks the limiter and answers
 //! 200 or 429 with rate-limit headers; `GET /analytics/{user_id}` reads the counters.
 //!
-//! - [`client`]: the limiter-client trait (HTTP with replica balancing, or in-process).
+//! - [`client`]: the limiter-client trait, and its HTTP form with replica balancing.
 //! - [`http`]: the routes and the mapping of decisions to HTTP.
 //! - [`config`]: the gateway's configuration.
 
@@ -14,7 +14,7 @@ pub mod status;
 
 use std::sync::Arc;
 
-use ratelimit_core::config::ServeArgs;
+use service_kit::config::ServeArgs;
 use tokio_util::sync::CancellationToken;
 
 pub use crate::http::{Gateway, router};
@@ -33,7 +33,7 @@ pub async fn run(
         serve.max_in_flight as usize,
         serve.request_timeout(),
     );
-    ratelimit_core::http::serve(listener, router, shutdown, serve.grace()).await
+    service_kit::http::serve(listener, router, shutdown, serve.grace()).await
 }
 
 /// Builds the standalone gateway from its configuration: the limiter over HTTP, the
@@ -47,7 +47,8 @@ pub async fn from_config(
             "REDIS_URL is required: the standalone gateway reads analytics from Redis (run the all-in-one binary for the embedded mode)"
         );
     }
-    let counters = analytics_worker::counter_store(&config.redis, 0, config.retention.retention)?;
+    let analytics =
+        analytics_counters::redis_reader(&config.redis)?.expect("REDIS_URL is checked above");
     let limiter = client::HttpLimiterClient::new(
         &config.limiter_url,
         config.limiter_timeout(),
@@ -61,11 +62,11 @@ pub async fn from_config(
         limiter: Arc::new(limiter),
         status: Arc::new(status::RemoteStatus::new(
             &config.limiter_url,
-            counters.clone(),
-            ratelimit_core::report::Reports::from_args(&config.redis)?
+            analytics.clone(),
+            service_kit::report::Reports::from_args(&config.redis)?
                 .expect("REDIS_URL is checked above"),
         )),
-        counters,
+        analytics,
         retention: config.retention.retention,
     })
 }

@@ -1,21 +1,17 @@
 //! `GET /status`: the health of the limiter, store and stream paths, for the dashboard.
 //!
-//! In the all-in-one process everything is in reach ([`LocalStatus`]); a standalone
-//! gateway ([`RemoteStatus`]) asks the limiter's readiness, pings the counter store, and
+//! The all-in-one process, where everything is in reach, brings its own [`StatusSource`];
+//! a standalone gateway ([`RemoteStatus`]) asks the limiter's readiness, pings the counter store, and
 //! sums the reports every limiter and worker writes to Redis each second
-//! ([`ratelimit_core::report`]).
+//! ([`service_kit::report`]).
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use analytics_worker::counters::CounterStore;
-use analytics_worker::worker::WorkerStats;
 use async_trait::async_trait;
-use rate_limiter::breaker::BreakerState;
-use rate_limiter::limiter::Limiter;
-use ratelimit_core::report::{self, Reports, Role};
+use ratelimit_domain::analytics::AnalyticsReader;
 use serde::Serialize;
+use service_kit::report::{self, Reports, Role};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Health {
@@ -24,7 +20,7 @@ pub struct Health {
 }
 
 impl Health {
-    fn new(ok: bool, detail: impl Into<String>) -> Self {
+    pub fn new(ok: bool, detail: impl Into<String>) -> Self {
         Self {
             ok,
             detail: detail.into(),
@@ -60,7 +56,7 @@ pub struct Status {
 
 /// The stream path is healthy while the producers hold fewer than 10,000 undelivered
 /// events and the consumers lag fewer than 100,000 behind.
-fn stream_ok(buffered: u64, consumer_lag: Option<i64>) -> bool {
+pub fn stream_ok(buffered: u64, consumer_lag: Option<i64>) -> bool {
     buffered < 10_000 && consumer_lag.is_none_or(|lag| lag < 100_000)
 }
 
@@ -72,77 +68,16 @@ pub trait StatusSource: Send + Sync + 'static {
     fn export_metrics(&self) {}
 }
 
-/// The all-in-one process: limiter and worker in reach.
-pub struct LocalStatus {
-    pub limiter: Arc<Limiter>,
-    pub worker: Arc<WorkerStats>,
-    pub counters: Arc<dyn CounterStore>,
-    /// `"redis"` or `"memory"`.
-    pub store_kind: &'static str,
-    /// `"kafka"` or `"in-process"`.
-    pub stream_kind: &'static str,
-}
-
-#[async_trait]
-impl StatusSource for LocalStatus {
-    async fn status(&self) -> Status {
-        let stats = self.limiter.stats();
-        let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
-        let breaker = self.limiter.breaker_state();
-        let store_ok = breaker == BreakerState::Closed && self.counters.ping().await.is_ok();
-        let store = Health::new(
-            store_ok,
-            format!(
-                "{}: breaker {:?}, {} errors",
-                self.store_kind,
-                breaker,
-                load(&stats.store_errors)
-            )
-            .to_lowercase(),
-        );
-        let p = self.limiter.publisher().stats();
-        let lag = self.worker.total_lag();
-        let stream = Health::new(
-            stream_ok(p.buffered, lag),
-            format!(
-                "{}: {} buffered, {} dropped",
-                self.stream_kind, p.buffered, p.dropped
-            ),
-        );
-        Status {
-            limiter: Health::new(true, "in-process"),
-            store,
-            stream,
-            decisions: Some(Decisions {
-                allowed: load(&stats.allowed),
-                limited: load(&stats.limited),
-                degraded: load(&stats.degraded),
-            }),
-            events: Some(Events {
-                published: p.published,
-                dropped: p.dropped,
-                buffered: p.buffered,
-            }),
-            consumer_lag: lag,
-        }
-    }
-
-    fn export_metrics(&self) {
-        self.limiter.export_metrics();
-        self.worker.export_metrics();
-    }
-}
-
 /// A standalone gateway: the limiter over HTTP, the counters in Redis.
 pub struct RemoteStatus {
     pub limiter_url: String,
-    pub counters: Arc<dyn CounterStore>,
+    pub counters: Arc<dyn AnalyticsReader>,
     pub reports: Reports,
     pub client: reqwest::Client,
 }
 
 impl RemoteStatus {
-    pub fn new(limiter_url: &str, counters: Arc<dyn CounterStore>, reports: Reports) -> Self {
+    pub fn new(limiter_url: &str, counters: Arc<dyn AnalyticsReader>, reports: Reports) -> Self {
         let first = limiter_url
             .split(',')
             .next()

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use rate_limiter::store::MemoryStore;
-use ratelimit_core::{Policy, SystemClock};
+use ratelimit_domain::{Policy, SystemClock};
 
 /// Threads in the contended benchmarks (the benchmark machines have 2 cores; more threads
 /// than cores measures the shard locks under preemption too).

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use clap::{Args, Parser};
-use ratelimit_core::config::{FailMode, KafkaArgs, PolicyArgs, RedisArgs, ServeArgs};
+use service_kit::config::{FailMode, KafkaArgs, PolicyArgs, RedisArgs, ServeArgs};
 
 /// What the limiter itself needs, shared by the standalone binary and the all-in-one one.
 #[derive(Args, Debug, Clone)]
@@ -69,5 +69,5 @@ pub struct LimiterConfig {
     pub kafka: KafkaArgs,
     /// Used when `KAFKA_BROKERS` is unset: decisions are then counted in-process.
     #[command(flatten)]
-    pub worker: analytics_worker::config::WorkerArgs,
+    pub worker: service_kit::config::WorkerArgs,
 }

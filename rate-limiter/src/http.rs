@@ -9,11 +9,11 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use ratelimit_core::api::{
+use ratelimit_domain::api::{
     BatchRequest, BatchResponse, BatchResult, CheckRequest, CheckResponse, MAX_BATCH_BODY_BYTES,
 };
-use ratelimit_core::http::{ApiError, ValidJson, with_common_layers, with_load_shedding};
 use serde_json::json;
+use service_kit::http::{ApiError, ValidJson, with_common_layers, with_load_shedding};
 
 use crate::limiter::{Limiter, LimiterError};
 
@@ -43,7 +43,7 @@ pub fn router(limiter: Arc<Limiter>, max_in_flight: usize, request_timeout: Dura
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
         .with_state(limiter);
-    let routes = ratelimit_core::metrics::with_http_metrics(routes, "rate-limiter");
+    let routes = service_kit::metrics::with_http_metrics(routes, "rate-limiter");
     with_load_shedding(with_common_layers(routes), max_in_flight, request_timeout)
 }
 
@@ -75,7 +75,7 @@ async fn check_batch(
 
 async fn metrics(State(limiter): State<Arc<Limiter>>) -> axum::response::Response {
     limiter.export_metrics();
-    ratelimit_core::metrics::render()
+    service_kit::metrics::render()
 }
 
 async fn ready(State(limiter): State<Arc<Limiter>>) -> (StatusCode, Json<serde_json::Value>) {

@@ -11,13 +11,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use ratelimit_core::RateLimitEvent;
-use ratelimit_core::config::KafkaArgs;
-use ratelimit_core::stream::{DropCounter, EventPublisher, PublisherStats};
+use ratelimit_domain::RateLimitEvent;
 use rdkafka::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{DeliveryResult, Message};
 use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
+use service_kit::config::KafkaArgs;
+use service_kit::stream::{DropCounter, EventPublisher, PublisherStats};
 
 #[derive(Default)]
 struct Counters {

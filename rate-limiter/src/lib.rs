@@ -19,9 +19,9 @@ pub mod store;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ratelimit_core::config::{KafkaArgs, RedisArgs, ServeArgs};
-use ratelimit_core::stream::{self, ChannelReceiver, EventPublisher};
-use ratelimit_core::{Clock, SystemClock};
+use ratelimit_domain::{Clock, SystemClock};
+use service_kit::config::{KafkaArgs, RedisArgs, ServeArgs};
+use service_kit::stream::{self, ChannelReceiver, EventPublisher};
 use tokio_util::sync::CancellationToken;
 
 use crate::breaker::Breaker;
@@ -80,7 +80,7 @@ pub async fn build(
     let (publisher, events): (Arc<dyn EventPublisher>, _) = match kafka.brokers() {
         #[cfg(feature = "kafka")]
         Some(brokers) => {
-            ratelimit_core::kafka::ensure_topic(kafka, brokers, shutdown.clone());
+            service_kit::kafka::ensure_topic(kafka, brokers, shutdown.clone());
             (Arc::new(kafka::KafkaPublisher::new(kafka, brokers)?), None)
         }
         #[cfg(not(feature = "kafka"))]
@@ -116,7 +116,7 @@ pub async fn run(
         serve.request_timeout(),
     );
     tracing::info!(addr = %listener.local_addr()?, "rate limiter listening");
-    ratelimit_core::http::serve(listener, router, shutdown, serve.grace()).await
+    service_kit::http::serve(listener, router, shutdown, serve.grace()).await
 }
 
 /// Waits for the publisher to deliver what it holds (bounded), and logs the totals.
@@ -137,7 +137,7 @@ pub async fn flush(limiter: &Limiter) {
 /// counts its decisions in-process into the configured counter store.
 pub struct Standalone {
     pub limiter: Arc<Limiter>,
-    worker: Option<analytics_worker::SpawnedWorker>,
+    worker: Option<analytics_counters::SpawnedWorker>,
 }
 
 impl Standalone {
@@ -156,10 +156,10 @@ impl Standalone {
         )
         .await?;
         // For a standalone gateway's /status: this instance's decisions and events.
-        if let Some(reports) = ratelimit_core::report::Reports::from_args(&config.redis)? {
+        if let Some(reports) = service_kit::report::Reports::from_args(&config.redis)? {
             let limiter = limiter.clone();
             reports.spawn_writer(
-                ratelimit_core::report::Role::Limiter,
+                service_kit::report::Role::Limiter,
                 instance_id,
                 move || limiter.report(),
                 shutdown.clone(),
@@ -167,12 +167,12 @@ impl Standalone {
         }
         let worker = match events {
             Some(events) => {
-                let store = analytics_worker::counter_store(
+                let store = analytics_counters::counter_store(
                     &config.redis,
                     config.worker.max_users as usize,
                     config.worker.retention.retention,
                 )?;
-                Some(analytics_worker::SpawnedWorker::in_process(
+                Some(analytics_counters::SpawnedWorker::in_process(
                     events,
                     store,
                     config.worker.batch_max as usize,

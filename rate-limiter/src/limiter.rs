@@ -5,11 +5,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use ratelimit_core::api::{CheckRequest, CheckResponse};
-use ratelimit_core::config::FailMode;
-use ratelimit_core::event::SCHEMA_VERSION;
-use ratelimit_core::stream::EventPublisher;
-use ratelimit_core::{Clock, Decision, Policy, RateLimitEvent};
+use ratelimit_domain::api::{CheckRequest, CheckResponse};
+use ratelimit_domain::event::SCHEMA_VERSION;
+use ratelimit_domain::{Clock, Decision, Policy, RateLimitEvent};
+use service_kit::config::FailMode;
+use service_kit::stream::EventPublisher;
 
 use crate::breaker::{Breaker, BreakerState};
 use crate::store::{BucketStore, MemoryStore, Taken};
@@ -45,8 +45,8 @@ pub fn duration_ms_ceil(d: std::time::Duration) -> u64 {
 
 impl LimiterError {
     /// What a client is told about a cost above the capacity.
-    pub fn cost_field_error(capacity: u64) -> ratelimit_core::api::FieldError {
-        ratelimit_core::api::FieldError::new(
+    pub fn cost_field_error(capacity: u64) -> ratelimit_domain::api::FieldError {
+        ratelimit_domain::api::FieldError::new(
             "cost",
             format!("must be at most the bucket capacity {capacity}"),
         )
@@ -99,7 +99,7 @@ impl Limiter {
         clock: Arc<dyn Clock>,
         instance_id: String,
     ) -> Self {
-        ratelimit_core::metrics::handle();
+        service_kit::metrics::handle();
         Self {
             stats: LimiterStats::default(),
             latency: metrics::histogram!("ratelimit_decision_duration_seconds"),
@@ -126,11 +126,11 @@ impl Limiter {
     }
 
     /// This instance's numbers, for the deployment-wide `/status` of a standalone gateway.
-    pub fn report(&self) -> ratelimit_core::report::Report {
+    pub fn report(&self) -> service_kit::report::Report {
         let s = &self.stats;
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let p = self.publisher.stats();
-        ratelimit_core::report::Report {
+        service_kit::report::Report {
             allowed: load(&s.allowed),
             limited: load(&s.limited),
             degraded: load(&s.degraded),
@@ -316,8 +316,8 @@ mod tests {
     use super::*;
     use crate::store::StoreError;
     use async_trait::async_trait;
-    use ratelimit_core::ManualClock;
-    use ratelimit_core::stream::{NullPublisher, channel};
+    use ratelimit_domain::ManualClock;
+    use service_kit::stream::{NullPublisher, channel};
     use std::time::Duration;
 
     /// A store that is down, to exercise the fail modes without a network.

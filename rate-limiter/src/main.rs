@@ -1,7 +1,7 @@
 //! `rate-limiter`: the token-bucket service on its own (`POST /check`).
 
 use clap::Parser;
-use ratelimit_core::runtime;
+use service_kit::runtime;
 
 // mimalloc: the allocator was ~15 % of CPU with glibc malloc (BENCHMARKS.md).
 #[global_allocator]

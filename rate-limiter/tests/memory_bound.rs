@@ -6,7 +6,7 @@ use std::alloc::System;
 use std::sync::Arc;
 
 use rate_limiter::store::MemoryStore;
-use ratelimit_core::{ManualClock, Policy};
+use ratelimit_domain::{ManualClock, Policy};
 use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
 
 #[global_allocator]

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use rate_limiter::store::contract::{self, Advance};
 use rate_limiter::store::{BucketStore, RedisStore};
-use ratelimit_core::Policy;
+use ratelimit_domain::Policy;
 use testkit::{RedisCluster, RedisServer, unique};
 
 fn store(redis: &RedisServer, prefix: &str, policy: Policy) -> RedisStore {
@@ -97,7 +97,7 @@ async fn bucket_key_expires_when_the_bucket_would_be_full() {
     let prefix = unique("ttl");
     let s = store(&redis, &prefix, Policy::new(4, 10.0).unwrap());
     s.take("u{1}", 2).await.unwrap();
-    let key = ratelimit_core::keys::bucket_key(&prefix, "u{1}");
+    let key = ratelimit_domain::keys::bucket_key(&prefix, "u{1}");
     let mut conn = raw(&redis).await;
     let ttl: i64 = redis::cmd("PTTL")
         .arg(&key)
@@ -125,7 +125,7 @@ async fn a_bucket_is_16_bytes_and_the_earlier_text_form_is_still_read() {
     s.take("new", 3).await.unwrap();
     let mut conn = raw(&redis).await;
     let len: usize = redis::cmd("STRLEN")
-        .arg(ratelimit_core::keys::bucket_key(&prefix, "new"))
+        .arg(ratelimit_domain::keys::bucket_key(&prefix, "new"))
         .query_async(&mut conn)
         .await
         .unwrap();
@@ -133,7 +133,7 @@ async fn a_bucket_is_16_bytes_and_the_earlier_text_form_is_still_read() {
     // A bucket written by an earlier version: 5 tokens, updated now (Redis's clock).
     let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(&mut conn).await.unwrap();
     let _: () = redis::cmd("SET")
-        .arg(ratelimit_core::keys::bucket_key(&prefix, "old"))
+        .arg(ratelimit_domain::keys::bucket_key(&prefix, "old"))
         .arg(format!("5 {}", secs * 1_000_000 + micros))
         .arg("PX")
         .arg(60_000)
@@ -154,7 +154,7 @@ async fn a_refused_take_writes_nothing_and_its_retry_after_is_exact() {
     let prefix = unique("refused");
     // 3 tokens per second: waits are fractions of a millisecond that do not divide evenly.
     let s = store(&redis, &prefix, Policy::new(2, 3.0).unwrap());
-    let key = ratelimit_core::keys::bucket_key(&prefix, "u");
+    let key = ratelimit_domain::keys::bucket_key(&prefix, "u");
     let mut conn = raw(&redis).await;
     for round in 0..5 {
         while s.take("u", 1).await.unwrap().is_allowed() {}

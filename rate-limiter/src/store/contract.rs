@@ -5,9 +5,9 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ratelimit_core::{ManualClock, Policy};
+use ratelimit_domain::{ManualClock, Policy};
 
-use super::BucketStore;
+use ratelimit_domain::store::BucketStore;
 
 /// How the suite lets time pass for a store.
 pub enum Advance {

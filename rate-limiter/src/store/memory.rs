@@ -9,8 +9,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
-use ratelimit_core::bucket::decide;
-use ratelimit_core::{BucketState, Clock, Decision, Policy};
+use ratelimit_domain::bucket::decide;
+use ratelimit_domain::{BucketState, Clock, Decision, Policy};
 use tokio_util::sync::CancellationToken;
 
 use super::{BucketStore, StoreError};
@@ -118,7 +118,7 @@ impl BucketStore for MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ratelimit_core::ManualClock;
+    use ratelimit_domain::ManualClock;
 
     fn store(capacity: u64, rate: f64) -> (Arc<ManualClock>, MemoryStore) {
         let clock = Arc::new(ManualClock::new(1_000_000));

@@ -1,23 +1,22 @@
 //! The shared bucket store: one atomic round trip to Redis per decision.
 //!
 //! The decision runs inside Redis as a Lua script (loaded once, called with EVALSHA and
-//! reloaded on NOSCRIPT by `redis::Script`), using Redis's own `TIME` so that every limiter
-//! host agrees on the clock. The arithmetic mirrors [`ratelimit_core::bucket::decide`]
+//! reloaded on NOSCRIPT through `service_kit::redis::Scripts`), using Redis's own `TIME` so that every limiter
+//! host agrees on the clock. The arithmetic mirrors [`ratelimit_domain::bucket::decide`]
 //! operation for operation, except that a refused request writes nothing (a write is a
 //! Redis call, replicated; the refill it would record is recomputed from the stored state
 //! next time). A bucket is 16 bytes, the tokens and the µs of the last update as two
 //! little-endian doubles (`struct.pack`, cheaper in Lua than formatting and parsing text;
 //! the earlier text form is still read), that expires when it would be full again, and its
-//! key carries the user id as a hash tag ([`ratelimit_core::keys`]) so the script is legal
+//! key carries the user id as a hash tag ([`ratelimit_domain::keys`]) so the script is legal
 //! on Redis Cluster. Every request shares one multiplexed connection (pipelined), never a
 //! connection per request.
 
 use std::time::Duration;
 
 use async_trait::async_trait;
-use ratelimit_core::redis::Connection;
-use ratelimit_core::redis::{connect, with_deadline};
-use ratelimit_core::{Decision, Policy, Quota, keys};
+use ratelimit_domain::{Decision, Policy, Quota, keys};
+use service_kit::redis::{Connection, Scripts, connect, is_noscript, with_deadline};
 
 use super::{BucketStore, StoreError, Taken};
 
@@ -70,7 +69,7 @@ return {0, math.floor(tokens), retry, wait(capacity)}
 pub struct RedisStore {
     policy: Policy,
     conn: Connection,
-    script: redis::Script,
+    scripts: Scripts,
     key_prefix: String,
     timeout: Duration,
 }
@@ -89,7 +88,7 @@ impl RedisStore {
         Ok(Self {
             policy,
             conn,
-            script: redis::Script::new(TAKE_SCRIPT),
+            scripts: Scripts::new(&[TAKE_SCRIPT]),
             key_prefix: key_prefix.to_owned(),
             timeout,
         })
@@ -97,13 +96,9 @@ impl RedisStore {
 
     /// Loads the script now, so the first request does not pay for it.
     pub async fn preload(&self) -> Result<(), StoreError> {
-        let mut conn = self.conn.clone();
-        let invocation = self.script.prepare_invoke();
-        with_deadline(
-            self.timeout.max(Duration::from_secs(1)),
-            invocation.load_async(&mut conn),
-        )
-        .await?;
+        self.scripts
+            .load(&self.conn, self.timeout.max(Duration::from_secs(1)))
+            .await?;
         Ok(())
     }
 }
@@ -114,16 +109,12 @@ impl BucketStore for RedisStore {
         &self.policy
     }
 
+    /// One take is a batch of one: the same pipeline, the same `NOSCRIPT` handling.
     async fn take(&self, user_id: &str, cost: u64) -> Result<Decision, StoreError> {
-        let key = keys::bucket_key(&self.key_prefix, user_id);
-        let mut conn = self.conn.clone();
-        let mut invocation = self.script.key(key);
-        invocation
-            .arg(self.policy.capacity())
-            .arg(self.policy.refill_per_sec())
-            .arg(cost);
-        let answer = with_deadline(self.timeout, invocation.invoke_async(&mut conn)).await?;
-        self.decision(answer)
+        self.take_many(&[(user_id, cost)])
+            .await?
+            .pop()
+            .unwrap_or_else(|| Err(StoreError::Protocol("no answer".into())))
     }
 
     /// Every take in one pipeline of `EVALSHA`s: one write and one round trip for the batch.
@@ -139,7 +130,7 @@ impl BucketStore for RedisStore {
             for (&i, answer) in pending.iter().zip(answers) {
                 match answer {
                     Ok(answer) => taken[i] = Some(self.decision(answer)),
-                    Err(err) if round == 0 && err.kind() == NO_SCRIPT => missing_script.push(i),
+                    Err(err) if round == 0 && is_noscript(&err) => missing_script.push(i),
                     Err(err) => taken[i] = Some(Err(StoreError::Unavailable(err.to_string()))),
                 }
             }
@@ -166,8 +157,6 @@ impl BucketStore for RedisStore {
 /// What the script returns: allowed (0/1), whole tokens left, retry after (µs, -1 for
 /// never), reset after (µs).
 type Answer = (i64, i64, i64, i64);
-
-const NO_SCRIPT: redis::ErrorKind = redis::ErrorKind::Server(redis::ServerErrorKind::NoScript);
 
 impl RedisStore {
     /// Sends the takes at `indices` and returns their answers, in the order of `indices`.
@@ -199,7 +188,7 @@ impl RedisStore {
             for &i in group {
                 let (user_id, cost) = takes[i];
                 pipe.cmd("EVALSHA")
-                    .arg(self.script.get_hash())
+                    .arg(self.scripts.hash(0))
                     .arg(1)
                     .arg(keys::bucket_key(&self.key_prefix, user_id))
                     .arg(self.policy.capacity())

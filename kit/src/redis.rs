@@ -160,3 +160,83 @@ pub async fn with_deadline<T>(
         Ok(Ok(v)) => Ok(v),
     }
 }
+
+impl From<RedisCallError> for ratelimit_domain::store::StoreError {
+    fn from(err: RedisCallError) -> Self {
+        match err {
+            RedisCallError::Timeout => Self::Timeout,
+            RedisCallError::Failed(msg) => Self::Unavailable(msg),
+        }
+    }
+}
+
+impl From<RedisCallError> for ratelimit_domain::analytics::CounterError {
+    fn from(err: RedisCallError) -> Self {
+        match err {
+            RedisCallError::Timeout => Self::Timeout,
+            RedisCallError::Failed(msg) => Self::Unavailable(msg),
+        }
+    }
+}
+
+/// The Lua scripts one store runs: loaded once (`SCRIPT LOAD`, before serving and again
+/// whenever Redis answers `NOSCRIPT` after a restart or a `SCRIPT FLUSH`), then called by
+/// hash with `EVALSHA`. Every store goes through this one loader and this one check
+/// ([`is_noscript`]), by the error's kind, never its text.
+pub struct Scripts {
+    scripts: Vec<redis::Script>,
+}
+
+impl Scripts {
+    /// The scripts `sources`, addressed by their position in it.
+    pub fn new(sources: &[&str]) -> Self {
+        Self {
+            scripts: sources.iter().map(|s| redis::Script::new(s)).collect(),
+        }
+    }
+
+    /// The SHA1 of script `i`, what `EVALSHA` takes.
+    pub fn hash(&self, i: usize) -> &str {
+        self.scripts[i].get_hash()
+    }
+
+    /// Script `i`, to build invocations of (`.key(..).arg(..)`, `Pipeline::invoke_script`).
+    pub fn get(&self, i: usize) -> &redis::Script {
+        &self.scripts[i]
+    }
+
+    /// Loads every script (on a Cluster, on every primary), under `timeout`.
+    pub async fn load(&self, conn: &Connection, timeout: Duration) -> Result<(), RedisCallError> {
+        let mut conn = conn.clone();
+        for script in &self.scripts {
+            let invocation = script.prepare_invoke();
+            with_deadline(timeout, invocation.load_async(&mut conn)).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends `pipe`, whose commands may be `EVALSHA`s of these scripts, under `timeout`.
+    /// When Redis answers `NOSCRIPT`, loads the scripts and sends it once more: for
+    /// pipelines whose repetition is harmless (each script checks what it already did).
+    pub async fn query_idempotent<T: redis::FromRedisValue>(
+        &self,
+        conn: &Connection,
+        pipe: &Pipeline,
+        timeout: Duration,
+    ) -> Result<T, RedisCallError> {
+        let mut c = conn.clone();
+        match tokio::time::timeout(timeout, pipe.query_async::<T>(&mut c)).await {
+            Err(_) => Err(RedisCallError::Timeout),
+            Ok(Err(err)) if is_noscript(&err) => {
+                self.load(conn, timeout).await?;
+                with_deadline(timeout, pipe.query_async(&mut c)).await
+            }
+            Ok(answer) => with_deadline(timeout, std::future::ready(answer)).await,
+        }
+    }
+}
+
+/// Whether Redis refused a call because it does not have the script (`NOSCRIPT`).
+pub fn is_noscript(err: &redis::RedisError) -> bool {
+    err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
+}

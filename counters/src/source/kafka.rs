@@ -6,13 +6,13 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::FutureExt;
-use ratelimit_core::RateLimitEvent;
-use ratelimit_core::config::KafkaArgs;
+use ratelimit_domain::RateLimitEvent;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
 use rdkafka::error::KafkaError;
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use service_kit::config::KafkaArgs;
 
 use super::{Assignment, EventSource, Lag, Record};
 

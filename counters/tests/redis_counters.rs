@@ -3,8 +3,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use analytics_worker::counters::contract;
-use analytics_worker::counters::{CounterStore, RedisCounters};
+use analytics_counters::RedisCounters;
+use analytics_counters::contract;
+use ratelimit_domain::analytics::{AnalyticsReader, CounterStore};
 use testkit::{RedisCluster, RedisServer, unique};
 
 /// Counters on `url` under a fresh key prefix.

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::counters::{CounterStore, PartitionBatch};
 use crate::source::{EventSource, Record};
+use ratelimit_domain::analytics::{CounterStore, PartitionBatch};
 
 /// What the worker has done, for logs, metrics and tests.
 #[derive(Debug, Default)]
@@ -158,10 +158,11 @@ async fn process(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::counters::MemoryCounters;
+    use crate::MemoryCounters;
     use async_trait::async_trait;
-    use ratelimit_core::RateLimitEvent;
-    use ratelimit_core::event::SCHEMA_VERSION;
+    use ratelimit_domain::RateLimitEvent;
+    use ratelimit_domain::analytics::AnalyticsReader;
+    use ratelimit_domain::event::SCHEMA_VERSION;
 
     /// A scripted source: fixed batches, then the end; records commits.
     struct Scripted {

@@ -3,10 +3,10 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use ratelimit_core::RateLimitEvent;
-use ratelimit_core::event::SCHEMA_VERSION;
+use ratelimit_domain::RateLimitEvent;
+use ratelimit_domain::event::SCHEMA_VERSION;
 
-use super::{BlockedUser, CounterStore, DAY_MS, MINUTE_MS, PartitionBatch};
+use ratelimit_domain::analytics::{BlockedUser, CounterStore, DAY_MS, MINUTE_MS, PartitionBatch};
 
 /// A batch from `(offset, user, allowed)` triples.
 pub fn batch(partition: Option<i32>, events: &[(i64, &str, bool)]) -> PartitionBatch {

@@ -1,42 +1,14 @@
-//! The event-stream seam: how the limiter hands decisions to analytics.
-//!
-//! [`EventPublisher`] is what the limiter calls on every decision; it must never block or
-//! slow the answer. This module holds the in-process implementation (a bounded channel,
-//! the embedded default); the Kafka one lives with the rate limiter.
+//! The in-process event stream: a bounded channel from a limiter to a worker of the same
+//! process (the embedded default), and the drop counter every publisher shares.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use ratelimit_domain::RateLimitEvent;
+pub use ratelimit_domain::stream::{EventPublisher, PublisherStats};
 use tokio::sync::mpsc;
-
-use crate::RateLimitEvent;
-
-/// Counters every publisher keeps.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct PublisherStats {
-    /// Events accepted for delivery.
-    pub published: u64,
-    /// Events dropped because the buffer was full (or the stream closed).
-    pub dropped: u64,
-    /// Events accepted but not yet delivered.
-    pub buffered: u64,
-}
-
-/// Hands decision events to the analytics stream.
-#[async_trait]
-pub trait EventPublisher: Send + Sync + 'static {
-    /// Enqueues `event` without waiting. When the buffer is full the event is dropped and
-    /// counted; this never blocks.
-    fn publish(&self, event: RateLimitEvent);
-
-    fn stats(&self) -> PublisherStats;
-
-    /// Waits (at most `timeout`) until everything published so far has been delivered.
-    /// Returns whether it was.
-    async fn flush(&self, timeout: Duration) -> bool;
-}
 
 /// Counts dropped events and logs the first drop and then every 1,000th, so a flood of
 /// drops does not flood the log.
@@ -133,7 +105,7 @@ impl EventPublisher for NullPublisher {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::SCHEMA_VERSION;
+    use ratelimit_domain::event::SCHEMA_VERSION;
 
     fn event(user: &str) -> RateLimitEvent {
         RateLimitEvent {

@@ -23,14 +23,15 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use ratelimit_core::api::UserAnalytics;
-use ratelimit_core::keys;
-use ratelimit_core::redis::Connection;
-
-use super::{
-    BlockedUser, CounterError, CounterStore, GlobalTally, MinuteCounts, Minutes, PartitionBatch,
-    TOP_KEEP, TOP_WINDOW_MINUTES, Tally, fill_series, global_tally, tally, top_n,
+use ratelimit_domain::analytics::{
+    AnalyticsReader, BlockedUser, CounterError, CounterStore, MinuteCounts, PartitionBatch,
+    TOP_KEEP, TOP_WINDOW_MINUTES,
 };
+use ratelimit_domain::api::UserAnalytics;
+use ratelimit_domain::keys;
+use service_kit::redis::{Connection, Scripts};
+
+use crate::tally::{GlobalTally, Minutes, Tally, fill_series, global_tally, tally, top_n};
 
 /// Per user. Returns -2 when applied, -1 when everything was already counted, or the
 /// offset already counted when only part of the batch is new (the caller re-tallies).
@@ -95,40 +96,30 @@ end
 return -2
 "#;
 
-pub struct RedisCounters {
+/// The scripts of [`RedisCounters`], by position.
+const USER: usize = 0;
+const GLOBAL: usize = 1;
+
+/// The read side of the counters in Redis: all the gateway needs, and no script.
+#[derive(Clone)]
+pub struct RedisAnalytics {
     conn: Connection,
-    user_script: redis::Script,
-    global_script: redis::Script,
     key_prefix: String,
     timeout: Duration,
-    retention_secs: u64,
-    /// Partition tags already registered in `<prefix>gparts` by this process.
-    registered: Mutex<HashSet<String>>,
 }
 
-fn is_noscript(err: &CounterError) -> bool {
-    matches!(err, CounterError::Unavailable(msg) if msg.to_ascii_lowercase().contains("noscript"))
-}
-
-impl RedisCounters {
-    /// Counters on `url`, keeping time series for `retention`; every call has `timeout`.
-    /// Connects lazily and reconnects by itself.
+impl RedisAnalytics {
+    /// Reads counters on `url` (see [`RedisCounters::new`]); every call has `timeout`.
     pub fn new(
         url: &str,
         cluster: bool,
         key_prefix: &str,
         timeout: Duration,
-        retention: Duration,
     ) -> Result<Self, CounterError> {
-        let conn = ratelimit_core::redis::connect(url, cluster, timeout)?;
         Ok(Self {
-            conn,
-            user_script: redis::Script::new(USER_SCRIPT),
-            global_script: redis::Script::new(GLOBAL_SCRIPT),
+            conn: service_kit::redis::connect(url, cluster, timeout)?,
             key_prefix: key_prefix.to_owned(),
             timeout,
-            retention_secs: retention.as_secs().max(60),
-            registered: Mutex::default(),
         })
     }
 
@@ -136,30 +127,7 @@ impl RedisCounters {
         &self,
         call: impl Future<Output = redis::RedisResult<T>>,
     ) -> Result<T, CounterError> {
-        Ok(ratelimit_core::redis::with_deadline(self.timeout, call).await?)
-    }
-
-    /// Sends `pipe`; after a `NOSCRIPT` (Redis restarted or flushed its scripts) loads the
-    /// scripts and sends it again (the offsets make the repeat harmless).
-    async fn query_scripts<T: redis::FromRedisValue>(
-        &self,
-        pipe: &redis::Pipeline,
-    ) -> Result<T, CounterError> {
-        let mut conn = self.conn.clone();
-        match self.deadline(pipe.query_async::<T>(&mut conn)).await {
-            Err(err) if is_noscript(&err) => {
-                for script in [&self.user_script, &self.global_script] {
-                    let invocation = script.prepare_invoke();
-                    self.deadline(invocation.load_async(&mut conn)).await?;
-                }
-                self.deadline(pipe.query_async(&mut conn)).await
-            }
-            other => other,
-        }
-    }
-
-    fn tag(partition: Option<i32>) -> String {
-        partition.map_or_else(|| "local".to_owned(), |p| format!("p{p}"))
+        Ok(service_kit::redis::with_deadline(self.timeout, call).await?)
     }
 
     fn global_key(&self, tag: &str, suffix: &str) -> String {
@@ -168,96 +136,6 @@ impl RedisCounters {
 
     fn tags_key(&self) -> String {
         format!("{}gparts", self.key_prefix)
-    }
-
-    /// Runs the user script for every tally in one pipeline; returns the script results.
-    async fn apply_users(
-        &self,
-        field: &str,
-        tallies: &[(&str, Tally)],
-    ) -> Result<Vec<i64>, CounterError> {
-        let mut pipe = redis::pipe();
-        for (user, t) in tallies {
-            let mut invocation = self
-                .user_script
-                .key(keys::counter_key(&self.key_prefix, user));
-            invocation
-                .arg(field)
-                .arg(t.first_offset)
-                .arg(t.last_offset)
-                .arg(t.allowed)
-                .arg(t.blocked)
-                .arg(self.retention_secs);
-            for (minute, (a, b)) in &t.minutes {
-                invocation
-                    .key(keys::counter_minute_key(&self.key_prefix, user, *minute))
-                    .arg(*a)
-                    .arg(*b);
-            }
-            pipe.invoke_script(&invocation);
-        }
-        self.query_scripts(&pipe).await
-    }
-
-    /// Runs the global script for one partition's tally.
-    async fn apply_global(
-        &self,
-        tag: &str,
-        checked: bool,
-        g: &GlobalTally<'_>,
-    ) -> Result<i64, CounterError> {
-        let mut invocation = self.global_script.key(self.global_key(tag, "o"));
-        invocation
-            .arg(if checked { "1" } else { "" })
-            .arg(g.first_offset)
-            .arg(g.last_offset)
-            .arg(self.retention_secs)
-            .arg(2 * 86_400)
-            .arg(TOP_KEEP)
-            .arg(g.minutes.len())
-            .arg(g.blocked_by_day.len());
-        for (minute, (a, b)) in &g.minutes {
-            invocation.key(self.global_key(tag, &format!("m{minute}")));
-            invocation.key(self.global_key(tag, &format!("t{minute}")));
-            let users = g.blocked_by_minute.get(minute);
-            invocation
-                .arg(*a)
-                .arg(*b)
-                .arg(users.map_or(0, HashMap::len));
-            for (user, n) in users.into_iter().flatten() {
-                invocation.arg(*user).arg(*n);
-            }
-        }
-        for (day, users) in &g.blocked_by_day {
-            invocation.key(self.global_key(tag, &format!("d{day}")));
-            invocation.arg(users.len());
-            for (user, n) in users {
-                invocation.arg(*user).arg(*n);
-            }
-        }
-        let mut pipe = redis::pipe();
-        pipe.invoke_script(&invocation);
-        let (result,): (i64,) = self.query_scripts(&pipe).await?;
-        Ok(result)
-    }
-
-    async fn register(&self, tag: &str) -> Result<(), CounterError> {
-        if self
-            .registered
-            .lock()
-            .expect("registered lock")
-            .contains(tag)
-        {
-            return Ok(());
-        }
-        let mut conn = self.conn.clone();
-        let cmd = redis::cmd("SADD").arg(self.tags_key()).arg(tag).to_owned();
-        let _: i64 = self.deadline(cmd.query_async(&mut conn)).await?;
-        self.registered
-            .lock()
-            .expect("registered lock")
-            .insert(tag.to_owned());
-        Ok(())
     }
 
     async fn tags(&self) -> Result<Vec<String>, CounterError> {
@@ -297,6 +175,149 @@ impl RedisCounters {
             *merged.entry(user).or_default() += score as u64;
         }
         Ok(merged)
+    }
+}
+
+/// Counters in Redis, written exactly once by the analytics worker (and a limiter that
+/// counts in-process); reads go through its [`RedisAnalytics`].
+pub struct RedisCounters {
+    read: RedisAnalytics,
+    scripts: Scripts,
+    retention_secs: u64,
+    /// Partition tags already registered in `<prefix>gparts` by this process.
+    registered: Mutex<HashSet<String>>,
+}
+
+impl RedisCounters {
+    /// Counters on `url`, keeping time series for `retention`; every call has `timeout`.
+    /// Connects lazily and reconnects by itself.
+    pub fn new(
+        url: &str,
+        cluster: bool,
+        key_prefix: &str,
+        timeout: Duration,
+        retention: Duration,
+    ) -> Result<Self, CounterError> {
+        Ok(Self {
+            read: RedisAnalytics::new(url, cluster, key_prefix, timeout)?,
+            scripts: Scripts::new(&[USER_SCRIPT, GLOBAL_SCRIPT]),
+            retention_secs: retention.as_secs().max(60),
+            registered: Mutex::default(),
+        })
+    }
+
+    /// Sends `pipe`; after a `NOSCRIPT` (Redis restarted or flushed its scripts) the
+    /// scripts are loaded and it is sent again (the offsets make the repeat harmless).
+    async fn query_scripts<T: redis::FromRedisValue>(
+        &self,
+        pipe: &redis::Pipeline,
+    ) -> Result<T, CounterError> {
+        Ok(self
+            .scripts
+            .query_idempotent(&self.read.conn, pipe, self.read.timeout)
+            .await?)
+    }
+
+    fn tag(partition: Option<i32>) -> String {
+        partition.map_or_else(|| "local".to_owned(), |p| format!("p{p}"))
+    }
+
+    /// Runs the user script for every tally in one pipeline; returns the script results.
+    async fn apply_users(
+        &self,
+        field: &str,
+        tallies: &[(&str, Tally)],
+    ) -> Result<Vec<i64>, CounterError> {
+        let mut pipe = redis::pipe();
+        for (user, t) in tallies {
+            let mut invocation = self
+                .scripts
+                .get(USER)
+                .key(keys::counter_key(&self.read.key_prefix, user));
+            invocation
+                .arg(field)
+                .arg(t.first_offset)
+                .arg(t.last_offset)
+                .arg(t.allowed)
+                .arg(t.blocked)
+                .arg(self.retention_secs);
+            for (minute, (a, b)) in &t.minutes {
+                invocation
+                    .key(keys::counter_minute_key(
+                        &self.read.key_prefix,
+                        user,
+                        *minute,
+                    ))
+                    .arg(*a)
+                    .arg(*b);
+            }
+            pipe.invoke_script(&invocation);
+        }
+        self.query_scripts(&pipe).await
+    }
+
+    /// Runs the global script for one partition's tally.
+    async fn apply_global(
+        &self,
+        tag: &str,
+        checked: bool,
+        g: &GlobalTally<'_>,
+    ) -> Result<i64, CounterError> {
+        let mut invocation = self.scripts.get(GLOBAL).key(self.read.global_key(tag, "o"));
+        invocation
+            .arg(if checked { "1" } else { "" })
+            .arg(g.first_offset)
+            .arg(g.last_offset)
+            .arg(self.retention_secs)
+            .arg(2 * 86_400)
+            .arg(TOP_KEEP)
+            .arg(g.minutes.len())
+            .arg(g.blocked_by_day.len());
+        for (minute, (a, b)) in &g.minutes {
+            invocation.key(self.read.global_key(tag, &format!("m{minute}")));
+            invocation.key(self.read.global_key(tag, &format!("t{minute}")));
+            let users = g.blocked_by_minute.get(minute);
+            invocation
+                .arg(*a)
+                .arg(*b)
+                .arg(users.map_or(0, HashMap::len));
+            for (user, n) in users.into_iter().flatten() {
+                invocation.arg(*user).arg(*n);
+            }
+        }
+        for (day, users) in &g.blocked_by_day {
+            invocation.key(self.read.global_key(tag, &format!("d{day}")));
+            invocation.arg(users.len());
+            for (user, n) in users {
+                invocation.arg(*user).arg(*n);
+            }
+        }
+        let mut pipe = redis::pipe();
+        pipe.invoke_script(&invocation);
+        let (result,): (i64,) = self.query_scripts(&pipe).await?;
+        Ok(result)
+    }
+
+    async fn register(&self, tag: &str) -> Result<(), CounterError> {
+        if self
+            .registered
+            .lock()
+            .expect("registered lock")
+            .contains(tag)
+        {
+            return Ok(());
+        }
+        let mut conn = self.read.conn.clone();
+        let cmd = redis::cmd("SADD")
+            .arg(self.read.tags_key())
+            .arg(tag)
+            .to_owned();
+        let _: i64 = self.read.deadline(cmd.query_async(&mut conn)).await?;
+        self.registered
+            .lock()
+            .expect("registered lock")
+            .insert(tag.to_owned());
+        Ok(())
     }
 }
 
@@ -352,7 +373,10 @@ impl CounterStore for RedisCounters {
             "partition offset kept moving under a batch".into(),
         ))
     }
+}
 
+#[async_trait]
+impl AnalyticsReader for RedisAnalytics {
     async fn get(&self, user_id: &str) -> Result<UserAnalytics, CounterError> {
         let mut conn = self.conn.clone();
         let key = keys::counter_key(&self.key_prefix, user_id);
@@ -435,12 +459,51 @@ impl CounterStore for RedisCounters {
     }
 }
 
+/// The writer reads through its reader.
+#[async_trait]
+impl AnalyticsReader for RedisCounters {
+    async fn get(&self, user_id: &str) -> Result<UserAnalytics, CounterError> {
+        self.read.get(user_id).await
+    }
+
+    async fn user_series(
+        &self,
+        user_id: &str,
+        minutes: RangeInclusive<u64>,
+    ) -> Result<Vec<MinuteCounts>, CounterError> {
+        self.read.user_series(user_id, minutes).await
+    }
+
+    async fn global_series(
+        &self,
+        minutes: RangeInclusive<u64>,
+    ) -> Result<Vec<MinuteCounts>, CounterError> {
+        self.read.global_series(minutes).await
+    }
+
+    async fn top_blocked(
+        &self,
+        minutes: RangeInclusive<u64>,
+        n: usize,
+    ) -> Result<Vec<BlockedUser>, CounterError> {
+        self.read.top_blocked(minutes, n).await
+    }
+
+    async fn top_blocked_day(&self, day: u64, n: usize) -> Result<Vec<BlockedUser>, CounterError> {
+        self.read.top_blocked_day(day, n).await
+    }
+
+    async fn ping(&self) -> Result<(), CounterError> {
+        self.read.ping().await
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
     fn minute_keys_follow_the_user_hash_tag() {
-        let key = ratelimit_core::keys::counter_minute_key("rl:", "a}b", 7);
+        let key = ratelimit_domain::keys::counter_minute_key("rl:", "a}b", 7);
         assert_eq!(key, "rl:c{a%7Db}:m7");
-        assert_eq!(super::super::MINUTE_MS, 60_000);
+        assert_eq!(ratelimit_domain::analytics::MINUTE_MS, 60_000);
     }
 }

@@ -1,7 +1,7 @@
 //! The in-process stream: events from a limiter in the same process.
 
 use async_trait::async_trait;
-use ratelimit_core::stream::ChannelReceiver;
+use service_kit::stream::ChannelReceiver;
 
 use super::{EventSource, Record};
 
@@ -15,7 +15,7 @@ impl ChannelSource {
         Self { rx, next_offset: 0 }
     }
 
-    fn record(&mut self, event: ratelimit_core::RateLimitEvent) -> Record {
+    fn record(&mut self, event: ratelimit_domain::RateLimitEvent) -> Record {
         let offset = self.next_offset;
         self.next_offset += 1;
         Record {

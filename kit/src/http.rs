@@ -10,7 +10,7 @@ use axum::extract::{DefaultBodyLimit, FromRequest, Request};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
-use crate::api::{ErrorBody, FieldError, MAX_BODY_BYTES};
+use ratelimit_domain::api::{ErrorBody, FieldError, MAX_BODY_BYTES};
 
 /// Everything a handler can answer besides success. Mapped to a status and a JSON
 /// [`ErrorBody`] in [`IntoResponse`] below, and nowhere else.
@@ -132,15 +132,15 @@ pub trait FromJsonBody: Sized {
     fn from_json(body: &[u8]) -> Result<Self, FieldError>;
 }
 
-impl FromJsonBody for crate::api::CheckRequest {
+impl FromJsonBody for ratelimit_domain::api::CheckRequest {
     fn from_json(body: &[u8]) -> Result<Self, FieldError> {
-        crate::api::CheckRequest::from_json(body)
+        ratelimit_domain::api::CheckRequest::from_json(body)
     }
 }
 
-impl FromJsonBody for crate::api::BatchRequest {
+impl FromJsonBody for ratelimit_domain::api::BatchRequest {
     fn from_json(body: &[u8]) -> Result<Self, FieldError> {
-        crate::api::BatchRequest::from_json(body)
+        ratelimit_domain::api::BatchRequest::from_json(body)
     }
 }
 

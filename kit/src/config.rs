@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use clap::{Args, ValueEnum};
 
-use crate::Policy;
+use ratelimit_domain::Policy;
 
 /// How a service listens and stops.
 #[derive(Args, Debug, Clone)]
@@ -94,6 +94,31 @@ fn positive_rate(s: &str) -> Result<f64, String> {
         Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
         _ => Err("expected a positive number of tokens per second, e.g. 1 or 0.5".into()),
     }
+}
+
+/// How long the per-minute analytics are kept (read by the worker, which writes them, and
+/// the gateway, which bounds the windows it answers).
+#[derive(Args, Debug, Clone)]
+pub struct RetentionArgs {
+    /// Retention of the per-minute series and top-blocked sets, e.g. `24h`.
+    #[arg(long = "analytics-retention", env = "ANALYTICS_RETENTION", value_name = "ANALYTICS_RETENTION",
+          default_value = "24h", value_parser = parse_duration)]
+    pub retention: std::time::Duration,
+}
+
+/// What the worker itself needs, shared by the standalone binary and the all-in-one one.
+#[derive(Args, Debug, Clone)]
+pub struct WorkerArgs {
+    /// Most events counted in one batch (one Redis round trip).
+    #[arg(long = "analytics-batch-max", env = "ANALYTICS_BATCH_MAX", value_name = "ANALYTICS_BATCH_MAX",
+          default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub batch_max: u64,
+    /// Most distinct users the in-memory counters keep (embedded mode).
+    #[arg(long = "analytics-max-users", env = "ANALYTICS_MAX_USERS", value_name = "ANALYTICS_MAX_USERS",
+          default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
+    pub max_users: u64,
+    #[command(flatten)]
+    pub retention: RetentionArgs,
 }
 
 /// Where shared state lives: Redis, or (unset) this process's memory.

@@ -6,8 +6,8 @@ mod channel;
 pub mod kafka;
 
 use async_trait::async_trait;
-use ratelimit_core::RateLimitEvent;
-use ratelimit_core::event::DecodeError;
+use ratelimit_domain::RateLimitEvent;
+use ratelimit_domain::event::DecodeError;
 
 pub use self::channel::ChannelSource;
 #[cfg(feature = "kafka")]

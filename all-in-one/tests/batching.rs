@@ -10,13 +10,13 @@ use std::time::Duration;
 
 use clap::Parser;
 use gateway::client::{Batching, ClientError, HttpLimiterClient, LimiterClient, SystemResolver};
-use ratelimit_core::api::{CheckRequest, FieldError};
+use ratelimit_domain::api::{CheckRequest, FieldError};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 /// `POST /check/batch` exchanges the limiter has answered so far.
 fn exchanges() -> u64 {
-    let handle = ratelimit_core::metrics::handle();
+    let handle = service_kit::metrics::handle();
     handle.run_upkeep();
     handle
         .render()

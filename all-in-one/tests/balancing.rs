@@ -16,8 +16,8 @@ use async_trait::async_trait;
 use clap::Parser;
 use gateway::client::{HttpLimiterClient, LimiterClient, Resolve};
 use rate_limiter::limiter::Limiter;
-use ratelimit_core::api::CheckRequest;
-use ratelimit_core::stream::ChannelReceiver;
+use ratelimit_domain::api::CheckRequest;
+use service_kit::stream::ChannelReceiver;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -192,8 +192,8 @@ async fn the_gateway_spreads_requests_over_every_address_of_the_limiter_name() {
 
     // Through the gateway's own HTTP API, as a user calls it.
     let config = gateway::config::GatewayConfig::try_parse_from(["gateway"]).unwrap();
-    let counters: Arc<dyn analytics_worker::counters::CounterStore> = Arc::new(
-        analytics_worker::counters::MemoryCounters::new(1000, Duration::from_secs(3600)),
+    let counters: Arc<dyn ratelimit_domain::analytics::AnalyticsReader> = Arc::new(
+        analytics_counters::MemoryCounters::new(1000, Duration::from_secs(3600)),
     );
     let gw = gateway::Gateway {
         limiter: Arc::new(limiter),
@@ -201,7 +201,7 @@ async fn the_gateway_spreads_requests_over_every_address_of_the_limiter_name() {
         status: Arc::new(gateway::status::RemoteStatus::new(
             &format!("http://{}", a.addr),
             counters.clone(),
-            ratelimit_core::report::Reports::new(
+            service_kit::report::Reports::new(
                 "redis://127.0.0.1:1",
                 false,
                 "rl:",
@@ -209,7 +209,7 @@ async fn the_gateway_spreads_requests_over_every_address_of_the_limiter_name() {
             )
             .unwrap(),
         )),
-        counters,
+        analytics: counters,
         retention: Duration::from_secs(3600),
     };
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

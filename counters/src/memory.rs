@@ -8,12 +8,14 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use dashmap::DashMap;
-use ratelimit_core::api::UserAnalytics;
+use ratelimit_domain::api::UserAnalytics;
 
-use super::{
-    BlockedUser, CounterError, CounterStore, MINUTE_MS, MinuteCounts, Minutes, PartitionBatch,
-    TOP_KEEP, TOP_WINDOW_MINUTES, fill_series, global_tally, top_n,
+use ratelimit_domain::analytics::{
+    AnalyticsReader, BlockedUser, CounterError, CounterStore, DAY_MS, MINUTE_MS, MinuteCounts,
+    PartitionBatch, TOP_KEEP, TOP_WINDOW_MINUTES,
 };
+
+use crate::tally::{Minutes, fill_series, global_tally, top_n};
 
 #[derive(Debug, Default)]
 struct UserCounters {
@@ -164,7 +166,7 @@ impl MemoryCounters {
         let oldest = newest.saturating_sub(self.retention_minutes);
         global.minutes = global.minutes.split_off(&oldest);
         global.top_minutes = global.top_minutes.split_off(&oldest);
-        let oldest_day = (newest * MINUTE_MS / super::DAY_MS).saturating_sub(1);
+        let oldest_day = (newest * MINUTE_MS / DAY_MS).saturating_sub(1);
         global.top_days = global.top_days.split_off(&oldest_day);
     }
 }
@@ -176,7 +178,10 @@ impl CounterStore for MemoryCounters {
         self.apply_global(batch);
         Ok(())
     }
+}
 
+#[async_trait]
+impl AnalyticsReader for MemoryCounters {
     async fn get(&self, user_id: &str) -> Result<UserAnalytics, CounterError> {
         let (allowed, blocked) = self
             .users
@@ -253,7 +258,7 @@ mod tests {
 
     #[tokio::test]
     async fn passes_the_contract_suite() {
-        super::super::contract::run_all(|| async {
+        crate::contract::run_all(|| async {
             Arc::new(MemoryCounters::new(1_000_000, DAY)) as Arc<dyn CounterStore>
         })
         .await;
@@ -262,7 +267,7 @@ mod tests {
     #[tokio::test]
     async fn caps_distinct_users() {
         let store = MemoryCounters::new(2, DAY);
-        let batch = super::super::contract::batch(
+        let batch = crate::contract::batch(
             None,
             &[
                 (0, "a", true),
@@ -280,7 +285,7 @@ mod tests {
     #[tokio::test]
     async fn forgets_minutes_past_the_retention() {
         let store = MemoryCounters::new(10, Duration::from_secs(600));
-        let mut b = super::super::contract::batch(None, &[(0, "u", true), (1, "u", false)]);
+        let mut b = crate::contract::batch(None, &[(0, "u", true), (1, "u", false)]);
         b.events[1].1.ts_ms = 20 * MINUTE_MS;
         store.apply(&b).await.unwrap();
         let series = store.user_series("u", 0..=20).await.unwrap();

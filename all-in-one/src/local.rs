@@ -1,0 +1,93 @@
+//! What only a process holding all three services can do: ask its limiter without a
+//! socket ([`InProcessClient`]) and report on every part from memory ([`LocalStatus`]).
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use analytics_counters::worker::WorkerStats;
+use async_trait::async_trait;
+use gateway::client::{ClientError, LimiterClient};
+use gateway::status::{Decisions, Events, Health, Status, StatusSource, stream_ok};
+use rate_limiter::breaker::BreakerState;
+use rate_limiter::limiter::{Limiter, LimiterError};
+use ratelimit_domain::analytics::AnalyticsReader;
+use ratelimit_domain::api::{CheckRequest, CheckResponse};
+
+/// The limiter in the same process.
+pub struct InProcessClient(pub Arc<Limiter>);
+
+#[async_trait]
+impl LimiterClient for InProcessClient {
+    async fn check(&self, request: &CheckRequest) -> Result<CheckResponse, ClientError> {
+        self.0
+            .check_response(request)
+            .await
+            .map_err(|err| match err {
+                LimiterError::StoreUnavailable => ClientError::StoreUnavailable,
+                LimiterError::CostAboveCapacity { capacity, .. } => {
+                    ClientError::Invalid(LimiterError::cost_field_error(capacity))
+                }
+            })
+    }
+}
+
+/// The all-in-one process: limiter and worker in reach.
+pub struct LocalStatus {
+    pub limiter: Arc<Limiter>,
+    pub worker: Arc<WorkerStats>,
+    pub counters: Arc<dyn AnalyticsReader>,
+    /// `"redis"` or `"memory"`.
+    pub store_kind: &'static str,
+    /// `"kafka"` or `"in-process"`.
+    pub stream_kind: &'static str,
+}
+
+#[async_trait]
+impl StatusSource for LocalStatus {
+    async fn status(&self) -> Status {
+        let stats = self.limiter.stats();
+        let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+        let breaker = self.limiter.breaker_state();
+        let store_ok = breaker == BreakerState::Closed && self.counters.ping().await.is_ok();
+        let store = Health::new(
+            store_ok,
+            format!(
+                "{}: breaker {:?}, {} errors",
+                self.store_kind,
+                breaker,
+                load(&stats.store_errors)
+            )
+            .to_lowercase(),
+        );
+        let p = self.limiter.publisher().stats();
+        let lag = self.worker.total_lag();
+        let stream = Health::new(
+            stream_ok(p.buffered, lag),
+            format!(
+                "{}: {} buffered, {} dropped",
+                self.stream_kind, p.buffered, p.dropped
+            ),
+        );
+        Status {
+            limiter: Health::new(true, "in-process"),
+            store,
+            stream,
+            decisions: Some(Decisions {
+                allowed: load(&stats.allowed),
+                limited: load(&stats.limited),
+                degraded: load(&stats.degraded),
+            }),
+            events: Some(Events {
+                published: p.published,
+                dropped: p.dropped,
+                buffered: p.buffered,
+            }),
+            consumer_lag: lag,
+        }
+    }
+
+    fn export_metrics(&self) {
+        self.limiter.export_metrics();
+        self.worker.export_metrics();
+    }
+}

@@ -1,0 +1,98 @@
+//! The analytics seams: what the worker writes and what the gateway reads.
+//!
+//! [`CounterStore`] counts decision events exactly once (the analytics worker, and a
+//! limiter that counts in-process); [`AnalyticsReader`] is its narrow read-only side, all
+//! the gateway needs. The memory and Redis implementations live in the
+//! `analytics-counters` crate.
+
+use std::ops::RangeInclusive;
+
+use async_trait::async_trait;
+use serde::Serialize;
+
+use crate::RateLimitEvent;
+use crate::api::UserAnalytics;
+
+/// Events of one stream partition in offset order.
+#[derive(Debug, Clone, Default)]
+pub struct PartitionBatch {
+    /// The partition the offsets belong to; `None` for a stream that never replays (the
+    /// in-process channel), whose events are applied without an offset check.
+    pub partition: Option<i32>,
+    pub events: Vec<(i64, RateLimitEvent)>,
+}
+
+/// Why counters could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum CounterError {
+    #[error("counter store call timed out")]
+    Timeout,
+    #[error("counter store unavailable: {0}")]
+    Unavailable(String),
+    #[error("counter store answered unexpectedly: {0}")]
+    Protocol(String),
+}
+
+/// Milliseconds in a minute and in a day: the buckets of the time series.
+pub const MINUTE_MS: u64 = 60_000;
+pub const DAY_MS: u64 = 86_400_000;
+/// Most users kept per minute and per day in a top-blocked set; past it the least blocked
+/// are dropped, which bounds memory whatever the number of users.
+pub const TOP_KEEP: usize = 1_000;
+/// The top-blocked answer over a window covers at most its newest this-many minutes (a
+/// day's top comes from the per-day sets instead).
+pub const TOP_WINDOW_MINUTES: u64 = 60;
+
+/// Allowed and blocked decisions within one minute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct MinuteCounts {
+    /// The minute's start, milliseconds since the Unix epoch.
+    pub minute_ms: u64,
+    pub allowed: u64,
+    pub blocked: u64,
+}
+
+/// A user and how many of their requests were blocked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BlockedUser {
+    pub user_id: String,
+    pub blocked: u64,
+}
+
+#[async_trait]
+pub trait AnalyticsReader: Send + Sync + 'static {
+    /// A user's all-time counters; zeros for a user never seen.
+    async fn get(&self, user_id: &str) -> Result<UserAnalytics, CounterError>;
+
+    /// A user's counts per minute over `minutes` (minute numbers, inclusive), zeros included.
+    async fn user_series(
+        &self,
+        user_id: &str,
+        minutes: RangeInclusive<u64>,
+    ) -> Result<Vec<MinuteCounts>, CounterError>;
+
+    /// Everyone's counts per minute over `minutes`, zeros included.
+    async fn global_series(
+        &self,
+        minutes: RangeInclusive<u64>,
+    ) -> Result<Vec<MinuteCounts>, CounterError>;
+
+    /// The `n` users most blocked over `minutes` (at most the newest [`TOP_WINDOW_MINUTES`]).
+    async fn top_blocked(
+        &self,
+        minutes: RangeInclusive<u64>,
+        n: usize,
+    ) -> Result<Vec<BlockedUser>, CounterError>;
+
+    /// The `n` users most blocked on `day` (days since the epoch, UTC).
+    async fn top_blocked_day(&self, day: u64, n: usize) -> Result<Vec<BlockedUser>, CounterError>;
+
+    async fn ping(&self) -> Result<(), CounterError>;
+}
+
+/// Counts decision events, exactly once per user and per stream position.
+#[async_trait]
+pub trait CounterStore: AnalyticsReader {
+    /// Counts `batch`, skipping for each user what that user's counters already include.
+    async fn apply(&self, batch: &PartitionBatch) -> Result<(), CounterError>;
+}

@@ -1,0 +1,23 @@
+//! The service kit: what every service of the distributed rate limiter runs on, apart from
+//! the domain itself (`ratelimit-domain`).
+//!
+//! - [`http`]: axum pieces shared by the HTTP services (strict JSON extractor, error
+//!   bodies, load shedding, graceful serve).
+//! - [`metrics`]: the Prometheus recorder, `/metrics` rendering, HTTP request metrics.
+//! - [`config`]: configuration sections read from `.env` and the environment.
+//! - [`redis`]: the Redis connection (single or Cluster), calls under a deadline, and the
+//!   one place Lua scripts are loaded and reloaded after `NOSCRIPT`.
+//! - [`kafka`]: Kafka client settings and topic creation (the `kafka` feature).
+//! - [`stream`]: the in-process event stream (a bounded channel).
+//! - [`report`]: the status reports every instance writes for a standalone gateway.
+//! - [`runtime`]: logging set-up, the instance id and the one shutdown signal.
+
+pub mod config;
+pub mod http;
+#[cfg(feature = "kafka")]
+pub mod kafka;
+pub mod metrics;
+pub mod redis;
+pub mod report;
+pub mod runtime;
+pub mod stream;
