@@ -5,8 +5,11 @@
 //! through as a probe (half-open): success closes the breaker, failure opens it again.
 //! Lock-free (atomics only): it sits on every request.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use ratelimit_domain::Clock;
 
 /// Where the breaker stands, for `/readyz` and metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -19,19 +22,56 @@ pub enum BreakerState {
 pub struct Breaker {
     threshold: u32,
     open_for_us: u64,
-    epoch: Instant,
+    clock: Arc<dyn Clock>,
     consecutive_failures: AtomicU32,
-    /// Microseconds since `epoch` until which the breaker stays open; 0 when closed.
+    /// Clock time (µs) until which the breaker stays open; 0 when closed.
     open_until_us: AtomicU64,
     probing: AtomicBool,
 }
 
+/// Leave for one call to the store, held while the call runs. Its verdict is
+/// [`Permit::success`] or [`Permit::failure`]; a permit dropped without one (its future was
+/// dropped: a client that went away, a request deadline) gives back what it took: a probe
+/// counts as failed, so the breaker opens again for its period and the next caller after
+/// it probes anew, instead of the slot staying taken for ever.
+#[must_use = "a permit is given back by its verdict or on drop"]
+pub struct Permit<'a> {
+    breaker: &'a Breaker,
+    probe: bool,
+    settled: bool,
+}
+
+impl Permit<'_> {
+    /// The store answered.
+    pub fn success(mut self) {
+        self.settled = true;
+        self.breaker.on_success();
+    }
+
+    /// The store failed (or timed out).
+    pub fn failure(mut self) {
+        self.settled = true;
+        self.breaker.on_failure(self.probe);
+    }
+}
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        if !self.settled && self.probe {
+            tracing::debug!("circuit breaker probe abandoned; counted as a failure");
+            self.breaker.on_failure(true);
+        }
+    }
+}
+
 impl Breaker {
-    pub fn new(threshold: u32, open_for: Duration) -> Self {
+    /// A breaker that opens after `threshold` consecutive failures, for `open_for`, on the
+    /// time of `clock`.
+    pub fn new(threshold: u32, open_for: Duration, clock: Arc<dyn Clock>) -> Self {
         Self {
             threshold: threshold.max(1),
             open_for_us: open_for.as_micros() as u64,
-            epoch: Instant::now(),
+            clock,
             consecutive_failures: AtomicU32::new(0),
             open_until_us: AtomicU64::new(0),
             probing: AtomicBool::new(false),
@@ -40,25 +80,32 @@ impl Breaker {
 
     fn now_us(&self) -> u64 {
         // Never 0, so that 0 can mean "closed".
-        self.epoch.elapsed().as_micros() as u64 + 1
+        self.clock.now_us().max(1)
     }
 
-    /// Whether this call may go to the store.
-    pub fn allow(&self) -> bool {
+    /// Leave to call the store, or `None` while the breaker is open (or another caller is
+    /// probing it).
+    pub fn permit(&self) -> Option<Permit<'_>> {
         let until = self.open_until_us.load(Ordering::Acquire);
-        if until == 0 {
-            return true;
-        }
-        if self.now_us() < until {
-            return false;
-        }
-        // Half-open: exactly one caller probes.
-        self.probing
-            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
+        let probe = if until == 0 {
+            false
+        } else if self.now_us() < until {
+            return None;
+        } else {
+            // Half-open: exactly one caller probes.
+            self.probing
+                .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+                .ok()?;
+            true
+        };
+        Some(Permit {
+            breaker: self,
+            probe,
+            settled: false,
+        })
     }
 
-    pub fn on_success(&self) {
+    fn on_success(&self) {
         self.consecutive_failures.store(0, Ordering::Relaxed);
         if self.open_until_us.swap(0, Ordering::AcqRel) != 0 {
             tracing::info!("store answered again: circuit breaker closed");
@@ -66,14 +113,16 @@ impl Breaker {
         self.probing.store(false, Ordering::Release);
     }
 
-    pub fn on_failure(&self) {
+    fn on_failure(&self, probe: bool) {
         let failures = self.consecutive_failures.fetch_add(1, Ordering::AcqRel) + 1;
-        let was_probe = self.probing.swap(false, Ordering::AcqRel);
-        if was_probe || failures >= self.threshold {
+        if probe || failures >= self.threshold {
             let until = self.now_us() + self.open_for_us;
             if self.open_until_us.swap(until, Ordering::AcqRel) == 0 {
                 tracing::warn!(failures, "store failing: circuit breaker opened");
             }
+        }
+        if probe {
+            self.probing.store(false, Ordering::Release);
         }
     }
 
@@ -92,36 +141,65 @@ impl Breaker {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ratelimit_domain::ManualClock;
+
+    const MS: u64 = 1_000;
+
+    fn breaker(threshold: u32, open_ms: u64) -> (Breaker, Arc<ManualClock>) {
+        let clock = Arc::new(ManualClock::new(1_000_000));
+        let b = Breaker::new(threshold, Duration::from_millis(open_ms), clock.clone());
+        (b, clock)
+    }
 
     #[test]
     fn opens_after_threshold_and_probes_once() {
-        let b = Breaker::new(3, Duration::from_millis(20));
+        let (b, clock) = breaker(3, 20);
         for _ in 0..2 {
-            assert!(b.allow());
-            b.on_failure();
+            b.permit().unwrap().failure();
         }
         assert_eq!(b.state(), BreakerState::Closed);
-        b.on_failure();
+        b.permit().unwrap().failure();
         assert_eq!(b.state(), BreakerState::Open);
-        assert!(!b.allow());
-        std::thread::sleep(Duration::from_millis(25));
-        assert!(b.allow(), "the probe");
-        assert!(!b.allow(), "only one probe at a time");
-        b.on_failure();
+        assert!(b.permit().is_none());
+        clock.advance_us(25 * MS);
+        let probe = b.permit().expect("the probe");
+        assert!(b.permit().is_none(), "only one probe at a time");
+        probe.failure();
         assert_eq!(b.state(), BreakerState::Open);
-        std::thread::sleep(Duration::from_millis(25));
-        assert!(b.allow());
-        b.on_success();
+        clock.advance_us(25 * MS);
+        b.permit().unwrap().success();
         assert_eq!(b.state(), BreakerState::Closed);
-        assert!(b.allow() && b.allow());
+        let (p1, p2) = (b.permit(), b.permit());
+        assert!(p1.is_some() && p2.is_some());
     }
 
     #[test]
     fn success_resets_the_failure_count() {
-        let b = Breaker::new(2, Duration::from_secs(10));
-        b.on_failure();
-        b.on_success();
-        b.on_failure();
+        let (b, _) = breaker(2, 10_000);
+        b.permit().unwrap().failure();
+        b.permit().unwrap().success();
+        b.permit().unwrap().failure();
+        assert_eq!(b.state(), BreakerState::Closed);
+    }
+
+    #[test]
+    fn a_dropped_probe_gives_its_slot_back() {
+        let (b, clock) = breaker(1, 20);
+        b.permit().unwrap().failure();
+        clock.advance_us(25 * MS);
+        drop(b.permit().expect("the probe"));
+        // Counted as a failed probe: open again for the period, then probed anew.
+        assert_eq!(b.state(), BreakerState::Open);
+        assert!(b.permit().is_none());
+        clock.advance_us(25 * MS);
+        b.permit().expect("a new probe").success();
+        assert_eq!(b.state(), BreakerState::Closed);
+    }
+
+    #[test]
+    fn a_dropped_ordinary_call_changes_nothing() {
+        let (b, _) = breaker(1, 20);
+        drop(b.permit().unwrap());
         assert_eq!(b.state(), BreakerState::Closed);
     }
 }

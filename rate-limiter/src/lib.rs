@@ -94,7 +94,7 @@ pub async fn build(
         store,
         fallback,
         args.fail_mode,
-        Breaker::new(args.breaker_failures, args.breaker_open()),
+        Breaker::new(args.breaker_failures, args.breaker_open(), clock.clone()),
         publisher,
         clock,
         instance_id,

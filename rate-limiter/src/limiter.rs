@@ -11,7 +11,7 @@ use ratelimit_domain::{Clock, Decision, Policy, RateLimitEvent};
 use service_kit::config::FailMode;
 use service_kit::stream::EventPublisher;
 
-use crate::breaker::{Breaker, BreakerState};
+use crate::breaker::{Breaker, BreakerState, Permit};
 use crate::store::{BucketStore, MemoryStore, Taken};
 
 /// A decision and how it was made.
@@ -192,11 +192,12 @@ impl Limiter {
     pub async fn check(&self, request: &CheckRequest) -> Result<Checked, LimiterError> {
         self.admissible(request)?;
         let started = Instant::now();
-        let stored = if self.breaker.allow() {
-            let taken = self.store.take(&request.user_id, request.cost).await;
-            self.stored(taken)
-        } else {
-            None
+        let stored = match self.breaker.permit() {
+            Some(permit) => {
+                let taken = self.store.take(&request.user_id, request.cost).await;
+                self.stored(permit, taken)
+            }
+            None => None,
         };
         self.settle(request, stored, started)
     }
@@ -216,16 +217,32 @@ impl Limiter {
             .filter(|(_, ok)| ok.is_ok())
             .map(|(r, _)| (r.user_id.as_str(), r.cost))
             .collect();
-        let stored: Vec<Option<Decision>> = if !takes.is_empty() && self.breaker.allow() {
-            match self.store.take_many(&takes).await {
-                Ok(taken) => taken.into_iter().map(|t| self.stored(t)).collect(),
+        let permit = if takes.is_empty() {
+            None
+        } else {
+            self.breaker.permit()
+        };
+        // One store call, one verdict for the breaker, however many checks it carried.
+        let stored: Vec<Option<Decision>> = match permit {
+            Some(permit) => match self.store.take_many(&takes).await {
+                Ok(taken) => {
+                    let failed = taken.iter().filter(|t| t.is_err()).count();
+                    if failed == 0 {
+                        permit.success();
+                    } else {
+                        permit.failure();
+                        self.stats
+                            .store_errors
+                            .fetch_add(failed as u64, Ordering::Relaxed);
+                    }
+                    taken.into_iter().map(Result::ok).collect()
+                }
                 Err(err) => {
-                    self.stored(Err(err));
+                    self.stored(permit, Err(err));
                     vec![None; takes.len()]
                 }
-            }
-        } else {
-            vec![None; takes.len()]
+            },
+            None => vec![None; takes.len()],
         };
         let mut stored = stored.into_iter();
         requests
@@ -251,14 +268,14 @@ impl Limiter {
     }
 
     /// The store's decision, or `None` (noted by the breaker) when it could not decide.
-    fn stored(&self, taken: Taken) -> Option<Decision> {
+    fn stored(&self, permit: Permit<'_>, taken: Taken) -> Option<Decision> {
         match taken {
             Ok(decision) => {
-                self.breaker.on_success();
+                permit.success();
                 Some(decision)
             }
             Err(err) => {
-                self.breaker.on_failure();
+                permit.failure();
                 self.stats.store_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(error = %err, "bucket store call failed");
                 None
@@ -347,7 +364,7 @@ mod tests {
             store,
             Arc::new(MemoryStore::new(policy.divided(2), clock.clone())),
             mode,
-            Breaker::new(3, Duration::from_secs(60)),
+            Breaker::new(3, Duration::from_secs(60), clock.clone()),
             publisher,
             clock,
             "test".into(),
@@ -511,5 +528,26 @@ mod tests {
             .map(|c| c.decision.is_allowed())
             .collect();
         assert_eq!(allowed, [true, true, false], "capacity 4 split over 2");
+    }
+
+    /// One store call is one verdict for the breaker: a batch whose checks all failed in
+    /// one call must not count as many failures as it carried checks.
+    #[tokio::test]
+    async fn a_failed_batch_counts_one_breaker_failure() {
+        let l = limiter(
+            Arc::new(DownStore(Policy::new(4, 0.001).unwrap())),
+            FailMode::Open,
+            Arc::new(NullPublisher),
+        );
+        let batch: Vec<CheckRequest> = (0..10).map(|i| req(&format!("u{i}"), 1)).collect();
+        l.check_many(&batch).await;
+        assert_eq!(
+            l.breaker_state(),
+            BreakerState::Closed,
+            "one failure of three"
+        );
+        l.check_many(&batch).await;
+        l.check_many(&batch).await;
+        assert_eq!(l.breaker_state(), BreakerState::Open, "three failed calls");
     }
 }
