@@ -15,13 +15,35 @@ pub struct Policy {
     refill_per_sec: f64,
 }
 
+/// The largest bucket capacity, in tokens.
+pub const MAX_CAPACITY: u64 = 1_000_000_000;
+/// The slowest refill: one token a day.
+pub const MIN_REFILL_PER_SEC: f64 = 1.0 / 86_400.0;
+/// The fastest refill: 10^9 tokens a second.
+pub const MAX_REFILL_PER_SEC: f64 = 1e9;
+/// The longest time an empty bucket may take to fill (capacity / rate): 365 days.
+///
+/// These bounds keep every time the arithmetic computes below 2^53 µs, where an f64 still
+/// counts single microseconds: the "step until enough" loops then end after a step or two
+/// (and are bounded anyway), and the `PX` expiry Redis is given is a plain integer. Without
+/// them a typo such as a rate of `1e-12` made one script spin inside Redis.
+pub const MAX_REFILL_SECS: f64 = 365.0 * 86_400.0;
+
 /// Why a [`Policy`] could not be built.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum PolicyError {
     #[error("capacity must be at least 1")]
     ZeroCapacity,
-    #[error("refill rate must be a positive finite number of tokens per second, got {0}")]
+    #[error("capacity must be at most {MAX_CAPACITY} tokens, got {0}")]
+    CapacityTooLarge(u64),
+    #[error(
+        "refill rate must be between one token per day (0.0000116) and 1000000000 tokens per second, got {0}"
+    )]
     BadRefillRate(f64),
+    #[error(
+        "an empty bucket would take {0:.0} s to refill (capacity / refill rate); at most 365 days (31536000 s) is allowed"
+    )]
+    RefillTooSlow(f64),
 }
 
 impl Policy {
@@ -30,8 +52,15 @@ impl Policy {
         if capacity == 0 {
             return Err(PolicyError::ZeroCapacity);
         }
-        if !(refill_per_sec.is_finite() && refill_per_sec > 0.0) {
+        if capacity > MAX_CAPACITY {
+            return Err(PolicyError::CapacityTooLarge(capacity));
+        }
+        if !(MIN_REFILL_PER_SEC..=MAX_REFILL_PER_SEC).contains(&refill_per_sec) {
             return Err(PolicyError::BadRefillRate(refill_per_sec));
+        }
+        let refill_secs = capacity as f64 / refill_per_sec;
+        if refill_secs > MAX_REFILL_SECS {
+            return Err(PolicyError::RefillTooSlow(refill_secs));
         }
         Ok(Self {
             capacity,
@@ -73,9 +102,13 @@ impl Policy {
             return 0;
         }
         let mut us = ((wanted - tokens) * MICROS_PER_SEC / self.refill_per_sec).ceil() as u64;
-        // Floating-point rounding can leave the estimate a hair short; step until it is not.
-        while self.refill(tokens, us) < wanted {
-            us += 1;
+        // Floating-point rounding can leave the estimate a hair short: step until it is not.
+        // The first step is 1 µs (within the policy bounds one or two are all it takes);
+        // each next one doubles, so the loop ends whatever the numbers.
+        let mut step = 1u64;
+        while self.refill(tokens, us) < wanted && us < u64::MAX {
+            us = us.saturating_add(step);
+            step = step.saturating_mul(2);
         }
         us
     }
@@ -211,6 +244,42 @@ mod tests {
         assert!(Policy::new(1, -1.0).is_err());
         assert!(Policy::new(1, f64::NAN).is_err());
         assert!(Policy::new(1, f64::INFINITY).is_err());
+    }
+
+    /// A typo in the rate (`1e-12` for `1e-2`) or an absurd capacity is refused up front:
+    /// such a policy made the refill arithmetic loop for ever inside Redis.
+    #[test]
+    fn rejects_policies_outside_the_bounds() {
+        assert_eq!(
+            Policy::new(10, 1e-12),
+            Err(PolicyError::BadRefillRate(1e-12))
+        );
+        assert_eq!(Policy::new(10, 2e9), Err(PolicyError::BadRefillRate(2e9)));
+        assert_eq!(
+            Policy::new(MAX_CAPACITY + 1, 1.0),
+            Err(PolicyError::CapacityTooLarge(MAX_CAPACITY + 1))
+        );
+        assert!(matches!(
+            Policy::new(1_000_000, MIN_REFILL_PER_SEC),
+            Err(PolicyError::RefillTooSlow(_))
+        ));
+        // The extremes that are allowed.
+        assert!(Policy::new(1, MIN_REFILL_PER_SEC).is_ok());
+        assert!(Policy::new(MAX_CAPACITY, MAX_REFILL_PER_SEC).is_ok());
+        assert!(Policy::new(365, MIN_REFILL_PER_SEC).is_ok());
+    }
+
+    /// At the slowest allowed refill, the longest wait is still computed exactly, in a
+    /// step or two.
+    #[test]
+    fn the_longest_waits_are_exact() {
+        let p = policy(MAX_CAPACITY, MAX_CAPACITY as f64 / MAX_REFILL_SECS);
+        let (_, s) = decide(None, 0, &p, MAX_CAPACITY);
+        let (d, _) = decide(Some(s), 0, &p, MAX_CAPACITY);
+        let retry = d.retry_after().as_micros() as u64;
+        assert!(retry >= (MAX_REFILL_SECS * 1e6) as u64 - 1);
+        let (d, _) = decide(Some(s), retry, &p, MAX_CAPACITY);
+        assert!(d.is_allowed(), "a retry after retry_after is admitted");
     }
 
     #[test]

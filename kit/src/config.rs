@@ -55,7 +55,7 @@ impl ServeArgs {
 pub struct PolicyArgs {
     /// Bucket capacity (the burst), in tokens.
     #[arg(long = "rate-limit-capacity", env = "RATE_LIMIT_CAPACITY", value_name = "RATE_LIMIT_CAPACITY", default_value_t = 10,
-          value_parser = clap::value_parser!(u64).range(1..))]
+          value_parser = clap::value_parser!(u64).range(1..=ratelimit_domain::bucket::MAX_CAPACITY))]
     pub capacity: u64,
     /// Refill rate in tokens per second; fractions allowed (0.5 = one token every 2 s).
     #[arg(long = "rate-limit-refill-per-sec", env = "RATE_LIMIT_REFILL_PER_SEC", value_name = "RATE_LIMIT_REFILL_PER_SEC",
@@ -64,8 +64,15 @@ pub struct PolicyArgs {
 }
 
 impl PolicyArgs {
-    pub fn policy(&self) -> Policy {
-        Policy::new(self.capacity, self.refill_per_sec).expect("validated by the parser")
+    /// The policy, or why `RATE_LIMIT_CAPACITY` and `RATE_LIMIT_REFILL_PER_SEC` together
+    /// are not one (each is checked alone by the parser).
+    pub fn policy(&self) -> Result<Policy, String> {
+        Policy::new(self.capacity, self.refill_per_sec).map_err(|err| {
+            format!(
+                "invalid RATE_LIMIT_CAPACITY={} with RATE_LIMIT_REFILL_PER_SEC={}: {err}",
+                self.capacity, self.refill_per_sec
+            )
+        })
     }
 }
 
@@ -90,9 +97,13 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
 }
 
 fn positive_rate(s: &str) -> Result<f64, String> {
+    use ratelimit_domain::bucket::{MAX_REFILL_PER_SEC, MIN_REFILL_PER_SEC};
     match s.parse::<f64>() {
-        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
-        _ => Err("expected a positive number of tokens per second, e.g. 1 or 0.5".into()),
+        Ok(v) if (MIN_REFILL_PER_SEC..=MAX_REFILL_PER_SEC).contains(&v) => Ok(v),
+        _ => Err(
+            "expected tokens per second between one a day (0.0000116) and 1000000000, e.g. 1 or 0.5"
+                .into(),
+        ),
     }
 }
 
@@ -259,10 +270,39 @@ mod tests {
         );
     }
 
+    /// A refill rate that would make the bucket arithmetic spin (a typo such as `1e-12`),
+    /// and a policy that would take more than a year to refill, stop the service before it
+    /// serves, naming the variables.
+    #[test]
+    fn policies_outside_the_bounds_name_the_variables() {
+        for rate in ["1e-12", "0", "2e9", "NaN", "inf"] {
+            let err = Cfg::try_parse_from(["x", "--rate-limit-refill-per-sec", rate]).unwrap_err();
+            assert!(
+                err.to_string().contains("RATE_LIMIT_REFILL_PER_SEC"),
+                "{rate}: {err}"
+            );
+        }
+        let err = Cfg::try_parse_from(["x", "--rate-limit-capacity", "1000000001"]).unwrap_err();
+        assert!(err.to_string().contains("RATE_LIMIT_CAPACITY"), "{err}");
+        let cfg = Cfg::try_parse_from([
+            "x",
+            "--rate-limit-capacity",
+            "1000000",
+            "--rate-limit-refill-per-sec",
+            "0.00002",
+        ])
+        .unwrap();
+        let err = cfg.policy.policy().unwrap_err();
+        assert!(
+            err.contains("RATE_LIMIT_CAPACITY") && err.contains("RATE_LIMIT_REFILL_PER_SEC"),
+            "{err}"
+        );
+    }
+
     #[test]
     fn fractional_rates_are_accepted() {
         let cfg = Cfg::try_parse_from(["x", "--rate-limit-refill-per-sec", "0.5"]).unwrap();
-        assert_eq!(cfg.policy.policy().refill_per_sec(), 0.5);
+        assert_eq!(cfg.policy.policy().unwrap().refill_per_sec(), 0.5);
     }
 
     #[test]

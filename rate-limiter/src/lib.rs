@@ -49,7 +49,7 @@ pub async fn build(
     shutdown: &CancellationToken,
 ) -> anyhow::Result<(Arc<Limiter>, Option<ChannelReceiver>)> {
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let policy = args.policy.policy();
+    let policy = args.policy.policy().map_err(anyhow::Error::msg)?;
     let store: Arc<dyn BucketStore> = match redis.url() {
         Some(url) => {
             let store = Arc::new(RedisStore::new(

@@ -260,3 +260,37 @@ async fn calls_fail_fast_while_redis_is_down() {
         );
     }
 }
+
+/// The widest policy the bounds allow (10^9 tokens refilled over 365 days): the script
+/// answers at once, its `PX` expiry is an integer Redis takes, and the waits are exact.
+#[tokio::test]
+async fn the_widest_policy_allowed_is_decided_in_one_quick_script() {
+    use ratelimit_domain::bucket::{MAX_CAPACITY, MAX_REFILL_SECS};
+    let redis = RedisServer::start();
+    let policy = Policy::new(MAX_CAPACITY, MAX_CAPACITY as f64 / MAX_REFILL_SECS).unwrap();
+    let s = store(&redis, &unique("widest"), policy);
+    let started = std::time::Instant::now();
+    let d = s.take("u", MAX_CAPACITY).await.unwrap();
+    assert!(d.is_allowed());
+    let year = Duration::from_secs_f64(MAX_REFILL_SECS);
+    assert!(
+        d.quota().reset_after >= year - Duration::from_millis(50),
+        "{d:?}"
+    );
+    let d = s.take("u", 1).await.unwrap();
+    assert!(!d.is_allowed());
+    assert!(d.retry_after() < Duration::from_millis(100), "{d:?}");
+    assert!(started.elapsed() < Duration::from_millis(400));
+    let mut conn = raw(&redis).await;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg(&keys[0])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(ttl > 364 * 86_400_000, "expires when full again: {ttl} ms");
+}

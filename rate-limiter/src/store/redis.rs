@@ -47,17 +47,27 @@ if tokens >= cost then
   local reset = 0
   if tokens < capacity then
     reset = math.ceil((capacity - tokens) * 1000000 / rate)
-    while math.min(capacity, tokens + reset * rate / 1000000) < capacity do reset = reset + 1 end
+    local step = 1
+    while math.min(capacity, tokens + reset * rate / 1000000) < capacity do
+      reset = reset + step
+      step = step * 2
+    end
   end
   redis.call('SET', KEYS[1], struct.pack('<d<d', tokens, now), 'PX', math.max(1, math.ceil(reset / 1000)))
   return {1, math.floor(tokens), 0, reset}
 end
+-- The "step until enough" loops: the first step is 1 µs, then each doubles, so they end
+-- whatever the numbers (the policy bounds keep them to a step or two).
 -- Refused: nothing is written. The bucket stays as stored, so the waits are computed with
 -- the very expression a later call will evaluate (stored + elapsed since the update): a
 -- retry at now + retry_after sees at least `cost` tokens, bit for bit.
 local function wait(want)
   local us = math.ceil((want - tokens) * 1000000 / rate)
-  while math.min(capacity, stored + (elapsed + us) * rate / 1000000) < want do us = us + 1 end
+  local step = 1
+  while math.min(capacity, stored + (elapsed + us) * rate / 1000000) < want do
+    us = us + step
+    step = step * 2
+  end
   return us
 end
 local retry = -1
