@@ -85,10 +85,11 @@ HEALTHCHECK --interval=5s --timeout=3s --start-period=10s --retries=3 \
 ENTRYPOINT ["gateway"]
 
 # The default target: the whole system in one process (embedded unless REDIS_URL /
-# KAFKA_BROKERS are set), gateway on 3000 and limiter on 8080.
+# KAFKA_BROKERS are set), gateway on 3000; the limiter's own API (8080) is internal and
+# listens on loopback only (LIMITER_BIND_ADDR=0.0.0.0 to publish it).
 FROM runtime AS all-in-one
 COPY --from=builder /src/bin/distributed-rate-limiter /usr/local/bin/distributed-rate-limiter
-EXPOSE 3000 8080
+EXPOSE 3000
 HEALTHCHECK --interval=5s --timeout=3s --start-period=10s --retries=3 \
     CMD curl -fsS -o /dev/null "http://127.0.0.1:${GATEWAY_PORT:-3000}/healthz" || exit 1
 ENTRYPOINT ["distributed-rate-limiter"]

@@ -43,6 +43,16 @@ pub struct Config {
         default_value_t = 8080
     )]
     pub limiter_port: u16,
+    /// Address the limiter's own HTTP API binds in this process. The gateway calls the
+    /// limiter in-process, so the limiter's port (`POST /check/batch`, its `/metrics`) is
+    /// internal: loopback unless told otherwise.
+    #[arg(
+        long = "limiter-bind-addr",
+        env = "LIMITER_BIND_ADDR",
+        value_name = "LIMITER_BIND_ADDR",
+        default_value = "127.0.0.1"
+    )]
+    pub limiter_bind_addr: std::net::IpAddr,
     #[command(flatten)]
     pub serve: ServeArgs,
     #[command(flatten)]

@@ -13,9 +13,10 @@ async fn main() -> anyhow::Result<()> {
     runtime::load_dotenv();
     let config = all_in_one::Config::parse();
     runtime::init_tracing();
-    let bind = config.serve.bind_addr;
-    let gateway = tokio::net::TcpListener::bind((bind, config.gateway.port)).await?;
-    let limiter = tokio::net::TcpListener::bind((bind, config.limiter_port)).await?;
+    let gateway =
+        tokio::net::TcpListener::bind((config.serve.bind_addr, config.gateway.port)).await?;
+    let limiter =
+        tokio::net::TcpListener::bind((config.limiter_bind_addr, config.limiter_port)).await?;
     let mode = match (
         config.redis.url().is_some(),
         config.kafka.brokers().is_some(),

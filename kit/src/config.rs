@@ -137,7 +137,13 @@ pub struct WorkerArgs {
 pub struct RedisArgs {
     /// redis:// URL; unset or empty keeps buckets and counters in memory (embedded mode).
     /// With `REDIS_CLUSTER=true`, one or more cluster nodes, comma-separated.
-    #[arg(long = "redis-url", env = "REDIS_URL", value_name = "REDIS_URL")]
+    /// Its value is never printed (`--help` hides it: it may hold a password).
+    #[arg(
+        long = "redis-url",
+        env = "REDIS_URL",
+        value_name = "REDIS_URL",
+        hide_env_values = true
+    )]
     pub url: Option<String>,
     /// `REDIS_URL` is a Redis Cluster: follow its slot map, one connection per node.
     #[arg(long = "redis-cluster", env = "REDIS_CLUSTER", value_name = "REDIS_CLUSTER",
