@@ -93,11 +93,7 @@ impl System {
             &shutdown,
         )
         .await?;
-        let counters = analytics_counters::counter_store(
-            &config.redis,
-            config.worker.max_users as usize,
-            config.worker.retention.retention,
-        )?;
+        let counters = analytics_counters::counter_store(&config.redis, &config.worker)?;
         let batch_max = config.worker.batch_max as usize;
         let worker = match (events, config.kafka.brokers()) {
             (Some(events), _) => SpawnedWorker::in_process(events, counters.clone(), batch_max),

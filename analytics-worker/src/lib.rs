@@ -82,11 +82,7 @@ pub async fn run(
             "REDIS_URL is required: the standalone worker keeps its counters in Redis, where the gateway reads them"
         );
     }
-    let store = counter_store(
-        &config.redis,
-        config.worker.max_users as usize,
-        config.worker.retention.retention,
-    )?;
+    let store = counter_store(&config.redis, &config.worker)?;
     let worker = SpawnedWorker::kafka(
         &config.kafka,
         brokers,

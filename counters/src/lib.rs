@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ratelimit_domain::analytics::{AnalyticsReader, CounterStore};
-use service_kit::config::RedisArgs;
+use service_kit::config::{RedisArgs, WorkerArgs};
 
 pub use self::memory::MemoryCounters;
 pub use self::redis::{RedisAnalytics, RedisCounters};
@@ -38,9 +38,9 @@ fn batch_timeout(redis: &RedisArgs) -> Duration {
 /// series are kept.
 pub fn counter_store(
     redis: &RedisArgs,
-    max_users: usize,
-    retention: Duration,
+    worker: &WorkerArgs,
 ) -> anyhow::Result<Arc<dyn CounterStore>> {
+    let retention = worker.retention.retention;
     Ok(match redis.url() {
         Some(url) => Arc::new(RedisCounters::new(
             url,
@@ -48,8 +48,9 @@ pub fn counter_store(
             &redis.key_prefix,
             batch_timeout(redis),
             retention,
+            worker.user_ttl,
         )?),
-        None => Arc::new(MemoryCounters::new(max_users, retention)),
+        None => Arc::new(MemoryCounters::new(worker.max_users as usize, retention)),
     })
 }
 

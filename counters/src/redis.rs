@@ -45,9 +45,11 @@ if field ~= '' then
 end
 if ARGV[4] ~= '0' then redis.call('HINCRBY', KEYS[1], 'allowed', ARGV[4]) end
 if ARGV[5] ~= '0' then redis.call('HINCRBY', KEYS[1], 'blocked', ARGV[5]) end
+-- The all-time counters live until the user has been idle for the user TTL.
+redis.call('EXPIRE', KEYS[1], ARGV[7])
 for i = 2, #KEYS do
-  local a = ARGV[5 + 2 * (i - 1)]
-  local b = ARGV[6 + 2 * (i - 1)]
+  local a = ARGV[6 + 2 * (i - 1)]
+  local b = ARGV[7 + 2 * (i - 1)]
   if a ~= '0' then redis.call('HINCRBY', KEYS[i], 'a', a) end
   if b ~= '0' then redis.call('HINCRBY', KEYS[i], 'b', b) end
   redis.call('EXPIRE', KEYS[i], ARGV[6])
@@ -184,12 +186,14 @@ pub struct RedisCounters {
     read: RedisAnalytics,
     scripts: Scripts,
     retention_secs: u64,
+    user_ttl_secs: u64,
     /// Partition tags already registered in `<prefix>gparts` by this process.
     registered: Mutex<HashSet<String>>,
 }
 
 impl RedisCounters {
-    /// Counters on `url`, keeping time series for `retention`; every call has `timeout`.
+    /// Counters on `url`, keeping time series for `retention` and a user's all-time
+    /// counters until they have been idle for `user_ttl`; every call has `timeout`.
     /// Connects lazily and reconnects by itself.
     pub fn new(
         url: &str,
@@ -197,11 +201,13 @@ impl RedisCounters {
         key_prefix: &str,
         timeout: Duration,
         retention: Duration,
+        user_ttl: Duration,
     ) -> Result<Self, CounterError> {
         Ok(Self {
             read: RedisAnalytics::new(url, cluster, key_prefix, timeout)?,
             scripts: Scripts::new(&[USER_SCRIPT, GLOBAL_SCRIPT]),
             retention_secs: retention.as_secs().max(60),
+            user_ttl_secs: user_ttl.as_secs().max(1),
             registered: Mutex::default(),
         })
     }
@@ -240,7 +246,8 @@ impl RedisCounters {
                 .arg(t.last_offset)
                 .arg(t.allowed)
                 .arg(t.blocked)
-                .arg(self.retention_secs);
+                .arg(self.retention_secs)
+                .arg(self.user_ttl_secs);
             for (minute, (a, b)) in &t.minutes {
                 invocation
                     .key(keys::counter_minute_key(

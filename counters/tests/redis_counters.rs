@@ -16,6 +16,7 @@ fn counters(url: &str, cluster: bool, name: &str) -> RedisCounters {
         &unique(name),
         Duration::from_secs(2),
         Duration::from_secs(86_400),
+        Duration::from_secs(7 * 86_400),
     )
     .unwrap()
 }
@@ -64,4 +65,102 @@ async fn applies_after_a_script_flush() {
         .unwrap();
     let c = store.get("u").await.unwrap();
     assert_eq!((c.total, c.allowed, c.blocked), (2, 1, 1));
+}
+
+async fn info_used_memory(conn: &mut redis::aio::MultiplexedConnection) -> i64 {
+    let info: String = redis::cmd("INFO")
+        .arg("memory")
+        .query_async(conn)
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// A million throwaway user ids, one decision each: every key they leave in Redis has a
+/// lifetime, and the all-time counters go when the user has been idle for the user TTL
+/// (before, `c{user}` never expired: Redis grew with every new id for ever).
+#[tokio::test]
+async fn a_million_throwaway_ids_leave_no_key_without_a_lifetime() {
+    const USERS: i64 = 1_000_000;
+    let redis = RedisServer::start();
+    let prefix = unique("throwaway");
+    let store = RedisCounters::new(
+        &redis.url(),
+        false,
+        &prefix,
+        Duration::from_secs(10),
+        Duration::from_secs(60),
+        Duration::from_secs(3),
+    )
+    .unwrap();
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let before = info_used_memory(&mut conn).await;
+    let ids: Vec<String> = (0..USERS).map(|i| format!("throwaway-{i}")).collect();
+    for (n, chunk) in ids.chunks(5_000).enumerate() {
+        let first = n as i64 * 5_000;
+        let events: Vec<(i64, &str, bool)> = chunk
+            .iter()
+            .enumerate()
+            .map(|(i, id)| (first + i as i64, id.as_str(), i % 3 != 0))
+            .collect();
+        store
+            .apply(&contract::batch(Some(0), &events))
+            .await
+            .unwrap();
+    }
+    let after = info_used_memory(&mut conn).await;
+    println!(
+        "redis bytes per user with one decision (counters + one minute key): {}",
+        (after - before) / USERS
+    );
+
+    // Every key a client can make grow has a TTL; what has none is the per-partition
+    // bookkeeping, bounded by the number of partitions whatever the clients do.
+    let mut cursor: u64 = 0;
+    let mut seen = 0usize;
+    let mut lasting = Vec::new();
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{prefix}*"))
+            .arg("COUNT")
+            .arg(10_000)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let mut pipe = redis::pipe();
+        for key in &keys {
+            pipe.cmd("TTL").arg(key);
+        }
+        let ttls: Vec<i64> = pipe.query_async(&mut conn).await.unwrap();
+        for (key, ttl) in keys.iter().zip(ttls) {
+            // -1: a key without expiry (-2: it expired since the SCAN saw it).
+            if ttl == -1 {
+                lasting.push(key.strip_prefix(&prefix).unwrap().to_owned());
+            }
+        }
+        seen += keys.len();
+        cursor = next;
+        if cursor == 0 {
+            break;
+        }
+    }
+    assert!(seen as i64 >= USERS, "counters and minute keys: {seen}");
+    lasting.sort();
+    assert_eq!(lasting, ["gparts", "g{p0}:o"], "keys without a lifetime");
+
+    // The all-time counters go once the user has been idle for the TTL (3 s here).
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let c = store.get("throwaway-7").await.unwrap();
+    assert_eq!(c.total, 0, "idle past the user TTL: forgotten");
 }

@@ -128,6 +128,11 @@ pub struct WorkerArgs {
     #[arg(long = "analytics-max-users", env = "ANALYTICS_MAX_USERS", value_name = "ANALYTICS_MAX_USERS",
           default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
     pub max_users: u64,
+    /// How long a user's all-time counters are kept in Redis after their last decision
+    /// (refreshed by every decision), e.g. `7d`: throwaway ids do not stay for ever.
+    #[arg(long = "analytics-user-ttl", env = "ANALYTICS_USER_TTL", value_name = "ANALYTICS_USER_TTL",
+          default_value = "7d", value_parser = parse_duration)]
+    pub user_ttl: std::time::Duration,
     #[command(flatten)]
     pub retention: RetentionArgs,
 }

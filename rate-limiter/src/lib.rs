@@ -167,11 +167,7 @@ impl Standalone {
         }
         let worker = match events {
             Some(events) => {
-                let store = analytics_counters::counter_store(
-                    &config.redis,
-                    config.worker.max_users as usize,
-                    config.worker.retention.retention,
-                )?;
+                let store = analytics_counters::counter_store(&config.redis, &config.worker)?;
                 Some(analytics_counters::SpawnedWorker::in_process(
                     events,
                     store,
