@@ -21,6 +21,8 @@ use crate::tally::{Minutes, fill_series, global_tally, top_n};
 struct UserCounters {
     allowed: u64,
     blocked: u64,
+    /// Timestamp of the user's latest decision: the least recent go first at the cap.
+    last_ms: u64,
     /// Last offset counted, per partition.
     applied: Vec<(i32, i64)>,
     /// (minute, allowed, blocked), oldest first, within the retention.
@@ -36,26 +38,33 @@ struct Global {
     top_days: BTreeMap<u64, HashMap<Box<str>, u64>>,
 }
 
-/// Keeps the `TOP_KEEP` most blocked once a set has grown to twice that.
+/// Keeps exactly the `TOP_KEEP` most blocked (ties by user id) once a set has grown to
+/// twice that, so a set never holds more than `2 * TOP_KEEP` users, however many tie
+/// (before, every user tied at the cut was kept: a million ids blocked once each stayed).
 fn trim(set: &mut HashMap<Box<str>, u64>) {
     if set.len() > 2 * TOP_KEEP {
-        let mut counts: Vec<u64> = set.values().copied().collect();
-        counts.sort_unstable_by(|a, b| b.cmp(a));
-        let floor = counts[TOP_KEEP - 1];
-        set.retain(|_, c| *c >= floor);
+        let mut entries: Vec<(Box<str>, u64)> = set.drain().collect();
+        entries.select_nth_unstable_by(TOP_KEEP - 1, |a, b| {
+            b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0))
+        });
+        entries.truncate(TOP_KEEP);
+        set.extend(entries);
     }
 }
 
-/// Per-user counters in memory, for at most `max_users` distinct users (a client cannot
-/// grow the map without bound; events of users past the cap are counted as overflow).
+/// Per-user counters in memory, for at most `max_users` distinct users, so a client cannot
+/// grow the map without bound. At the cap a new user is still counted: the least recently
+/// active 1 % of the users are forgotten to make room (their all-time counts start again
+/// from zero if they come back), so a flood of throwaway ids evicts idle users and itself,
+/// never locking real users out.
 pub struct MemoryCounters {
     users: DashMap<Box<str>, UserCounters>,
     global: Mutex<Global>,
     max_users: usize,
-    /// Distinct users held (users are never removed).
+    /// Distinct users held.
     user_count: AtomicUsize,
     retention_minutes: u64,
-    overflow: AtomicU64,
+    evicted: AtomicU64,
 }
 
 impl MemoryCounters {
@@ -66,39 +75,57 @@ impl MemoryCounters {
             max_users,
             user_count: AtomicUsize::new(0),
             retention_minutes: (retention.as_millis() as u64 / MINUTE_MS).max(1),
-            overflow: AtomicU64::new(0),
+            evicted: AtomicU64::new(0),
         }
     }
 
-    /// Events not counted because the user cap was reached.
-    pub fn overflow(&self) -> u64 {
-        self.overflow.load(Ordering::Relaxed)
+    /// Users forgotten so far to make room at the cap.
+    pub fn evicted(&self) -> u64 {
+        self.evicted.load(Ordering::Relaxed)
+    }
+
+    /// Forgets the least recently active 1 % of the users (at least one). One pass over the
+    /// map, run once per 1 % of the cap in new users.
+    fn evict_idle(&self) {
+        let quota = (self.max_users / 100).max(1);
+        let mut last: Vec<u64> = self.users.iter().map(|u| u.last_ms).collect();
+        if last.is_empty() {
+            return;
+        }
+        let nth = quota.min(last.len()) - 1;
+        let cutoff = *last.select_nth_unstable(nth).1;
+        let mut removed = 0usize;
+        self.users.retain(|_, u| {
+            let evict = removed < quota && u.last_ms <= cutoff;
+            removed += usize::from(evict);
+            !evict
+        });
+        self.user_count.fetch_sub(removed, Ordering::Relaxed);
+        let total = self.evicted.fetch_add(removed as u64, Ordering::Relaxed) + removed as u64;
+        tracing::info!(
+            max_users = self.max_users,
+            evicted = removed,
+            evicted_total = total,
+            "analytics user cap reached; the least recently active users were forgotten"
+        );
     }
 
     fn apply_users(&self, batch: &PartitionBatch) {
         for (offset, event) in &batch.events {
-            let mut entry = match self.users.get_mut(event.user_id.as_str()) {
-                Some(entry) => entry,
+            if !self.users.contains_key(event.user_id.as_str())
                 // The count, not `DashMap::len` (which visits every shard), per new user.
-                None if self.user_count.load(Ordering::Relaxed) >= self.max_users => {
-                    let n = self.overflow.fetch_add(1, Ordering::Relaxed) + 1;
-                    if n == 1 || n.is_multiple_of(10_000) {
-                        tracing::warn!(
-                            max_users = self.max_users,
-                            overflow = n,
-                            "analytics user cap reached; event not counted"
-                        );
-                    }
-                    continue;
-                }
-                None => self
-                    .users
-                    .entry(Box::from(event.user_id.as_str()))
-                    .or_insert_with(|| {
-                        self.user_count.fetch_add(1, Ordering::Relaxed);
-                        UserCounters::default()
-                    }),
-            };
+                && self.user_count.load(Ordering::Relaxed) >= self.max_users
+            {
+                self.evict_idle();
+            }
+            let mut entry = self
+                .users
+                .entry(Box::from(event.user_id.as_str()))
+                .or_insert_with(|| {
+                    self.user_count.fetch_add(1, Ordering::Relaxed);
+                    UserCounters::default()
+                });
+            entry.last_ms = entry.last_ms.max(event.ts_ms);
             if let Some(partition) = batch.partition {
                 match entry.applied.iter_mut().find(|(p, _)| *p == partition) {
                     Some((_, applied)) if *applied >= *offset => continue,
@@ -264,22 +291,64 @@ mod tests {
         .await;
     }
 
+    /// At the cap the least recently active user makes room: a new user is counted, and
+    /// a flood of throwaway ids cannot lock real users out.
     #[tokio::test]
-    async fn caps_distinct_users() {
+    async fn a_full_cap_forgets_the_idle_not_the_new() {
         let store = MemoryCounters::new(2, DAY);
-        let batch = crate::contract::batch(
+        let mut batch = crate::contract::batch(
             None,
             &[
                 (0, "a", true),
                 (1, "b", true),
-                (2, "c", true),
-                (3, "a", false),
+                (2, "a", false),
+                (3, "c", true),
             ],
         );
+        for (i, (_, event)) in batch.events.iter_mut().enumerate() {
+            event.ts_ms = i as u64 * 1_000;
+        }
         store.apply(&batch).await.unwrap();
         assert_eq!(store.get("a").await.unwrap().total, 2);
-        assert_eq!(store.get("c").await.unwrap().total, 0);
-        assert_eq!(store.overflow(), 1);
+        assert_eq!(
+            store.get("c").await.unwrap().total,
+            1,
+            "the new user counts"
+        );
+        assert_eq!(store.get("b").await.unwrap().total, 0, "b was the idlest");
+        assert_eq!(store.evicted(), 1);
+        assert_eq!(store.user_count.load(Ordering::Relaxed), 2);
+    }
+
+    /// A million throwaway ids, each blocked once in the same minute: the top-blocked sets
+    /// stay bounded (before, every id tied at the cut was kept, and each batch sorted them
+    /// all under the lock `/analytics` takes), and the user map stays at its cap.
+    #[tokio::test]
+    async fn throwaway_ids_blocked_once_keep_every_set_bounded() {
+        let store = MemoryCounters::new(10_000, DAY);
+        let ids: Vec<String> = (0..1_000_000).map(|i| format!("t{i}")).collect();
+        for (n, chunk) in ids.chunks(5_000).enumerate() {
+            let events: Vec<(i64, &str, bool)> = chunk
+                .iter()
+                .enumerate()
+                .map(|(i, id)| ((n * 5_000 + i) as i64, id.as_str(), false))
+                .collect();
+            store
+                .apply(&crate::contract::batch(None, &events))
+                .await
+                .unwrap();
+        }
+        let global = store.global.lock().unwrap();
+        for set in global.top_minutes.values().chain(global.top_days.values()) {
+            assert!(set.len() <= 2 * TOP_KEEP, "{} users in a set", set.len());
+        }
+        drop(global);
+        assert!(store.users.len() <= 10_000);
+        assert_eq!(
+            store.get("t999999").await.unwrap().blocked,
+            1,
+            "the newest id is counted"
+        );
     }
 
     #[tokio::test]
