@@ -338,11 +338,12 @@ mod tests {
                 .await
                 .unwrap();
         }
-        let global = store.global.lock().unwrap();
-        for set in global.top_minutes.values().chain(global.top_days.values()) {
-            assert!(set.len() <= 2 * TOP_KEEP, "{} users in a set", set.len());
+        {
+            let global = store.global.lock().unwrap();
+            for set in global.top_minutes.values().chain(global.top_days.values()) {
+                assert!(set.len() <= 2 * TOP_KEEP, "{} users in a set", set.len());
+            }
         }
-        drop(global);
         assert!(store.users.len() <= 10_000);
         assert_eq!(
             store.get("t999999").await.unwrap().blocked,
