@@ -282,3 +282,37 @@ async fn gateway_without_a_limiter_answers_503_quickly() {
     assert!(body["detail"].as_str().unwrap().contains("rate limiter"));
     gateway.stop().await;
 }
+
+/// The identity rule end to end: a decomposed `é` and a precomposed one are one user, with
+/// one bucket and one row of analytics, whichever form the client sends or asks about.
+#[tokio::test]
+async fn look_alike_ids_share_one_bucket_and_one_count() {
+    let system = all_in_one(&POLICY).await;
+    let client = http();
+    let url = format!("http://{}/api", system.gateway_addr);
+    let tag = unique("nfc");
+    let precomposed = format!("caf\u{e9}-{tag}");
+    let decomposed = format!("cafe\u{301}-{tag}");
+    let mut statuses = Vec::new();
+    for i in 0..6 {
+        let user = if i % 2 == 0 {
+            &precomposed
+        } else {
+            &decomposed
+        };
+        statuses.push(post(&client, &url, user).await.status().as_u16());
+    }
+    assert_eq!(statuses, [200, 200, 200, 200, 200, 429], "one bucket of 5");
+    for user in [&precomposed, &decomposed] {
+        let got = analytics_settle(
+            &client,
+            system.gateway_addr,
+            user,
+            (6, 5, 1),
+            Duration::from_secs(5),
+        )
+        .await;
+        assert_eq!(got, (6, 5, 1), "{user:?}");
+    }
+    system.shutdown().await.unwrap();
+}

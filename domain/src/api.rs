@@ -49,7 +49,7 @@ impl CheckRequestWire {
             .user_id
             .ok_or_else(|| FieldError::new("user_id", "is required"))
             .map_err(named)?;
-        validate_user_id(&user_id).map_err(named)?;
+        let user_id = canonical_user_id(user_id).map_err(named)?;
         let cost = self.cost.unwrap_or(1);
         if !(1..=MAX_COST).contains(&cost) {
             return Err(named(FieldError::new(
@@ -143,7 +143,32 @@ pub enum BatchResult {
     Error(ErrorBody),
 }
 
-/// A user id is 1..=256 bytes of UTF-8 without control characters.
+/// The identity rule: a user id is compared, stored and keyed in Unicode Normalization
+/// Form C, so a decomposed `é` (`e` + U+0301) and a precomposed one (U+00E9) are one user;
+/// and it may not hold characters that render as nothing or reorder what is around them
+/// (control characters, format characters such as U+200B zero-width space, U+200D
+/// zero-width joiner, U+202E right-to-left override or U+FEFF, and the line and
+/// paragraph separators), so two ids that look the same on the dashboard are the same id.
+///
+/// Stable across versions: an id that is already NFC and free of those characters (every
+/// ASCII id without control characters is) is used byte for byte as before, so its bucket
+/// and counters do not move on upgrade. Returns the canonical id, or why it is refused.
+pub fn canonical_user_id(raw: String) -> Result<String, FieldError> {
+    let id = if raw.is_ascii()
+        || unicode_normalization::is_nfc_quick(raw.chars())
+            == unicode_normalization::IsNormalized::Yes
+    {
+        raw
+    } else {
+        use unicode_normalization::UnicodeNormalization;
+        raw.nfc().collect()
+    };
+    validate_user_id(&id)?;
+    Ok(id)
+}
+
+/// Whether `user_id` is a valid id as it stands: 1..=256 bytes of UTF-8 without control,
+/// format or separator characters (see [`canonical_user_id`], which also normalises it).
 pub fn validate_user_id(user_id: &str) -> Result<(), FieldError> {
     if user_id.is_empty() || user_id.len() > MAX_USER_ID_BYTES {
         return Err(FieldError::new(
@@ -157,7 +182,24 @@ pub fn validate_user_id(user_id: &str) -> Result<(), FieldError> {
             "must not contain control characters",
         ));
     }
+    if !user_id.is_ascii() && user_id.chars().any(is_invisible) {
+        return Err(FieldError::new(
+            "user_id",
+            "must not contain invisible format characters (zero-width characters, bidirectional controls, line or paragraph separators)",
+        ));
+    }
     Ok(())
+}
+
+/// Format characters (general category Cf) and the line and paragraph separators.
+fn is_invisible(c: char) -> bool {
+    use unicode_properties::{GeneralCategory, UnicodeGeneralCategory};
+    matches!(
+        c.general_category(),
+        GeneralCategory::Format
+            | GeneralCategory::LineSeparator
+            | GeneralCategory::ParagraphSeparator
+    )
 }
 
 /// The limiter's answer to `POST /check`.
@@ -293,6 +335,41 @@ mod tests {
         assert_eq!(r.cost, 5);
     }
 
+    /// Look-alike ids: a decomposed `é` is the precomposed one; zero-width and
+    /// bidirectional characters are refused, naming the field.
+    #[test]
+    fn look_alike_ids_are_one_id_or_refused() {
+        let decomposed =
+            CheckRequest::from_json("{\"user_id\":\"caf\u{65}\u{301}\"}".as_bytes()).unwrap();
+        let precomposed =
+            CheckRequest::from_json("{\"user_id\":\"caf\u{e9}\"}".as_bytes()).unwrap();
+        assert_eq!(decomposed.user_id, precomposed.user_id);
+        assert_eq!(precomposed.user_id, "caf\u{e9}");
+        for invisible in [
+            "\u{200b}", "\u{200d}", "\u{202e}", "\u{2066}", "\u{feff}", "\u{ad}", "\u{2028}",
+        ] {
+            let body = format!("{{\"user_id\":\"ad{invisible}min\"}}");
+            let err = CheckRequest::from_json(body.as_bytes()).unwrap_err();
+            assert!(err.field == "user_id", "{invisible:?}: {err:?}");
+        }
+    }
+
+    /// The rule keeps every id that was valid and canonical before byte for byte, so no
+    /// bucket moves on upgrade.
+    #[test]
+    fn canonical_ids_are_kept_byte_for_byte() {
+        for id in [
+            "u1",
+            "user-42@example.com",
+            "\u{e9}\u{6f22}",
+            "\u{1f600}",
+            "a b",
+            "\u{5d0}\u{5d1}",
+        ] {
+            assert_eq!(canonical_user_id(id.to_owned()).unwrap(), id);
+        }
+    }
+
     #[test]
     fn names_the_offending_field() {
         let cases: &[(&[u8], &str)] = &[
@@ -343,11 +420,17 @@ mod tests {
             }
         }
 
+        /// Any id without control, format or separator characters is accepted as its NFC
+        /// form, and that form is its own canonical id (the rule is idempotent).
         #[test]
-        fn any_valid_user_id_round_trips(user in "[^\\p{Cc}]{1,64}") {
-            prop_assume!(user.len() <= MAX_USER_ID_BYTES);
+        fn any_valid_user_id_round_trips_as_its_nfc_form(user in "[^\\p{Cc}\\p{Cf}\\p{Zl}\\p{Zp}]{1,64}") {
+            use unicode_normalization::UnicodeNormalization;
+            let nfc: String = user.nfc().collect();
+            prop_assume!(nfc.len() <= MAX_USER_ID_BYTES);
             let body = serde_json::to_vec(&serde_json::json!({"user_id": user})).unwrap();
-            prop_assert_eq!(CheckRequest::from_json(&body).unwrap().user_id, user);
+            let id = CheckRequest::from_json(&body).unwrap().user_id;
+            prop_assert_eq!(&id, &nfc);
+            prop_assert_eq!(canonical_user_id(id.clone()).unwrap(), id);
         }
     }
 }

@@ -14,7 +14,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use ratelimit_domain::analytics::{AnalyticsReader, CounterError, DAY_MS, MINUTE_MS, MinuteCounts};
 use ratelimit_domain::api::{
-    CheckRequest, CheckResponse, FieldError, UserAnalytics, validate_user_id,
+    CheckRequest, CheckResponse, FieldError, UserAnalytics, canonical_user_id,
 };
 use ratelimit_domain::{Clock, SystemClock};
 use serde::{Deserialize, Serialize};
@@ -183,7 +183,7 @@ async fn analytics(
     q: Result<Query<WindowQuery>, QueryRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let Path(user_id) = path.map_err(|e| FieldError::new("user_id", e.body_text()))?;
-    validate_user_id(&user_id)?;
+    let user_id = canonical_user_id(user_id)?;
     let Some(window) = query(q)?.window else {
         let all_time: UserAnalytics = gateway
             .analytics
