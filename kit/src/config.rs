@@ -211,6 +211,11 @@ pub struct KafkaArgs {
     #[arg(long = "kafka-producer-buffer", env = "KAFKA_PRODUCER_BUFFER", value_name = "KAFKA_PRODUCER_BUFFER", default_value_t = 1_000_000,
           value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
     pub producer_buffer: u64,
+    /// Bytes of events the producer holds while the broker is unreachable (keys and
+    /// payloads); past it events are dropped, counted and logged like past the count.
+    #[arg(long = "kafka-producer-buffer-bytes", env = "KAFKA_PRODUCER_BUFFER_BYTES", value_name = "KAFKA_PRODUCER_BUFFER_BYTES",
+          default_value_t = 256 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(1024 * 1024..=2 * 1024 * 1024 * 1024 - 1024))]
+    pub producer_buffer_bytes: u64,
 }
 
 impl KafkaArgs {

@@ -2,7 +2,8 @@
 //!
 //! librdkafka does the heavy lifting: an idempotent producer (no duplicates from its own
 //! retries), batching (`linger.ms`) and lz4 compression, and a bounded in-memory queue
-//! (`queue.buffering.max.messages` = `KAFKA_PRODUCER_BUFFER`) in which events wait while
+//! (`queue.buffering.max.messages` = `KAFKA_PRODUCER_BUFFER`, and
+//! `queue.buffering.max.kbytes` from `KAFKA_PRODUCER_BUFFER_BYTES`) in which events wait while
 //! the broker is unreachable and are retried until delivered (`message.timeout.ms=0`).
 //! Enqueuing never blocks: when the queue is full the event is dropped, counted and logged.
 
@@ -67,7 +68,10 @@ impl KafkaPublisher {
                 "queue.buffering.max.messages",
                 args.producer_buffer.to_string(),
             )
-            .set("queue.buffering.max.kbytes", "2097151");
+            .set(
+                "queue.buffering.max.kbytes",
+                (args.producer_buffer_bytes / 1024).max(1).to_string(),
+            );
         // Operator settings (SASL/TLS, tuning) win over the defaults above.
         for (key, value) in args.passthrough() {
             config.set(key, value);
@@ -116,5 +120,56 @@ impl EventPublisher for KafkaPublisher {
         tokio::task::spawn_blocking(move || producer.flush(timeout).is_ok())
             .await
             .unwrap_or(false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+    use ratelimit_domain::event::SCHEMA_VERSION;
+
+    #[derive(Parser)]
+    struct Cfg {
+        #[command(flatten)]
+        kafka: KafkaArgs,
+    }
+
+    /// While the broker is away, the buffer is bounded in bytes, not only in events: with
+    /// long user ids a million events used to be allowed to take gigabytes.
+    #[tokio::test]
+    async fn the_buffer_is_bounded_in_bytes_while_the_broker_is_away() {
+        let cfg = Cfg::try_parse_from([
+            "x",
+            "--kafka-producer-buffer",
+            "1000000",
+            "--kafka-producer-buffer-bytes",
+            "1048576",
+        ])
+        .unwrap();
+        // Nothing listens there: every event stays in the buffer.
+        let publisher = KafkaPublisher::new(&cfg.kafka, "127.0.0.1:1").unwrap();
+        let event = |i: usize| RateLimitEvent {
+            schema_version: SCHEMA_VERSION,
+            user_id: format!("{}{i:06}", "u".repeat(250)),
+            allowed: true,
+            cost: 1,
+            ts_ms: 0,
+            limiter_id: "t".into(),
+            degraded: false,
+        };
+        let size = event(0).encode().len() as u64;
+        for i in 0..10_000 {
+            publisher.publish(event(i));
+        }
+        let stats = publisher.stats();
+        assert!(stats.dropped > 0, "{stats:?}");
+        // librdkafka counts payload bytes against the bound.
+        assert!(
+            stats.buffered * size <= 1024 * 1024,
+            "{} events of ~{size} bytes held: {stats:?}",
+            stats.buffered
+        );
+        assert_eq!(stats.published + stats.dropped, 10_000);
     }
 }
