@@ -123,6 +123,9 @@ impl System {
         let gateway = gateway::Gateway {
             limiter: Arc::new(InProcessClient(limiter.clone())),
             analytics: counters,
+            admin_token: gateway::admin::AdminToken::from_setting(
+                config.gateway.admin_token.as_deref(),
+            ),
             status: Arc::new(status),
             retention: config.worker.retention.retention,
         };

@@ -210,6 +210,7 @@ async fn the_gateway_spreads_requests_over_every_address_of_the_limiter_name() {
             .unwrap(),
         )),
         analytics: counters,
+        admin_token: None,
         retention: Duration::from_secs(3600),
     };
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

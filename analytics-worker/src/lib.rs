@@ -77,7 +77,7 @@ pub async fn run(
     let brokers = config.kafka.brokers().ok_or_else(|| {
         anyhow::anyhow!("KAFKA_BROKERS is required: the standalone worker consumes the Kafka topic (the embedded default runs its worker in-process)")
     })?;
-    if config.redis.url().is_none() {
+    if config.redis.analytics_url().is_none() {
         anyhow::bail!(
             "REDIS_URL is required: the standalone worker keeps its counters in Redis, where the gateway reads them"
         );

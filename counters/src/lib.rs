@@ -41,7 +41,7 @@ pub fn counter_store(
     worker: &WorkerArgs,
 ) -> anyhow::Result<Arc<dyn CounterStore>> {
     let retention = worker.retention.retention;
-    Ok(match redis.url() {
+    Ok(match redis.analytics_url() {
         Some(url) => Arc::new(RedisCounters::new(
             url,
             redis.cluster,
@@ -56,7 +56,7 @@ pub fn counter_store(
 
 /// The read side of the counters in Redis at `REDIS_URL`, for a standalone gateway.
 pub fn redis_reader(redis: &RedisArgs) -> anyhow::Result<Option<Arc<dyn AnalyticsReader>>> {
-    Ok(match redis.url() {
+    Ok(match redis.analytics_url() {
         Some(url) => Some(Arc::new(RedisAnalytics::new(
             url,
             redis.cluster,

@@ -98,6 +98,9 @@ end
 return -2
 "#;
 
+/// How many of each top-blocked set a read takes.
+const TOP_READ: usize = 100;
+
 /// The scripts of [`RedisCounters`], by position.
 const USER: usize = 0;
 const GLOBAL: usize = 1;
@@ -164,11 +167,18 @@ impl RedisAnalytics {
         Ok(minutes)
     }
 
-    /// Merges the sorted sets at `keys` into blocked counts per user.
+    /// Merges the tops of the sorted sets at `keys` into blocked counts per user: the
+    /// [`TOP_READ`] most blocked of each set, not all it keeps (a user is in one partition,
+    /// so a day's top is exact; over several minutes a user just below each minute's top
+    /// can be missed).
     async fn merge_sets(&self, keys: Vec<String>) -> Result<HashMap<String, u64>, CounterError> {
         let mut pipe = redis::pipe();
         for key in &keys {
-            pipe.cmd("ZRANGE").arg(key).arg(0).arg(-1).arg("WITHSCORES");
+            pipe.cmd("ZREVRANGE")
+                .arg(key)
+                .arg(0)
+                .arg(TOP_READ - 1)
+                .arg("WITHSCORES");
         }
         let mut conn = self.conn.clone();
         let sets: Vec<Vec<(String, f64)>> = self.deadline(pipe.query_async(&mut conn)).await?;

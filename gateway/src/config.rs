@@ -15,6 +15,15 @@ pub struct GatewayArgs {
         default_value_t = 3000
     )]
     pub port: u16,
+    /// When set, `/analytics*`, `/status` and `/metrics` need `Authorization: Bearer
+    /// <ADMIN_TOKEN>`; unset, they are open. Never printed by `--help`.
+    #[arg(
+        long = "admin-token",
+        env = "ADMIN_TOKEN",
+        value_name = "ADMIN_TOKEN",
+        hide_env_values = true
+    )]
+    pub admin_token: Option<String>,
 }
 
 /// The standalone `gateway` binary: asks the limiter over HTTP, reads analytics from Redis.

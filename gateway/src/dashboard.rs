@@ -3,6 +3,10 @@
 //! gateway's own `GET /status` and `GET /analytics?window=` every second and draws
 //! requests per second allowed vs blocked, per-minute traffic, the top blocked users, one
 //! user's series on demand, and the health of the limiter, store and event stream.
+//!
+//! With `ADMIN_TOKEN` set, the page (which holds no data) still loads without it; its
+//! reads answer 401 until it sends the token, which it asks for once and keeps in the
+//! page's memory.
 
 use axum::http::header;
 use axum::response::IntoResponse;

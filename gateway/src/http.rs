@@ -21,6 +21,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use service_kit::http::{ApiError, ValidJson, with_common_layers, with_load_shedding};
 
+use crate::admin::AdminToken;
+use crate::analytics_reads::AnalyticsReads;
 use crate::client::LimiterClient;
 use crate::status::{Status, StatusSource};
 
@@ -33,19 +35,39 @@ pub struct Gateway {
     pub status: Arc<dyn StatusSource>,
     /// How far back the per-minute analytics go: the longest window answered.
     pub retention: Duration,
+    /// When set, the admin routes (`/analytics*`, `/status`, `/metrics`) need
+    /// `Authorization: Bearer <token>`.
+    pub admin_token: Option<AdminToken>,
+}
+
+/// The handlers' state: the gateway and what bounds the cost of its analytics reads.
+#[derive(Clone)]
+struct Shared {
+    gateway: Gateway,
+    reads: Arc<AnalyticsReads>,
 }
 
 /// The gateway's routes, with body limits, JSON 404/405, metrics and load shedding.
 pub fn router(gateway: Gateway, max_in_flight: usize, request_timeout: Duration) -> Router {
-    let routes = Router::new()
-        .route("/api", post(api))
+    let token = gateway.admin_token.clone();
+    let admin = Router::new()
         .route("/analytics", get(global_analytics))
         .route("/analytics/{user_id}", get(analytics))
         .route("/status", get(status))
         .route("/metrics", get(metrics))
+        .route_layer(axum::middleware::from_fn(move |req, next| {
+            crate::admin::require(token.clone(), req, next)
+        }));
+    let state = Shared {
+        gateway,
+        reads: Arc::new(AnalyticsReads::new()),
+    };
+    let routes = Router::new()
+        .route("/api", post(api))
+        .merge(admin)
         .route("/dashboard", get(crate::dashboard::dashboard))
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
-        .with_state(gateway);
+        .with_state(state);
     let routes = service_kit::metrics::with_http_metrics(routes, "gateway");
     with_load_shedding(with_common_layers(routes), max_in_flight, request_timeout)
 }
@@ -88,7 +110,7 @@ fn rate_limit_headers(d: &CheckResponse) -> HeaderMap {
 }
 
 async fn api(
-    State(gateway): State<Gateway>,
+    State(Shared { gateway, .. }): State<Shared>,
     ValidJson(request): ValidJson<CheckRequest>,
 ) -> Result<Response, ApiError> {
     let decision = gateway.limiter.check(&request).await?;
@@ -178,7 +200,7 @@ fn sum(series: &[MinuteCounts]) -> (u64, u64) {
 }
 
 async fn analytics(
-    State(gateway): State<Gateway>,
+    State(Shared { gateway, reads }): State<Shared>,
     path: Result<Path<String>, PathRejection>,
     q: Result<Query<WindowQuery>, QueryRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
@@ -193,6 +215,8 @@ async fn analytics(
         return Ok(Json(serde_json::to_value(all_time).expect("serializes")));
     };
     let (minutes, window_secs) = window_minutes(&window, gateway.retention)?;
+    // A window read costs a Redis call per minute: a few at a time, the rest shed.
+    let _permit = reads.user_window_permit().ok_or(ApiError::Overloaded)?;
     let series = gateway
         .analytics
         .user_series(&user_id, minutes)
@@ -212,37 +236,46 @@ async fn analytics(
 /// How many users the top-blocked lists show.
 const TOP_N: usize = 10;
 
+/// Everyone's analytics over a window: computed at most once a second per window, by one
+/// caller while the others wait for its answer (single-flight), since it costs a Redis call
+/// per minute and partition; every caller within that second shares the answer.
 async fn global_analytics(
-    State(gateway): State<Gateway>,
+    State(Shared { gateway, reads }): State<Shared>,
     q: Result<Query<WindowQuery>, QueryRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let window = query(q)?.window.unwrap_or_else(|| "15m".to_owned());
     let (minutes, window_secs) = window_minutes(&window, gateway.retention)?;
-    let today = *minutes.end() * MINUTE_MS / DAY_MS;
-    let counters = &gateway.analytics;
-    let (series, top, top_day) = tokio::try_join!(
-        counters.global_series(minutes.clone()),
-        counters.top_blocked(minutes, TOP_N),
-        counters.top_blocked_day(today, TOP_N),
-    )
-    .map_err(analytics_unavailable)?;
-    let (allowed, blocked) = sum(&series);
-    Ok(Json(json!({
-        "window_secs": window_secs,
-        "total": allowed + blocked,
-        "allowed": allowed,
-        "blocked": blocked,
-        "series": series,
-        "top_blocked": top,
-        "top_blocked_day": top_day,
-    })))
+    let second = SystemClock.now_ms() / 1000;
+    let answer = reads
+        .global(window_secs, second, || async {
+            let today = *minutes.end() * MINUTE_MS / DAY_MS;
+            let counters = &gateway.analytics;
+            let (series, top, top_day) = tokio::try_join!(
+                counters.global_series(minutes.clone()),
+                counters.top_blocked(minutes.clone(), TOP_N),
+                counters.top_blocked_day(today, TOP_N),
+            )?;
+            let (allowed, blocked) = sum(&series);
+            Ok(json!({
+                "window_secs": window_secs,
+                "total": allowed + blocked,
+                "allowed": allowed,
+                "blocked": blocked,
+                "series": series,
+                "top_blocked": top,
+                "top_blocked_day": top_day,
+            }))
+        })
+        .await
+        .map_err(analytics_unavailable)?;
+    Ok(Json((*answer).clone()))
 }
 
-async fn status(State(gateway): State<Gateway>) -> Json<Status> {
+async fn status(State(Shared { gateway, .. }): State<Shared>) -> Json<Status> {
     Json(gateway.status.status().await)
 }
 
-async fn metrics(State(gateway): State<Gateway>) -> Response {
+async fn metrics(State(Shared { gateway, .. }): State<Shared>) -> Response {
     gateway.status.export_metrics();
     service_kit::metrics::render()
 }

@@ -5,6 +5,8 @@
 //! - [`http`]: the routes and the mapping of decisions to HTTP.
 //! - [`config`]: the gateway's configuration.
 
+pub mod admin;
+pub mod analytics_reads;
 pub mod client;
 pub mod config;
 pub mod dashboard;
@@ -42,7 +44,7 @@ pub async fn from_config(
     config: &config::GatewayConfig,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Gateway> {
-    if config.redis.url().is_none() {
+    if config.redis.analytics_url().is_none() {
         anyhow::bail!(
             "REDIS_URL is required: the standalone gateway reads analytics from Redis (run the all-in-one binary for the embedded mode)"
         );
@@ -67,6 +69,7 @@ pub async fn from_config(
                 .expect("REDIS_URL is checked above"),
         )),
         analytics,
+        admin_token: admin::AdminToken::from_setting(config.gateway.admin_token.as_deref()),
         retention: config.retention.retention,
     })
 }

@@ -150,7 +150,18 @@ pub struct RedisArgs {
         hide_env_values = true
     )]
     pub url: Option<String>,
-    /// `REDIS_URL` is a Redis Cluster: follow its slot map, one connection per node.
+    /// Redis URL of the analytics counters and status reports, when they should not share
+    /// the buckets' Redis (analytics reads then cannot slow decisions down); unset: the
+    /// same as `REDIS_URL`. Never printed by `--help`.
+    #[arg(
+        long = "analytics-redis-url",
+        env = "ANALYTICS_REDIS_URL",
+        value_name = "ANALYTICS_REDIS_URL",
+        hide_env_values = true
+    )]
+    pub analytics_url: Option<String>,
+    /// `REDIS_URL` (and `ANALYTICS_REDIS_URL`) is a Redis Cluster: follow its slot map,
+    /// one connection per node.
     #[arg(long = "redis-cluster", env = "REDIS_CLUSTER", value_name = "REDIS_CLUSTER",
           default_value_t = false, action = clap::ArgAction::Set)]
     pub cluster: bool,
@@ -172,6 +183,16 @@ impl RedisArgs {
     /// The Redis URL, if one is configured (an empty value counts as unset).
     pub fn url(&self) -> Option<&str> {
         self.url.as_deref().map(str::trim).filter(|u| !u.is_empty())
+    }
+
+    /// Where the counters and the status reports live: `ANALYTICS_REDIS_URL`, else
+    /// `REDIS_URL` (the same Redis as the buckets), else none (memory).
+    pub fn analytics_url(&self) -> Option<&str> {
+        self.analytics_url
+            .as_deref()
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .or_else(|| self.url())
     }
 }
 

@@ -35,6 +35,9 @@ pub enum ApiError {
     /// Too much in flight: shed at once rather than queue.
     #[error("overloaded")]
     Overloaded,
+    /// An admin route asked without the right `Authorization: Bearer` token.
+    #[error("unauthorized")]
+    Unauthorized,
     /// The request did not finish within the service's request timeout.
     #[error("request timed out")]
     Timeout,
@@ -50,6 +53,7 @@ impl ApiError {
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             // The original design answers overload with 429: shed, come back shortly.
             ApiError::Overloaded => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::Unavailable { .. } | ApiError::Timeout => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -88,6 +92,11 @@ impl ApiError {
                 "too many requests in flight; try again shortly".to_owned(),
                 None,
             ),
+            ApiError::Unauthorized => (
+                "unauthorized",
+                "this route needs Authorization: Bearer <ADMIN_TOKEN>".to_owned(),
+                None,
+            ),
             ApiError::Timeout => (
                 "timeout",
                 "the request did not finish in time; try again shortly".to_owned(),
@@ -116,6 +125,11 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if matches!(self, ApiError::Unauthorized) {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         response
     }

@@ -97,9 +97,9 @@ impl Reports {
         })
     }
 
-    /// Reports in the Redis `redis` configures, if it configures one.
+    /// Reports in the analytics Redis `redis` configures, if it configures one.
     pub fn from_args(redis: &crate::config::RedisArgs) -> Result<Option<Self>, RedisCallError> {
-        let Some(url) = redis.url() else {
+        let Some(url) = redis.analytics_url() else {
             return Ok(None);
         };
         // A report is not a decision: it can wait longer than a bucket call.
