@@ -13,13 +13,15 @@ use tokio::sync::{OnceCell, OwnedSemaphorePermit, Semaphore};
 const USER_WINDOW_READS: usize = 4;
 
 type Answer = Arc<serde_json::Value>;
+/// The second an answer is for, and the answer (or its computation in progress).
+type Slot = (u64, Arc<OnceCell<Answer>>);
 
 /// The analytics read guards of one gateway.
 pub struct AnalyticsReads {
     /// Per window length (seconds): the second it was computed for, and its answer (or the
     /// computation in progress). Bounded by the distinct window lengths, at most the
     /// retention in minutes.
-    global: Mutex<HashMap<u64, (u64, Arc<OnceCell<Answer>>)>>,
+    global: Mutex<HashMap<u64, Slot>>,
     user_windows: Arc<Semaphore>,
 }
 
