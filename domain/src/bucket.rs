@@ -130,6 +130,11 @@ impl BucketState {
         }
     }
 
+    /// The tokens this bucket holds at `now_us` (refilled, capped at the capacity).
+    pub fn tokens_at(&self, now_us: u64, policy: &Policy) -> f64 {
+        policy.refill(self.tokens, now_us.saturating_sub(self.updated_us))
+    }
+
     /// Whether the bucket has refilled completely by `now_us`, so a store may forget it:
     /// a forgotten bucket and a full one decide identically.
     pub fn is_full_at(&self, now_us: u64, policy: &Policy) -> bool {

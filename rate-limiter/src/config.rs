@@ -20,10 +20,11 @@ pub struct LimiterArgs {
         default_value = "open"
     )]
     pub fail_mode: FailMode,
-    /// In fail-open mode, the local bucket gets the policy divided by this many instances.
+    /// In fail-open mode, the local bucket gets the policy divided by this many instances;
+    /// unset: the number of live limiters, from the reports they write to Redis.
     #[arg(long = "fail-open-instances", env = "FAIL_OPEN_INSTANCES", value_name = "FAIL_OPEN_INSTANCES",
-          default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=10_000))]
-    pub fail_open_instances: u64,
+          value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    pub fail_open_instances: Option<u64>,
     /// Consecutive store failures that open the circuit breaker.
     #[arg(long = "breaker-failures", env = "BREAKER_FAILURES", value_name = "BREAKER_FAILURES",
           default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1_000))]

@@ -72,10 +72,10 @@ pub async fn build(
             store
         }
     };
-    let fallback = Arc::new(MemoryStore::new(
-        policy.divided(args.fail_open_instances),
-        clock.clone(),
-    ));
+    let fallback = Arc::new(MemoryStore::new(policy, clock.clone()));
+    // A fixed share when the operator gives one; else 1 until the live limiters' reports
+    // say how many there are (see `Standalone::start`).
+    fallback.set_parts(args.fail_open_instances.unwrap_or(1));
     fallback.spawn_sweeper(SWEEP_INTERVAL, shutdown.clone());
     let (publisher, events): (Arc<dyn EventPublisher>, _) = match kafka.brokers() {
         #[cfg(feature = "kafka")]
@@ -133,6 +133,33 @@ pub async fn flush(limiter: &Limiter) {
     );
 }
 
+/// How often the live limiters are counted for the fail-open share.
+const INSTANCE_COUNT_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Keeps the fail-open share of the policy at `1 / live limiters`, from the reports every
+/// limiter writes each second. While Redis is away the reports cannot be read and the last
+/// count stands: the outage is when it matters.
+fn spawn_instance_count(
+    reports: service_kit::report::Reports,
+    limiter: Arc<Limiter>,
+    shutdown: CancellationToken,
+) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(INSTANCE_COUNT_INTERVAL);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            if let Ok(live) = reports.read(service_kit::report::Role::Limiter).await
+                && !live.is_empty()
+            {
+                limiter.set_fallback_parts(live.len() as u64);
+            }
+        }
+    });
+}
+
 /// The standalone `rate-limiter` service: the limiter and, without Kafka, the worker that
 /// counts its decisions in-process into the configured counter store.
 pub struct Standalone {
@@ -157,6 +184,9 @@ impl Standalone {
         .await?;
         // For a standalone gateway's /status: this instance's decisions and events.
         if let Some(reports) = service_kit::report::Reports::from_args(&config.redis)? {
+            if config.limiter.fail_open_instances.is_none() {
+                spawn_instance_count(reports.clone(), limiter.clone(), shutdown.clone());
+            }
             let limiter = limiter.clone();
             reports.spawn_writer(
                 service_kit::report::Role::Limiter,

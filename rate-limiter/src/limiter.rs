@@ -199,6 +199,9 @@ impl Limiter {
             }
             None => None,
         };
+        if let Some(decision) = &stored {
+            self.remember(&request.user_id, decision);
+        }
         self.settle(request, stored, started)
     }
 
@@ -244,6 +247,11 @@ impl Limiter {
             },
             None => vec![None; takes.len()],
         };
+        for (&(user_id, _), decision) in takes.iter().zip(&stored) {
+            if let Some(decision) = decision {
+                self.remember(user_id, decision);
+            }
+        }
         let mut stored = stored.into_iter();
         requests
             .iter()
@@ -253,6 +261,24 @@ impl Limiter {
                 self.settle(request, stored.next().flatten(), started)
             })
             .collect()
+    }
+
+    /// Gives the fallback bucket a share of how many tokens the shared store left the
+    /// user, so that an outage starts them from there, not from a full bucket. Only for
+    /// users the store left at half or less (the others lose at most half a bucket to an
+    /// outage): a write per decision is for the users who are spending fast.
+    fn remember(&self, user_id: &str, decision: &Decision) {
+        if self.fail_mode == FailMode::Open {
+            let quota = decision.quota();
+            if quota.remaining * 2 <= quota.limit {
+                self.fallback.seed(user_id, quota.remaining);
+            }
+        }
+    }
+
+    /// Gives the fail-open fallback `1 / parts` of the policy: one share per live limiter.
+    pub fn set_fallback_parts(&self, parts: u64) {
+        self.fallback.set_parts(parts);
     }
 
     /// Refuses a request no bucket can ever admit.

@@ -92,3 +92,86 @@ async fn a_probe_dropped_while_redis_is_frozen_does_not_keep_the_breaker_open() 
     }
     assert!(limiter.ready().await, "/readyz is ready again");
 }
+
+/// Defect: the fail-open fallback started every user full, so a Redis blip gave a user the
+/// limiter had just seen at 0 tokens `capacity` fresh ones.
+#[tokio::test]
+async fn an_exhausted_user_stays_exhausted_when_redis_goes_away() {
+    let mut redis = RedisServer::start();
+    let limiter = limiter(
+        &redis,
+        &[
+            "--rate-limit-capacity",
+            "10",
+            "--rate-limit-refill-per-sec",
+            "0.01",
+            "--fail-open-instances",
+            "1",
+        ],
+    )
+    .await;
+    for _ in 0..10 {
+        let c = limiter.check(&req("greedy")).await.unwrap();
+        assert!(c.decision.is_allowed() && !c.degraded);
+    }
+    assert!(
+        !limiter
+            .check(&req("greedy"))
+            .await
+            .unwrap()
+            .decision
+            .is_allowed()
+    );
+    redis.kill();
+    for _ in 0..5 {
+        let c = limiter.check(&req("greedy")).await.unwrap();
+        assert!(c.degraded, "decided by the fallback");
+        assert!(
+            !c.decision.is_allowed(),
+            "the fallback remembers the user was exhausted"
+        );
+    }
+    // A user this limiter had not seen drained gets the fallback's share.
+    let fresh = limiter.check(&req("fresh")).await.unwrap();
+    assert!(fresh.degraded && fresh.decision.is_allowed());
+}
+
+/// Defect: `FAIL_OPEN_INSTANCES` defaulted to 1, so N limiters admitted N times the limit
+/// while Redis was away. Unset, the share now follows the live limiters' reports.
+#[tokio::test]
+async fn the_fail_open_share_follows_the_live_limiters() {
+    let mut redis = RedisServer::start();
+    let url = redis.url();
+    let prefix = unique("share");
+    let start = || {
+        let argv = [
+            "rate-limiter",
+            "--redis-url",
+            &url,
+            "--redis-key-prefix",
+            &prefix,
+            "--rate-limit-capacity",
+            "10",
+            "--rate-limit-refill-per-sec",
+            "0.01",
+        ];
+        let config = LimiterConfig::try_parse_from(argv).unwrap();
+        async move {
+            rate_limiter::Standalone::start(&config, unique("limiter"), &CancellationToken::new())
+                .await
+                .unwrap()
+        }
+    };
+    let a = start().await;
+    let _b = start().await;
+    // Reports every second, counted every two.
+    tokio::time::sleep(Duration::from_millis(4_500)).await;
+    redis.kill();
+    let mut admitted = 0;
+    for _ in 0..10 {
+        let c = a.limiter.check(&req("newcomer")).await.unwrap();
+        assert!(c.degraded);
+        admitted += u32::from(c.decision.is_allowed());
+    }
+    assert_eq!(admitted, 5, "half of the capacity on each of two limiters");
+}

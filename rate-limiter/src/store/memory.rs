@@ -4,6 +4,7 @@
 //! drops it: memory is bounded by the users active within one refill period.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -16,8 +17,16 @@ use tokio_util::sync::CancellationToken;
 use super::{BucketStore, StoreError};
 
 /// Token buckets in this process's memory.
+///
+/// As the limiter's fail-open fallback it holds a share of the policy: the policy divided
+/// by the limiter instances that share it (`parts`, changed as instances come and go), and
+/// it can be seeded with what the shared store last said of a user, so that an outage does
+/// not hand an exhausted user a full bucket.
 pub struct MemoryStore {
+    /// The whole policy (what [`BucketStore::policy`] reports).
     policy: Policy,
+    /// The share each bucket gets: `policy` divided by `parts`.
+    parts: AtomicU64,
     clock: Arc<dyn Clock>,
     buckets: DashMap<Box<str>, BucketState>,
 }
@@ -26,8 +35,53 @@ impl MemoryStore {
     pub fn new(policy: Policy, clock: Arc<dyn Clock>) -> Self {
         Self {
             policy,
+            parts: AtomicU64::new(1),
             clock,
             buckets: DashMap::new(),
+        }
+    }
+
+    /// The policy each bucket follows: the whole one divided by the current parts.
+    fn share(&self) -> Policy {
+        match self.parts.load(Ordering::Relaxed) {
+            0 | 1 => self.policy,
+            parts => self.policy.divided(parts),
+        }
+    }
+
+    /// Gives each bucket `1 / parts` of the policy from now on (at least 1 part).
+    pub fn set_parts(&self, parts: u64) {
+        let parts = parts.max(1);
+        if self.parts.swap(parts, Ordering::Relaxed) != parts {
+            tracing::info!(parts, "fail-open share of the policy changed");
+        }
+    }
+
+    /// The current divisor of the policy.
+    pub fn parts(&self) -> u64 {
+        self.parts.load(Ordering::Relaxed).max(1)
+    }
+
+    /// Records that the shared store last left `user_id` with `remaining` of the whole
+    /// policy's tokens, now: its bucket here starts from that share (`remaining / parts`,
+    /// refilling from now) instead of full. A bucket already lower is left as it is.
+    pub fn seed(&self, user_id: &str, remaining: u64) {
+        let share = self.share();
+        let tokens = (remaining as f64 / self.parts() as f64).min(share.capacity() as f64);
+        let now = self.clock.now_us();
+        let seeded = BucketState {
+            tokens,
+            updated_us: now,
+        };
+        match self.buckets.get_mut(user_id) {
+            Some(mut state) => {
+                if tokens < state.tokens_at(now, &share) {
+                    *state = seeded;
+                }
+            }
+            None => {
+                self.buckets.insert(Box::from(user_id), seeded);
+            }
         }
     }
 
@@ -45,8 +99,9 @@ impl MemoryStore {
     pub fn sweep(&self) -> usize {
         let now = self.clock.now_us();
         let before = self.buckets.len();
+        let share = self.share();
         self.buckets
-            .retain(|_, state| !state.is_full_at(now, &self.policy));
+            .retain(|_, state| !state.is_full_at(now, &share));
         let after = self.buckets.len();
         if after < self.buckets.capacity() / 4 {
             self.buckets.shrink_to_fit();
@@ -80,19 +135,20 @@ impl MemoryStore {
     /// The synchronous core of [`BucketStore::take`]; it never fails.
     pub fn take_now(&self, user_id: &str, cost: u64) -> Decision {
         let now = self.clock.now_us();
+        let policy = self.share();
         if let Some(mut state) = self.buckets.get_mut(user_id) {
-            let (decision, next) = decide(Some(*state), now, &self.policy, cost);
+            let (decision, next) = decide(Some(*state), now, &policy, cost);
             *state = next;
             return decision;
         }
         match self.buckets.entry(Box::from(user_id)) {
             Entry::Occupied(mut e) => {
-                let (decision, next) = decide(Some(*e.get()), now, &self.policy, cost);
+                let (decision, next) = decide(Some(*e.get()), now, &policy, cost);
                 *e.get_mut() = next;
                 decision
             }
             Entry::Vacant(e) => {
-                let (decision, next) = decide(None, now, &self.policy, cost);
+                let (decision, next) = decide(None, now, &policy, cost);
                 e.insert(next);
                 decision
             }
