@@ -116,12 +116,22 @@ const QUEUE_CAPACITY: usize = 16_384;
 struct Pending {
     request: CheckRequest,
     reply: oneshot::Sender<Result<CheckResponse, ClientError>>,
+    /// When its caller stops waiting: `LIMITER_TIMEOUT_MS` after it was queued. One clock
+    /// for the whole way: the exchange that carries it gives up at the latest deadline of
+    /// its checks, and a check still queued at its deadline is never sent.
+    deadline: tokio::time::Instant,
+    /// Set when its exchange leaves: a caller that times out before that was shed
+    /// (429 `overloaded`, nothing spent); after, the limiter did not answer in time (503).
+    sent: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// What the batches are sent with.
 struct Exchanger {
     client: HttpClient,
-    timeout: Duration,
+    /// The least time left for a check to be worth sending (a quarter of
+    /// `LIMITER_TIMEOUT_MS`): one with less is shed rather than spend a token on a
+    /// decision its caller is unlikely to wait for.
+    min_budget: Duration,
     targets: Arc<RwLock<Arc<[Target]>>>,
     next: AtomicUsize,
 }
@@ -187,7 +197,7 @@ impl HttpLimiterClient {
         let (queue, waiting) = mpsc::channel(QUEUE_CAPACITY);
         let exchanger = Arc::new(Exchanger {
             client,
-            timeout,
+            min_budget: timeout / 4,
             targets: targets.clone(),
             next: AtomicUsize::new(0),
         });
@@ -243,16 +253,22 @@ impl Exchanger {
     /// caller stopped waiting (timed out, or the client went away) is not sent: nobody would
     /// learn its decision, so it must not spend a token.
     async fn settle(&self, pending: Vec<Pending>) {
+        let now = tokio::time::Instant::now();
+        let mut latest = now;
         let (requests, replies): (Vec<CheckRequest>, Vec<_>) = pending
             .into_iter()
-            .filter(|p| !p.reply.is_closed())
-            .map(|p| (p.request, p.reply))
+            .filter(|p| !p.reply.is_closed() && p.deadline > now + self.min_budget)
+            .map(|p| {
+                latest = latest.max(p.deadline);
+                p.sent.store(true, Ordering::Release);
+                (p.request, p.reply)
+            })
             .unzip();
         if requests.is_empty() {
             return;
         }
         metrics::histogram!("gateway_limiter_batch_size").record(requests.len() as f64);
-        match self.decide(requests).await {
+        match self.decide(requests, latest).await {
             Ok(results) => {
                 for (reply, result) in replies.into_iter().zip(results) {
                     let _ = reply.send(result);
@@ -270,6 +286,7 @@ impl Exchanger {
     async fn decide(
         &self,
         checks: Vec<CheckRequest>,
+        deadline: tokio::time::Instant,
     ) -> Result<Vec<Result<CheckResponse, ClientError>>, ClientError> {
         // A request that got no answer at all is asked again, of the next replica: see
         // `unanswered` for when that is, and why it never lets a client past its limit.
@@ -300,7 +317,7 @@ impl Exchanger {
                 }
             }
         };
-        let (status, body) = tokio::time::timeout(self.timeout, exchange)
+        let (status, body) = tokio::time::timeout_at(deadline, exchange)
             .await
             .map_err(|_| ClientError::Unreachable("timed out".into()))??;
         if !status.is_success() {
@@ -443,9 +460,13 @@ impl Refresh {
 impl LimiterClient for HttpLimiterClient {
     async fn check(&self, request: &CheckRequest) -> Result<CheckResponse, ClientError> {
         let (reply, answer) = oneshot::channel();
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let sent = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let pending = Pending {
             request: request.clone(),
             reply,
+            deadline,
+            sent: sent.clone(),
         };
         self.queue.try_send(pending).map_err(|err| match err {
             mpsc::error::TrySendError::Full(_) => ClientError::Overloaded,
@@ -453,9 +474,13 @@ impl LimiterClient for HttpLimiterClient {
                 ClientError::Unreachable("the limiter client is stopped".into())
             }
         })?;
-        match tokio::time::timeout(self.timeout, answer).await {
+        match tokio::time::timeout_at(deadline, answer).await {
             Ok(Ok(result)) => result,
+            // Dropped unsent: too little of its time was left when its exchange came.
+            Ok(Err(_)) if !sent.load(Ordering::Acquire) => Err(ClientError::Overloaded),
             Ok(Err(_)) => Err(ClientError::Unreachable("no answer".into())),
+            // Still queued at its deadline: shed, it will not be sent.
+            Err(_) if !sent.load(Ordering::Acquire) => Err(ClientError::Overloaded),
             Err(_) => Err(ClientError::Unreachable("timed out".into())),
         }
     }
