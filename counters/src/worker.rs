@@ -1,14 +1,49 @@
 //! The worker loop: read a batch, count it exactly once, then commit.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Once};
 use std::time::Duration;
 
+use metrics::Unit;
 use tokio_util::sync::CancellationToken;
 
 use crate::source::{EventSource, Record};
 use ratelimit_domain::analytics::{CounterStore, PartitionBatch};
+
+/// Describes the worker's metrics (help text and unit), once per process, after installing
+/// the recorder. [`WorkerStats::export_metrics`], which records them, calls it first.
+pub fn describe_metrics() {
+    static DESCRIBED: Once = Once::new();
+    DESCRIBED.call_once(|| {
+        service_kit::metrics::handle();
+        metrics::describe_counter!(
+            "analytics_events_applied_total",
+            Unit::Count,
+            "Valid decision events counted, replays the store recognised as already counted included"
+        );
+        metrics::describe_counter!(
+            "analytics_poison_messages_total",
+            Unit::Count,
+            "Stream records that were not valid decision events, skipped"
+        );
+        metrics::describe_counter!(
+            "analytics_batches_total",
+            Unit::Count,
+            "Batches of events applied to the counter store"
+        );
+        metrics::describe_counter!(
+            "analytics_store_errors_total",
+            Unit::Count,
+            "Failed attempts to apply a batch to the counter store (each retried)"
+        );
+        metrics::describe_gauge!(
+            "analytics_consumer_lag",
+            Unit::Count,
+            "Messages not yet consumed, per owned Kafka partition (librdkafka statistics, every 5 s)"
+        );
+    });
+}
 
 /// What the worker has done, for logs, metrics and tests.
 #[derive(Debug, Default)]
@@ -36,6 +71,7 @@ impl WorkerStats {
 
     /// Copies the worker's counters into the metrics registry (called before a scrape).
     pub fn export_metrics(&self) {
+        describe_metrics();
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
         metrics::counter!("analytics_events_applied_total").absolute(load(&self.events));
         metrics::counter!("analytics_poison_messages_total").absolute(load(&self.poison));

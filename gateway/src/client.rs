@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Once, RwLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -13,6 +13,7 @@ use axum::http::{Request, StatusCode, Uri, header};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use metrics::Unit;
 use ratelimit_domain::api::{
     BatchRequest, BatchResponse, BatchResult, CheckRequest, CheckResponse, ErrorBody, FieldError,
     MAX_BATCH,
@@ -58,6 +59,25 @@ impl From<ClientError> for ApiError {
 #[async_trait]
 pub trait LimiterClient: Send + Sync + 'static {
     async fn check(&self, request: &CheckRequest) -> Result<CheckResponse, ClientError>;
+}
+
+/// Describes the HTTP limiter client's metrics (help text and unit), once per process, after
+/// installing the recorder; [`HttpLimiterClient::new`] calls it.
+pub fn describe_metrics() {
+    static DESCRIBED: Once = Once::new();
+    DESCRIBED.call_once(|| {
+        service_kit::metrics::handle();
+        metrics::describe_histogram!(
+            "gateway_limiter_batch_size",
+            Unit::Count,
+            "Checks sent in one exchange with the limiter (1 when idle, more under load)"
+        );
+        metrics::describe_counter!(
+            "gateway_limiter_retries_total",
+            Unit::Count,
+            "Limiter calls that got no answer (connection refused, or closed before any answer) and were asked of the next replica"
+        );
+    });
 }
 
 /// Resolves a host name to the addresses of its limiter replicas.
@@ -165,6 +185,7 @@ impl HttpLimiterClient {
         resolver: Arc<dyn Resolve>,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Self> {
+        describe_metrics();
         let endpoints = urls
             .split(',')
             .map(str::trim)

@@ -1,6 +1,10 @@
 //! Prometheus metrics: one recorder per process, `GET /metrics` on every service, and HTTP
 //! request metrics by route (the route template, never the raw path or a user id, so label
 //! cardinality stays bounded).
+//!
+//! Every metric is described (help text and unit) by the crate that records it, once the
+//! recorder is installed: [`handle`] describes the HTTP metrics recorded here, and each
+//! service's `describe_metrics` its own. `promtool check metrics` accepts every page.
 
 use std::sync::OnceLock;
 use std::time::Instant;
@@ -10,6 +14,7 @@ use axum::extract::{MatchedPath, Request};
 use axum::http::header;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use metrics::Unit;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Latency buckets, in seconds: 50 µs to 2.5 s.
@@ -18,7 +23,9 @@ const LATENCY_BUCKETS: &[f64] = &[
     2.5,
 ];
 
-/// The process's Prometheus recorder, installed on first use.
+/// The process's Prometheus recorder, installed on first use (with the descriptions of the
+/// HTTP metrics). Descriptions given before it is installed are lost, so every
+/// `describe_metrics` calls this first.
 pub fn handle() -> &'static PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE.get_or_init(|| {
@@ -30,8 +37,23 @@ pub fn handle() -> &'static PrometheusHandle {
         if metrics::set_global_recorder(recorder).is_err() {
             tracing::warn!("a metrics recorder was already installed; /metrics may be empty");
         }
+        describe_http_metrics();
         handle
     })
+}
+
+/// Help text and units of the metrics [`with_http_metrics`] records.
+fn describe_http_metrics() {
+    metrics::describe_counter!(
+        "http_requests_total",
+        Unit::Count,
+        "HTTP requests answered, by service, route template and status code"
+    );
+    metrics::describe_histogram!(
+        "http_request_duration_seconds",
+        Unit::Seconds,
+        "Time to answer an HTTP request, in seconds, by service and route template"
+    );
 }
 
 /// The Prometheus text of everything recorded so far.

@@ -1,10 +1,11 @@
 //! The limiter: one decision per request, from the shared store or (fail-open) a local
 //! fallback bucket, and one event per decision to the analytics stream.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Once};
 use std::time::Instant;
 
+use metrics::Unit;
 use ratelimit_domain::api::{CheckRequest, CheckResponse};
 use ratelimit_domain::event::SCHEMA_VERSION;
 use ratelimit_domain::{Clock, Decision, Policy, RateLimitEvent};
@@ -63,6 +64,59 @@ pub enum LimiterError {
     StoreUnavailable,
 }
 
+/// Describes the limiter's metrics (help text and unit), once per process, after installing
+/// the recorder; [`Limiter::new`] calls it.
+pub fn describe_metrics() {
+    static DESCRIBED: Once = Once::new();
+    DESCRIBED.call_once(|| {
+        service_kit::metrics::handle();
+        metrics::describe_counter!(
+            "ratelimit_decisions_total",
+            Unit::Count,
+            "Rate-limit decisions made, by outcome (allowed or limited)"
+        );
+        metrics::describe_counter!(
+            "ratelimit_degraded_decisions_total",
+            Unit::Count,
+            "Decisions made by the local fail-open fallback bucket while the shared store was unreachable"
+        );
+        metrics::describe_counter!(
+            "ratelimit_refused_total",
+            Unit::Count,
+            "Requests refused (fail-closed) because the shared store was unavailable"
+        );
+        metrics::describe_histogram!(
+            "ratelimit_decision_duration_seconds",
+            Unit::Seconds,
+            "Time to decide a check, in seconds, the store call included"
+        );
+        metrics::describe_counter!(
+            "ratelimit_store_errors_total",
+            Unit::Count,
+            "Bucket-store calls that failed or timed out"
+        );
+        metrics::describe_gauge!(
+            "ratelimit_breaker_state",
+            "State of the circuit breaker in front of the bucket store: 0 closed, 1 half-open, 2 open"
+        );
+        metrics::describe_counter!(
+            "ratelimit_events_published_total",
+            Unit::Count,
+            "Decision events accepted for delivery to the analytics stream"
+        );
+        metrics::describe_counter!(
+            "ratelimit_events_dropped_total",
+            Unit::Count,
+            "Decision events dropped because the publisher's buffer was full (or the stream closed)"
+        );
+        metrics::describe_gauge!(
+            "ratelimit_events_buffered",
+            Unit::Count,
+            "Decision events accepted but not yet delivered to the analytics stream"
+        );
+    });
+}
+
 /// Decisions made since start, by outcome and by how they were made.
 #[derive(Debug, Default)]
 pub struct LimiterStats {
@@ -99,7 +153,7 @@ impl Limiter {
         clock: Arc<dyn Clock>,
         instance_id: String,
     ) -> Self {
-        service_kit::metrics::handle();
+        describe_metrics();
         Self {
             stats: LimiterStats::default(),
             latency: metrics::histogram!("ratelimit_decision_duration_seconds"),

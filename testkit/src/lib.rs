@@ -2,10 +2,13 @@
 //!
 //! - [`RedisServer`]: a `redis-server` with no persistence.
 //! - [`KafkaBroker`]: `tansu`, a Kafka-protocol broker, with in-memory storage.
+//! - [`PrometheusServer`]: a `prometheus` server scraping given targets every second.
+//! - [`promtool_check_metrics`]: Prometheus's own linter over a `/metrics` page.
 //!
 //! A missing binary is a failure with instructions, never a skip: the README's test
-//! command installs both.
+//! command installs them all.
 
+use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -316,6 +319,113 @@ impl KafkaBroker {
     /// Freezes (SIGSTOP) or thaws (SIGCONT) the broker.
     pub fn freeze(&self, frozen: bool) {
         signal(self.process.pid(), if frozen { "-STOP" } else { "-CONT" });
+    }
+}
+
+fn prometheus_binary(name: &str) -> PathBuf {
+    find_binary(
+        name,
+        "run scripts/test.sh (it installs it), or apt-get install prometheus (it brings prometheus and promtool)",
+    )
+}
+
+/// Runs `promtool check metrics` over `text` (a `/metrics` page): `Err` holds what it
+/// complained about (its exit status and output), `Ok` means it accepted every metric.
+pub fn promtool_check_metrics(text: &str) -> Result<(), String> {
+    let mut child = Command::new(prometheus_binary("promtool"))
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn promtool");
+    child
+        .stdin
+        .take()
+        .expect("promtool stdin")
+        .write_all(text.as_bytes())
+        .expect("write to promtool");
+    let out = child.wait_with_output().expect("wait for promtool");
+    let complaints = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if out.status.success() && complaints.trim().is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "promtool check metrics: {}\n{complaints}",
+            out.status
+        ))
+    }
+}
+
+/// A Prometheus server on a free port of 127.0.0.1, scraping the `/metrics` of each
+/// target (`host:port`) every second, its database in a scratch directory.
+pub struct PrometheusServer {
+    port: u16,
+    process: Process,
+    dir: PathBuf,
+}
+
+impl PrometheusServer {
+    pub fn start(targets: &[String]) -> Self {
+        let bin = prometheus_binary("prometheus");
+        let port = free_port();
+        let dir = std::env::temp_dir().join(unique("prometheus"));
+        std::fs::create_dir_all(&dir).expect("prometheus dir");
+        let targets = targets
+            .iter()
+            .map(|t| format!("'{t}'"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let config = dir.join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n\
+                 scrape_configs:\n  - job_name: test\n    metrics_path: /metrics\n    \
+                 static_configs:\n      - targets: [{targets}]\n"
+            ),
+        )
+        .expect("write prometheus.yml");
+        let log = std::fs::File::create(dir.join("prometheus.log")).expect("prometheus log");
+        let mut child = Command::new(bin)
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .current_dir(&dir)
+            .stdout(log.try_clone().expect("prometheus log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn prometheus");
+        wait_for_port(port, "prometheus", &mut child);
+        Self {
+            port,
+            process: Process { child: Some(child) },
+            dir,
+        }
+    }
+
+    /// The base URL of its HTTP API, e.g. `{url}/api/v1/query?query=up`.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The server's log so far, for failure messages.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("prometheus.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for PrometheusServer {
+    fn drop(&mut self) {
+        self.process.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
