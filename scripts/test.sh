@@ -7,6 +7,8 @@
 #   - tansu 0.6.0 (cargo install, ~15-20 min once): the Kafka-protocol broker the tests start
 #   - docker-compose (Debian package): validates docker-compose.yml without a Docker engine
 #   - chromium, fonts-liberation (Debian packages): the dashboard's real-browser test
+#   - prometheus (Debian package): promtool checks every /metrics page, and a real
+#     Prometheus server scrapes a running system in the tests
 # Then: cargo fmt --check, cargo clippy -D warnings, docker-compose config, cargo test for
 # the whole workspace, and scripts/check-docker-build.sh (the Dockerfile's build commands run
 # here; ~11 minutes the first time, cached in target/docker-build-check after).
@@ -24,6 +26,7 @@ dpkg -s libssl-dev >/dev/null 2>&1 || apt_missing+=(libssl-dev)
 command -v docker-compose >/dev/null || apt_missing+=(docker-compose)
 command -v chromium >/dev/null || apt_missing+=(chromium)
 dpkg -s fonts-liberation >/dev/null 2>&1 || apt_missing+=(fonts-liberation)
+command -v promtool >/dev/null || apt_missing+=(prometheus)
 if [ ${#apt_missing[@]} -gt 0 ]; then
   echo "==> installing ${apt_missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
