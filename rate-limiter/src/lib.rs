@@ -116,7 +116,18 @@ pub async fn run(
         serve.request_timeout(),
     );
     tracing::info!(addr = %listener.local_addr()?, "rate limiter listening");
-    service_kit::http::serve(listener, router, shutdown, serve.grace()).await
+    service_kit::http::serve(listener, router, shutdown, answer_grace(serve)).await
+}
+
+/// How long a stopping limiter lets in-flight requests finish: the configured grace, but
+/// never less than the request timeout (and a little), because every request ends by then
+/// (decided, or answered 503 `timeout`). So a request the limiter has read is always
+/// answered before the connection closes: a gateway retries only a request that got no
+/// answer at all, and that one was never decided here.
+fn answer_grace(serve: &ServeArgs) -> Duration {
+    serve
+        .grace()
+        .max(serve.request_timeout() + Duration::from_millis(250))
 }
 
 /// Waits for the publisher to deliver what it holds (bounded), and logs the totals.

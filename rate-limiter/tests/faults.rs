@@ -175,3 +175,61 @@ async fn the_fail_open_share_follows_the_live_limiters() {
     }
     assert_eq!(admitted, 5, "half of the capacity on each of two limiters");
 }
+
+/// Defect: a stopping limiter whose grace ran out dropped requests it had read (and maybe
+/// decided) when the process exited; the gateway took the reset for "never read" and asked
+/// another replica, so the batch was decided twice. Now every request read is answered
+/// before the process closes its connections. The `rate-limiter` binary, SIGTERMed.
+#[tokio::test]
+async fn a_stopping_limiter_answers_every_request_it_has_read() {
+    let redis = RedisServer::start();
+    // Counters on a Redis of their own, which stays up: the process has nothing else to
+    // wait for once its grace is over.
+    let counters = RedisServer::start();
+    let limiter = testkit::Service::start(
+        "rate-limiter",
+        "grace",
+        "LIMITER_PORT",
+        &[
+            ("REDIS_URL", redis.url()),
+            ("ANALYTICS_REDIS_URL", counters.url()),
+            ("REDIS_KEY_PREFIX", unique("grace")),
+            ("REDIS_TIMEOUT_MS", "5000".into()),
+            ("REQUEST_TIMEOUT_MS", "1500".into()),
+            ("SHUTDOWN_GRACE_MS", "1".into()),
+        ],
+    );
+    let url = format!("{}/check", limiter.url());
+    // Warm the connection to Redis, then freeze it: the next check waits on it.
+    let client = reqwest::Client::new();
+    let warm = client
+        .post(&url)
+        .json(&serde_json::json!({"user_id": "warm"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(warm.status(), 200);
+    redis.freeze(true);
+    let call = {
+        let (client, url) = (client.clone(), url.clone());
+        tokio::spawn(async move {
+            client
+                .post(url)
+                .json(&serde_json::json!({"user_id": "in-flight"}))
+                .send()
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut limiter = limiter;
+    let stopped = tokio::task::spawn_blocking(move || limiter.terminate(Duration::from_secs(10)));
+    let answer = call
+        .await
+        .unwrap()
+        .expect("an answer, not a dropped connection");
+    assert_eq!(answer.status(), 503);
+    let body: serde_json::Value = answer.json().await.unwrap();
+    assert_eq!(body["error"], "timeout");
+    assert!(stopped.await.unwrap(), "the limiter stopped");
+    redis.freeze(false);
+}
