@@ -129,7 +129,7 @@ pub fn connect(url: &str, cluster: bool, timeout: Duration) -> Result<Connection
             .collect();
         let client = ClusterClient::builder(nodes)
             .connection_timeout(timeout.max(Duration::from_millis(200)))
-            .response_timeout(timeout)
+            .response_timeout(timeout * 5)
             .build()
             .map_err(failed)?;
         return Ok(Connection::Cluster(Arc::new(LazyCluster {
@@ -140,7 +140,9 @@ pub fn connect(url: &str, cluster: bool, timeout: Duration) -> Result<Connection
     let client = redis::Client::open(url).map_err(failed)?;
     let config = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(timeout.max(Duration::from_millis(200))))
-        .set_response_timeout(Some(timeout))
+        // Each call has its own deadline (`with_deadline`); this only backs them up, and
+        // must not cut short a batch, whose deadline grows with its size (up to 5 times).
+        .set_response_timeout(Some(timeout * 5))
         .set_number_of_retries(2)
         .set_max_delay(Duration::from_millis(500));
     ConnectionManager::new_lazy_with_config(client, config)

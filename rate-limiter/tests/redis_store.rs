@@ -294,3 +294,45 @@ async fn the_widest_policy_allowed_is_decided_in_one_quick_script() {
         .unwrap();
     assert!(ttl > 364 * 86_400_000, "expires when full again: {ttl} ms");
 }
+
+/// Defect: a batch of up to 256 decisions shared the deadline of one (50 ms). A Redis that
+/// stalls for 60 ms now fails a single decision but not a full batch, whose deadline grows
+/// with its size.
+#[tokio::test]
+async fn a_batch_gets_a_deadline_that_fits_its_size() {
+    let redis = RedisServer::start();
+    let s = RedisStore::new(
+        &redis.url(),
+        false,
+        &unique("batchdeadline"),
+        Policy::new(10, 1.0).unwrap(),
+        Duration::from_millis(50),
+    )
+    .unwrap();
+    s.preload().await.unwrap();
+    let users: Vec<String> = (0..256).map(|i| format!("u{i}")).collect();
+    let takes: Vec<(&str, u64)> = users.iter().map(|u| (u.as_str(), 1)).collect();
+    let mut conn = raw(&redis).await;
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(120)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let taken = s.take_many(&takes).await.expect("the batch is decided");
+    assert!(
+        taken
+            .iter()
+            .all(|t| t.as_ref().is_ok_and(|d| d.is_allowed()))
+    );
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(120)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(
+        s.take("single", 1).await.is_err(),
+        "one decision keeps 50 ms"
+    );
+}

@@ -218,8 +218,11 @@ impl RedisStore {
                 Ok(group.iter().copied().zip(answers).collect::<Vec<_>>())
             }
         });
-        let answered =
-            with_deadline(self.timeout, futures::future::try_join_all(pipelines)).await?;
+        let answered = with_deadline(
+            self.batch_timeout(indices.len()),
+            futures::future::try_join_all(pipelines),
+        )
+        .await?;
         let mut by_take: Vec<Option<redis::RedisResult<Answer>>> =
             takes.iter().map(|_| None).collect();
         for (i, answer) in answered.into_iter().flatten() {
@@ -229,6 +232,13 @@ impl RedisStore {
             .iter()
             .map(|&i| by_take[i].take().expect("every take answered"))
             .collect())
+    }
+
+    /// The deadline of one call carrying `takes` decisions: `REDIS_TIMEOUT_MS` for one, and
+    /// as much again for every 64 more (a full batch of 256 gets 5 times as long), so that a
+    /// big batch is not held to the deadline of a single decision.
+    fn batch_timeout(&self, takes: usize) -> Duration {
+        self.timeout * (1 + takes.saturating_sub(1) as u32 / 64)
     }
 
     fn decision(&self, answer: Answer) -> Result<Decision, StoreError> {
