@@ -12,6 +12,7 @@ use ratelimit_domain::analytics::{BlockedUser, CounterStore, DAY_MS, MINUTE_MS, 
 pub fn batch(partition: Option<i32>, events: &[(i64, &str, bool)]) -> PartitionBatch {
     PartitionBatch {
         partition,
+        epoch: None,
         events: events
             .iter()
             .map(|(offset, user, allowed)| {

@@ -2,12 +2,14 @@
 //!
 //! Per user (hash tag = the user id, so one slot per user on Redis Cluster):
 //! - `<prefix>c{<user>}`: a hash with `allowed`, `blocked` and, per partition,
-//!   `o:<partition>` = the last offset already counted for this user;
+//!   `o:<partition>` = the last offset already counted for this user (for the in-process
+//!   stream, `o:<epoch>`, one per process);
 //! - `<prefix>c{<user>}:m<minute>`: a hash with `a`, `b` (allowed, blocked in that minute),
 //!   expiring after the retention.
 //!
 //! Per partition (hash tag `p<partition>`, or `local` for the in-process stream):
-//! - `<prefix>g{p3}:o`: the last offset of partition 3 counted into the global aggregates;
+//! - `<prefix>g{p3}:o`: the last offset of partition 3 counted into the global aggregates
+//!   (`<prefix>g{local}:o:<epoch>` for the in-process stream of one process, expiring);
 //! - `<prefix>g{p3}:m<minute>`: everyone's `a`, `b` in that minute (expiring);
 //! - `<prefix>g{p3}:t<minute>` / `:d<day>`: sorted sets of blocked counts per user, trimmed
 //!   to the [`TOP_KEEP`] highest (expiring).
@@ -63,7 +65,12 @@ if ARGV[1] ~= '' then
   local applied = tonumber(redis.call('GET', KEYS[1]) or '-1')
   if applied >= tonumber(ARGV[3]) then return -1 end
   if applied >= tonumber(ARGV[2]) then return applied end
-  redis.call('SET', KEYS[1], ARGV[3])
+  if ARGV[1] == 'e' then
+    -- An in-process stream's offset lives as long as the aggregates it guards.
+    redis.call('SET', KEYS[1], ARGV[3], 'EX', ARGV[4])
+  else
+    redis.call('SET', KEYS[1], ARGV[3])
+  end
 end
 local retention, day_ttl, keep = ARGV[4], ARGV[5], tonumber(ARGV[6])
 local nm, nd = tonumber(ARGV[7]), tonumber(ARGV[8])
@@ -273,16 +280,23 @@ impl RedisCounters {
         self.query_scripts(&pipe).await
     }
 
-    /// Runs the global script for one partition's tally.
+    /// Runs the global script for one partition's tally (or the in-process stream's).
     async fn apply_global(
         &self,
         tag: &str,
-        checked: bool,
+        batch: &PartitionBatch,
         g: &GlobalTally<'_>,
     ) -> Result<i64, CounterError> {
-        let mut invocation = self.scripts.get(GLOBAL).key(self.read.global_key(tag, "o"));
+        // Where the last applied offset is kept, and how it is checked: a partition's for
+        // ever (`1`), an in-process epoch's for the retention (`e`), or not at all.
+        let (offset_key, check) = match (batch.partition, &batch.epoch) {
+            (Some(_), _) => (self.read.global_key(tag, "o"), "1"),
+            (None, Some(epoch)) => (self.read.global_key(tag, &format!("o:{epoch}")), "e"),
+            (None, None) => (self.read.global_key(tag, "o"), ""),
+        };
+        let mut invocation = self.scripts.get(GLOBAL).key(offset_key);
         invocation
-            .arg(if checked { "1" } else { "" })
+            .arg(check)
             .arg(g.first_offset)
             .arg(g.last_offset)
             .arg(self.retention_secs)
@@ -341,10 +355,12 @@ impl RedisCounters {
 #[async_trait]
 impl CounterStore for RedisCounters {
     async fn apply(&self, batch: &PartitionBatch) -> Result<(), CounterError> {
-        let field = batch
-            .partition
-            .map(|p| format!("o:{p}"))
-            .unwrap_or_default();
+        // The user's field holding the last offset counted from this stream.
+        let field = match (batch.partition, &batch.epoch) {
+            (Some(p), _) => format!("o:{p}"),
+            (None, Some(epoch)) => format!("o:{epoch}"),
+            (None, None) => String::new(),
+        };
         let mut pending: Vec<(&str, Tally)> = tally(&batch.events, |_| None);
         // Each round settles every user but those whose counters already held part of the
         // batch; those are re-tallied past what they hold. One round is the rule.
@@ -378,10 +394,7 @@ impl CounterStore for RedisCounters {
             if g.minutes.is_empty() {
                 return Ok(());
             }
-            match self
-                .apply_global(&tag, batch.partition.is_some(), &g)
-                .await?
-            {
+            match self.apply_global(&tag, batch, &g).await? {
                 applied if applied >= 0 => floor = Some(applied),
                 _ => return Ok(()),
             }

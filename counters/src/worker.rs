@@ -149,6 +149,11 @@ async fn process(
                 .entry(record.partition)
                 .or_insert_with(|| PartitionBatch {
                     partition: record.partition,
+                    epoch: record
+                        .partition
+                        .is_none()
+                        .then(|| source.epoch().map(str::to_owned))
+                        .flatten(),
                     events: Vec::new(),
                 })
                 .events

@@ -164,3 +164,28 @@ async fn a_million_throwaway_ids_leave_no_key_without_a_lifetime() {
     let c = store.get("throwaway-7").await.unwrap();
     assert_eq!(c.total, 0, "idle past the user TTL: forgotten");
 }
+
+/// Defect: the in-process stream's events carried no offset, so a batch applied again after
+/// a timeout that had in fact applied it was counted twice (users and global minutes).
+/// Under a per-process epoch its offsets are checked like a partition's.
+#[tokio::test]
+async fn an_in_process_batch_applied_twice_counts_once() {
+    let redis = RedisServer::start();
+    let store = counters(&redis.url(), false, "epoch");
+    let mut batch = contract::batch(None, &[(0, "u", true), (1, "u", false), (2, "v", true)]);
+    batch.epoch = Some("epoch-a".into());
+    store.apply(&batch).await.unwrap();
+    // The retry of a call that timed out after Redis had run it.
+    store.apply(&batch).await.unwrap();
+    let u = store.get("u").await.unwrap();
+    assert_eq!((u.total, u.allowed, u.blocked), (2, 1, 1));
+    let minute = store.global_series(0..=0).await.unwrap();
+    assert_eq!((minute[0].allowed, minute[0].blocked), (2, 1));
+    // Another process numbers its events from 0 too: a new epoch, counted.
+    batch.epoch = Some("epoch-b".into());
+    store.apply(&batch).await.unwrap();
+    let u = store.get("u").await.unwrap();
+    assert_eq!(u.total, 4);
+    let minute = store.global_series(0..=0).await.unwrap();
+    assert_eq!((minute[0].allowed, minute[0].blocked), (4, 2));
+}

@@ -16,9 +16,13 @@ use crate::api::UserAnalytics;
 /// Events of one stream partition in offset order.
 #[derive(Debug, Clone, Default)]
 pub struct PartitionBatch {
-    /// The partition the offsets belong to; `None` for a stream that never replays (the
-    /// in-process channel), whose events are applied without an offset check.
+    /// The Kafka partition the offsets belong to; `None` for the in-process stream.
     pub partition: Option<i32>,
+    /// The in-process stream's identity: one per process, so that its offsets (which start
+    /// at 0 in every process) are checked like a partition's, and a batch applied again
+    /// after a timeout that had in fact applied it counts nothing twice. `None` with no
+    /// partition: applied without an offset check.
+    pub epoch: Option<String>,
     pub events: Vec<(i64, RateLimitEvent)>,
 }
 

@@ -5,14 +5,21 @@ use service_kit::stream::ChannelReceiver;
 
 use super::{EventSource, Record};
 
+/// Events from the in-process channel, numbered from 0 under an epoch of this process's
+/// own: the same offset discipline as a Kafka partition, so one counting path covers both.
 pub struct ChannelSource {
     rx: ChannelReceiver,
     next_offset: i64,
+    epoch: String,
 }
 
 impl ChannelSource {
     pub fn new(rx: ChannelReceiver) -> Self {
-        Self { rx, next_offset: 0 }
+        Self {
+            rx,
+            next_offset: 0,
+            epoch: new_epoch(),
+        }
     }
 
     fn record(&mut self, event: ratelimit_domain::RateLimitEvent) -> Record {
@@ -47,4 +54,17 @@ impl EventSource for ChannelSource {
     }
 
     async fn commit(&mut self, _done: &[(i32, i64)]) {}
+
+    fn epoch(&self) -> Option<&str> {
+        Some(&self.epoch)
+    }
+}
+
+/// An identity no other process has had: the start time in nanoseconds and the process id.
+fn new_epoch() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    format!("{nanos:x}-{:x}", std::process::id())
 }

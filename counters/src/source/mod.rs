@@ -40,4 +40,10 @@ pub trait EventSource: Send + 'static {
     /// Everything up to and including these `(partition, offset)` positions is counted
     /// durably: the source may forget it (commit).
     async fn commit(&mut self, done: &[(i32, i64)]);
+
+    /// The identity of a stream without partitions (the in-process one), whose offsets are
+    /// checked under it; `None` for a partitioned stream (Kafka).
+    fn epoch(&self) -> Option<&str> {
+        None
+    }
 }
