@@ -2,14 +2,15 @@
 //! its deadline is shed (429 `overloaded`, never sent, nothing spent), and only a check
 //! whose exchange left and got no answer in time is a 503.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::Parser;
+use common::LimiterInstance;
 use gateway::client::{Batching, ClientError, HttpLimiterClient, LimiterClient, SystemResolver};
 use ratelimit_domain::api::CheckRequest;
 use testkit::{RedisServer, unique};
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 fn check(user: &str) -> CheckRequest {
@@ -23,8 +24,7 @@ fn check(user: &str) -> CheckRequest {
 async fn a_check_still_queued_at_its_deadline_is_shed_and_spends_nothing() {
     let redis = RedisServer::start();
     let (url, prefix) = (redis.url(), unique("deadlines"));
-    let config = rate_limiter::config::LimiterConfig::try_parse_from([
-        "rate-limiter",
+    let limiter = LimiterInstance::start(&[
         "--redis-url",
         &url,
         "--redis-key-prefix",
@@ -35,26 +35,11 @@ async fn a_check_still_queued_at_its_deadline_is_shed_and_spends_nothing() {
         "--rate-limit-capacity=5",
         "--rate-limit-refill-per-sec=0.001",
     ])
-    .unwrap();
+    .await;
     let shutdown = CancellationToken::new();
-    let (limiter, _events) = rate_limiter::build(
-        &config.limiter,
-        &config.redis,
-        &config.kafka,
-        "deadlines".into(),
-        &shutdown,
-    )
-    .await
-    .unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    {
-        let (limiter, shutdown, serve) = (limiter.clone(), shutdown.clone(), config.serve.clone());
-        tokio::spawn(async move { rate_limiter::run(listener, limiter, &serve, shutdown).await });
-    }
     let client = Arc::new(
         HttpLimiterClient::new(
-            &format!("http://{addr}"),
+            &limiter.url(),
             Duration::from_millis(300),
             Batching {
                 max_batch: 64,
