@@ -110,13 +110,10 @@ pub async fn run(
     serve: &ServeArgs,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let router = http::router(
-        limiter.clone(),
-        serve.max_in_flight as usize,
-        serve.request_timeout(),
-    );
+    let limits = serve.limits();
+    let router = http::router(limiter.clone(), &limits);
     tracing::info!(addr = %listener.local_addr()?, "rate limiter listening");
-    service_kit::http::serve(listener, router, shutdown, serve.grace()).await
+    service_kit::http::serve(listener, router, shutdown, &limits).await
 }
 
 /// Waits for the publisher to deliver what it holds (bounded), and logs the totals.
