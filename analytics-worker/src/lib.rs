@@ -108,7 +108,7 @@ pub async fn run(
         listener,
         router(store, worker.stats.clone()),
         shutdown,
-        config.serve.grace(),
+        &config.serve.limits(),
     )
     .await?;
     worker.stop().await;

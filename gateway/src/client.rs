@@ -202,7 +202,10 @@ impl HttpLimiterClient {
         connector.set_connect_timeout(Some(timeout));
         let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
             .pool_max_idle_per_host(1024)
-            .pool_idle_timeout(Duration::from_secs(60))
+            // Below the limiter's HEADER_TIMEOUT_MS (5 s by default), after which the
+            // limiter closes a connection idle between requests: an idle connection is
+            // dropped here first, never reused just as the limiter closes it.
+            .pool_idle_timeout(Duration::from_secs(4))
             .build(connector);
         let refresh = Refresh {
             resolver,

@@ -14,12 +14,12 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use ratelimit_domain::analytics::{AnalyticsReader, CounterError, DAY_MS, MINUTE_MS, MinuteCounts};
 use ratelimit_domain::api::{
-    CheckRequest, CheckResponse, FieldError, UserAnalytics, canonical_user_id,
+    CheckRequest, CheckResponse, FieldError, MAX_BODY_BYTES, UserAnalytics, canonical_user_id,
 };
 use ratelimit_domain::{Clock, SystemClock};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use service_kit::http::{ApiError, ValidJson, with_common_layers, with_load_shedding};
+use service_kit::http::{ApiError, ServeLimits, ValidJson, liveness, with_guards};
 
 use crate::admin::AdminToken;
 use crate::analytics_reads::AnalyticsReads;
@@ -47,8 +47,9 @@ struct Shared {
     reads: Arc<AnalyticsReads>,
 }
 
-/// The gateway's routes, with body limits, JSON 404/405, metrics and load shedding.
-pub fn router(gateway: Gateway, max_in_flight: usize, request_timeout: Duration) -> Router {
+/// The gateway's routes, with body limits, JSON 404/405, metrics, load shedding and the
+/// slow-client guards ([`with_guards`]); the admin routes behind `ADMIN_TOKEN` when set.
+pub fn router(gateway: Gateway, limits: &ServeLimits) -> Router {
     let token = gateway.admin_token.clone();
     let admin = Router::new()
         .route("/analytics", get(global_analytics))
@@ -66,10 +67,11 @@ pub fn router(gateway: Gateway, max_in_flight: usize, request_timeout: Duration)
         .route("/api", post(api))
         .merge(admin)
         .route("/dashboard", get(crate::dashboard::dashboard))
-        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .with_state(state);
     let routes = service_kit::metrics::with_http_metrics(routes, "gateway");
-    with_load_shedding(with_common_layers(routes), max_in_flight, request_timeout)
+    // Outside the load shedder: a gateway at its in-flight limit is busy, not dead.
+    let probes = service_kit::metrics::with_http_metrics(liveness(), "gateway");
+    with_guards(routes, probes, MAX_BODY_BYTES, limits)
 }
 
 static RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");

@@ -30,12 +30,8 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     tracing::info!(addr = %listener.local_addr()?, "gateway listening");
-    let router = router(
-        gateway,
-        serve.max_in_flight as usize,
-        serve.request_timeout(),
-    );
-    service_kit::http::serve(listener, router, shutdown, serve.grace()).await
+    let limits = serve.limits();
+    service_kit::http::serve(listener, router(gateway, &limits), shutdown, &limits).await
 }
 
 /// Builds the standalone gateway from its configuration: the limiter over HTTP, the

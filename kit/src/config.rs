@@ -38,6 +38,26 @@ pub struct ServeArgs {
     #[arg(long = "request-timeout-ms", env = "REQUEST_TIMEOUT_MS", value_name = "REQUEST_TIMEOUT_MS",
           default_value_t = 2_000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
     pub request_timeout_ms: u64,
+    /// Longest wait for a request's head, from when the server starts waiting for it (a new
+    /// connection, or the next request on a kept-alive one), in milliseconds; past it the
+    /// connection is closed.
+    #[arg(long = "header-timeout-ms", env = "HEADER_TIMEOUT_MS", value_name = "HEADER_TIMEOUT_MS",
+          default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
+    pub header_timeout_ms: u64,
+    /// Longest wait for a request's body once its head is in, in milliseconds; past it the
+    /// request is answered 408 and the connection closed.
+    #[arg(long = "body-timeout-ms", env = "BODY_TIMEOUT_MS", value_name = "BODY_TIMEOUT_MS",
+          default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
+    pub body_timeout_ms: u64,
+    /// Longest a write to a client may make no progress (the client does not read its
+    /// response), in milliseconds; past it the connection is closed.
+    #[arg(long = "send-timeout-ms", env = "SEND_TIMEOUT_MS", value_name = "SEND_TIMEOUT_MS",
+          default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
+    pub send_timeout_ms: u64,
+    /// Open connections a service holds at once; past it a new connection is closed at once.
+    #[arg(long = "max-connections", env = "MAX_CONNECTIONS", value_name = "MAX_CONNECTIONS",
+          default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_connections: u64,
 }
 
 impl ServeArgs {
@@ -47,6 +67,20 @@ impl ServeArgs {
 
     pub fn request_timeout(&self) -> std::time::Duration {
         std::time::Duration::from_millis(self.request_timeout_ms)
+    }
+
+    /// What one client may hold of the service, and for how long.
+    pub fn limits(&self) -> crate::http::ServeLimits {
+        use std::time::Duration;
+        crate::http::ServeLimits {
+            max_in_flight: self.max_in_flight as usize,
+            request_timeout: self.request_timeout(),
+            header_timeout: Duration::from_millis(self.header_timeout_ms),
+            body_timeout: Duration::from_millis(self.body_timeout_ms),
+            send_timeout: Duration::from_millis(self.send_timeout_ms),
+            max_connections: self.max_connections as usize,
+            grace: self.grace(),
+        }
     }
 }
 
@@ -334,6 +368,33 @@ mod tests {
             err.contains("RATE_LIMIT_CAPACITY") && err.contains("RATE_LIMIT_REFILL_PER_SEC"),
             "{err}"
         );
+    }
+
+    #[derive(Parser, Debug)]
+    struct Serve {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    #[test]
+    fn slow_client_limits_have_defaults_and_bounds() {
+        let limits = Serve::try_parse_from(["x"]).unwrap().serve.limits();
+        assert_eq!(limits.header_timeout, std::time::Duration::from_secs(5));
+        assert_eq!(limits.body_timeout, std::time::Duration::from_secs(5));
+        assert_eq!(limits.send_timeout, std::time::Duration::from_secs(30));
+        assert_eq!(limits.max_connections, 10_000);
+        assert_eq!(limits.max_in_flight, 4096);
+        for (flag, variable) in [
+            ("--header-timeout-ms", "HEADER_TIMEOUT_MS"),
+            ("--body-timeout-ms", "BODY_TIMEOUT_MS"),
+            ("--send-timeout-ms", "SEND_TIMEOUT_MS"),
+            ("--max-connections", "MAX_CONNECTIONS"),
+        ] {
+            for bad in ["0", "-1", "5s", "2000000"] {
+                let err = Serve::try_parse_from(["x", &format!("{flag}={bad}")]).unwrap_err();
+                assert!(err.to_string().contains(variable), "{flag} {bad}: {err}");
+            }
+        }
     }
 
     #[test]

@@ -1,14 +1,26 @@
-//! axum pieces shared by the HTTP services: one error type mapped to HTTP in one place,
-//! a strict JSON extractor, and JSON answers for unknown paths and wrong methods.
+//! The HTTP side of every service: one error type mapped to HTTP in one place, a strict
+//! JSON extractor, JSON answers for unknown paths and wrong methods, and what keeps a
+//! service answering whatever its clients do:
+//!
+//! - [`with_load_shedding`]: a bound on requests in flight (past it, 429 at once) and on
+//!   how long each runs.
+//! - [`with_guards`]: the whole stack: every request's body read in full, under a deadline
+//!   and a size limit, *before* the request takes an in-flight slot (a slow sender holds a
+//!   connection, never a slot), and the liveness probe outside the load shedder.
+//! - [`serve`]: HTTP/1.1 on a listener with a header-read timeout, a send timeout, a cap
+//!   on open connections and a graceful shutdown.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::error_handling::HandleErrorLayer;
 use axum::extract::{DefaultBodyLimit, FromRequest, Request};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use http_body_util::BodyExt;
 
 use ratelimit_domain::api::{ErrorBody, FieldError, MAX_BODY_BYTES};
 
@@ -41,6 +53,9 @@ pub enum ApiError {
     /// The request did not finish within the service's request timeout.
     #[error("request timed out")]
     Timeout,
+    /// The client did not send the request's body within the body timeout.
+    #[error("request body timed out")]
+    BodyTimeout(Duration),
 }
 
 impl ApiError {
@@ -55,6 +70,7 @@ impl ApiError {
             ApiError::Overloaded => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::Unavailable { .. } | ApiError::Timeout => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
         }
     }
 
@@ -100,6 +116,14 @@ impl ApiError {
             ApiError::Timeout => (
                 "timeout",
                 "the request did not finish in time; try again shortly".to_owned(),
+                None,
+            ),
+            ApiError::BodyTimeout(after) => (
+                "body_timeout",
+                format!(
+                    "the request body did not arrive within {} ms; send it at once",
+                    after.as_millis()
+                ),
                 None,
             ),
         };
@@ -231,23 +255,238 @@ pub fn with_load_shedding(router: Router, max_in_flight: usize, timeout: Duratio
     Router::new().fallback_service(service)
 }
 
-/// Serves `router` on `listener` until `shutdown`, then stops accepting and lets in-flight
-/// requests finish for at most `grace`.
+/// What one client may hold of a service, and for how long (from
+/// [`ServeArgs::limits`](crate::config::ServeArgs::limits)).
+#[derive(Debug, Clone, Copy)]
+pub struct ServeLimits {
+    /// Requests worked on at once (every route but the liveness probe); past it, 429.
+    pub max_in_flight: usize,
+    /// A request running longer is answered 503.
+    pub request_timeout: Duration,
+    /// A request's head must be in this long after the server starts waiting for it: on a
+    /// new connection, and between the requests of a kept-alive one (hyper starts the
+    /// clock as soon as it waits for a head), so it also closes idle connections.
+    pub header_timeout: Duration,
+    /// A request's body must be in this long after its head; else 408.
+    pub body_timeout: Duration,
+    /// A write to the client that makes no progress this long closes the connection.
+    pub send_timeout: Duration,
+    /// Open connections at once; past it a new connection is closed at once.
+    pub max_connections: usize,
+    /// After shutdown, how long requests in flight get to finish.
+    pub grace: Duration,
+}
+
+/// The liveness probe: `GET /healthz`, `200 {"status":"ok"}` while the process serves.
+pub fn liveness() -> Router {
+    Router::new().route(
+        "/healthz",
+        axum::routing::get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }),
+    )
+}
+
+/// A service's whole HTTP stack, outermost first:
+///
+/// 1. every request's body is read in full, at most `max_body` bytes within
+///    `limits.body_timeout` (else 413 or 408, and the connection is closed), so a slow
+///    sender never holds an in-flight slot;
+/// 2. the `probes` (the liveness probe) are answered there, outside the load shedder: a
+///    service busy with its limit of requests is still alive;
+/// 3. everything else goes through [`with_load_shedding`] and [`with_common_layers`] to
+///    `routes`.
+///
+/// `max_body` is the largest body any route accepts; each route's own limit
+/// ([`DefaultBodyLimit`]) still applies to the buffered body.
+pub fn with_guards(
+    routes: Router,
+    probes: Router,
+    max_body: usize,
+    limits: &ServeLimits,
+) -> Router {
+    let shed = with_load_shedding(
+        with_common_layers(routes),
+        limits.max_in_flight,
+        limits.request_timeout,
+    );
+    with_buffered_bodies(probes.fallback_service(shed), max_body, limits.body_timeout)
+}
+
+/// Reads every request's body into memory before `router` sees it: at most `max_body`
+/// bytes (413 otherwise, at once when `Content-Length` says so), within `timeout` of the
+/// head (408 otherwise). Either answer closes the connection: the rest of the body is
+/// never read.
+pub fn with_buffered_bodies(router: Router, max_body: usize, timeout: Duration) -> Router {
+    let layer = axum::middleware::from_fn(move |req: Request, next: Next| async move {
+        match buffer_body(req, max_body, timeout).await {
+            Ok(req) => next.run(req).await,
+            Err(err) => {
+                let mut response = err.into_response();
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                response
+            }
+        }
+    });
+    // Around the whole router, as the load shedder is, so it runs before anything else.
+    Router::new().fallback_service(tower::ServiceBuilder::new().layer(layer).service(router))
+}
+
+async fn buffer_body(
+    req: Request,
+    max_body: usize,
+    timeout: Duration,
+) -> Result<Request, ApiError> {
+    use http_body_util::{LengthLimitError, Limited};
+
+    let (parts, body) = req.into_parts();
+    if axum::body::HttpBody::is_end_stream(&body) {
+        return Ok(Request::from_parts(parts, body));
+    }
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > max_body as u64) {
+        return Err(ApiError::PayloadTooLarge);
+    }
+    let collected = tokio::time::timeout(timeout, Limited::new(body, max_body).collect())
+        .await
+        .map_err(|_| ApiError::BodyTimeout(timeout))?;
+    match collected {
+        Ok(collected) => Ok(Request::from_parts(parts, Body::from(collected.to_bytes()))),
+        Err(err) if err.is::<LengthLimitError>() => Err(ApiError::PayloadTooLarge),
+        Err(err) => Err(ApiError::InvalidField(FieldError::new(
+            "body",
+            format!("the body could not be read: {err}"),
+        ))),
+    }
+}
+
+/// Serves `router` over HTTP/1.1 on `listener` until `shutdown`, then stops accepting,
+/// lets requests in flight finish for at most `limits.grace`, and drops what is left.
+///
+/// Each connection is held to `limits`: its request heads must arrive within
+/// `header_timeout` (which also closes a kept-alive connection idle that long), its
+/// writes must progress within `send_timeout`, and at most `max_connections` are open at
+/// once: past the cap a new connection is accepted and closed at once, without reading
+/// it (counted in `http_connections_refused_total`), so the listen queue never fills
+/// with clients that would wait in vain.
+///
+/// HTTP/1.1 only: every client of these services speaks it, and hyper's HTTP/2 server
+/// has no header timeout (nor has the version sniffing of its auto builder).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: Router,
     shutdown: tokio_util::sync::CancellationToken,
-    grace: Duration,
+    limits: &ServeLimits,
 ) -> std::io::Result<()> {
-    let server = axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-        .into_future();
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::server::graceful::GracefulShutdown;
+    use hyper_util::service::TowerToHyperService;
+
+    let local = listener.local_addr()?.to_string();
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .keep_alive(true);
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
+    let graceful = GracefulShutdown::new();
+    // Cancelled when the grace period is over: connections still open are dropped.
+    let abandon = tokio_util::sync::CancellationToken::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            biased;
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    accept_failed(err, &shutdown).await;
+                    continue;
+                }
+            },
+        };
+        let Some(slot) = ConnectionSlot::take(&slots, &local) else {
+            tracing::debug!(%peer, "connection cap reached; closing a new connection");
+            drop(stream);
+            continue;
+        };
+        let mut io = tokio_io_timeout::TimeoutStream::new(stream);
+        io.set_write_timeout(Some(limits.send_timeout));
+        let io = TokioIo::new(Box::pin(io));
+        let connection =
+            graceful.watch(http.serve_connection(io, TowerToHyperService::new(router.clone())));
+        let abandon = abandon.clone();
+        tokio::spawn(async move {
+            // Given back however this task ends: done, failed, or dropped.
+            let _slot = slot;
+            tokio::select! {
+                result = connection => {
+                    if let Err(err) = result {
+                        tracing::debug!(%peer, error = %err, "connection closed on an error");
+                    }
+                }
+                () = abandon.cancelled() => {}
+            }
+        });
+    }
+    drop(listener);
     tokio::select! {
-        result = server => result,
-        () = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => {
-            tracing::warn!(grace_ms = grace.as_millis() as u64, "grace period over; dropping unfinished requests");
-            Ok(())
+        () = graceful.shutdown() => tracing::debug!(addr = %local, "every connection closed"),
+        () = tokio::time::sleep(limits.grace) => {
+            tracing::warn!(grace_ms = limits.grace.as_millis() as u64, "grace period over; dropping unfinished requests");
+            abandon.cancel();
         }
+    }
+    Ok(())
+}
+
+/// One open connection's place under the cap, and in the `http_connections_open` gauge;
+/// both given back on drop.
+struct ConnectionSlot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    gauge: metrics::Gauge,
+}
+
+impl ConnectionSlot {
+    /// A slot, or `None` (counted) when every one is taken.
+    fn take(slots: &Arc<tokio::sync::Semaphore>, local: &str) -> Option<Self> {
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            metrics::counter!("http_connections_refused_total", "addr" => local.to_owned())
+                .increment(1);
+            return None;
+        };
+        let gauge = metrics::gauge!("http_connections_open", "addr" => local.to_owned());
+        gauge.increment(1);
+        Some(Self {
+            _permit: permit,
+            gauge,
+        })
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.gauge.decrement(1);
+    }
+}
+
+/// An `accept` that failed: a connection reset before it was accepted is the client's
+/// business; anything else (out of file descriptors, mostly) is logged, and accepting
+/// pauses a little rather than spin.
+async fn accept_failed(err: std::io::Error, shutdown: &tokio_util::sync::CancellationToken) {
+    use std::io::ErrorKind::{ConnectionAborted, ConnectionRefused, ConnectionReset};
+    if matches!(
+        err.kind(),
+        ConnectionAborted | ConnectionRefused | ConnectionReset
+    ) {
+        return;
+    }
+    tracing::error!(error = %err, "accept failed; pausing for 100 ms");
+    tokio::select! {
+        () = shutdown.cancelled() => {}
+        () = tokio::time::sleep(Duration::from_millis(100)) => {}
     }
 }
 
@@ -332,6 +571,134 @@ mod tests {
         assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
     }
 
+    fn limits(max_in_flight: usize, body_timeout: Duration) -> ServeLimits {
+        ServeLimits {
+            max_in_flight,
+            request_timeout: Duration::from_secs(5),
+            header_timeout: Duration::from_secs(5),
+            body_timeout,
+            send_timeout: Duration::from_secs(5),
+            max_connections: 10,
+            grace: Duration::from_secs(1),
+        }
+    }
+
+    /// A router whose `POST /echo` answers the length of the JSON body it got and whose
+    /// `GET /stuck` never answers.
+    fn guarded(max_in_flight: usize, body_timeout: Duration) -> Router {
+        let routes = Router::new()
+            .route(
+                "/echo",
+                axum::routing::post(|body: Bytes| async move { body.len().to_string() }),
+            )
+            .route(
+                "/stuck",
+                axum::routing::get(std::future::pending::<&'static str>),
+            );
+        with_guards(routes, liveness(), 64, &limits(max_in_flight, body_timeout))
+    }
+
+    async fn error_of(response: Response) -> (StatusCode, Option<String>, serde_json::Value) {
+        let status = response.status();
+        let connection = response
+            .headers()
+            .get(header::CONNECTION)
+            .map(|v| v.to_str().unwrap().to_owned());
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        (status, connection, serde_json::from_slice(&body).unwrap())
+    }
+
+    #[tokio::test]
+    async fn bodies_are_read_whole_within_their_size_and_time_limits() {
+        use tower::ServiceExt;
+        let router = guarded(5, Duration::from_millis(50));
+        let post = |body: Body, length: Option<usize>| {
+            let mut req = Request::builder().method("POST").uri("/echo");
+            if let Some(length) = length {
+                req = req.header(header::CONTENT_LENGTH, length);
+            }
+            req.body(body).unwrap()
+        };
+
+        // A body within the limit, streamed in pieces, reaches the handler whole.
+        let pieces = futures::stream::iter(["{\"a\":", "1}"].map(Ok::<_, std::io::Error>));
+        let response = router
+            .clone()
+            .oneshot(post(Body::from_stream(pieces), None))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"7");
+
+        // Declared too large: 413 at once, without reading the body.
+        let never = Body::from_stream(futures::stream::pending::<Result<Bytes, std::io::Error>>());
+        let response = router.clone().oneshot(post(never, Some(65))).await.unwrap();
+        let (status, connection, body) = error_of(response).await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(connection.as_deref(), Some("close"));
+        assert_eq!(body["error"], "payload_too_large");
+
+        // Streamed past the limit without a length: 413 too.
+        let chunks = futures::stream::iter((0..10).map(|_| Ok::<_, std::io::Error>("0123456789")));
+        let response = router
+            .clone()
+            .oneshot(post(Body::from_stream(chunks), None))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+
+        // A body that does not come: 408 after the body timeout, with a JSON body.
+        let never = Body::from_stream(futures::stream::pending::<Result<Bytes, std::io::Error>>());
+        let started = std::time::Instant::now();
+        let response = router.clone().oneshot(post(never, Some(10))).await.unwrap();
+        let (status, connection, body) = error_of(response).await;
+        assert!(started.elapsed() >= Duration::from_millis(50));
+        assert_eq!(status, StatusCode::REQUEST_TIMEOUT);
+        assert_eq!(connection.as_deref(), Some("close"));
+        assert_eq!(body["error"], "body_timeout");
+        assert!(body["detail"].as_str().unwrap().contains("50 ms"), "{body}");
+    }
+
+    /// A slow body holds no in-flight slot, and the liveness probe answers while every
+    /// slot is taken.
+    #[tokio::test]
+    async fn slow_bodies_and_liveness_take_no_in_flight_slot() {
+        use tower::ServiceExt;
+        let router = guarded(1, Duration::from_secs(60));
+        let get = |uri: &str| Request::builder().uri(uri).body(Body::empty()).unwrap();
+
+        // A body still on its way: the request waits outside the shedder.
+        let slow_body = {
+            let router = router.clone();
+            tokio::spawn(async move {
+                let never =
+                    Body::from_stream(futures::stream::pending::<Result<Bytes, std::io::Error>>());
+                let req = Request::builder()
+                    .method("POST")
+                    .uri("/echo")
+                    .header(header::CONTENT_LENGTH, 10)
+                    .body(never)
+                    .unwrap();
+                router.oneshot(req).await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        // So the one slot is free for a request that holds it...
+        let stuck = tokio::spawn(router.clone().oneshot(get("/stuck")));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        // ...after which the next is shed, but the liveness probe still answers.
+        let response = router.clone().oneshot(get("/metrics")).await.unwrap();
+        assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+        let response = router.clone().oneshot(get("/healthz")).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], br#"{"status":"ok"}"#);
+        assert!(!stuck.is_finished() && !slow_body.is_finished());
+        stuck.abort();
+        slow_body.abort();
+    }
+
     #[test]
     fn errors_map_to_statuses() {
         assert_eq!(
@@ -344,5 +711,6 @@ mod tests {
         assert_eq!(ApiError::MethodNotAllowed.status(), 405);
         assert_eq!(ApiError::Overloaded.status(), 429);
         assert_eq!(ApiError::Timeout.status(), 503);
+        assert_eq!(ApiError::BodyTimeout(Duration::from_secs(1)).status(), 408);
     }
 }

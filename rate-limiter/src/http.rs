@@ -2,7 +2,6 @@
 //! `GET /metrics`.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
 use axum::extract::State;
@@ -13,7 +12,7 @@ use ratelimit_domain::api::{
     BatchRequest, BatchResponse, BatchResult, CheckRequest, CheckResponse, MAX_BATCH_BODY_BYTES,
 };
 use serde_json::json;
-use service_kit::http::{ApiError, ValidJson, with_common_layers, with_load_shedding};
+use service_kit::http::{ApiError, ServeLimits, ValidJson, liveness, with_guards};
 
 use crate::limiter::{Limiter, LimiterError};
 
@@ -31,20 +30,22 @@ impl From<LimiterError> for ApiError {
     }
 }
 
-/// The limiter's routes, with body limits, JSON 404/405 and load shedding.
-pub fn router(limiter: Arc<Limiter>, max_in_flight: usize, request_timeout: Duration) -> Router {
+/// The limiter's routes, with body limits, JSON 404/405, metrics, load shedding and the
+/// slow-client guards ([`with_guards`]).
+pub fn router(limiter: Arc<Limiter>, limits: &ServeLimits) -> Router {
     let routes = Router::new()
         .route("/check", post(check))
         .route(
             "/check/batch",
             post(check_batch).layer(DefaultBodyLimit::max(MAX_BATCH_BODY_BYTES)),
         )
-        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
         .with_state(limiter);
     let routes = service_kit::metrics::with_http_metrics(routes, "rate-limiter");
-    with_load_shedding(with_common_layers(routes), max_in_flight, request_timeout)
+    // Outside the load shedder: a limiter at its in-flight limit is busy, not dead.
+    let probes = service_kit::metrics::with_http_metrics(liveness(), "rate-limiter");
+    with_guards(routes, probes, MAX_BATCH_BODY_BYTES, limits)
 }
 
 async fn check(

@@ -110,24 +110,23 @@ pub async fn run(
     serve: &ServeArgs,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let router = http::router(
-        limiter.clone(),
-        serve.max_in_flight as usize,
-        serve.request_timeout(),
-    );
+    let mut limits = serve.limits();
+    limits.grace = answer_grace(&limits);
+    let router = http::router(limiter.clone(), &limits);
     tracing::info!(addr = %listener.local_addr()?, "rate limiter listening");
-    service_kit::http::serve(listener, router, shutdown, answer_grace(serve)).await
+    service_kit::http::serve(listener, router, shutdown, &limits).await
 }
 
 /// How long a stopping limiter lets in-flight requests finish: the configured grace, but
-/// never less than the request timeout (and a little), because every request ends by then
-/// (decided, or answered 503 `timeout`). So a request the limiter has read is always
-/// answered before the connection closes: a gateway retries only a request that got no
-/// answer at all, and that one was never decided here.
-fn answer_grace(serve: &ServeArgs) -> Duration {
-    serve
-        .grace()
-        .max(serve.request_timeout() + Duration::from_millis(250))
+/// never less than a request can take (its body's deadline, then the request timeout, and
+/// a little), because every request ends by then (decided, or answered 408 or 503). So a
+/// request the limiter has read is always answered before the connection closes: a
+/// gateway retries only a request that got no answer at all, and that one was never
+/// decided here.
+fn answer_grace(limits: &service_kit::http::ServeLimits) -> Duration {
+    limits
+        .grace
+        .max(limits.body_timeout + limits.request_timeout + Duration::from_millis(250))
 }
 
 /// Waits for the publisher to deliver what it holds (bounded), and logs the totals.
