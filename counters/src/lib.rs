@@ -41,10 +41,9 @@ pub fn counter_store(
     worker: &WorkerArgs,
 ) -> anyhow::Result<Arc<dyn CounterStore>> {
     let retention = worker.retention.retention;
-    Ok(match redis.url() {
-        Some(url) => Arc::new(RedisCounters::new(
-            url,
-            redis.cluster,
+    Ok(match redis.endpoint().map_err(anyhow::Error::msg)? {
+        Some(endpoint) => Arc::new(RedisCounters::new(
+            &endpoint,
             &redis.key_prefix,
             batch_timeout(redis),
             retention,
@@ -56,10 +55,9 @@ pub fn counter_store(
 
 /// The read side of the counters in Redis at `REDIS_URL`, for a standalone gateway.
 pub fn redis_reader(redis: &RedisArgs) -> anyhow::Result<Option<Arc<dyn AnalyticsReader>>> {
-    Ok(match redis.url() {
-        Some(url) => Some(Arc::new(RedisAnalytics::new(
-            url,
-            redis.cluster,
+    Ok(match redis.endpoint().map_err(anyhow::Error::msg)? {
+        Some(endpoint) => Some(Arc::new(RedisAnalytics::new(
+            &endpoint,
             &redis.key_prefix,
             batch_timeout(redis),
         )?)),
