@@ -48,7 +48,8 @@ RUN cargo build --release --locked $PACKAGES \
 # ---- run --------------------------------------------------------------------------------
 # The same Debian release as the build stage, so the binaries find the libraries they
 # were linked against: glibc, libgcc, zlib (and libssl/libcurl if rdkafka links them).
-# curl is also the healthcheck's client.
+# curl is also the healthcheck's client. Redis TLS (rustls, compiled in) links nothing; it
+# trusts ca-certificates' roots for a rediss:// REDIS_URL unless REDIS_CA_FILE is set.
 FROM debian:bookworm-slim AS runtime
 RUN apt-get update \
     && apt-get install -y --no-install-recommends \

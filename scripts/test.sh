@@ -7,6 +7,7 @@
 #   - tansu 0.6.0 (cargo install, ~15-20 min once): the Kafka-protocol broker the tests start
 #   - docker-compose (Debian package): validates docker-compose.yml without a Docker engine
 #   - chromium, fonts-liberation (Debian packages): the dashboard's real-browser test
+#   - openssl (Debian package): the Redis TLS tests make their certificates with it
 #   - prometheus (Debian package): promtool checks every /metrics page, and a real
 #     Prometheus server scrapes a running system in the tests
 # Then: cargo fmt --check, cargo clippy -D warnings, docker-compose config, cargo test for
@@ -27,6 +28,7 @@ command -v docker-compose >/dev/null || apt_missing+=(docker-compose)
 command -v chromium >/dev/null || apt_missing+=(chromium)
 dpkg -s fonts-liberation >/dev/null 2>&1 || apt_missing+=(fonts-liberation)
 command -v promtool >/dev/null || apt_missing+=(prometheus)
+command -v openssl >/dev/null || apt_missing+=(openssl)
 if [ ${#apt_missing[@]} -gt 0 ]; then
   echo "==> installing ${apt_missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
@@ -49,5 +51,8 @@ if [ -f docker-compose.yml ]; then
 fi
 echo "==> cargo test"
 cargo test --workspace --all-targets "$@"
+# The workspace build turns the kit's `tls` feature on everywhere; its unit tests without
+# it check that a rediss:// URL is refused by a build without TLS support.
+cargo test -p service-kit --lib "$@"
 echo "==> the Dockerfile's build steps, without a Docker engine"
 ./scripts/check-docker-build.sh

@@ -202,8 +202,7 @@ async fn the_gateway_spreads_requests_over_every_address_of_the_limiter_name() {
             &format!("http://{}", a.addr),
             counters.clone(),
             service_kit::report::Reports::new(
-                "redis://127.0.0.1:1",
-                false,
+                &service_kit::redis::Endpoint::single("redis://127.0.0.1:1"),
                 "rl:",
                 Duration::from_millis(50),
             )

@@ -41,30 +41,32 @@ pub fn counter_store(
     worker: &WorkerArgs,
 ) -> anyhow::Result<Arc<dyn CounterStore>> {
     let retention = worker.retention.retention;
-    Ok(match redis.analytics_url() {
-        Some(url) => Arc::new(RedisCounters::new(
-            url,
-            redis.cluster,
-            &redis.key_prefix,
-            batch_timeout(redis),
-            retention,
-            worker.user_ttl,
-        )?),
-        None => Arc::new(MemoryCounters::new(worker.max_users as usize, retention)),
-    })
+    Ok(
+        match redis.analytics_endpoint().map_err(anyhow::Error::msg)? {
+            Some(endpoint) => Arc::new(RedisCounters::new(
+                &endpoint,
+                &redis.key_prefix,
+                batch_timeout(redis),
+                retention,
+                worker.user_ttl,
+            )?),
+            None => Arc::new(MemoryCounters::new(worker.max_users as usize, retention)),
+        },
+    )
 }
 
 /// The read side of the counters in Redis at `REDIS_URL`, for a standalone gateway.
 pub fn redis_reader(redis: &RedisArgs) -> anyhow::Result<Option<Arc<dyn AnalyticsReader>>> {
-    Ok(match redis.analytics_url() {
-        Some(url) => Some(Arc::new(RedisAnalytics::new(
-            url,
-            redis.cluster,
-            &redis.key_prefix,
-            batch_timeout(redis),
-        )?)),
-        None => None,
-    })
+    Ok(
+        match redis.analytics_endpoint().map_err(anyhow::Error::msg)? {
+            Some(endpoint) => Some(Arc::new(RedisAnalytics::new(
+                &endpoint,
+                &redis.key_prefix,
+                batch_timeout(redis),
+            )?)),
+            None => None,
+        },
+    )
 }
 
 /// A worker running in the background of this process.

@@ -31,7 +31,7 @@ use ratelimit_domain::analytics::{
 };
 use ratelimit_domain::api::UserAnalytics;
 use ratelimit_domain::keys;
-use service_kit::redis::{Connection, Scripts};
+use service_kit::redis::{Connection, Endpoint, Scripts};
 
 use crate::tally::{GlobalTally, Minutes, Tally, fill_series, global_tally, tally, top_n};
 
@@ -121,15 +121,14 @@ pub struct RedisAnalytics {
 }
 
 impl RedisAnalytics {
-    /// Reads counters on `url` (see [`RedisCounters::new`]); every call has `timeout`.
+    /// Reads counters at `endpoint` (see [`RedisCounters::new`]); every call has `timeout`.
     pub fn new(
-        url: &str,
-        cluster: bool,
+        endpoint: &Endpoint,
         key_prefix: &str,
         timeout: Duration,
     ) -> Result<Self, CounterError> {
         Ok(Self {
-            conn: service_kit::redis::connect(url, cluster, timeout)?,
+            conn: service_kit::redis::connect(endpoint, timeout)?,
             key_prefix: key_prefix.to_owned(),
             timeout,
         })
@@ -209,19 +208,18 @@ pub struct RedisCounters {
 }
 
 impl RedisCounters {
-    /// Counters on `url`, keeping time series for `retention` and a user's all-time
+    /// Counters at `endpoint`, keeping time series for `retention` and a user's all-time
     /// counters until they have been idle for `user_ttl`; every call has `timeout`.
     /// Connects lazily and reconnects by itself.
     pub fn new(
-        url: &str,
-        cluster: bool,
+        endpoint: &Endpoint,
         key_prefix: &str,
         timeout: Duration,
         retention: Duration,
         user_ttl: Duration,
     ) -> Result<Self, CounterError> {
         Ok(Self {
-            read: RedisAnalytics::new(url, cluster, key_prefix, timeout)?,
+            read: RedisAnalytics::new(endpoint, key_prefix, timeout)?,
             scripts: Scripts::new(&[USER_SCRIPT, GLOBAL_SCRIPT]),
             retention_secs: retention.as_secs().max(60),
             user_ttl_secs: user_ttl.as_secs().max(1),

@@ -6,13 +6,13 @@ use std::time::Duration;
 use analytics_counters::RedisCounters;
 use analytics_counters::contract;
 use ratelimit_domain::analytics::{AnalyticsReader, CounterStore};
+use service_kit::redis::Endpoint;
 use testkit::{RedisCluster, RedisServer, unique};
 
-/// Counters on `url` under a fresh key prefix.
-fn counters(url: &str, cluster: bool, name: &str) -> RedisCounters {
+/// Counters at `endpoint` under a fresh key prefix.
+fn counters(endpoint: &Endpoint, name: &str) -> RedisCounters {
     RedisCounters::new(
-        url,
-        cluster,
+        endpoint,
         &unique(name),
         Duration::from_secs(2),
         Duration::from_secs(86_400),
@@ -21,9 +21,9 @@ fn counters(url: &str, cluster: bool, name: &str) -> RedisCounters {
     .unwrap()
 }
 
-async fn passes_the_contract_suite(url: &str, cluster: bool) {
+async fn passes_the_contract_suite(endpoint: &Endpoint) {
     contract::run_all(|| {
-        let store = counters(url, cluster, "counters");
+        let store = counters(endpoint, "counters");
         async move { Arc::new(store) as Arc<dyn CounterStore> }
     })
     .await;
@@ -32,19 +32,19 @@ async fn passes_the_contract_suite(url: &str, cluster: bool) {
 #[tokio::test]
 async fn redis_counters_pass_the_contract_suite() {
     let redis = RedisServer::start();
-    passes_the_contract_suite(&redis.url(), false).await;
+    passes_the_contract_suite(&Endpoint::single(redis.url())).await;
 }
 
 #[tokio::test]
 async fn redis_cluster_counters_pass_the_contract_suite() {
     let cluster = RedisCluster::start();
-    passes_the_contract_suite(&cluster.url(), true).await;
+    passes_the_contract_suite(&Endpoint::cluster(cluster.url())).await;
 }
 
 #[tokio::test]
 async fn applies_after_a_script_flush() {
     let redis = RedisServer::start();
-    let store = counters(&redis.url(), false, "flush");
+    let store = counters(&Endpoint::single(redis.url()), "flush");
     store
         .apply(&contract::batch(Some(0), &[(0, "u", true)]))
         .await
@@ -90,8 +90,7 @@ async fn a_million_throwaway_ids_leave_no_key_without_a_lifetime() {
     let redis = RedisServer::start();
     let prefix = unique("throwaway");
     let store = RedisCounters::new(
-        &redis.url(),
-        false,
+        &Endpoint::single(redis.url()),
         &prefix,
         Duration::from_secs(10),
         Duration::from_secs(60),
@@ -163,8 +162,7 @@ async fn a_million_throwaway_ids_leave_no_key_without_a_lifetime() {
 
     // The all-time counters go once the user has been idle for the TTL (1 s here).
     let short = RedisCounters::new(
-        &redis.url(),
-        false,
+        &Endpoint::single(redis.url()),
         &unique("short"),
         Duration::from_secs(2),
         Duration::from_secs(60),
@@ -187,7 +185,7 @@ async fn a_million_throwaway_ids_leave_no_key_without_a_lifetime() {
 #[tokio::test]
 async fn an_in_process_batch_applied_twice_counts_once() {
     let redis = RedisServer::start();
-    let store = counters(&redis.url(), false, "epoch");
+    let store = counters(&Endpoint::single(redis.url()), "epoch");
     let mut batch = contract::batch(None, &[(0, "u", true), (1, "u", false), (2, "v", true)]);
     batch.epoch = Some("epoch-a".into());
     store.apply(&batch).await.unwrap();

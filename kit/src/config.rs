@@ -7,9 +7,13 @@
 
 use std::collections::BTreeMap;
 
+use std::path::Path;
+
 use clap::{Args, ValueEnum};
 
 use ratelimit_domain::Policy;
+
+use crate::redis::{Endpoint, is_tls_url};
 
 /// How a service listens and stops.
 #[derive(Args, Debug, Clone)]
@@ -174,8 +178,10 @@ pub struct WorkerArgs {
 /// Where shared state lives: Redis, or (unset) this process's memory.
 #[derive(Args, Debug, Clone)]
 pub struct RedisArgs {
-    /// redis:// URL; unset or empty keeps buckets and counters in memory (embedded mode).
-    /// With `REDIS_CLUSTER=true`, one or more cluster nodes, comma-separated.
+    /// redis:// URL, or rediss:// for TLS; a password (`redis://:PASSWORD@host`) or an ACL
+    /// user (`redis://USER:PASSWORD@host`) goes in it. Unset or empty keeps buckets and
+    /// counters in memory (embedded mode). With `REDIS_CLUSTER=true`, one or more cluster
+    /// nodes, comma-separated.
     /// Its value is never printed (`--help` hides it: it may hold a password).
     #[arg(
         long = "redis-url",
@@ -211,6 +217,37 @@ pub struct RedisArgs {
     #[arg(long = "redis-timeout-ms", env = "REDIS_TIMEOUT_MS", value_name = "REDIS_TIMEOUT_MS", default_value_t = 50,
           value_parser = clap::value_parser!(u64).range(1..=60_000))]
     pub timeout_ms: u64,
+    /// For rediss://: a PEM file of the CA certificates to trust instead of the system's.
+    #[arg(
+        long = "redis-ca-file",
+        env = "REDIS_CA_FILE",
+        value_name = "REDIS_CA_FILE"
+    )]
+    pub ca_file: Option<String>,
+    /// For rediss://: a PEM client certificate (chain) to present to a Redis that asks for
+    /// one (`tls-auth-clients`); with REDIS_CLIENT_KEY.
+    #[arg(
+        long = "redis-client-cert",
+        env = "REDIS_CLIENT_CERT",
+        value_name = "REDIS_CLIENT_CERT"
+    )]
+    pub client_cert: Option<String>,
+    /// The PEM private key of REDIS_CLIENT_CERT.
+    #[arg(
+        long = "redis-client-key",
+        env = "REDIS_CLIENT_KEY",
+        value_name = "REDIS_CLIENT_KEY"
+    )]
+    pub client_key: Option<String>,
+}
+
+/// A file setting, if set (an empty value counts as unset, as in `.env`).
+fn file(setting: &Option<String>) -> Option<&Path> {
+    setting
+        .as_deref()
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(Path::new)
 }
 
 impl RedisArgs {
@@ -227,6 +264,80 @@ impl RedisArgs {
             .map(str::trim)
             .filter(|u| !u.is_empty())
             .or_else(|| self.url())
+    }
+
+    /// Where Redis is, if it is configured, with the certificate files read; or why these
+    /// settings cannot be used, naming the variables: a client certificate without its key
+    /// (or the key alone), TLS settings without a `rediss://` URL, a file that cannot be
+    /// read or holds no PEM certificate (or key), a `rediss://` URL in a build without TLS
+    /// support ([`crate::redis::NO_TLS`]).
+    pub fn endpoint(&self) -> Result<Option<Endpoint>, String> {
+        self.endpoint_of(self.url())
+    }
+
+    /// The Redis of the counters and reports (`ANALYTICS_REDIS_URL`, else `REDIS_URL`), as
+    /// [`RedisArgs::endpoint`] reads it; the TLS settings apply to both.
+    pub fn analytics_endpoint(&self) -> Result<Option<Endpoint>, String> {
+        self.endpoint_of(self.analytics_url())
+    }
+
+    fn endpoint_of(&self, url: Option<&str>) -> Result<Option<Endpoint>, String> {
+        let Some(url) = url else {
+            return Ok(None);
+        };
+        let endpoint = if self.cluster {
+            Endpoint::cluster(url)
+        } else {
+            Endpoint::single(url)
+        };
+        let (ca_file, client_cert, client_key) = (
+            file(&self.ca_file),
+            file(&self.client_cert),
+            file(&self.client_key),
+        );
+        if client_cert.is_some() != client_key.is_some() {
+            return Err(
+                "REDIS_CLIENT_CERT and REDIS_CLIENT_KEY go together: set both or neither".into(),
+            );
+        }
+        let tls_files = ca_file.is_some() || client_cert.is_some();
+        if !endpoint.is_tls() {
+            if tls_files {
+                return Err("REDIS_CA_FILE, REDIS_CLIENT_CERT and REDIS_CLIENT_KEY apply to a rediss:// (TLS) REDIS_URL; REDIS_URL is not one".into());
+            }
+            return Ok(Some(endpoint));
+        }
+        if url
+            .split(',')
+            .any(|node| !node.trim().is_empty() && !is_tls_url(node))
+        {
+            return Err(
+                "REDIS_URL mixes rediss:// (TLS) and plain nodes: use rediss:// for every node"
+                    .into(),
+            );
+        }
+        #[cfg(not(feature = "tls"))]
+        return Err(crate::redis::NO_TLS.into());
+        #[cfg(feature = "tls")]
+        {
+            use crate::redis::TlsFiles;
+            if !tls_files {
+                return Ok(Some(endpoint));
+            }
+            let named = |var: &'static str| move |err: String| format!("invalid {var}: {err}");
+            let ca = ca_file
+                .map(TlsFiles::read_certificates)
+                .transpose()
+                .map_err(named("REDIS_CA_FILE"))?;
+            let client = match (client_cert, client_key) {
+                (Some(cert), Some(key)) => Some((
+                    TlsFiles::read_certificates(cert).map_err(named("REDIS_CLIENT_CERT"))?,
+                    TlsFiles::read_key(key).map_err(named("REDIS_CLIENT_KEY"))?,
+                )),
+                _ => None,
+            };
+            Ok(Some(endpoint.with_tls(TlsFiles { ca, client })))
+        }
     }
 }
 
@@ -420,6 +531,118 @@ mod tests {
         for bad in ["", "m", "15", "0m", "-1h", "1.5h", "1w", "h1"] {
             assert!(parse_duration(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[derive(Parser, Debug)]
+    struct RedisCfg {
+        #[command(flatten)]
+        redis: RedisArgs,
+    }
+
+    fn redis(args: &[&str]) -> Result<Option<Endpoint>, String> {
+        let argv = std::iter::once("x").chain(args.iter().copied());
+        RedisCfg::try_parse_from(argv).unwrap().redis.endpoint()
+    }
+
+    #[test]
+    fn tls_urls_are_told_by_their_scheme() {
+        for url in [
+            "rediss://h:6379",
+            "REDISS://h",
+            " valkeys://h",
+            "rediss://u:p@h/0",
+        ] {
+            assert!(is_tls_url(url), "{url}");
+        }
+        for url in [
+            "redis://h:6379",
+            "redis://rediss/",
+            "unix:///tmp/redis.sock",
+            "",
+        ] {
+            assert!(!is_tls_url(url), "{url}");
+        }
+        assert!(redis(&[]).unwrap().is_none());
+        let plain = redis(&["--redis-url", "redis://:pw@127.0.0.1:6379/"]).unwrap();
+        assert!(!plain.unwrap().is_tls());
+    }
+
+    /// A CA file or client certificate beside a plain URL is a mistake (a forgotten `s`),
+    /// not something to ignore; so is a cluster whose nodes disagree.
+    #[test]
+    fn tls_settings_need_a_rediss_url_on_every_node() {
+        let err = redis(&[
+            "--redis-url",
+            "redis://127.0.0.1:6379",
+            "--redis-ca-file",
+            "/ca.pem",
+        ])
+        .err()
+        .unwrap();
+        assert!(
+            err.contains("REDIS_CA_FILE") && err.contains("rediss://"),
+            "{err}"
+        );
+        let err = redis(&[
+            "--redis-cluster",
+            "true",
+            "--redis-url",
+            "rediss://127.0.0.1:7000,redis://127.0.0.1:7001",
+        ])
+        .err()
+        .unwrap();
+        assert!(err.contains("REDIS_URL") && err.contains("mixes"), "{err}");
+    }
+
+    /// A client certificate needs its key and the key its certificate; an empty value is
+    /// unset, as `.env` writes it.
+    #[test]
+    fn a_client_certificate_needs_its_key_and_the_key_its_certificate() {
+        let url = "rediss://127.0.0.1:6379";
+        for given in [
+            ["--redis-client-cert", "/a.pem", "--redis-client-key", ""],
+            ["--redis-client-key", "/a.pem", "--redis-client-cert", " "],
+        ] {
+            let mut args = vec!["--redis-url", url];
+            args.extend(given);
+            let err = redis(&args).err().unwrap();
+            assert!(
+                err.contains("REDIS_CLIENT_CERT and REDIS_CLIENT_KEY go together"),
+                "{err}"
+            );
+        }
+        let empty = [
+            "--redis-url",
+            "redis://127.0.0.1:6379",
+            "--redis-ca-file",
+            "",
+            "--redis-client-cert",
+            "",
+            "--redis-client-key",
+            "",
+        ];
+        assert!(redis(&empty).unwrap().is_some());
+    }
+
+    /// A build without the `tls` feature (the embedded default) refuses `rediss://` at
+    /// start-up, saying how to get a build that has it.
+    #[cfg(not(feature = "tls"))]
+    #[test]
+    fn without_tls_support_a_rediss_url_is_refused() {
+        let err = redis(&["--redis-url", "rediss://127.0.0.1:6379"])
+            .err()
+            .unwrap();
+        assert_eq!(err, crate::redis::NO_TLS);
+        let endpoint = Endpoint::single("rediss://127.0.0.1:6379");
+        let err = crate::redis::connect(&endpoint, std::time::Duration::from_secs(1)).err();
+        assert_eq!(err.unwrap().to_string(), crate::redis::NO_TLS);
+    }
+
+    #[cfg(feature = "tls")]
+    #[test]
+    fn with_tls_support_a_rediss_url_without_files_trusts_the_system_roots() {
+        let endpoint = redis(&["--redis-url", "rediss://127.0.0.1:6379"]).unwrap();
+        assert!(endpoint.unwrap().is_tls());
     }
 
     #[test]

@@ -5,8 +5,9 @@
 //!   bodies, load shedding, graceful serve).
 //! - [`metrics`]: the Prometheus recorder, `/metrics` rendering, HTTP request metrics.
 //! - [`config`]: configuration sections read from `.env` and the environment.
-//! - [`redis`]: the Redis connection (single or Cluster), calls under a deadline, and the
-//!   one place Lua scripts are loaded and reloaded after `NOSCRIPT`.
+//! - [`redis`]: where Redis is ([`redis::Endpoint`]: single or Cluster, AUTH in the URL,
+//!   `rediss://` TLS with the `tls` feature), the connection, calls under a deadline, and
+//!   the one place Lua scripts are loaded and reloaded after `NOSCRIPT`.
 //! - [`kafka`]: Kafka client settings and topic creation (the `kafka` feature).
 //! - [`stream`]: the in-process event stream (a bounded channel).
 //! - [`report`]: the status reports every instance writes for a standalone gateway.

@@ -1,6 +1,12 @@
 //! The Redis plumbing both Redis stores share (buckets in the limiter, counters in the
-//! worker): one lazily connecting, self-reconnecting connection — to a single Redis, or to
-//! a Redis Cluster — and calls under a deadline.
+//! worker): where Redis is and how to reach it ([`Endpoint`]: the URL, with any user and
+//! password in it, single or Cluster, and for `rediss://` the certificates), one lazily
+//! connecting, self-reconnecting connection to it, and calls under a deadline.
+//!
+//! TLS (`rediss://`) is the `tls` cargo feature (rustls, with the `ring` crypto provider:
+//! no system library). A build without it refuses a `rediss://` URL ([`NO_TLS`]). AUTH
+//! needs nothing here: the redis client sends the URL's user and password (`AUTH`, or
+//! `HELLO`) on every connection it opens.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,6 +16,10 @@ use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisFuture, Value};
 
+/// Why a build without the `tls` feature refuses a `rediss://` URL.
+pub const NO_TLS: &str = "REDIS_URL is a rediss:// (TLS) URL, but this binary was built without TLS support: \
+build it with `--features tls` (cargo build --release --workspace does), or use a redis:// URL";
+
 /// Why a Redis call gave no answer; each store maps it into its own error type.
 #[derive(Debug, thiserror::Error)]
 pub enum RedisCallError {
@@ -17,6 +27,131 @@ pub enum RedisCallError {
     Timeout,
     #[error("redis unavailable: {0}")]
     Failed(String),
+    /// The Redis settings are not usable (read at start-up, before any call).
+    #[error("{0}")]
+    Config(String),
+}
+
+/// Where Redis is and how to reach it: the URL (`redis://` or `rediss://`, with any user
+/// and password in it), whether it is a Cluster, and the certificates of a `rediss://`
+/// connection. Made from the configuration by [`crate::config::RedisArgs::endpoint`].
+#[derive(Clone)]
+pub struct Endpoint {
+    url: String,
+    cluster: bool,
+    tls: Option<TlsFiles>,
+}
+
+impl Endpoint {
+    /// A single Redis (or a proxy in front of several) at `url`; over `rediss://`, the
+    /// system's root certificates are trusted.
+    pub fn single(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            cluster: false,
+            tls: None,
+        }
+    }
+
+    /// A Redis Cluster reached through `nodes`, one or more of its nodes' URLs,
+    /// comma-separated (any reachable one will do: the client learns the others from it).
+    pub fn cluster(nodes: impl Into<String>) -> Self {
+        Self {
+            cluster: true,
+            ..Self::single(nodes)
+        }
+    }
+
+    /// The same, with `tls` for its `rediss://` connections.
+    #[cfg(feature = "tls")]
+    pub(crate) fn with_tls(self, tls: TlsFiles) -> Self {
+        Self {
+            tls: Some(tls),
+            ..self
+        }
+    }
+
+    /// Whether the URL (every node's, for a Cluster) asks for TLS.
+    pub fn is_tls(&self) -> bool {
+        self.nodes().any(is_tls_url)
+    }
+
+    fn nodes(&self) -> impl Iterator<Item = &str> {
+        self.url.split(',').map(str::trim).filter(|n| !n.is_empty())
+    }
+}
+
+/// Whether `url` is a TLS URL (`rediss://`, or Valkey's `valkeys://`).
+pub fn is_tls_url(url: &str) -> bool {
+    let url = url.trim_start();
+    ["rediss://", "valkeys://"].iter().any(|scheme| {
+        url.get(..scheme.len())
+            .is_some_and(|s| s.eq_ignore_ascii_case(scheme))
+    })
+}
+
+/// The certificates of a `rediss://` connection, as PEM, read from their files at start-up.
+#[derive(Clone, Default)]
+// Without the `tls` feature nothing reads them: the configuration refuses TLS first.
+#[cfg_attr(not(feature = "tls"), allow(dead_code))]
+pub(crate) struct TlsFiles {
+    /// CA certificates trusted instead of the system's roots.
+    pub(crate) ca: Option<Vec<u8>>,
+    /// A client certificate (chain) and its private key, presented to a server that asks.
+    pub(crate) client: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+#[cfg(feature = "tls")]
+impl TlsFiles {
+    /// PEM certificates from `path`; an error says why there are none.
+    pub(crate) fn read_certificates(path: &std::path::Path) -> Result<Vec<u8>, String> {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject;
+        let pem = read(path)?;
+        let certificates = CertificateDer::pem_slice_iter(&pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|err| format!("{}: not PEM certificates: {err}", path.display()))?;
+        if certificates.is_empty() {
+            return Err(format!("{}: holds no PEM certificate", path.display()));
+        }
+        Ok(pem)
+    }
+
+    /// A PEM private key from `path`.
+    pub(crate) fn read_key(path: &std::path::Path) -> Result<Vec<u8>, String> {
+        use rustls::pki_types::PrivateKeyDer;
+        use rustls::pki_types::pem::PemObject;
+        let pem = read(path)?;
+        PrivateKeyDer::from_pem_slice(&pem)
+            .map_err(|err| format!("{}: no PEM private key: {err}", path.display()))?;
+        Ok(pem)
+    }
+
+    fn certificates(&self) -> redis::TlsCertificates {
+        redis::TlsCertificates {
+            client_tls: self
+                .client
+                .as_ref()
+                .map(|(cert, key)| redis::ClientTlsConfig {
+                    client_cert: cert.clone(),
+                    client_key: key.clone(),
+                }),
+            root_cert: self.ca.clone(),
+        }
+    }
+}
+
+#[cfg(feature = "tls")]
+fn read(path: &std::path::Path) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|err| format!("{}: {err}", path.display()))
+}
+
+/// rustls's cryptography: `ring`, chosen here rather than left to whichever providers
+/// the dependency graph happens to enable (with two, rustls would not pick).
+#[cfg(feature = "tls")]
+fn install_crypto_provider() {
+    // Err: a provider is installed already (this one, or one the process chose).
+    let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
 /// A connection the stores share, cheap to clone.
@@ -115,29 +250,38 @@ impl ConnectionLike for Connection {
     }
 }
 
-/// A connection to `url` whose responses time out after `timeout`. With `cluster`, `url`
-/// lists one or more of the cluster's nodes, comma-separated (any reachable one will do:
-/// the client learns the others from it). It connects lazily and reconnects by itself, so
-/// it can be made while Redis is down.
-pub fn connect(url: &str, cluster: bool, timeout: Duration) -> Result<Connection, RedisCallError> {
+/// A connection to `endpoint` whose responses time out after `timeout`. It connects
+/// lazily and reconnects by itself, so it can be made while Redis is down; a TLS
+/// handshake or an authentication that fails is a failed call, like an unreachable Redis.
+pub fn connect(endpoint: &Endpoint, timeout: Duration) -> Result<Connection, RedisCallError> {
     let failed = |e: redis::RedisError| RedisCallError::Failed(e.to_string());
-    if cluster {
-        let nodes: Vec<&str> = url
-            .split(',')
-            .map(str::trim)
-            .filter(|n| !n.is_empty())
-            .collect();
-        let client = ClusterClient::builder(nodes)
+    if endpoint.is_tls() {
+        #[cfg(not(feature = "tls"))]
+        return Err(RedisCallError::Config(NO_TLS.into()));
+        #[cfg(feature = "tls")]
+        install_crypto_provider();
+    }
+    if endpoint.cluster {
+        let builder = ClusterClient::builder(endpoint.nodes())
             .connection_timeout(timeout.max(Duration::from_millis(200)))
-            .response_timeout(timeout * 5)
-            .build()
-            .map_err(failed)?;
+            .response_timeout(timeout * 5);
+        #[cfg(feature = "tls")]
+        let builder = match &endpoint.tls {
+            Some(tls) => builder.certs(tls.certificates()),
+            None => builder,
+        };
+        let client = builder.build().map_err(failed)?;
         return Ok(Connection::Cluster(Arc::new(LazyCluster {
             client,
             conn: tokio::sync::OnceCell::new(),
         })));
     }
-    let client = redis::Client::open(url).map_err(failed)?;
+    let client = match &endpoint.tls {
+        #[cfg(feature = "tls")]
+        Some(tls) => redis::Client::build_with_tls(endpoint.url.as_str(), tls.certificates()),
+        _ => redis::Client::open(endpoint.url.as_str()),
+    }
+    .map_err(failed)?;
     let config = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(timeout.max(Duration::from_millis(200))))
         // Each call has its own deadline (`with_deadline`); this only backs them up, and
@@ -158,8 +302,26 @@ pub async fn with_deadline<T>(
     match tokio::time::timeout(timeout, call).await {
         Err(_) => Err(RedisCallError::Timeout),
         Ok(Err(e)) if e.is_timeout() => Err(RedisCallError::Timeout),
-        Ok(Err(e)) => Err(RedisCallError::Failed(e.to_string())),
+        Ok(Err(e)) => Err(RedisCallError::Failed(describe(&e))),
         Ok(Ok(v)) => Ok(v),
+    }
+}
+
+/// What a failed call says, with where to look when Redis refused these credentials
+/// (told by the error's kind and code, never its text). TLS failures speak for themselves
+/// (rustls: `invalid peer certificate: UnknownIssuer`, `received fatal alert:
+/// CertificateRequired`).
+pub fn describe(err: &redis::RedisError) -> String {
+    if err.kind() == redis::ErrorKind::AuthenticationFailed {
+        format!("redis refused the user or password in REDIS_URL: {err}")
+    } else if err.code() == Some("NOAUTH") {
+        format!(
+            "redis requires a password, or an ACL user, in REDIS_URL (redis://:PASSWORD@host, redis://USER:PASSWORD@host): {err}"
+        )
+    } else if err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoPerm) {
+        format!("the ACL user in REDIS_URL may not do this: {err}")
+    } else {
+        err.to_string()
     }
 }
 
@@ -167,7 +329,7 @@ impl From<RedisCallError> for ratelimit_domain::store::StoreError {
     fn from(err: RedisCallError) -> Self {
         match err {
             RedisCallError::Timeout => Self::Timeout,
-            RedisCallError::Failed(msg) => Self::Unavailable(msg),
+            RedisCallError::Failed(msg) | RedisCallError::Config(msg) => Self::Unavailable(msg),
         }
     }
 }
@@ -176,7 +338,7 @@ impl From<RedisCallError> for ratelimit_domain::analytics::CounterError {
     fn from(err: RedisCallError) -> Self {
         match err {
             RedisCallError::Timeout => Self::Timeout,
-            RedisCallError::Failed(msg) => Self::Unavailable(msg),
+            RedisCallError::Failed(msg) | RedisCallError::Config(msg) => Self::Unavailable(msg),
         }
     }
 }

@@ -13,7 +13,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use crate::redis::{Connection, RedisCallError, connect, with_deadline};
+use crate::redis::{Connection, Endpoint, RedisCallError, connect, with_deadline};
 
 /// How often an instance reports.
 pub const REPORT_EVERY: Duration = Duration::from_secs(1);
@@ -85,13 +85,12 @@ fn now_ms() -> u64 {
 
 impl Reports {
     pub fn new(
-        url: &str,
-        cluster: bool,
+        endpoint: &Endpoint,
         prefix: &str,
         timeout: Duration,
     ) -> Result<Self, RedisCallError> {
         Ok(Self {
-            conn: connect(url, cluster, timeout)?,
+            conn: connect(endpoint, timeout)?,
             prefix: prefix.to_owned(),
             timeout,
         })
@@ -99,12 +98,12 @@ impl Reports {
 
     /// Reports in the analytics Redis `redis` configures, if it configures one.
     pub fn from_args(redis: &crate::config::RedisArgs) -> Result<Option<Self>, RedisCallError> {
-        let Some(url) = redis.analytics_url() else {
+        let Some(endpoint) = redis.analytics_endpoint().map_err(RedisCallError::Config)? else {
             return Ok(None);
         };
         // A report is not a decision: it can wait longer than a bucket call.
         let timeout = Duration::from_millis(redis.timeout_ms).max(Duration::from_millis(500));
-        Self::new(url, redis.cluster, &redis.key_prefix, timeout).map(Some)
+        Self::new(&endpoint, &redis.key_prefix, timeout).map(Some)
     }
 
     /// Writes `report` as `instance`'s, stamped now.

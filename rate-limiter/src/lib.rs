@@ -50,19 +50,19 @@ pub async fn build(
 ) -> anyhow::Result<(Arc<Limiter>, Option<ChannelReceiver>)> {
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let policy = args.policy.policy().map_err(anyhow::Error::msg)?;
-    let store: Arc<dyn BucketStore> = match redis.url() {
-        Some(url) => {
+    let store: Arc<dyn BucketStore> = match redis.endpoint().map_err(anyhow::Error::msg)? {
+        Some(endpoint) => {
             let store = Arc::new(RedisStore::new(
-                url,
-                redis.cluster,
+                &endpoint,
                 &redis.key_prefix,
                 policy,
                 Duration::from_millis(redis.timeout_ms),
             )?);
             // Connect and load the script before serving, so the first requests do not pay
-            // for it; a Redis that is down now is not fatal (the fail mode applies).
+            // for it; a Redis that is down now is not fatal (the fail mode applies). The
+            // error says why: unreachable, or refusing the credentials or the certificates.
             if let Err(err) = store.preload().await {
-                tracing::warn!(error = %err, "redis not reachable at start-up; will keep trying per request");
+                tracing::warn!(error = %err, "redis not usable at start-up; will keep trying per request");
             }
             store
         }

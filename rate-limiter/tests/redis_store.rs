@@ -6,12 +6,12 @@ use std::time::Duration;
 use rate_limiter::store::contract::{self, Advance};
 use rate_limiter::store::{BucketStore, RedisStore};
 use ratelimit_domain::Policy;
+use service_kit::redis::Endpoint;
 use testkit::{RedisCluster, RedisServer, unique};
 
 fn store(redis: &RedisServer, prefix: &str, policy: Policy) -> RedisStore {
     RedisStore::new(
-        &redis.url(),
-        false,
+        &Endpoint::single(redis.url()),
         prefix,
         policy,
         Duration::from_millis(500),
@@ -43,8 +43,7 @@ async fn redis_cluster_store_passes_the_contract_suite_with_buckets_on_every_nod
     let prefix = unique("cluster");
     contract::run_all(|policy| {
         let s = RedisStore::new(
-            &cluster.url(),
-            true,
+            &Endpoint::cluster(cluster.url()),
             &unique("contract"),
             policy,
             Duration::from_millis(500),
@@ -56,8 +55,7 @@ async fn redis_cluster_store_passes_the_contract_suite_with_buckets_on_every_nod
     // A batch over many users is spread over the nodes, each take decided where its key
     // lives, one user's takes in order.
     let s = RedisStore::new(
-        &cluster.url(),
-        true,
+        &Endpoint::cluster(cluster.url()),
         &prefix,
         Policy::new(2, 0.01).unwrap(),
         Duration::from_millis(500),
@@ -241,8 +239,7 @@ async fn a_restarted_empty_redis_starts_buckets_full() {
 async fn calls_fail_fast_while_redis_is_down() {
     let mut redis = RedisServer::start();
     let s = RedisStore::new(
-        &redis.url(),
-        false,
+        &Endpoint::single(redis.url()),
         &unique("down"),
         Policy::new(2, 1.0).unwrap(),
         Duration::from_millis(50),
@@ -302,8 +299,7 @@ async fn the_widest_policy_allowed_is_decided_in_one_quick_script() {
 async fn a_batch_gets_a_deadline_that_fits_its_size() {
     let redis = RedisServer::start();
     let s = RedisStore::new(
-        &redis.url(),
-        false,
+        &Endpoint::single(redis.url()),
         &unique("batchdeadline"),
         Policy::new(10, 1.0).unwrap(),
         Duration::from_millis(50),

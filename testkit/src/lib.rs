@@ -1,6 +1,9 @@
 //! The test harness: real servers as child processes on free ports.
 //!
-//! - [`RedisServer`]: a `redis-server` with no persistence.
+//! - [`RedisServer`]: a `redis-server` with no persistence; with [`RedisOptions`], one
+//!   that serves TLS only and/or requires a password or an ACL user.
+//! - [`Certificates`]: a CA and the server and client certificates it signed, made at run
+//!   time with the `openssl` command line.
 //! - [`KafkaBroker`]: `tansu`, a Kafka-protocol broker, with in-memory storage.
 //! - [`PrometheusServer`]: a `prometheus` server scraping given targets every second.
 //! - [`promtool_check_metrics`]: Prometheus's own linter over a `/metrics` page.
@@ -108,31 +111,88 @@ fn redis_server_binary() -> PathBuf {
     )
 }
 
+/// What a [`RedisServer`] asks of its clients; the default asks nothing (plain TCP, the
+/// default user without a password).
+#[derive(Default)]
+pub struct RedisOptions {
+    /// Serve TLS only (`--port 0 --tls-port`) with this server certificate.
+    pub tls: Option<Certificates>,
+    /// With `tls`: clients must present a certificate the CA signed (`--tls-auth-clients`).
+    pub client_certs: bool,
+    /// The default user's password (`--requirepass`).
+    pub password: Option<String>,
+    /// ACL users, `(name, password)`, each allowed every command, key and channel.
+    pub users: Vec<(String, String)>,
+}
+
+impl RedisOptions {
+    /// Arguments of `redis-server` (and the listening port's) for these options.
+    fn server_args(&self, port: u16) -> Vec<String> {
+        let mut args: Vec<String> = Vec::new();
+        match &self.tls {
+            None => args.extend(["--port".into(), port.to_string()]),
+            Some(certs) => {
+                args.extend([
+                    "--port".into(),
+                    "0".into(),
+                    "--tls-port".into(),
+                    port.to_string(),
+                ]);
+                args.extend(certs.server_args());
+                let clients = if self.client_certs { "yes" } else { "no" };
+                args.extend(["--tls-auth-clients".into(), clients.into()]);
+            }
+        }
+        if let Some(password) = &self.password {
+            args.extend(["--requirepass".into(), password.clone()]);
+        }
+        for (user, password) in &self.users {
+            // One argument per ACL rule: redis-server quotes each argument it is given.
+            args.extend(
+                [
+                    "--user",
+                    user,
+                    "on",
+                    &format!(">{password}"),
+                    "~*",
+                    "&*",
+                    "+@all",
+                ]
+                .map(String::from),
+            );
+        }
+        args
+    }
+}
+
 /// A `redis-server` on a free port, without persistence.
 pub struct RedisServer {
     port: u16,
+    // Before `options`: the server stops before its certificates are removed.
     process: Process,
+    options: RedisOptions,
 }
 
 impl RedisServer {
     pub fn start() -> Self {
-        let port = free_port();
-        let process = Self::spawn(port);
-        Self { port, process }
+        Self::start_with(RedisOptions::default())
     }
 
-    fn spawn(port: u16) -> Process {
+    /// A server that asks of its clients what `options` says.
+    pub fn start_with(options: RedisOptions) -> Self {
+        let port = free_port();
+        let process = Self::spawn(port, &options);
+        Self {
+            port,
+            process,
+            options,
+        }
+    }
+
+    fn spawn(port: u16, options: &RedisOptions) -> Process {
         let mut child = Command::new(redis_server_binary())
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
+            .args(options.server_args(port))
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -145,8 +205,24 @@ impl RedisServer {
         self.port
     }
 
+    /// `redis://127.0.0.1:<port>/`, or `rediss://` when it serves TLS; no credentials.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
+        let scheme = if self.options.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}://127.0.0.1:{}/", self.port)
+    }
+
+    /// The URL with `userinfo` (`:password` or `user:password`) in it.
+    pub fn url_as(&self, userinfo: &str) -> String {
+        self.url().replacen("://", &format!("://{userinfo}@"), 1)
+    }
+
+    /// The certificates it serves TLS with, if it does.
+    pub fn certificates(&self) -> Option<&Certificates> {
+        self.options.tls.as_ref()
     }
 
     /// SIGKILLs the server (its data is gone: it had no persistence).
@@ -157,7 +233,7 @@ impl RedisServer {
     /// Starts an empty server on the same port again.
     pub fn restart(&mut self) {
         self.process.kill();
-        self.process = Self::spawn(self.port);
+        self.process = Self::spawn(self.port, &self.options);
     }
 
     /// Freezes (SIGSTOP) or thaws (SIGCONT) the server.
@@ -166,31 +242,174 @@ impl RedisServer {
     }
 }
 
+/// The `openssl` extensions of the certificates [`Certificates`] makes. The server's is a
+/// client certificate too: cluster nodes present it to each other on the TLS cluster bus,
+/// which always asks for one.
+const OPENSSL_CONFIG: &str = "\
+[req]
+distinguished_name = dn
+prompt = no
+[dn]
+CN = drl test
+[ca]
+basicConstraints = critical, CA:TRUE
+keyUsage = critical, keyCertSign, cRLSign
+subjectKeyIdentifier = hash
+[server]
+basicConstraints = critical, CA:FALSE
+keyUsage = critical, digitalSignature
+extendedKeyUsage = serverAuth, clientAuth
+subjectAltName = IP:127.0.0.1, DNS:localhost
+[client]
+basicConstraints = critical, CA:FALSE
+keyUsage = critical, digitalSignature
+extendedKeyUsage = clientAuth
+";
+
+/// A CA of its own and two certificates it signed, made at run time with the `openssl`
+/// command line in a scratch directory (removed on drop): a server certificate for
+/// `127.0.0.1` and `localhost`, and a client certificate. P-256 keys, PEM files, valid
+/// for two days.
+pub struct Certificates {
+    dir: PathBuf,
+}
+
+impl Certificates {
+    pub fn generate() -> Self {
+        let dir = std::env::temp_dir().join(unique("redis-tls"));
+        std::fs::create_dir_all(&dir).expect("certificate dir");
+        std::fs::write(dir.join("openssl.cnf"), OPENSSL_CONFIG).expect("openssl.cnf");
+        let certs = Self { dir };
+        const NEW_KEY: &str =
+            "-newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -config openssl.cnf";
+        // A CA name of its own: another run's CA is an unknown issuer, not a look-alike.
+        let ca_name = format!("/CN={}", unique("drl test CA"));
+        certs.openssl(
+            &format!("req -x509 -new {NEW_KEY} -extensions ca -days 2 -keyout ca.key -out ca.crt"),
+            &["-subj", &ca_name],
+        );
+        for (name, serial) in [("server", 2), ("client", 3)] {
+            certs.openssl(
+                &format!("req -new {NEW_KEY} -keyout {name}.key -out {name}.csr"),
+                &["-subj", &format!("/CN=drl test {name}")],
+            );
+            certs.openssl(
+                &format!(
+                    "x509 -req -in {name}.csr -CA ca.crt -CAkey ca.key -set_serial {serial} -days 2 \
+                     -extfile openssl.cnf -extensions {name} -out {name}.crt"
+                ),
+                &[],
+            );
+        }
+        certs
+    }
+
+    /// Runs `openssl` in the directory with `args` (split at spaces) and then `more`.
+    fn openssl(&self, args: &str, more: &[&str]) {
+        let bin = find_binary(
+            "openssl",
+            "run scripts/test.sh (it installs it), or apt-get install openssl",
+        );
+        let out = Command::new(bin)
+            .current_dir(&self.dir)
+            .args(args.split_whitespace())
+            .args(more)
+            .output()
+            .expect("run openssl");
+        assert!(
+            out.status.success(),
+            "openssl {args} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// The CA certificate (PEM): what a client trusts to reach the server.
+    pub fn ca_cert(&self) -> PathBuf {
+        self.dir.join("ca.crt")
+    }
+
+    pub fn server_cert(&self) -> PathBuf {
+        self.dir.join("server.crt")
+    }
+
+    pub fn server_key(&self) -> PathBuf {
+        self.dir.join("server.key")
+    }
+
+    /// A client certificate the CA signed (PEM), for servers that ask for one.
+    pub fn client_cert(&self) -> PathBuf {
+        self.dir.join("client.crt")
+    }
+
+    pub fn client_key(&self) -> PathBuf {
+        self.dir.join("client.key")
+    }
+
+    /// `redis-server` arguments serving this server certificate and trusting this CA.
+    fn server_args(&self) -> Vec<String> {
+        [
+            ("--tls-cert-file", self.server_cert()),
+            ("--tls-key-file", self.server_key()),
+            ("--tls-ca-cert-file", self.ca_cert()),
+        ]
+        .into_iter()
+        .flat_map(|(flag, path)| [flag.to_owned(), path.display().to_string()])
+        .collect()
+    }
+}
+
+impl Drop for Certificates {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// A three-node Redis Cluster (masters only) on free ports, its slots spread over the
 /// three, in a scratch directory.
 pub struct RedisCluster {
     ports: Vec<u16>,
+    tls: Option<Certificates>,
     _nodes: Vec<Process>,
     dir: PathBuf,
 }
 
 impl RedisCluster {
     pub fn start() -> Self {
+        Self::start_with(None)
+    }
+
+    /// With `tls`, every node serves TLS only, the cluster bus included (`--tls-cluster`).
+    pub fn start_with(tls: Option<Certificates>) -> Self {
         let bin = redis_server_binary();
         let cli = find_binary(
             "redis-cli",
             "run scripts/test.sh (it installs redis-tools), or apt-get install redis-tools",
         );
+        // redis-cli's own arguments to reach a node.
+        let cli_tls: Vec<String> = match &tls {
+            None => Vec::new(),
+            Some(certs) => vec![
+                "--tls".into(),
+                "--cacert".into(),
+                certs.ca_cert().display().to_string(),
+            ],
+        };
         let dir = std::env::temp_dir().join(unique("redis-cluster"));
         std::fs::create_dir_all(&dir).expect("cluster dir");
         let mut ports = Vec::new();
         let mut nodes = Vec::new();
         for _ in 0..3 {
             let (port, bus) = (free_port(), free_port());
-            let mut child = Command::new(&bin)
+            let mut command = Command::new(&bin);
+            match &tls {
+                None => command.args(["--port", &port.to_string()]),
+                Some(certs) => command
+                    .args(["--port", "0", "--tls-port", &port.to_string()])
+                    .args(certs.server_args())
+                    .args(["--tls-auth-clients", "no", "--tls-cluster", "yes"]),
+            };
+            let mut child = command
                 .args([
-                    "--port",
-                    &port.to_string(),
                     "--cluster-port",
                     &bus.to_string(),
                     "--bind",
@@ -217,12 +436,25 @@ impl RedisCluster {
             nodes.push(Process { child: Some(child) });
         }
         let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-        let out = Command::new(&cli)
+        // redis-cli waits for the nodes to meet without a deadline of its own (for ever if
+        // their cluster bus cannot connect): it gets one here.
+        let mut create = Command::new(&cli)
+            .args(&cli_tls)
             .args(["--cluster", "create"])
             .args(&addrs)
             .args(["--cluster-replicas", "0", "--cluster-yes"])
-            .output()
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
             .expect("run redis-cli --cluster create");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while create.try_wait().expect("wait for redis-cli").is_none() {
+            if Instant::now() > deadline {
+                let _ = create.kill();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let out = create.wait_with_output().expect("redis-cli output");
         assert!(
             out.status.success(),
             "redis-cli --cluster create failed: {}{}",
@@ -234,6 +466,7 @@ impl RedisCluster {
         for port in &ports {
             loop {
                 let info = Command::new(&cli)
+                    .args(&cli_tls)
                     .args(["-p", &port.to_string(), "cluster", "info"])
                     .output()
                     .expect("run redis-cli cluster info");
@@ -246,8 +479,17 @@ impl RedisCluster {
         }
         Self {
             ports,
+            tls,
             _nodes: nodes,
             dir,
+        }
+    }
+
+    fn scheme(&self) -> &'static str {
+        if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
         }
     }
 
@@ -255,7 +497,7 @@ impl RedisCluster {
     pub fn url(&self) -> String {
         self.ports
             .iter()
-            .map(|p| format!("redis://127.0.0.1:{p}"))
+            .map(|p| format!("{}://127.0.0.1:{p}", self.scheme()))
             .collect::<Vec<_>>()
             .join(",")
     }
@@ -264,8 +506,13 @@ impl RedisCluster {
     pub fn node_urls(&self) -> Vec<String> {
         self.ports
             .iter()
-            .map(|p| format!("redis://127.0.0.1:{p}/"))
+            .map(|p| format!("{}://127.0.0.1:{p}/", self.scheme()))
             .collect()
+    }
+
+    /// The certificates its nodes serve TLS with, if they do.
+    pub fn certificates(&self) -> Option<&Certificates> {
+        self.tls.as_ref()
     }
 }
 

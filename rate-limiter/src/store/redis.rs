@@ -16,7 +16,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use ratelimit_domain::{Decision, Policy, Quota, keys};
-use service_kit::redis::{Connection, Scripts, connect, is_noscript, with_deadline};
+use service_kit::redis::{
+    Connection, Endpoint, Scripts, connect, describe, is_noscript, with_deadline,
+};
 
 use super::{BucketStore, StoreError, Taken};
 
@@ -85,16 +87,15 @@ pub struct RedisStore {
 }
 
 impl RedisStore {
-    /// A store on `url` whose calls each have `timeout`. Connects lazily and reconnects by
-    /// itself, so it can be built while Redis is down.
+    /// A store at `endpoint` whose calls each have `timeout`. Connects lazily and
+    /// reconnects by itself, so it can be built while Redis is down.
     pub fn new(
-        url: &str,
-        cluster: bool,
+        endpoint: &Endpoint,
         key_prefix: &str,
         policy: Policy,
         timeout: Duration,
     ) -> Result<Self, StoreError> {
-        let conn = connect(url, cluster, timeout)?;
+        let conn = connect(endpoint, timeout)?;
         Ok(Self {
             policy,
             conn,
@@ -141,7 +142,7 @@ impl BucketStore for RedisStore {
                 match answer {
                     Ok(answer) => taken[i] = Some(self.decision(answer)),
                     Err(err) if round == 0 && is_noscript(&err) => missing_script.push(i),
-                    Err(err) => taken[i] = Some(Err(StoreError::Unavailable(err.to_string()))),
+                    Err(err) => taken[i] = Some(Err(StoreError::Unavailable(describe(&err)))),
                 }
             }
             if missing_script.is_empty() {
