@@ -19,6 +19,7 @@ use tower::ServiceExt;
 const METRICS: &[&str] = &[
     "http_requests_total",
     "http_request_duration_seconds",
+    "http_connections_open",
     "ratelimit_decisions_total",
     "ratelimit_degraded_decisions_total",
     "ratelimit_refused_total",

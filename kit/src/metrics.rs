@@ -42,7 +42,7 @@ pub fn handle() -> &'static PrometheusHandle {
     })
 }
 
-/// Help text and units of the metrics [`with_http_metrics`] records.
+/// Help text and units of the metrics [`with_http_metrics`] and `http::serve` record.
 fn describe_http_metrics() {
     metrics::describe_counter!(
         "http_requests_total",
@@ -53,6 +53,16 @@ fn describe_http_metrics() {
         "http_request_duration_seconds",
         Unit::Seconds,
         "Time to answer an HTTP request, in seconds, by service and route template"
+    );
+    metrics::describe_gauge!(
+        "http_connections_open",
+        Unit::Count,
+        "Open client connections, by listening address (at most MAX_CONNECTIONS)"
+    );
+    metrics::describe_counter!(
+        "http_connections_refused_total",
+        Unit::Count,
+        "Connections closed on arrival because MAX_CONNECTIONS were open, by listening address"
     );
 }
 
