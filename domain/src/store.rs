@@ -41,4 +41,10 @@ pub trait BucketStore: Send + Sync + 'static {
 
     /// Whether the store answers.
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Whether the store lives outside this process and can fail, so that the limiter
+    /// keeps a fail-open fallback beside it (an in-memory store never fails).
+    fn is_remote(&self) -> bool {
+        true
+    }
 }

@@ -141,6 +141,10 @@ pub struct Limiter {
     publisher: Arc<dyn EventPublisher>,
     clock: Arc<dyn Clock>,
     instance_id: String,
+    /// Fail-open in front of a store that can fail: the fallback is seeded from the
+    /// store's answers. Derived once, off the hot path; false for the embedded memory
+    /// store, whose fallback is never asked.
+    seeds_fallback: bool,
 }
 
 impl Limiter {
@@ -154,7 +158,9 @@ impl Limiter {
         instance_id: String,
     ) -> Self {
         describe_metrics();
+        let seeds_fallback = fail_mode == FailMode::Open && store.is_remote();
         Self {
+            seeds_fallback,
             stats: LimiterStats::default(),
             latency: metrics::histogram!("ratelimit_decision_duration_seconds"),
             store,
@@ -322,7 +328,7 @@ impl Limiter {
     /// users the store left at half or less (the others lose at most half a bucket to an
     /// outage): a write per decision is for the users who are spending fast.
     fn remember(&self, user_id: &str, decision: &Decision) {
-        if self.fail_mode == FailMode::Open {
+        if self.seeds_fallback {
             let quota = decision.quota();
             if quota.remaining * 2 <= quota.limit {
                 self.fallback.seed(user_id, quota.remaining);

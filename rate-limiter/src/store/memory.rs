@@ -169,6 +169,10 @@ impl BucketStore for MemoryStore {
     async fn ping(&self) -> Result<(), StoreError> {
         Ok(())
     }
+
+    fn is_remote(&self) -> bool {
+        false
+    }
 }
 
 #[cfg(test)]
