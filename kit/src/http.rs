@@ -312,9 +312,10 @@ pub fn with_guards(
 }
 
 /// Reads every request's body into memory before `router` sees it: at most `max_body`
-/// bytes (413 otherwise, at once when `Content-Length` says so), within `timeout` of the
-/// head (408 otherwise). Either answer closes the connection: the rest of the body is
-/// never read.
+/// bytes (413 otherwise), within `timeout` of the head (408 otherwise). Either answer
+/// closes the connection; before a 413 the rest of the body, up to [`DRAIN_LIMIT`] and
+/// within the same `timeout`, is read and dropped, so that the client gets the answer
+/// rather than a reset.
 pub fn with_buffered_bodies(router: Router, max_body: usize, timeout: Duration) -> Router {
     let layer = axum::middleware::from_fn(move |req: Request, next: Next| async move {
         match buffer_body(req, max_body, timeout).await {
@@ -332,35 +333,71 @@ pub fn with_buffered_bodies(router: Router, max_body: usize, timeout: Duration) 
     Router::new().fallback_service(tower::ServiceBuilder::new().layer(layer).service(router))
 }
 
+/// How far past its limit a body is still read (and thrown away) before the 413 goes out.
+/// Closing a socket that holds unread data makes the kernel answer with a reset, which can
+/// destroy the response in flight: the client would see a broken connection instead of
+/// the 413. Past this, the connection is closed at once all the same.
+const DRAIN_LIMIT: u64 = 8 * 1024 * 1024;
+
 async fn buffer_body(
     req: Request,
     max_body: usize,
     timeout: Duration,
 ) -> Result<Request, ApiError> {
-    use http_body_util::{LengthLimitError, Limited};
-
-    let (parts, body) = req.into_parts();
+    let (parts, mut body) = req.into_parts();
     if axum::body::HttpBody::is_end_stream(&body) {
         return Ok(Request::from_parts(parts, body));
     }
+    let deadline = tokio::time::Instant::now() + timeout;
     let declared = parts
         .headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|len| len > max_body as u64) {
+    if let Some(len) = declared.filter(|len| *len > max_body as u64) {
+        if len <= DRAIN_LIMIT {
+            drain(&mut body, deadline).await;
+        }
         return Err(ApiError::PayloadTooLarge);
     }
-    let collected = tokio::time::timeout(timeout, Limited::new(body, max_body).collect())
-        .await
-        .map_err(|_| ApiError::BodyTimeout(timeout))?;
-    match collected {
-        Ok(collected) => Ok(Request::from_parts(parts, Body::from(collected.to_bytes()))),
-        Err(err) if err.is::<LengthLimitError>() => Err(ApiError::PayloadTooLarge),
-        Err(err) => Err(ApiError::InvalidField(FieldError::new(
-            "body",
-            format!("the body could not be read: {err}"),
-        ))),
+    let mut buffered: Vec<u8> = Vec::new();
+    loop {
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+            Err(_) => return Err(ApiError::BodyTimeout(timeout)),
+            Ok(None) => break,
+            Ok(Some(Err(err))) => {
+                return Err(ApiError::InvalidField(FieldError::new(
+                    "body",
+                    format!("the body could not be read: {err}"),
+                )));
+            }
+            Ok(Some(Ok(frame))) => frame,
+        };
+        if let Ok(data) = frame.into_data() {
+            if buffered.len() + data.len() > max_body {
+                drain(&mut body, deadline).await;
+                return Err(ApiError::PayloadTooLarge);
+            }
+            buffered.extend_from_slice(&data);
+        }
+    }
+    Ok(Request::from_parts(
+        parts,
+        Body::from(Bytes::from(buffered)),
+    ))
+}
+
+/// Reads and drops the rest of a refused body: at most [`DRAIN_LIMIT`] bytes, until
+/// `deadline` (the body timeout, so a slow sender holds nothing longer than before).
+async fn drain(body: &mut Body, deadline: tokio::time::Instant) {
+    let mut seen = 0u64;
+    while seen <= DRAIN_LIMIT {
+        match tokio::time::timeout_at(deadline, body.frame()).await {
+            Ok(Some(Ok(frame))) => {
+                seen += frame.data_ref().map_or(0, |d| d.len() as u64);
+            }
+            _ => return,
+        }
     }
 }
 
