@@ -17,8 +17,11 @@ pub mod analytics;
 pub mod api;
 pub mod bucket;
 pub mod clock;
+pub mod descriptor;
 pub mod event;
 pub mod keys;
+pub mod limits;
+pub mod rules;
 pub mod store;
 pub mod stream;
 

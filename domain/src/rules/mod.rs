@@ -1,0 +1,1 @@
+//! Rules: which limits apply to a request's descriptors (being written).
