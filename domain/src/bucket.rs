@@ -30,7 +30,7 @@ pub const MAX_REFILL_PER_SEC: f64 = 1e9;
 pub const MAX_REFILL_SECS: f64 = 365.0 * 86_400.0;
 
 /// Why a [`Policy`] could not be built.
-#[derive(Debug, thiserror::Error, PartialEq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
 pub enum PolicyError {
     #[error("capacity must be at least 1")]
     ZeroCapacity,
