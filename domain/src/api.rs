@@ -2,6 +2,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::descriptor::{DEFAULT_DOMAIN, Descriptor, Entry, USER_ID_KEY};
+
 /// Longest accepted `user_id`, in bytes of UTF-8.
 pub const MAX_USER_ID_BYTES: usize = 256;
 /// Largest accepted `cost`.
@@ -26,11 +28,60 @@ impl FieldError {
     }
 }
 
-/// `POST /check` at the limiter and `POST /api` at the gateway.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// Most descriptors in one request.
+pub const MAX_DESCRIPTORS: usize = 16;
+/// Most entries in one descriptor.
+pub const MAX_ENTRIES: usize = 16;
+/// Longest descriptor key or domain, in bytes of UTF-8 (values are as long as user ids).
+pub const MAX_KEY_BYTES: usize = 128;
+
+/// `POST /check` at the limiter and `POST /api` at the gateway: a request's domain and
+/// descriptors (`{"user_id":"u1"}` is the descriptor `[user_id=u1]` of the default domain),
+/// and its cost. A negative cost is a refund (accepted at the limiter only).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CheckRequest {
+    /// Who the analytics count the decision for: the `user_id` given, else the `user_id`
+    /// entry of the first descriptor that has one, else the first descriptor's entries
+    /// written `key=value/key=value` (cut to [`MAX_USER_ID_BYTES`]).
     pub user_id: String,
-    pub cost: u64,
+    pub domain: String,
+    pub descriptors: Vec<Descriptor>,
+    pub cost: i64,
+}
+
+impl CheckRequest {
+    /// The built-in request: `[user_id=<id>]` in the default domain.
+    pub fn user(user_id: impl Into<String>, cost: u64) -> Self {
+        let user_id = user_id.into();
+        Self {
+            descriptors: vec![Descriptor::user(&user_id)],
+            domain: DEFAULT_DOMAIN.to_owned(),
+            user_id,
+            cost: cost as i64,
+        }
+    }
+
+    /// Whether this is the built-in form, which travels as `{"user_id","cost"}`.
+    pub fn is_user_only(&self) -> bool {
+        self.domain == DEFAULT_DOMAIN
+            && matches!(self.descriptors.as_slice(), [d] if d.entries.len() == 1
+                && d.entries[0].key == USER_ID_KEY && d.entries[0].value == self.user_id)
+    }
+}
+
+impl Serialize for CheckRequest {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let user_only = self.is_user_only();
+        let mut map = serializer.serialize_map(Some(if user_only { 2 } else { 4 }))?;
+        map.serialize_entry("user_id", &self.user_id)?;
+        if !user_only {
+            map.serialize_entry("domain", &self.domain)?;
+            map.serialize_entry("descriptors", &self.descriptors)?;
+        }
+        map.serialize_entry("cost", &self.cost)?;
+        map.end()
+    }
 }
 
 #[derive(Deserialize)]
@@ -38,27 +89,156 @@ struct CheckRequestWire {
     #[serde(default)]
     user_id: Option<String>,
     #[serde(default)]
-    cost: Option<u64>,
+    domain: Option<String>,
+    #[serde(default)]
+    descriptors: Option<Vec<DescriptorWire>>,
+    #[serde(default)]
+    cost: Option<i64>,
+}
+
+#[derive(Deserialize)]
+struct DescriptorWire {
+    #[serde(default)]
+    entries: Option<Vec<EntryWire>>,
+}
+
+#[derive(Deserialize)]
+struct EntryWire {
+    #[serde(default)]
+    key: Option<String>,
+    #[serde(default)]
+    value: Option<String>,
+}
+
+/// A domain or descriptor key: 1 to [`MAX_KEY_BYTES`] bytes, the identity rule of ids.
+fn canonical_key(field: &str, raw: String) -> Result<String, FieldError> {
+    if raw.is_empty() || raw.len() > MAX_KEY_BYTES {
+        return Err(FieldError::new(
+            field,
+            format!("must be 1 to {MAX_KEY_BYTES} bytes of UTF-8"),
+        ));
+    }
+    canonical_user_id(raw).map_err(|e| FieldError::new(field, e.detail))
 }
 
 impl CheckRequestWire {
     /// The request, if every field is valid; field names get `prefix` (e.g. `checks[3].`).
     fn validate(self, prefix: &str) -> Result<CheckRequest, FieldError> {
         let named = |e: FieldError| FieldError::new(format!("{prefix}{}", e.field), e.detail);
-        let user_id = self
-            .user_id
-            .ok_or_else(|| FieldError::new("user_id", "is required"))
-            .map_err(named)?;
-        let user_id = canonical_user_id(user_id).map_err(named)?;
         let cost = self.cost.unwrap_or(1);
-        if !(1..=MAX_COST).contains(&cost) {
+        if cost == 0 || cost.unsigned_abs() > MAX_COST {
             return Err(named(FieldError::new(
                 "cost",
-                format!("must be an integer from 1 to {MAX_COST}"),
+                format!(
+                    "must be an integer from 1 to {MAX_COST} (or, at the limiter, from -{MAX_COST} to -1 for a refund)"
+                ),
             )));
         }
-        Ok(CheckRequest { user_id, cost })
+        let user_id = self
+            .user_id
+            .map(canonical_user_id)
+            .transpose()
+            .map_err(named)?;
+        let Some(descriptors) = self.descriptors else {
+            let user_id = user_id
+                .ok_or_else(|| FieldError::new("user_id", "is required"))
+                .map_err(named)?;
+            if self.domain.is_some() {
+                return Err(named(FieldError::new(
+                    "descriptors",
+                    "is required with a domain",
+                )));
+            }
+            let mut request = CheckRequest::user(user_id, 1);
+            request.cost = cost;
+            return Ok(request);
+        };
+        let domain = match self.domain {
+            Some(domain) => canonical_key("domain", domain).map_err(named)?,
+            None => DEFAULT_DOMAIN.to_owned(),
+        };
+        if descriptors.is_empty() || descriptors.len() > MAX_DESCRIPTORS {
+            return Err(named(FieldError::new(
+                "descriptors",
+                format!("must hold 1 to {MAX_DESCRIPTORS} descriptors"),
+            )));
+        }
+        let descriptors = descriptors
+            .into_iter()
+            .enumerate()
+            .map(|(i, d)| {
+                let field = format!("descriptors[{i}].entries");
+                let entries = d
+                    .entries
+                    .filter(|e| !e.is_empty() && e.len() <= MAX_ENTRIES)
+                    .ok_or_else(|| {
+                        FieldError::new(&field, format!("must hold 1 to {MAX_ENTRIES} entries"))
+                    })?;
+                let entries = entries
+                    .into_iter()
+                    .enumerate()
+                    .map(|(j, e)| {
+                        let key = e
+                            .key
+                            .ok_or_else(|| FieldError::new(format!("{field}[{j}].key"), "is required"))
+                            .and_then(|k| canonical_key(&format!("{field}[{j}].key"), k))?;
+                        let value = e
+                            .value
+                            .ok_or_else(|| {
+                                FieldError::new(format!("{field}[{j}].value"), "is required")
+                            })
+                            .and_then(|v| {
+                                canonical_user_id(v)
+                                    .map_err(|e| FieldError::new(format!("{field}[{j}].value"), e.detail))
+                            })?;
+                        Ok(Entry { key, value })
+                    })
+                    .collect::<Result<Vec<_>, FieldError>>()?;
+                Ok(Descriptor { entries })
+            })
+            .collect::<Result<Vec<_>, FieldError>>()
+            .map_err(named)?;
+        let user_id = user_id.unwrap_or_else(|| analytics_identity(&descriptors));
+        Ok(CheckRequest {
+            user_id,
+            domain,
+            descriptors,
+            cost,
+        })
     }
+}
+
+/// Who the analytics count a descriptor request for, when it names no `user_id`: the
+/// `user_id` entry of the first descriptor that has one, else the first descriptor's
+/// entries as `key=value/key=value`, cut at a character boundary to the longest id.
+pub fn analytics_identity(descriptors: &[Descriptor]) -> String {
+    if let Some(entry) = descriptors
+        .iter()
+        .flat_map(|d| &d.entries)
+        .find(|e| e.key == USER_ID_KEY)
+    {
+        return entry.value.clone();
+    }
+    let mut id = String::new();
+    for (i, e) in descriptors.first().map(|d| d.entries.as_slice()).unwrap_or_default().iter().enumerate() {
+        if i > 0 {
+            id.push('/');
+        }
+        id.push_str(&e.key);
+        id.push('=');
+        id.push_str(&e.value);
+    }
+    if id.len() > MAX_USER_ID_BYTES {
+        let mut cut = MAX_USER_ID_BYTES;
+        while !id.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        id.truncate(cut);
+    }
+    if id.is_empty() {
+        id.push('-');
+    }
+    id
 }
 
 /// Decodes a JSON object body into `T`, naming the offending field on failure.
@@ -202,8 +382,10 @@ fn is_invisible(c: char) -> bool {
     )
 }
 
-/// The limiter's answer to `POST /check`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// The limiter's answer to `POST /check`. The top-level numbers are those of the limit
+/// closest to refusing (when refused: the enforced limit that refused with the longest
+/// wait); `limits` lists every limit that applied.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CheckResponse {
     pub allowed: bool,
     pub limit: u64,
@@ -216,6 +398,30 @@ pub struct CheckResponse {
     /// Decided by the local fallback bucket while the shared store was unreachable.
     #[serde(default)]
     pub degraded: bool,
+    /// Every limit that applied, in the order of the request's descriptors.
+    #[serde(default)]
+    pub limits: Vec<LimitStatus>,
+}
+
+/// One limit's part in a decision.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LimitStatus {
+    pub name: String,
+    /// `token_bucket`, `fixed_window` or `sliding_window`.
+    pub algorithm: String,
+    /// Index of the descriptor it applied to.
+    pub descriptor: usize,
+    pub limit: u64,
+    pub remaining: u64,
+    pub reset_after_ms: u64,
+    /// Zero when this limit admits the request.
+    pub retry_after_ms: u64,
+    pub window_ms: u64,
+    /// This limit refuses the request (for a shadow limit: would have refused).
+    pub refused: bool,
+    /// Decided and reported, never enforced.
+    #[serde(default)]
+    pub shadow: bool,
 }
 
 /// A user's all-time counters, as `GET /analytics/:user_id` shows them.

@@ -37,6 +37,66 @@ pub fn counter_minute_key(prefix: &str, user_id: &str, minute: u64) -> String {
     format!("{prefix}c{{{}}}:m{minute}", escape_user_id(user_id))
 }
 
+/// Escapes `%`, `{`, `}` and the separators of a limit key (`/`, `=`, `:`), injectively.
+fn escape_part(out: &mut String, part: &str) {
+    for c in part.chars() {
+        match c {
+            '%' | '{' | '}' | '/' | '=' | ':' => {
+                let _ = write!(out, "%{:02X}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+}
+
+/// The key of one limit of one descriptor:
+/// `<prefix>l{<domain>/<key>=<value>/...}:<limit name>:<algorithm tag>`.
+///
+/// The hash tag is the whole descriptor, so the limits of one descriptor share a Redis
+/// Cluster slot (and are decided in one script there too). The limit's numbers are not in
+/// the key: changing a limit keeps its counter. Its name and algorithm are: two limits on
+/// one descriptor count apart, and a state of one algorithm is never read by another.
+///
+/// The built-in rule's limit (domain `default`, descriptor `[user_id=<id>]`, the limit named
+/// `default`, a token bucket) keeps the key every earlier version used for the user's
+/// bucket, [`bucket_key`], so no bucket moves on upgrade or when the same rule moves into
+/// a rules file.
+pub fn limit_key(
+    prefix: &str,
+    domain: &str,
+    descriptor: &crate::descriptor::Descriptor,
+    limit_name: &str,
+    algorithm: crate::limits::Algorithm,
+) -> String {
+    use crate::descriptor::{DEFAULT_DOMAIN, USER_ID_KEY};
+    if let [entry] = descriptor.entries.as_slice()
+        && domain == DEFAULT_DOMAIN
+        && entry.key == USER_ID_KEY
+        && limit_name == DEFAULT_LIMIT_NAME
+        && algorithm == crate::limits::Algorithm::TokenBucket
+    {
+        return bucket_key(prefix, &entry.value);
+    }
+    let mut key = String::with_capacity(prefix.len() + 64);
+    key.push_str(prefix);
+    key.push_str("l{");
+    escape_part(&mut key, domain);
+    for entry in &descriptor.entries {
+        key.push('/');
+        escape_part(&mut key, &entry.key);
+        key.push('=');
+        escape_part(&mut key, &entry.value);
+    }
+    key.push_str("}:");
+    escape_part(&mut key, limit_name);
+    key.push(':');
+    key.push_str(algorithm.key_tag());
+    key
+}
+
+/// The name of the built-in rule's limit.
+pub const DEFAULT_LIMIT_NAME: &str = "default";
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -49,7 +109,55 @@ mod tests {
         assert_eq!(counter_key("rl:", "50%"), "rl:c{50%25}");
     }
 
+    #[test]
+    fn the_built_in_limit_keeps_the_user_bucket_key() {
+        use crate::descriptor::Descriptor;
+        use crate::limits::Algorithm;
+        let d = Descriptor::user("u1");
+        assert_eq!(
+            limit_key("rl:", "default", &d, "default", Algorithm::TokenBucket),
+            bucket_key("rl:", "u1")
+        );
+        assert_eq!(
+            limit_key("rl:", "api", &d, "default", Algorithm::TokenBucket),
+            "rl:l{api/user_id=u1}:default:tb"
+        );
+    }
+
+    #[test]
+    fn a_descriptor_cannot_escape_its_hash_tag() {
+        use crate::descriptor::{Descriptor, Entry};
+        use crate::limits::Algorithm;
+        let d = Descriptor {
+            entries: vec![Entry::new("k}x{", "v/a=b:c%")],
+        };
+        let key = limit_key("p:", "d", &d, "n:{", Algorithm::FixedWindow);
+        assert_eq!(key, "p:l{d/k%7Dx%7B=v%2Fa%3Db%3Ac%25}:n%3A%7B:fw");
+    }
+
     proptest! {
+        /// Different descriptors (or names) never share a key, and the hash tag is exactly
+        /// the escaped descriptor.
+        #[test]
+        fn limit_keys_are_injective(
+            a in proptest::collection::vec((".{0,6}", ".{0,6}"), 1..3),
+            b in proptest::collection::vec((".{0,6}", ".{0,6}"), 1..3),
+            na in ".{1,4}", nb in ".{1,4}",
+        ) {
+            use crate::descriptor::{Descriptor, Entry};
+            use crate::limits::Algorithm;
+            let da = Descriptor { entries: a.iter().map(|(k, v)| Entry::new(k, v)).collect() };
+            let db = Descriptor { entries: b.iter().map(|(k, v)| Entry::new(k, v)).collect() };
+            prop_assume!(da != db || na != nb);
+            let ka = limit_key("p:", "d", &da, &na, Algorithm::SlidingWindow);
+            let kb = limit_key("p:", "d", &db, &nb, Algorithm::SlidingWindow);
+            prop_assert_ne!(&ka, &kb);
+            let open = ka.find('{').unwrap();
+            let close = ka.find('}').unwrap();
+            let tag_has_brace = ka[open + 1..close].contains('{');
+            prop_assert!(!tag_has_brace);
+        }
+
         #[test]
         fn distinct_users_get_distinct_keys(a in ".{0,12}", b in ".{0,12}") {
             prop_assume!(a != b);

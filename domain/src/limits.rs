@@ -242,6 +242,27 @@ pub struct Outcome {
 }
 
 impl Outcome {
+    /// The decision of a request with one limit, in the terms of a token bucket's answer.
+    pub fn single_decision(&self) -> crate::Decision {
+        let limit = self.limits.first().copied().unwrap_or(LimitOutcome {
+            admits: self.allowed,
+            quota: crate::Quota {
+                limit: 0,
+                remaining: 0,
+                reset_after: Duration::ZERO,
+            },
+            retry_after: Duration::ZERO,
+        });
+        if self.allowed {
+            crate::Decision::Allowed(limit.quota)
+        } else {
+            crate::Decision::Limited {
+                quota: limit.quota,
+                retry_after: limit.retry_after,
+            }
+        }
+    }
+
     /// The retry time of a refused request: the longest wait among the enforced limits that
     /// refuse (zero when allowed).
     pub fn retry_after(&self, applied: &[Applied]) -> Duration {

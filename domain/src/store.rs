@@ -3,6 +3,7 @@
 
 use async_trait::async_trait;
 
+use crate::limits::{Applied, LimitSpec, Outcome};
 use crate::{Decision, Policy};
 
 /// Why a store could not decide. Being over the limit is not an error.
@@ -19,24 +20,86 @@ pub enum StoreError {
 /// One request's outcome in [`BucketStore::take_many`].
 pub type Taken = Result<Decision, StoreError>;
 
-/// Atomically takes `cost` tokens from a user's bucket, or reports why it cannot.
+/// One limit of a request as a store sees it: the key its state lives under and its numbers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LimitTake {
+    pub key: String,
+    pub applied: Applied,
+}
+
+/// One request: every limit that applies to it, decided together, and its cost (negative:
+/// a refund; zero: a peek).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RequestTake {
+    pub limits: Vec<LimitTake>,
+    pub cost: i64,
+}
+
+impl RequestTake {
+    /// A request of `cost` against one token bucket of `policy` under `key`.
+    pub fn bucket(key: String, policy: Policy, cost: u64) -> Self {
+        Self {
+            limits: vec![LimitTake {
+                key,
+                applied: Applied {
+                    spec: LimitSpec::TokenBucket(policy),
+                    shadow: false,
+                },
+            }],
+            cost: cost as i64,
+        }
+    }
+
+    /// The applied limits, in order.
+    pub fn applied(&self) -> Vec<Applied> {
+        self.limits.iter().map(|l| l.applied).collect()
+    }
+}
+
+/// One request's outcome in [`BucketStore::decide_many`].
+pub type Decided = Result<Outcome, StoreError>;
+
+/// Decides requests against the limits they carry, each all or nothing
+/// ([`crate::limits::decide_all`]), atomically; or reports why it cannot.
 #[async_trait]
 pub trait BucketStore: Send + Sync + 'static {
-    /// The policy every bucket of this store follows.
+    /// The built-in policy ([`BucketStore::take`]'s buckets follow it).
     fn policy(&self) -> &Policy;
 
-    /// Decides one request: load, [`crate::bucket::decide`], store, atomically.
-    async fn take(&self, user_id: &str, cost: u64) -> Result<Decision, StoreError>;
+    /// The prefix of this store's keys.
+    fn key_prefix(&self) -> &str;
 
-    /// Decides several requests, in order, as [`BucketStore::take`] would one after the
-    /// other; a store may do it in one round trip. The outer error is a failure of the
-    /// whole call (what it decided is unknown, as with a `take` that timed out).
+    /// Decides several requests, in order, as if one after the other; a store may do it in
+    /// one round trip. The outer error is a failure of the whole call (what it decided is
+    /// unknown, as with a call that timed out).
+    async fn decide_many(&self, requests: &[RequestTake]) -> Result<Vec<Decided>, StoreError>;
+
+    /// Decides one request of `cost` against a user's bucket of the built-in policy.
+    async fn take(&self, user_id: &str, cost: u64) -> Result<Decision, StoreError> {
+        self.take_many(&[(user_id, cost)])
+            .await?
+            .pop()
+            .unwrap_or_else(|| Err(StoreError::Protocol("no answer".into())))
+    }
+
+    /// [`BucketStore::take`] for several requests, in order, in one call.
     async fn take_many(&self, takes: &[(&str, u64)]) -> Result<Vec<Taken>, StoreError> {
-        let mut taken = Vec::with_capacity(takes.len());
-        for &(user_id, cost) in takes {
-            taken.push(self.take(user_id, cost).await);
-        }
-        Ok(taken)
+        let requests: Vec<RequestTake> = takes
+            .iter()
+            .map(|&(user_id, cost)| {
+                RequestTake::bucket(
+                    crate::keys::bucket_key(self.key_prefix(), user_id),
+                    *self.policy(),
+                    cost,
+                )
+            })
+            .collect();
+        Ok(self
+            .decide_many(&requests)
+            .await?
+            .into_iter()
+            .map(|decided| decided.map(|outcome| outcome.single_decision()))
+            .collect())
     }
 
     /// Whether the store answers.

@@ -1,34 +1,50 @@
-//! The embedded bucket store: a sharded concurrent map (no global lock on the hot path).
+//! The embedded limit store: a map split into shards, each behind its own lock (no global
+//! lock on the hot path). A request's limits are decided together under the locks of the
+//! shards their keys fall in, taken in shard order, so several limits are all or nothing
+//! here as in the Redis script.
 //!
-//! A bucket that has refilled completely decides exactly like a missing one, so the sweeper
-//! drops it: memory is bounded by the users active within one refill period.
+//! Every state is kept until the time after which forgetting it changes nothing (a full
+//! bucket, a window that ended), like the expiry the Redis store sets; the sweeper drops
+//! what is past it, so memory is bounded by the keys active within one window.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use dashmap::DashMap;
-use dashmap::mapref::entry::Entry;
-use ratelimit_domain::bucket::decide;
-use ratelimit_domain::{BucketState, Clock, Decision, Policy};
+use ratelimit_domain::limits::{Applied, LimitSpec, LimitState, Outcome, decide_all};
+use ratelimit_domain::store::{Decided, RequestTake};
+use ratelimit_domain::{Clock, Decision, Policy, keys};
 use tokio_util::sync::CancellationToken;
 
 use super::{BucketStore, StoreError};
 
-/// Token buckets in this process's memory.
+const SHARDS: usize = 64;
+
+/// One limit's state and the time after which it can be forgotten.
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    state: LimitState,
+    expires_us: u64,
+}
+
+type Shard = HashMap<Box<str>, Slot>;
+
+/// Limit states in this process's memory.
 ///
-/// As the limiter's fail-open fallback it holds a share of the policy: the policy divided
+/// As the limiter's fail-open fallback it holds a share of each limit: the limit divided
 /// by the limiter instances that share it (`parts`, changed as instances come and go), and
-/// it can be seeded with what the shared store last said of a user, so that an outage does
-/// not hand an exhausted user a full bucket.
+/// it can be seeded with what the shared store last said of a key, so that an outage does
+/// not hand an exhausted user a full allowance.
 pub struct MemoryStore {
-    /// The whole policy (what [`BucketStore::policy`] reports).
+    /// The built-in policy (what [`BucketStore::policy`] reports).
     policy: Policy,
-    /// The share each bucket gets: `policy` divided by `parts`.
     parts: AtomicU64,
     clock: Arc<dyn Clock>,
-    buckets: DashMap<Box<str>, BucketState>,
+    hasher: RandomState,
+    shards: Box<[Mutex<Shard>]>,
 }
 
 impl MemoryStore {
@@ -37,78 +53,123 @@ impl MemoryStore {
             policy,
             parts: AtomicU64::new(1),
             clock,
-            buckets: DashMap::new(),
+            hasher: RandomState::new(),
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
         }
     }
 
-    /// The policy each bucket follows: the whole one divided by the current parts.
-    fn share(&self) -> Policy {
+    fn shard_of(&self, key: &str) -> usize {
+        (self.hasher.hash_one(key) as usize) % SHARDS
+    }
+
+    fn lock(&self, shard: usize) -> MutexGuard<'_, Shard> {
+        // A panic while holding a shard lock leaves plain data behind: keep using it.
+        self.shards[shard]
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The share of `spec` each key here gets: the whole divided by the current parts.
+    fn share(&self, applied: Applied) -> Applied {
         match self.parts.load(Ordering::Relaxed) {
-            0 | 1 => self.policy,
-            parts => self.policy.divided(parts),
+            0 | 1 => applied,
+            parts => Applied {
+                spec: applied.spec.divided(parts),
+                ..applied
+            },
         }
     }
 
-    /// Gives each bucket `1 / parts` of the policy from now on (at least 1 part).
+    /// Gives each limit `1 / parts` of its numbers from now on (at least 1 part).
     pub fn set_parts(&self, parts: u64) {
         let parts = parts.max(1);
         if self.parts.swap(parts, Ordering::Relaxed) != parts {
-            tracing::info!(parts, "fail-open share of the policy changed");
+            tracing::info!(parts, "fail-open share of the limits changed");
         }
     }
 
-    /// The current divisor of the policy.
+    /// The current divisor of the limits.
     pub fn parts(&self) -> u64 {
         self.parts.load(Ordering::Relaxed).max(1)
     }
 
-    /// Records that the shared store last left `user_id` with `remaining` of the whole
-    /// policy's tokens, now: its bucket here starts from that share (`remaining / parts`,
-    /// refilling from now) instead of full. A bucket already lower is left as it is.
-    pub fn seed(&self, user_id: &str, remaining: u64) {
-        let share = self.share();
-        let tokens = (remaining as f64 / self.parts() as f64).min(share.capacity() as f64);
+    /// Records that the shared store last left the limit `spec` under `key` with
+    /// `remaining` of the whole limit: its state here starts from that share
+    /// (`remaining / parts`) instead of a fresh one. A state already lower is left as it is.
+    pub fn seed(&self, key: &str, spec: &LimitSpec, remaining: u64) {
+        let parts = self.parts();
+        let share = spec.divided(parts);
         let now = self.clock.now_us();
-        let seeded = BucketState {
-            tokens,
-            updated_us: now,
+        let left = remaining / parts;
+        let seeded = match share {
+            LimitSpec::TokenBucket(p) => LimitState::Bucket(ratelimit_domain::BucketState {
+                tokens: (left as f64).min(p.capacity() as f64),
+                updated_us: now,
+            }),
+            LimitSpec::FixedWindow {
+                requests,
+                window_us,
+            } => LimitState::Fixed {
+                window_start_us: now - now % window_us,
+                count: requests.saturating_sub(left),
+            },
+            LimitSpec::SlidingWindow {
+                requests,
+                window_us,
+            } => LimitState::Sliding {
+                window_start_us: now - now % window_us,
+                count: requests.saturating_sub(left),
+                previous: 0,
+            },
         };
-        match self.buckets.get_mut(user_id) {
-            Some(mut state) => {
-                if tokens < state.tokens_at(now, &share) {
-                    *state = seeded;
-                }
-            }
-            None => {
-                self.buckets.insert(Box::from(user_id), seeded);
-            }
+        let applied = Applied {
+            spec: share,
+            shadow: false,
+        };
+        let mut shard = self.lock(self.shard_of(key));
+        let current = shard
+            .get(key)
+            .filter(|slot| slot.expires_us > now)
+            .map(|slot| slot.state);
+        let peek = |state: Option<LimitState>| {
+            decide_all(&[state], now, &[applied], 0).0.limits[0]
+                .quota
+                .remaining
+        };
+        if current.is_none() || peek(Some(seeded)) < peek(current) {
+            let expires_us = now.saturating_add(share.keep_for_us(&seeded, now));
+            shard.insert(Box::from(key), Slot {
+                state: seeded,
+                expires_us,
+            });
         }
     }
 
-    /// Buckets currently held (not yet refilled completely, or not yet swept).
+    /// States currently held (not yet past their time, or not yet swept).
     pub fn len(&self) -> usize {
-        self.buckets.len()
+        (0..SHARDS).map(|i| self.lock(i).len()).sum()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.buckets.is_empty()
+        self.len() == 0
     }
 
-    /// Drops every bucket that is full by now and returns how many were dropped. Gives the
-    /// map's memory back when it has shrunk a lot.
+    /// Drops every state past its time and returns how many were dropped. Gives a
+    /// shard's memory back when it has shrunk a lot.
     pub fn sweep(&self) -> usize {
         let now = self.clock.now_us();
-        let before = self.buckets.len();
-        let share = self.share();
-        self.buckets
-            .retain(|_, state| !state.is_full_at(now, &share));
-        let after = self.buckets.len();
-        if after < self.buckets.capacity() / 4 {
-            self.buckets.shrink_to_fit();
+        let mut dropped = 0;
+        for i in 0..SHARDS {
+            let mut shard = self.lock(i);
+            let before = shard.len();
+            shard.retain(|_, slot| slot.expires_us > now);
+            dropped += before - shard.len();
+            if shard.len() < shard.capacity() / 4 {
+                shard.shrink_to_fit();
+            }
         }
-        before - after
+        dropped
     }
-
     /// Sweeps every `interval` until `shutdown`.
     pub fn spawn_sweeper(self: &Arc<Self>, interval: Duration, shutdown: CancellationToken) {
         let store = Arc::downgrade(self);
@@ -132,27 +193,64 @@ impl MemoryStore {
         });
     }
 
-    /// The synchronous core of [`BucketStore::take`]; it never fails.
-    pub fn take_now(&self, user_id: &str, cost: u64) -> Decision {
+    /// Decides one request against its limits, all or nothing, under the locks of the
+    /// shards its keys fall in (taken in shard order, so two requests never wait on each
+    /// other in a cycle). It never fails.
+    pub fn decide_now(&self, request: &RequestTake) -> Outcome {
         let now = self.clock.now_us();
-        let policy = self.share();
-        if let Some(mut state) = self.buckets.get_mut(user_id) {
-            let (decision, next) = decide(Some(*state), now, &policy, cost);
-            *state = next;
-            return decision;
-        }
-        match self.buckets.entry(Box::from(user_id)) {
-            Entry::Occupied(mut e) => {
-                let (decision, next) = decide(Some(*e.get()), now, &policy, cost);
-                *e.get_mut() = next;
-                decision
+        let applied: Vec<Applied> = request
+            .limits
+            .iter()
+            .map(|l| self.share(l.applied))
+            .collect();
+        let shard_of: Vec<usize> = request.limits.iter().map(|l| self.shard_of(&l.key)).collect();
+        let mut order = shard_of.clone();
+        order.sort_unstable();
+        order.dedup();
+        let mut guards: Vec<(usize, MutexGuard<'_, Shard>)> =
+            order.iter().map(|&i| (i, self.lock(i))).collect();
+        let guard_of = |shard: usize| order.binary_search(&shard).expect("locked");
+        let states: Vec<Option<LimitState>> = request
+            .limits
+            .iter()
+            .zip(&shard_of)
+            .map(|(l, &s)| {
+                guards[guard_of(s)]
+                    .1
+                    .get(l.key.as_str())
+                    .filter(|slot| slot.expires_us > now)
+                    .map(|slot| slot.state)
+            })
+            .collect();
+        let (outcome, writes) = decide_all(&states, now, &applied, request.cost);
+        for ((limit, &s), (write, a)) in request
+            .limits
+            .iter()
+            .zip(&shard_of)
+            .zip(writes.into_iter().zip(&applied))
+        {
+            if let Some(state) = write {
+                let expires_us = now.saturating_add(a.spec.keep_for_us(&state, now));
+                let shard = &mut guards[guard_of(s)].1;
+                match shard.get_mut(limit.key.as_str()) {
+                    Some(slot) => *slot = Slot { state, expires_us },
+                    None => {
+                        shard.insert(Box::from(limit.key.as_str()), Slot { state, expires_us });
+                    }
+                }
             }
-            Entry::Vacant(e) => {
-                let (decision, next) = decide(None, now, &policy, cost);
-                e.insert(next);
-                decision
-            }
         }
+        outcome
+    }
+
+    /// A user's bucket of the built-in policy: [`BucketStore::take`] without the future.
+    pub fn take_now(&self, user_id: &str, cost: u64) -> Decision {
+        self.decide_now(&RequestTake::bucket(
+            keys::bucket_key("", user_id),
+            self.policy,
+            cost,
+        ))
+        .single_decision()
     }
 }
 
@@ -162,8 +260,12 @@ impl BucketStore for MemoryStore {
         &self.policy
     }
 
-    async fn take(&self, user_id: &str, cost: u64) -> Result<Decision, StoreError> {
-        Ok(self.take_now(user_id, cost))
+    fn key_prefix(&self) -> &str {
+        ""
+    }
+
+    async fn decide_many(&self, requests: &[RequestTake]) -> Result<Vec<Decided>, StoreError> {
+        Ok(requests.iter().map(|r| Ok(self.decide_now(r))).collect())
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -229,5 +331,57 @@ mod tests {
             }
         });
         assert_eq!(admitted.into_inner(), 1000);
+    }
+
+    /// Two limits shared by concurrent requests in different orders: never more than either
+    /// admits, and no deadlock.
+    #[test]
+    fn concurrent_multi_limit_requests_stay_all_or_nothing() {
+        use ratelimit_domain::limits::Algorithm;
+        use ratelimit_domain::store::LimitTake;
+        let (_clock, store) = store(10, 1.0);
+        let store = Arc::new(store);
+        let limit = |key: &str, requests: u64| LimitTake {
+            key: key.into(),
+            applied: Applied {
+                spec: LimitSpec::new(
+                    Algorithm::FixedWindow,
+                    requests,
+                    Duration::from_secs(3600),
+                    None,
+                )
+                .unwrap(),
+                shadow: false,
+            },
+        };
+        let ab = RequestTake {
+            limits: vec![limit("a", 300), limit("b", 500)],
+            cost: 1,
+        };
+        let ba = RequestTake {
+            limits: vec![limit("b", 500), limit("a", 300)],
+            cost: 1,
+        };
+        let admitted = std::sync::atomic::AtomicU64::new(0);
+        std::thread::scope(|s| {
+            for i in 0..4 {
+                let request = if i % 2 == 0 { &ab } else { &ba };
+                let (store, admitted) = (&store, &admitted);
+                s.spawn(move || {
+                    for _ in 0..200 {
+                        if store.decide_now(request).allowed {
+                            admitted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        });
+        assert_eq!(admitted.into_inner(), 300);
+        let peek = store.decide_now(&RequestTake {
+            limits: vec![limit("a", 300), limit("b", 500)],
+            cost: 0,
+        });
+        let remaining: Vec<u64> = peek.limits.iter().map(|l| l.quota.remaining).collect();
+        assert_eq!(remaining, [0, 200], "b spent only with a");
     }
 }

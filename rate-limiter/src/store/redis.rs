@@ -15,12 +15,14 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use ratelimit_domain::{Decision, Policy, Quota, keys};
+use ratelimit_domain::limits::{LimitOutcome, LimitSpec, Outcome};
+use ratelimit_domain::store::{Decided, RequestTake};
+use ratelimit_domain::{Policy, Quota};
 use service_kit::redis::{
     Connection, Endpoint, Scripts, connect, describe, is_noscript, with_deadline,
 };
 
-use super::{BucketStore, StoreError, Taken};
+use super::{BucketStore, StoreError};
 
 const TAKE_SCRIPT: &str = r#"
 local capacity = tonumber(ARGV[1])
@@ -77,6 +79,169 @@ if cost <= capacity then retry = wait(cost) end
 return {0, math.floor(tokens), retry, wait(capacity)}
 "#;
 
+/// Several limits of one request, all or nothing: every limit is evaluated first, and
+/// only when every enforced one admits the cost is it spent (on every limit that admits
+/// it). It mirrors [`ratelimit_domain::limits::decide_all`] operation for operation.
+///
+/// ARGV: the cost (negative: a refund; 0: a peek), then four per key: the algorithm
+/// (1 token bucket, 2 fixed window, 3 sliding window), shadow (0/1), and two numbers
+/// (capacity and refill per second; or requests and window in µs). Returns the allowed
+/// flag, then four per key: admits, remaining, retry (µs, -1 never), reset (µs).
+const MULTI_SCRIPT: &str = r#"
+local cost = tonumber(ARGV[1])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local function until_full(tokens, want, cap, rate)
+  if tokens >= want then return 0 end
+  local us = math.ceil((want - tokens) * 1000000 / rate)
+  local step = 1
+  while math.min(cap, tokens + us * rate / 1000000) < want do
+    us = us + step
+    step = step * 2
+  end
+  return us
+end
+local n = #KEYS
+local ev = {}
+for i = 1, n do
+  local algo = tonumber(ARGV[2 + (i - 1) * 4])
+  local shadow = tonumber(ARGV[3 + (i - 1) * 4])
+  local a = tonumber(ARGV[4 + (i - 1) * 4])
+  local b = tonumber(ARGV[5 + (i - 1) * 4])
+  local raw = redis.call('GET', KEYS[i])
+  local e = {shadow = shadow}
+  if algo == 1 then
+    local cap, rate = a, b
+    local stored, updated = cap, now
+    if raw then
+      if #raw == 16 then
+        stored, updated = struct.unpack('<d<d', raw)
+      else
+        local sep = string.find(raw, ' ', 1, true)
+        stored = tonumber(string.sub(raw, 1, sep - 1))
+        updated = tonumber(string.sub(raw, sep + 1))
+      end
+    end
+    local at = now
+    if at < updated then at = updated end
+    local tokens = math.min(cap, stored + (at - updated) * rate / 1000000)
+    local after
+    if cost < 0 then
+      after = math.min(cap, tokens - cost)
+      e.admits = 1
+      e.retry = 0
+    else
+      after = tokens - cost
+      if tokens >= cost then e.admits = 1 else e.admits = 0 end
+      if e.admits == 1 then e.retry = 0
+      elseif cost > cap then e.retry = -1
+      else e.retry = until_full(tokens, cost, cap, rate) end
+    end
+    e.kept = {math.floor(math.max(tokens, 0)), until_full(tokens, cap, cap, rate)}
+    local reset = until_full(after, cap, cap, rate)
+    e.spent = {math.floor(math.max(after, 0)), reset}
+    e.value = struct.pack('<d<d', after, at)
+    e.px = math.max(1, math.ceil(reset / 1000))
+  elseif algo == 2 then
+    local limit, w = a, b
+    local start = now - now % w
+    local count = 0
+    if raw and #raw == 16 then
+      local ws, c = struct.unpack('<d<d', raw)
+      if ws == start then count = c end
+    end
+    local nxt
+    if cost < 0 then nxt = math.max(0, count + cost) else nxt = count + cost end
+    if cost <= 0 or nxt <= limit then e.admits = 1 else e.admits = 0 end
+    local end_in = start + w - now
+    if e.admits == 1 then e.retry = 0 elseif cost > limit then e.retry = -1 else e.retry = end_in end
+    local function quota(c)
+      local reset = end_in
+      if c == 0 then reset = 0 end
+      return {math.max(0, limit - c), reset}
+    end
+    e.kept = quota(count)
+    e.spent = quota(nxt)
+    e.value = struct.pack('<d<d', start, nxt)
+    e.px = math.max(1, math.ceil(end_in / 1000))
+  else
+    local limit, w = a, b
+    local start = now - now % w
+    local cur, prev = 0, 0
+    if raw and #raw == 24 then
+      local ws, c, p = struct.unpack('<d<d<d', raw)
+      if ws == start then cur, prev = c, p elseif ws + w == start then prev = c end
+    end
+    local elapsed = now - start
+    local function est(c) return prev * (w - elapsed) / w + c end
+    local nxt
+    if cost < 0 then nxt = math.max(0, cur + cost) else nxt = cur + cost end
+    if cost <= 0 or est(cur) + cost <= limit then e.admits = 1 else e.admits = 0 end
+    local function quota(c)
+      local reset = 0
+      if c > 0 then reset = start + 2 * w - now elseif prev > 0 then reset = start + w - now end
+      return {math.floor(math.max(0, limit - est(c))), reset}
+    end
+    if e.admits == 1 then e.retry = 0
+    elseif cost > limit then e.retry = -1
+    else
+      local function admits_at(at)
+        local s2 = at - at % w
+        local c2, p2 = 0, 0
+        if s2 == start then c2, p2 = cur, prev elseif start + w == s2 then p2 = cur end
+        return p2 * (w - (at - s2)) / w + c2 + cost <= limit
+      end
+      local cand
+      if cur + cost <= limit and prev > 0 then
+        local room = limit - cur - cost
+        cand = start + math.min(math.max(0, math.ceil(w - room * w / prev)), w)
+      else
+        local nx = start + w
+        if cur == 0 then cand = nx else
+          local room = limit - cost
+          cand = nx + math.min(math.max(0, math.ceil(w - room * w / cur)), w)
+        end
+      end
+      local at = math.max(cand, now)
+      local step = 1
+      while (not admits_at(at)) and at < now + 3 * w do
+        at = at + step
+        step = step * 2
+      end
+      for _ = 1, 4 do
+        if at > now and admits_at(at - 1) then at = at - 1 else break end
+      end
+      e.retry = at - now
+    end
+    e.kept = quota(cur)
+    e.spent = quota(nxt)
+    e.value = struct.pack('<d<d<d', start, nxt, prev)
+    e.px = math.max(1, math.ceil((start + 2 * w - now) / 1000))
+  end
+  ev[i] = e
+end
+local allowed = 1
+if cost > 0 then
+  for i = 1, n do
+    if ev[i].shadow == 0 and ev[i].admits == 0 then allowed = 0 end
+  end
+end
+local out = {allowed}
+for i = 1, n do
+  local e = ev[i]
+  local q = e.kept
+  if allowed == 1 and e.admits == 1 and cost ~= 0 then
+    redis.call('SET', KEYS[i], e.value, 'PX', e.px)
+    q = e.spent
+  end
+  table.insert(out, e.admits)
+  table.insert(out, q[1])
+  table.insert(out, e.retry)
+  table.insert(out, q[2])
+end
+return out
+"#;
+
 /// Token buckets in Redis, shared by every limiter instance that points at it.
 pub struct RedisStore {
     policy: Policy,
@@ -99,7 +264,7 @@ impl RedisStore {
         Ok(Self {
             policy,
             conn,
-            scripts: Scripts::new(&[TAKE_SCRIPT]),
+            scripts: Scripts::new(&[TAKE_SCRIPT, MULTI_SCRIPT]),
             key_prefix: key_prefix.to_owned(),
             timeout,
         })
@@ -120,29 +285,43 @@ impl BucketStore for RedisStore {
         &self.policy
     }
 
-    /// One take is a batch of one: the same pipeline, the same `NOSCRIPT` handling.
-    async fn take(&self, user_id: &str, cost: u64) -> Result<Decision, StoreError> {
-        self.take_many(&[(user_id, cost)])
-            .await?
-            .pop()
-            .unwrap_or_else(|| Err(StoreError::Protocol("no answer".into())))
+    fn key_prefix(&self) -> &str {
+        &self.key_prefix
     }
 
-    /// Every take in one pipeline of `EVALSHA`s: one write and one round trip for the batch.
-    /// Redis runs them one after the other, each atomic, in order. Takes that find the
-    /// script missing (`NOSCRIPT`: Redis restarted or flushed) did not run; they are sent
-    /// again once the script is loaded.
-    async fn take_many(&self, takes: &[(&str, u64)]) -> Result<Vec<Taken>, StoreError> {
-        let mut taken: Vec<Option<Taken>> = takes.iter().map(|_| None).collect();
-        let mut pending: Vec<usize> = (0..takes.len()).collect();
+    /// Every request in one pipeline of `EVALSHA`s: one write and one round trip for the
+    /// batch. Redis runs them one after the other, each atomic, in order. Requests that find
+    /// the script missing (`NOSCRIPT`: Redis restarted or flushed) did not run; they are
+    /// sent again once the scripts are loaded.
+    ///
+    /// On a Cluster, a request whose limits live in more than one slot (several descriptors)
+    /// cannot be one script: see [`RedisStore::decide_across_slots`].
+    async fn decide_many(&self, requests: &[RequestTake]) -> Result<Vec<Decided>, StoreError> {
+        let mut decided: Vec<Option<Decided>> = requests.iter().map(|_| None).collect();
+        let mut pending: Vec<usize> = Vec::with_capacity(requests.len());
+        for (i, request) in requests.iter().enumerate() {
+            if request.limits.is_empty() {
+                decided[i] = Some(Ok(Outcome {
+                    allowed: true,
+                    limits: Vec::new(),
+                }));
+            } else if self.conn.is_cluster() && !one_slot(request) {
+                decided[i] = Some(self.decide_across_slots(request).await);
+            } else {
+                pending.push(i);
+            }
+        }
         for round in 0..2 {
-            let answers = self.run_takes(takes, &pending).await?;
+            if pending.is_empty() {
+                break;
+            }
+            let answers = self.run(requests, &pending).await?;
             let mut missing_script = Vec::new();
             for (&i, answer) in pending.iter().zip(answers) {
                 match answer {
-                    Ok(answer) => taken[i] = Some(self.decision(answer)),
+                    Ok(answer) => decided[i] = Some(outcome(&requests[i], &answer)),
                     Err(err) if round == 0 && is_noscript(&err) => missing_script.push(i),
-                    Err(err) => taken[i] = Some(Err(StoreError::Unavailable(describe(&err)))),
+                    Err(err) => decided[i] = Some(Err(StoreError::Unavailable(describe(&err)))),
                 }
             }
             if missing_script.is_empty() {
@@ -151,9 +330,9 @@ impl BucketStore for RedisStore {
             self.preload().await?;
             pending = missing_script;
         }
-        Ok(taken
+        Ok(decided
             .into_iter()
-            .map(|t| t.unwrap_or_else(|| Err(StoreError::Protocol("no answer".into()))))
+            .map(|d| d.unwrap_or_else(|| Err(StoreError::Protocol("no answer".into()))))
             .collect())
     }
 
@@ -165,31 +344,224 @@ impl BucketStore for RedisStore {
     }
 }
 
-/// What the script returns: allowed (0/1), whole tokens left, retry after (µs, -1 for
-/// never), reset after (µs).
-type Answer = (i64, i64, i64, i64);
+/// The hash tag of a key (what Redis Cluster hashes): the text between the first `{` and
+/// the next `}`; every key of ours has one.
+fn hash_tag(key: &str) -> &str {
+    key.find('{')
+        .and_then(|open| {
+            key[open + 1..]
+                .find('}')
+                .map(|len| &key[open + 1..open + 1 + len])
+        })
+        .unwrap_or(key)
+}
+
+/// Whether every limit of `request` lives in one Cluster slot (shares one hash tag).
+fn one_slot(request: &RequestTake) -> bool {
+    let first = hash_tag(&request.limits[0].key);
+    request.limits.iter().all(|l| hash_tag(&l.key) == first)
+}
+
+/// Whether a request can go to the single-bucket script (the common case, and the
+/// cheaper script): one enforced token bucket, a positive cost.
+fn is_single_bucket(request: &RequestTake) -> bool {
+    matches!(request.limits.as_slice(), [only] if !only.applied.shadow
+        && matches!(only.applied.spec, LimitSpec::TokenBucket(_)))
+        && request.cost > 0
+}
+
+/// The decision a script's answer carries.
+fn outcome(request: &RequestTake, answer: &[i64]) -> Decided {
+    let micros = |us: i64| match us {
+        -1 => Ok(Duration::MAX),
+        us if us >= 0 => Ok(Duration::from_micros(us as u64)),
+        other => Err(StoreError::Protocol(format!("script returned a wait of {other}"))),
+    };
+    if is_single_bucket(request) {
+        let &[allowed, remaining, retry_us, reset_us] = answer else {
+            return Err(StoreError::Protocol(format!("script returned {answer:?}")));
+        };
+        let limit = request.limits[0].applied.spec.limit();
+        return Ok(Outcome {
+            allowed: allowed == 1,
+            limits: vec![LimitOutcome {
+                admits: allowed == 1,
+                quota: Quota {
+                    limit,
+                    remaining: remaining.max(0) as u64,
+                    reset_after: micros(reset_us.max(0))?,
+                },
+                retry_after: if allowed == 1 { Duration::ZERO } else { micros(retry_us)? },
+            }],
+        });
+    }
+    if answer.len() != 1 + 4 * request.limits.len() {
+        return Err(StoreError::Protocol(format!("script returned {answer:?}")));
+    }
+    let limits = request
+        .limits
+        .iter()
+        .zip(answer[1..].chunks_exact(4))
+        .map(|(l, a)| {
+            Ok(LimitOutcome {
+                admits: a[0] == 1,
+                quota: Quota {
+                    limit: l.applied.spec.limit(),
+                    remaining: a[1].max(0) as u64,
+                    reset_after: micros(a[3].max(0))?,
+                },
+                retry_after: micros(a[2])?,
+            })
+        })
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    Ok(Outcome {
+        allowed: answer[0] == 1,
+        limits,
+    })
+}
 
 impl RedisStore {
-    /// Sends the takes at `indices` and returns their answers, in the order of `indices`.
+    /// Adds one request's script call to `pipe`.
+    fn invoke(&self, pipe: &mut redis::Pipeline, request: &RequestTake) {
+        if is_single_bucket(request) {
+            let LimitSpec::TokenBucket(policy) = request.limits[0].applied.spec else {
+                unreachable!("checked by is_single_bucket");
+            };
+            pipe.cmd("EVALSHA")
+                .arg(self.scripts.hash(0))
+                .arg(1)
+                .arg(&request.limits[0].key)
+                .arg(policy.capacity())
+                .arg(policy.refill_per_sec())
+                .arg(request.cost);
+            return;
+        }
+        let cmd = pipe
+            .cmd("EVALSHA")
+            .arg(self.scripts.hash(1))
+            .arg(request.limits.len());
+        for limit in &request.limits {
+            cmd.arg(&limit.key);
+        }
+        cmd.arg(request.cost);
+        for limit in &request.limits {
+            let shadow = u8::from(limit.applied.shadow);
+            match limit.applied.spec {
+                LimitSpec::TokenBucket(p) => cmd
+                    .arg(1)
+                    .arg(shadow)
+                    .arg(p.capacity())
+                    .arg(p.refill_per_sec()),
+                LimitSpec::FixedWindow {
+                    requests,
+                    window_us,
+                } => cmd.arg(2).arg(shadow).arg(requests).arg(window_us),
+                LimitSpec::SlidingWindow {
+                    requests,
+                    window_us,
+                } => cmd.arg(3).arg(shadow).arg(requests).arg(window_us),
+            };
+        }
+    }
+
+    /// A request whose limits span Cluster slots: one script per slot, one after the
+    /// other, each all or nothing; when a later slot refuses, what the earlier ones spent is
+    /// refunded. So across slots the request is all or nothing in its result, but for the
+    /// few milliseconds between the calls the spend is visible to other requests (which may
+    /// then be refused where a single script would have admitted them). Never lets more
+    /// through than the limits allow.
+    async fn decide_across_slots(&self, request: &RequestTake) -> Decided {
+        let mut groups: Vec<(&str, Vec<usize>)> = Vec::new();
+        for (i, limit) in request.limits.iter().enumerate() {
+            let tag = hash_tag(&limit.key);
+            match groups.iter_mut().find(|(t, _)| *t == tag) {
+                Some((_, members)) => members.push(i),
+                None => groups.push((tag, vec![i])),
+            }
+        }
+        let mut limits: Vec<Option<LimitOutcome>> = vec![None; request.limits.len()];
+        let mut spent: Vec<RequestTake> = Vec::new();
+        let mut allowed = true;
+        for (_, members) in &groups {
+            let part = RequestTake {
+                limits: members.iter().map(|&i| request.limits[i].clone()).collect(),
+                cost: request.cost,
+            };
+            let decided = self.decide_many(std::slice::from_ref(&part)).await;
+            let decided = match decided.map(|mut d| d.pop()) {
+                Ok(Some(Ok(outcome))) => outcome,
+                Ok(Some(Err(err))) | Err(err) => {
+                    self.refund(spent).await;
+                    return Err(err);
+                }
+                Ok(None) => {
+                    self.refund(spent).await;
+                    return Err(StoreError::Protocol("no answer".into()));
+                }
+            };
+            for (&i, outcome) in members.iter().zip(decided.limits) {
+                limits[i] = Some(outcome);
+            }
+            if !decided.allowed {
+                allowed = false;
+                break;
+            }
+            if request.cost > 0 {
+                spent.push(part);
+            }
+        }
+        if !allowed {
+            self.refund(spent).await;
+        }
+        // A limit of a slot never asked (after a refusal) is reported as admitting.
+        let limits = limits
+            .into_iter()
+            .zip(&request.limits)
+            .map(|(l, take)| {
+                l.unwrap_or(LimitOutcome {
+                    admits: true,
+                    quota: Quota {
+                        limit: take.applied.spec.limit(),
+                        remaining: take.applied.spec.limit(),
+                        reset_after: Duration::ZERO,
+                    },
+                    retry_after: Duration::ZERO,
+                })
+            })
+            .collect();
+        Ok(Outcome { allowed, limits })
+    }
+
+    /// Gives back what `spent` took (best effort: a failure is logged).
+    async fn refund(&self, spent: Vec<RequestTake>) {
+        for mut part in spent {
+            part.cost = -part.cost;
+            if let Err(err) = self.decide_many(std::slice::from_ref(&part)).await {
+                tracing::warn!(error = %err, "could not refund a request refused in another slot");
+            }
+        }
+    }
+
+    /// Sends the requests at `indices` and returns their answers, in the order of `indices`.
     /// On one Redis: one pipeline. On a Cluster, where a pipeline must stay in one slot:
-    /// one pipeline per user (so one user's takes still run in order), all at once.
-    async fn run_takes(
+    /// one pipeline per hash tag (so one key's requests still run in order), all at once.
+    async fn run(
         &self,
-        takes: &[(&str, u64)],
+        requests: &[RequestTake],
         indices: &[usize],
-    ) -> Result<Vec<redis::RedisResult<Answer>>, StoreError> {
+    ) -> Result<Vec<redis::RedisResult<Vec<i64>>>, StoreError> {
         let groups: Vec<Vec<usize>> = if self.conn.is_cluster() {
-            let mut by_user: Vec<(&str, Vec<usize>)> = Vec::new();
+            let mut by_tag: Vec<Vec<usize>> = Vec::new();
             let mut position: std::collections::HashMap<&str, usize> = Default::default();
             for &i in indices {
-                let user = takes[i].0;
-                let at = *position.entry(user).or_insert_with(|| {
-                    by_user.push((user, Vec::new()));
-                    by_user.len() - 1
+                let tag = hash_tag(&requests[i].limits[0].key);
+                let at = *position.entry(tag).or_insert_with(|| {
+                    by_tag.push(Vec::new());
+                    by_tag.len() - 1
                 });
-                by_user[at].1.push(i);
+                by_tag[at].push(i);
             }
-            by_user.into_iter().map(|(_, group)| group).collect()
+            by_tag
         } else {
             vec![indices.to_vec()]
         };
@@ -197,69 +569,43 @@ impl RedisStore {
             let mut pipe = redis::pipe();
             pipe.ignore_errors();
             for &i in group {
-                let (user_id, cost) = takes[i];
-                pipe.cmd("EVALSHA")
-                    .arg(self.scripts.hash(0))
-                    .arg(1)
-                    .arg(keys::bucket_key(&self.key_prefix, user_id))
-                    .arg(self.policy.capacity())
-                    .arg(self.policy.refill_per_sec())
-                    .arg(cost);
+                self.invoke(&mut pipe, &requests[i]);
             }
             let mut conn = self.conn.clone();
             async move {
-                let answers: Vec<redis::RedisResult<Answer>> = pipe.query_async(&mut conn).await?;
+                let answers: Vec<redis::RedisResult<Vec<i64>>> =
+                    pipe.query_async(&mut conn).await?;
                 if answers.len() != group.len() {
                     return Err(redis::RedisError::from((
                         redis::ErrorKind::Client,
                         "wrong number of answers",
-                        format!("{} answers to {} takes", answers.len(), group.len()),
+                        format!("{} answers to {} requests", answers.len(), group.len()),
                     )));
                 }
                 Ok(group.iter().copied().zip(answers).collect::<Vec<_>>())
             }
         });
+        let weight: usize = indices.iter().map(|&i| requests[i].limits.len()).sum();
         let answered = with_deadline(
-            self.batch_timeout(indices.len()),
+            self.batch_timeout(weight),
             futures::future::try_join_all(pipelines),
         )
         .await?;
-        let mut by_take: Vec<Option<redis::RedisResult<Answer>>> =
-            takes.iter().map(|_| None).collect();
+        let mut by_request: Vec<Option<redis::RedisResult<Vec<i64>>>> =
+            requests.iter().map(|_| None).collect();
         for (i, answer) in answered.into_iter().flatten() {
-            by_take[i] = Some(answer);
+            by_request[i] = Some(answer);
         }
         Ok(indices
             .iter()
-            .map(|&i| by_take[i].take().expect("every take answered"))
+            .map(|&i| by_request[i].take().expect("every request answered"))
             .collect())
     }
 
-    /// The deadline of one call carrying `takes` decisions: `REDIS_TIMEOUT_MS` for one, and
-    /// as much again for every 64 more (a full batch of 256 gets 5 times as long), so that a
-    /// big batch is not held to the deadline of a single decision.
-    fn batch_timeout(&self, takes: usize) -> Duration {
-        self.timeout * (1 + takes.saturating_sub(1) as u32 / 64)
-    }
-
-    fn decision(&self, answer: Answer) -> Result<Decision, StoreError> {
-        let (allowed, remaining, retry_us, reset_us) = answer;
-        let quota = Quota {
-            limit: self.policy.capacity(),
-            remaining: remaining.max(0) as u64,
-            reset_after: Duration::from_micros(reset_us.max(0) as u64),
-        };
-        Ok(match (allowed, retry_us) {
-            (1, _) => Decision::Allowed(quota),
-            (0, -1) => Decision::Limited {
-                quota,
-                retry_after: Duration::MAX,
-            },
-            (0, us) if us >= 0 => Decision::Limited {
-                quota,
-                retry_after: Duration::from_micros(us as u64),
-            },
-            other => return Err(StoreError::Protocol(format!("script returned {other:?}"))),
-        })
+    /// The deadline of one call carrying `limits` limit decisions: `REDIS_TIMEOUT_MS` for
+    /// one, and as much again for every 64 more (a full batch of 256 gets 5 times as long),
+    /// so that a big batch is not held to the deadline of a single decision.
+    fn batch_timeout(&self, limits: usize) -> Duration {
+        self.timeout * (1 + limits.saturating_sub(1).min(64 * 64) as u32 / 64)
     }
 }
