@@ -159,10 +159,7 @@ fn check_urls(replicas: &[&Replica]) -> Vec<String> {
 /// Sends `n` checks (each for a new user, so none is limited); every one must be decided.
 async fn send_checks(client: &HttpLimiterClient, n: usize) {
     for i in 0..n {
-        let request = CheckRequest {
-            user_id: format!("user-{i}"),
-            cost: 1,
-        };
+        let request = CheckRequest::user(format!("user-{i}"), 1);
         let decision = client.check(&request).await.unwrap();
         assert!(decision.allowed, "{decision:?}");
     }

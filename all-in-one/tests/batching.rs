@@ -28,10 +28,7 @@ fn exchanges() -> u64 {
 }
 
 fn check(user: &str, cost: u64) -> CheckRequest {
-    CheckRequest {
-        user_id: user.into(),
-        cost,
-    }
+    CheckRequest::user(user, cost)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -14,10 +14,7 @@ use testkit::{RedisServer, unique};
 use tokio_util::sync::CancellationToken;
 
 fn check(user: &str) -> CheckRequest {
-    CheckRequest {
-        user_id: user.into(),
-        cost: 1,
-    }
+    CheckRequest::user(user, 1)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

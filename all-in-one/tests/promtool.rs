@@ -70,10 +70,7 @@ async fn every_metrics_page_passes_promtool() {
     .await;
     let remote_user = unique("promtool-remote");
     for _ in 0..2 {
-        let request = CheckRequest {
-            user_id: remote_user.clone(),
-            cost: 1,
-        };
+        let request = CheckRequest::user(remote_user.clone(), 1);
         remote.check(&request).await.unwrap();
     }
 

@@ -456,14 +456,8 @@ mod tests {
         assert_eq!(
             b.checks,
             [
-                CheckRequest {
-                    user_id: "a".into(),
-                    cost: 1
-                },
-                CheckRequest {
-                    user_id: "b".into(),
-                    cost: 3
-                }
+                CheckRequest::user("a", 1),
+                CheckRequest::user("b", 3)
             ]
         );
         let field = |body: &[u8]| BatchRequest::from_json(body).unwrap_err().field;
@@ -502,6 +496,7 @@ mod tests {
                     reset_after_ms: 100,
                     window_ms: 1000,
                     degraded: false,
+                    limits: Vec::new(),
                 }),
                 BatchResult::Error(ErrorBody {
                     error: "unavailable".into(),
@@ -526,14 +521,40 @@ mod tests {
     }
 
     #[test]
+    fn descriptor_requests_round_trip_and_name_their_analytics_identity() {
+        let r = CheckRequest::from_json(
+            br#"{"domain":"api","descriptors":[{"entries":[{"key":"plan","value":"free"},{"key":"user_id","value":"u1"}]},{"entries":[{"key":"path","value":"/x"}]}],"cost":2}"#,
+        )
+        .unwrap();
+        assert_eq!(r.domain, "api");
+        assert_eq!(r.descriptors.len(), 2);
+        assert_eq!(r.user_id, "u1");
+        assert_eq!(r.cost, 2);
+        let again = CheckRequest::from_json(&serde_json::to_vec(&r).unwrap()).unwrap();
+        assert_eq!(again, r);
+        let anonymous = CheckRequest::from_json(
+            br#"{"domain":"api","descriptors":[{"entries":[{"key":"api_key","value":"k1"},{"key":"path","value":"/x"}]}]}"#,
+        )
+        .unwrap();
+        assert_eq!(anonymous.user_id, "api_key=k1/path=/x");
+        // The built-in form travels as it always did.
+        let plain = CheckRequest::user("u1", 1);
+        assert_eq!(serde_json::to_string(&plain).unwrap(), r#"{"user_id":"u1","cost":1}"#);
+        let refund = CheckRequest::from_json(br#"{"user_id":"u1","cost":-3}"#).unwrap();
+        assert_eq!(refund.cost, -3);
+        let many = format!(
+            r#"{{"descriptors":[{}]}}"#,
+            vec![r#"{"entries":[{"key":"k","value":"v"}]}"#; MAX_DESCRIPTORS + 1].join(",")
+        );
+        assert_eq!(CheckRequest::from_json(many.as_bytes()).unwrap_err().field, "descriptors");
+    }
+
+    #[test]
     fn accepts_a_plain_request_and_defaults_cost() {
         let r = CheckRequest::from_json(br#"{"user_id":"u1"}"#).unwrap();
         assert_eq!(
             r,
-            CheckRequest {
-                user_id: "u1".into(),
-                cost: 1
-            }
+            CheckRequest::user("u1", 1)
         );
         let r =
             CheckRequest::from_json(br#"{"user_id":"\u00e9\u6f22","cost":5,"extra":[1]}"#).unwrap();
@@ -586,7 +607,15 @@ mod tests {
             (br#"{"user_id":"a\u0000b"}"#, "user_id"),
             (br#"{"user_id":"a\nb"}"#, "user_id"),
             (br#"{"user_id":"u","cost":0}"#, "cost"),
-            (br#"{"user_id":"u","cost":-1}"#, "cost"),
+            (br#"{"user_id":"u","cost":-1000001}"#, "cost"),
+            (br#"{"user_id":"u","descriptors":[]}"#, "descriptors"),
+            (br#"{"domain":"api"}"#, "user_id"),
+            (br#"{"user_id":"u","domain":"api"}"#, "descriptors"),
+            (br#"{"descriptors":[{"entries":[]}]}"#, "descriptors[0].entries"),
+            (br#"{"descriptors":[{"entries":[{"key":"k"}]}]}"#, "descriptors[0].entries[0].value"),
+            (br#"{"descriptors":[{"entries":[{"key":"","value":"v"}]}]}"#, "descriptors[0].entries[0].key"),
+            (br#"{"descriptors":[{"entries":[{"key":"k","value":"a\u202eb"}]}]}"#, "descriptors[0].entries[0].value"),
+            (br#"{"descriptors":[{"entries":[{"key":"k","value":"v"}]}],"domain":""}"#, "domain"),
             (br#"{"user_id":"u","cost":1.5}"#, "cost"),
             (br#"{"user_id":"u","cost":"1"}"#, "cost"),
             (br#"{"user_id":"u","cost":1000001}"#, "cost"),
@@ -622,7 +651,7 @@ mod tests {
         fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
             if let Ok(r) = CheckRequest::from_json(&bytes) {
                 prop_assert!(validate_user_id(&r.user_id).is_ok());
-                prop_assert!((1..=MAX_COST).contains(&r.cost));
+                prop_assert!(r.cost != 0 && r.cost.unsigned_abs() <= MAX_COST);
             }
         }
 

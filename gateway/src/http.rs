@@ -74,47 +74,21 @@ pub fn router(gateway: Gateway, limits: &ServeLimits) -> Router {
     with_guards(routes, probes, MAX_BODY_BYTES, limits)
 }
 
-static RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
-static RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
-static RATELIMIT_RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
-static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
-static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
-static DEGRADED: HeaderName = HeaderName::from_static("x-ratelimit-degraded");
-
-fn secs_ceil(ms: u64) -> u64 {
-    ms.div_ceil(1000)
-}
-
-/// The rate-limit headers every `/api` answer carries: the widely deployed
-/// `RateLimit-Limit/-Remaining/-Reset` trio, and the IETF httpapi draft's
-/// `RateLimit-Policy` and `RateLimit` fields.
-fn rate_limit_headers(d: &CheckResponse) -> HeaderMap {
-    let mut h = HeaderMap::with_capacity(7);
-    let reset = secs_ceil(d.reset_after_ms);
-    h.insert(&RATELIMIT_LIMIT, HeaderValue::from(d.limit));
-    h.insert(&RATELIMIT_REMAINING, HeaderValue::from(d.remaining));
-    h.insert(&RATELIMIT_RESET, HeaderValue::from(reset));
-    let policy = format!(
-        "\"default\";q={};w={}",
-        d.limit,
-        secs_ceil(d.window_ms).max(1)
-    );
-    let current = format!("\"default\";r={};t={}", d.remaining, reset);
-    h.insert(
-        &RATELIMIT_POLICY,
-        HeaderValue::from_str(&policy).expect("ascii"),
-    );
-    h.insert(&RATELIMIT, HeaderValue::from_str(&current).expect("ascii"));
-    if d.degraded {
-        h.insert(&DEGRADED, HeaderValue::from_static("true"));
-    }
-    h
-}
+use crate::answer::{problem, rate_limit_headers, secs_ceil, violated, wants_problem};
 
 async fn api(
     State(Shared { gateway, .. }): State<Shared>,
+    request_headers: HeaderMap,
     ValidJson(request): ValidJson<CheckRequest>,
 ) -> Result<Response, ApiError> {
+    if request.cost < 1 {
+        // Refunds are for the services behind the limiter, never for its clients.
+        return Err(FieldError::new(
+            "cost",
+            format!("must be an integer from 1 to {}", ratelimit_domain::api::MAX_COST),
+        )
+        .into());
+    }
     let decision = gateway.limiter.check(&request).await?;
     let mut headers = rate_limit_headers(&decision);
     if decision.allowed {
@@ -129,10 +103,14 @@ async fn api(
             header::RETRY_AFTER,
             HeaderValue::from(secs_ceil(decision.retry_after_ms).max(1)),
         );
+        if wants_problem(&request_headers) {
+            return Ok(problem(&decision, headers));
+        }
         let body = LimitedBody {
             error: "rate_limited",
             user_id: &request.user_id,
             retry_after_ms: decision.retry_after_ms,
+            violated_policies: violated(&decision),
         };
         Ok((StatusCode::TOO_MANY_REQUESTS, headers, Json(body)).into_response())
     }
@@ -152,6 +130,9 @@ struct LimitedBody<'a> {
     error: &'static str,
     user_id: &'a str,
     retry_after_ms: u64,
+    /// The enforced policies that refused the request.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    violated_policies: Vec<&'a str>,
 }
 
 fn analytics_unavailable(err: CounterError) -> ApiError {

@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod analytics_reads;
+pub mod answer;
 pub mod client;
 pub mod config;
 pub mod dashboard;

@@ -61,13 +61,12 @@ async fn check_batch(
     State(limiter): State<Arc<Limiter>>,
     ValidJson(batch): ValidJson<BatchRequest>,
 ) -> Json<BatchResponse> {
-    let policy = limiter.policy();
     let results = limiter
         .check_many(&batch.checks)
         .await
         .into_iter()
         .map(|result| match result {
-            Ok(checked) => BatchResult::Ok(checked.to_response(policy)),
+            Ok(checked) => BatchResult::Ok(checked.to_response()),
             Err(err) => BatchResult::Error(ApiError::from(err).body()),
         })
         .collect();

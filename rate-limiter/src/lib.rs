@@ -14,6 +14,7 @@ pub mod http;
 #[cfg(feature = "kafka")]
 pub mod kafka;
 pub mod limiter;
+pub mod rules;
 pub mod store;
 
 use std::sync::Arc;

@@ -6,37 +6,129 @@ use std::sync::{Arc, Once};
 use std::time::Instant;
 
 use metrics::Unit;
-use ratelimit_domain::api::{CheckRequest, CheckResponse};
+use ratelimit_domain::api::{CheckRequest, CheckResponse, LimitStatus};
 use ratelimit_domain::event::SCHEMA_VERSION;
-use ratelimit_domain::{Clock, Decision, Policy, RateLimitEvent};
+use ratelimit_domain::keys::limit_key;
+use ratelimit_domain::limits::{Applied, Outcome};
+use ratelimit_domain::store::{LimitTake, RequestTake};
+use ratelimit_domain::{Clock, Decision, Policy, Quota, RateLimitEvent};
 use service_kit::config::FailMode;
 use service_kit::stream::EventPublisher;
 
 use crate::breaker::{Breaker, BreakerState, Permit};
-use crate::store::{BucketStore, MemoryStore, Taken};
+use crate::rules::Rules;
+use crate::store::{BucketStore, MemoryStore, StoreError};
 
 /// A decision and how it was made.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Checked {
+    /// The request's decision, with the numbers of the limit closest to refusing (when
+    /// refused: the enforced limit that refused with the longest wait).
     pub decision: Decision,
-    /// Made by the local fallback bucket because the shared store was unreachable.
+    /// Made by the local fallback because the shared store was unreachable.
     pub degraded: bool,
+    /// Every limit that applied.
+    pub limits: Vec<LimitStatus>,
+    /// The window of the limit the decision's numbers come from.
+    pub window: std::time::Duration,
+    /// Some shadow limit would have refused the request.
+    pub shadow_refused: bool,
 }
 
 impl Checked {
-    pub fn to_response(&self, policy: &Policy) -> CheckResponse {
+    pub fn to_response(&self) -> CheckResponse {
         let quota = self.decision.quota();
-        let window_secs = policy.capacity() as f64 / policy.refill_per_sec();
         CheckResponse {
             allowed: self.decision.is_allowed(),
             limit: quota.limit,
             remaining: quota.remaining,
             retry_after_ms: duration_ms_ceil(self.decision.retry_after()),
             reset_after_ms: duration_ms_ceil(quota.reset_after),
-            window_ms: (window_secs * 1000.0).ceil().min(u64::MAX as f64) as u64,
+            window_ms: duration_ms_ceil(self.window),
             degraded: self.degraded,
+            limits: self.limits.clone(),
         }
     }
+
+    /// The decision of a request with every limit in `plan` and their `outcome`.
+    fn new(plan: &Plan, outcome: &Outcome, degraded: bool, cost: i64) -> Self {
+        let limits: Vec<LimitStatus> = plan
+            .limits
+            .iter()
+            .zip(&outcome.limits)
+            .map(|(p, o)| LimitStatus {
+                name: p.name.to_string(),
+                algorithm: p.applied.spec.algorithm().name().to_owned(),
+                descriptor: p.descriptor,
+                limit: o.quota.limit,
+                remaining: o.quota.remaining,
+                reset_after_ms: duration_ms_ceil(o.quota.reset_after),
+                retry_after_ms: if o.admits {
+                    0
+                } else {
+                    duration_ms_ceil(o.retry_after)
+                },
+                window_ms: duration_ms_ceil(p.applied.spec.window()),
+                refused: cost > 0 && !o.admits,
+                shadow: p.applied.shadow,
+            })
+            .collect();
+        let enforced = || {
+            plan.limits
+                .iter()
+                .zip(&outcome.limits)
+                .filter(|(p, _)| !p.applied.shadow)
+        };
+        let deciding = if outcome.allowed {
+            enforced().min_by_key(|(_, o)| (o.quota.remaining, o.quota.limit))
+        } else {
+            enforced()
+                .filter(|(_, o)| !o.admits)
+                .max_by_key(|(_, o)| o.retry_after)
+        };
+        let (decision, window) = match deciding {
+            Some((p, o)) if outcome.allowed => (Decision::Allowed(o.quota), p.applied.spec.window()),
+            Some((p, o)) => (
+                Decision::Limited {
+                    quota: o.quota,
+                    retry_after: o.retry_after,
+                },
+                p.applied.spec.window(),
+            ),
+            // No enforced limit applied: allowed, with nothing to count down.
+            None => (
+                Decision::Allowed(Quota {
+                    limit: 0,
+                    remaining: 0,
+                    reset_after: std::time::Duration::ZERO,
+                }),
+                std::time::Duration::ZERO,
+            ),
+        };
+        Self {
+            decision,
+            degraded,
+            shadow_refused: cost > 0
+                && limits.iter().any(|l| l.shadow && l.refused),
+            limits,
+            window,
+        }
+    }
+}
+
+/// One limit of a planned request: its name, its descriptor and its numbers.
+#[derive(Debug, Clone)]
+struct PlannedLimit {
+    name: Arc<str>,
+    descriptor: usize,
+    applied: Applied,
+}
+
+/// A request resolved against the rules: what the store decides, and what it means.
+#[derive(Debug, Clone)]
+struct Plan {
+    take: RequestTake,
+    limits: Vec<PlannedLimit>,
 }
 
 /// Whole milliseconds, rounded up (a retry after the rounded time is still on time).
@@ -128,6 +220,8 @@ pub struct LimiterStats {
     pub store_errors: AtomicU64,
     /// Requests refused (fail-closed) because the store was unavailable.
     pub refused: AtomicU64,
+    /// Requests a shadow limit would have refused (admitted all the same).
+    pub shadow_refused: AtomicU64,
 }
 
 pub struct Limiter {
@@ -145,6 +239,7 @@ pub struct Limiter {
     /// store's answers. Derived once, off the hot path; false for the embedded memory
     /// store, whose fallback is never asked.
     seeds_fallback: bool,
+    rules: Arc<Rules>,
 }
 
 impl Limiter {
@@ -159,7 +254,9 @@ impl Limiter {
     ) -> Self {
         describe_metrics();
         let seeds_fallback = fail_mode == FailMode::Open && store.is_remote();
+        let rules = Arc::new(Rules::builtin(*store.policy()));
         Self {
+            rules,
             seeds_fallback,
             stats: LimiterStats::default(),
             latency: metrics::histogram!("ratelimit_decision_duration_seconds"),
@@ -227,10 +324,18 @@ impl Limiter {
         metrics::gauge!("ratelimit_events_buffered").set(p.buffered as f64);
     }
 
-    pub fn capacity(&self) -> u64 {
-        self.store.policy().capacity()
+    /// Decides with `rules` from now on (the built-in rule until then).
+    pub fn with_rules(mut self, rules: Arc<Rules>) -> Self {
+        self.rules = rules;
+        self
     }
 
+    /// The rules in force.
+    pub fn rules(&self) -> &Arc<Rules> {
+        &self.rules
+    }
+
+    /// The built-in policy.
     pub fn policy(&self) -> &Policy {
         self.store.policy()
     }
@@ -240,7 +345,7 @@ impl Limiter {
         &self,
         request: &CheckRequest,
     ) -> Result<CheckResponse, LimiterError> {
-        Ok(self.check(request).await?.to_response(self.policy()))
+        Ok(self.check(request).await?.to_response())
     }
 
     /// Whether the shared store answers and the breaker is closed.
@@ -250,19 +355,56 @@ impl Limiter {
 
     /// Decides `request` and publishes the decision.
     pub async fn check(&self, request: &CheckRequest) -> Result<Checked, LimiterError> {
-        self.admissible(request)?;
-        let started = Instant::now();
-        let stored = match self.breaker.permit() {
-            Some(permit) => {
-                let taken = self.store.take(&request.user_id, request.cost).await;
-                self.stored(permit, taken)
-            }
-            None => None,
+        self.check_many(std::slice::from_ref(request))
+            .await
+            .pop()
+            .expect("one result per request")
+    }
+
+    /// Resolves `request` against the rules in force: every limit that applies, keyed.
+    fn plan(&self, request: &CheckRequest) -> Result<Plan, LimiterError> {
+        let rules = self.rules.current();
+        let matched = rules.resolve(&request.domain, &request.descriptors);
+        let prefix = self.store.key_prefix();
+        let mut plan = Plan {
+            take: RequestTake {
+                limits: Vec::new(),
+                cost: request.cost,
+            },
+            limits: Vec::new(),
         };
-        if let Some(decision) = &stored {
-            self.remember(&request.user_id, decision);
+        for (i, (descriptor, rule)) in request.descriptors.iter().zip(matched).enumerate() {
+            let Some(rule) = rule else { continue };
+            for limit in &rule.limits {
+                let applied = Applied {
+                    spec: limit.spec,
+                    shadow: rule.shadow,
+                };
+                if !applied.shadow && request.cost > 0 && request.cost as u64 > applied.spec.limit()
+                {
+                    return Err(LimiterError::CostAboveCapacity {
+                        cost: request.cost as u64,
+                        capacity: applied.spec.limit(),
+                    });
+                }
+                plan.take.limits.push(LimitTake {
+                    key: limit_key(
+                        prefix,
+                        &request.domain,
+                        descriptor,
+                        &limit.name,
+                        applied.spec.algorithm(),
+                    ),
+                    applied,
+                });
+                plan.limits.push(PlannedLimit {
+                    name: Arc::from(limit.name.as_str()),
+                    descriptor: i,
+                    applied,
+                });
+            }
         }
-        self.settle(request, stored, started)
+        Ok(plan)
     }
 
     /// Decides `requests` in order, as [`Limiter::check`] would one after the other, in one
@@ -272,24 +414,29 @@ impl Limiter {
         requests: &[CheckRequest],
     ) -> Vec<Result<Checked, LimiterError>> {
         let started = Instant::now();
-        let admissible: Vec<Result<(), LimiterError>> =
-            requests.iter().map(|r| self.admissible(r)).collect();
-        let takes: Vec<(&str, u64)> = requests
+        let plans: Vec<Result<Plan, LimiterError>> =
+            requests.iter().map(|r| self.plan(r)).collect();
+        // Requests that some limit applies to go to the store; the others are allowed.
+        let asked: Vec<usize> = plans
             .iter()
-            .zip(&admissible)
-            .filter(|(_, ok)| ok.is_ok())
-            .map(|(r, _)| (r.user_id.as_str(), r.cost))
+            .enumerate()
+            .filter(|(_, p)| p.as_ref().is_ok_and(|p| !p.limits.is_empty()))
+            .map(|(i, _)| i)
+            .collect();
+        let takes: Vec<RequestTake> = asked
+            .iter()
+            .map(|&i| plans[i].as_ref().expect("planned").take.clone())
             .collect();
         let permit = if takes.is_empty() {
             None
         } else {
             self.breaker.permit()
         };
-        // One store call, one verdict for the breaker, however many checks it carried.
-        let stored: Vec<Option<Decision>> = match permit {
-            Some(permit) => match self.store.take_many(&takes).await {
-                Ok(taken) => {
-                    let failed = taken.iter().filter(|t| t.is_err()).count();
+        // One store call, one verdict for the breaker, however many requests it carried.
+        let stored: Vec<Option<Outcome>> = match permit {
+            Some(permit) => match self.store.decide_many(&takes).await {
+                Ok(decided) => {
+                    let failed = decided.iter().filter(|d| d.is_err()).count();
                     if failed == 0 {
                         permit.success();
                     } else {
@@ -298,40 +445,51 @@ impl Limiter {
                             .store_errors
                             .fetch_add(failed as u64, Ordering::Relaxed);
                     }
-                    taken.into_iter().map(Result::ok).collect()
+                    decided.into_iter().map(Result::ok).collect()
                 }
                 Err(err) => {
-                    self.stored(permit, Err(err));
+                    self.store_failed(permit, &err);
                     vec![None; takes.len()]
                 }
             },
             None => vec![None; takes.len()],
         };
-        for (&(user_id, _), decision) in takes.iter().zip(&stored) {
-            if let Some(decision) = decision {
-                self.remember(user_id, decision);
+        let mut outcomes: Vec<Option<Outcome>> = vec![None; requests.len()];
+        for ((&i, take), outcome) in asked.iter().zip(&takes).zip(stored) {
+            if let Some(outcome) = &outcome {
+                self.remember(take, outcome);
             }
+            outcomes[i] = outcome;
         }
-        let mut stored = stored.into_iter();
         requests
             .iter()
-            .zip(admissible)
-            .map(|(request, admissible)| {
-                admissible?;
-                self.settle(request, stored.next().flatten(), started)
+            .zip(plans)
+            .zip(outcomes)
+            .map(|((request, plan), outcome)| {
+                let plan = plan?;
+                if plan.limits.is_empty() {
+                    let outcome = Outcome {
+                        allowed: true,
+                        limits: Vec::new(),
+                    };
+                    return self.settle(request, &plan, Some(outcome), started);
+                }
+                self.settle(request, &plan, outcome, started)
             })
             .collect()
     }
 
-    /// Gives the fallback bucket a share of how many tokens the shared store left the
-    /// user, so that an outage starts them from there, not from a full bucket. Only for
-    /// users the store left at half or less (the others lose at most half a bucket to an
-    /// outage): a write per decision is for the users who are spending fast.
-    fn remember(&self, user_id: &str, decision: &Decision) {
-        if self.seeds_fallback {
-            let quota = decision.quota();
-            if quota.remaining * 2 <= quota.limit {
-                self.fallback.seed(user_id, quota.remaining);
+    /// Gives the fallback a share of what the shared store left each limit, so that an
+    /// outage starts from there, not from a fresh allowance. Only for limits the store left
+    /// at half or less (the others lose at most half of it to an outage): a write per
+    /// decision is for the keys that are spending fast.
+    fn remember(&self, take: &RequestTake, outcome: &Outcome) {
+        if self.seeds_fallback && take.cost > 0 {
+            for (limit, o) in take.limits.iter().zip(&outcome.limits) {
+                if o.quota.remaining * 2 <= o.quota.limit {
+                    self.fallback
+                        .seed(&limit.key, &limit.applied.spec, o.quota.remaining);
+                }
             }
         }
     }
@@ -341,32 +499,11 @@ impl Limiter {
         self.fallback.set_parts(parts);
     }
 
-    /// Refuses a request no bucket can ever admit.
-    fn admissible(&self, request: &CheckRequest) -> Result<(), LimiterError> {
-        let capacity = self.capacity();
-        if request.cost > capacity {
-            return Err(LimiterError::CostAboveCapacity {
-                cost: request.cost,
-                capacity,
-            });
-        }
-        Ok(())
-    }
-
-    /// The store's decision, or `None` (noted by the breaker) when it could not decide.
-    fn stored(&self, permit: Permit<'_>, taken: Taken) -> Option<Decision> {
-        match taken {
-            Ok(decision) => {
-                permit.success();
-                Some(decision)
-            }
-            Err(err) => {
-                permit.failure();
-                self.stats.store_errors.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(error = %err, "bucket store call failed");
-                None
-            }
-        }
+    /// Notes a failed store call with the breaker.
+    fn store_failed(&self, permit: Permit<'_>, err: &StoreError) {
+        permit.failure();
+        self.stats.store_errors.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(error = %err, "bucket store call failed");
     }
 
     /// Completes a decision: falls back (fail-open) or refuses (fail-closed) when the store
@@ -374,24 +511,26 @@ impl Limiter {
     fn settle(
         &self,
         request: &CheckRequest,
-        stored: Option<Decision>,
+        plan: &Plan,
+        stored: Option<Outcome>,
         started: Instant,
     ) -> Result<Checked, LimiterError> {
         let checked = match (stored, self.fail_mode) {
-            (Some(decision), _) => Checked {
-                decision,
-                degraded: false,
-            },
-            (None, FailMode::Open) => Checked {
-                decision: self.fallback.take_now(&request.user_id, request.cost),
-                degraded: true,
-            },
+            (Some(outcome), _) => Checked::new(plan, &outcome, false, request.cost),
+            (None, FailMode::Open) => {
+                let outcome = self.fallback.decide_now(&plan.take);
+                Checked::new(plan, &outcome, true, request.cost)
+            }
             (None, FailMode::Closed) => {
                 self.stats.refused.fetch_add(1, Ordering::Relaxed);
                 return Err(LimiterError::StoreUnavailable);
             }
         };
         self.latency.record(started.elapsed().as_secs_f64());
+        if request.cost < 0 {
+            // A refund is not a decision: nothing to count or publish.
+            return Ok(checked);
+        }
         let outcome = if checked.decision.is_allowed() {
             &self.stats.allowed
         } else {
@@ -401,11 +540,14 @@ impl Limiter {
         if checked.degraded {
             self.stats.degraded.fetch_add(1, Ordering::Relaxed);
         }
+        if checked.shadow_refused {
+            self.stats.shadow_refused.fetch_add(1, Ordering::Relaxed);
+        }
         self.publisher.publish(RateLimitEvent {
             schema_version: SCHEMA_VERSION,
             user_id: request.user_id.clone(),
             allowed: checked.decision.is_allowed(),
-            cost: request.cost,
+            cost: request.cost.unsigned_abs(),
             ts_ms: self.clock.now_ms(),
             limiter_id: self.instance_id.clone(),
             degraded: checked.degraded,
@@ -431,8 +573,17 @@ mod tests {
         fn policy(&self) -> &Policy {
             &self.0
         }
-        async fn take(&self, _: &str, _: u64) -> Result<Decision, StoreError> {
-            Err(StoreError::Unavailable("down".into()))
+        fn key_prefix(&self) -> &str {
+            ""
+        }
+        async fn decide_many(
+            &self,
+            requests: &[RequestTake],
+        ) -> Result<Vec<ratelimit_domain::store::Decided>, StoreError> {
+            Ok(requests
+                .iter()
+                .map(|_| Err(StoreError::Unavailable("down".into())))
+                .collect())
         }
         async fn ping(&self) -> Result<(), StoreError> {
             Err(StoreError::Unavailable("down".into()))
@@ -446,9 +597,11 @@ mod tests {
     ) -> Limiter {
         let clock = Arc::new(ManualClock::new(5_000_000));
         let policy = *store.policy();
+        let fallback = Arc::new(MemoryStore::new(policy, clock.clone()));
+        fallback.set_parts(2);
         Limiter::new(
             store,
-            Arc::new(MemoryStore::new(policy.divided(2), clock.clone())),
+            fallback,
             mode,
             Breaker::new(3, Duration::from_secs(60), clock.clone()),
             publisher,
@@ -458,10 +611,7 @@ mod tests {
     }
 
     fn req(user: &str, cost: u64) -> CheckRequest {
-        CheckRequest {
-            user_id: user.into(),
-            cost,
-        }
+        CheckRequest::user(user, cost)
     }
 
     #[tokio::test]

@@ -36,10 +36,7 @@ async fn limiter(redis: &RedisServer, extra: &[&str]) -> Arc<Limiter> {
 }
 
 fn req(user: &str) -> CheckRequest {
-    CheckRequest {
-        user_id: user.into(),
-        cost: 1,
-    }
+    CheckRequest::user(user, 1)
 }
 
 /// Defect: the breaker's half-open probe held its slot until it finished; a probe whose

@@ -59,10 +59,7 @@ fn config(url: &str, prefix: &str, extra: &[&str]) -> anyhow::Result<LimiterConf
 }
 
 fn req(user: &str) -> CheckRequest {
-    CheckRequest {
-        user_id: user.into(),
-        cost: 1,
-    }
+    CheckRequest::user(user, 1)
 }
 
 /// Whether each of four checks of `user` was allowed, each asserted decided in Redis.

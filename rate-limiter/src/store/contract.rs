@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use ratelimit_domain::{ManualClock, Policy};
 
-use ratelimit_domain::store::BucketStore;
+use ratelimit_domain::limits::{Algorithm, Applied, LimitSpec, Outcome};
+use ratelimit_domain::store::{BucketStore, LimitTake, RequestTake};
 
 /// How the suite lets time pass for a store.
 pub enum Advance {
@@ -40,6 +41,153 @@ where
     concurrent_takes_admit_exactly_capacity(&make).await;
     fractional_rates(&make).await;
     a_batch_decides_in_order_like_single_takes(&make).await;
+    several_limits_are_all_or_nothing(&make).await;
+    windows_count_and_refunds_give_back(&make).await;
+    shadow_limits_never_refuse(&make).await;
+    limits_of_several_descriptors_share_one_decision(&make).await;
+}
+
+fn limit(key: &str, algorithm: Algorithm, requests: u64, window_secs: u64) -> LimitTake {
+    LimitTake {
+        key: key.to_owned(),
+        applied: Applied {
+            spec: LimitSpec::new(algorithm, requests, Duration::from_secs(window_secs), None)
+                .unwrap(),
+            shadow: false,
+        },
+    }
+}
+
+async fn decide(store: &Arc<dyn BucketStore>, limits: &[LimitTake], cost: i64) -> Outcome {
+    let request = RequestTake {
+        limits: limits.to_vec(),
+        cost,
+    };
+    store
+        .decide_many(std::slice::from_ref(&request))
+        .await
+        .unwrap()
+        .pop()
+        .unwrap()
+        .unwrap()
+}
+
+fn remaining(outcome: &Outcome) -> Vec<u64> {
+    outcome.limits.iter().map(|l| l.quota.remaining).collect()
+}
+
+/// A burst limit and a daily quota on one key: each refuses on its own, and a refusal by
+/// either spends nothing on the other.
+async fn several_limits_are_all_or_nothing<F, Fut>(make: &F)
+where
+    F: Fn(Policy) -> Fut,
+    Fut: Future<Output = (Arc<dyn BucketStore>, Advance)>,
+{
+    let (store, _) = make(Policy::new(5, 0.01).unwrap()).await;
+    let p = store.key_prefix().to_owned();
+    let limits = [
+        limit(&format!("{p}l{{k1}}:burst:tb"), Algorithm::TokenBucket, 3, 3600),
+        limit(&format!("{p}l{{k1}}:daily:fw"), Algorithm::FixedWindow, 5, 86_400),
+    ];
+    for expected in [[2, 4], [1, 3], [0, 2]] {
+        let o = decide(&store, &limits, 1).await;
+        assert!(o.allowed);
+        assert_eq!(remaining(&o), expected);
+    }
+    let refused = decide(&store, &limits, 1).await;
+    assert!(!refused.allowed, "the burst refuses");
+    assert!(!refused.limits[0].admits && refused.limits[1].admits);
+    assert_eq!(remaining(&refused), [0, 2], "nothing spent on the daily quota");
+    // The daily quota alone refuses a cost of 3 that the burst limit would admit.
+    let fresh = [
+        limit(&format!("{p}l{{k2}}:burst:tb"), Algorithm::TokenBucket, 10, 3600),
+        limit(&format!("{p}l{{k2}}:daily:fw"), Algorithm::FixedWindow, 4, 86_400),
+    ];
+    assert!(decide(&store, &fresh, 2).await.allowed);
+    let refused = decide(&store, &fresh, 3).await;
+    assert!(!refused.allowed);
+    assert!(refused.limits[0].admits && !refused.limits[1].admits);
+    assert_eq!(remaining(&refused), [8, 2], "nothing spent on the burst");
+    let retry = refused.limits[1].retry_after;
+    assert!(retry > Duration::ZERO && retry <= Duration::from_secs(86_400), "{retry:?}");
+}
+
+/// Fixed and sliding windows count costs up to their limit; a refund gives back, never
+/// above the limit.
+async fn windows_count_and_refunds_give_back<F, Fut>(make: &F)
+where
+    F: Fn(Policy) -> Fut,
+    Fut: Future<Output = (Arc<dyn BucketStore>, Advance)>,
+{
+    let (store, _) = make(Policy::new(5, 0.01).unwrap()).await;
+    let p = store.key_prefix().to_owned();
+    for (algorithm, tag) in [
+        (Algorithm::FixedWindow, "fw"),
+        (Algorithm::SlidingWindow, "sw"),
+        (Algorithm::TokenBucket, "tb"),
+    ] {
+        let l = [limit(&format!("{p}l{{w}}:n:{tag}"), algorithm, 4, 86_400)];
+        assert_eq!(remaining(&decide(&store, &l, 3).await), [1], "{tag}");
+        assert!(!decide(&store, &l, 2).await.allowed, "{tag}");
+        let refunded = decide(&store, &l, -2).await;
+        assert!(refunded.allowed);
+        assert_eq!(remaining(&refunded), [3], "{tag}");
+        assert_eq!(remaining(&decide(&store, &l, -100).await), [4], "{tag}: capped");
+        assert_eq!(remaining(&decide(&store, &l, 0).await), [4], "{tag}: a peek");
+        assert!(decide(&store, &l, 4).await.allowed, "{tag}");
+        let refused = decide(&store, &l, 1).await;
+        assert!(!refused.allowed, "{tag}");
+        assert!(refused.limits[0].retry_after > Duration::ZERO);
+        assert_eq!(
+            decide(&store, &l, 5).await.limits[0].retry_after,
+            Duration::MAX,
+            "{tag}: above the limit, never"
+        );
+    }
+}
+
+/// A shadow limit is decided and reported, never enforced.
+async fn shadow_limits_never_refuse<F, Fut>(make: &F)
+where
+    F: Fn(Policy) -> Fut,
+    Fut: Future<Output = (Arc<dyn BucketStore>, Advance)>,
+{
+    let (store, _) = make(Policy::new(5, 0.01).unwrap()).await;
+    let p = store.key_prefix().to_owned();
+    let mut shadow = limit(&format!("{p}l{{s}}:trial:fw"), Algorithm::FixedWindow, 2, 86_400);
+    shadow.applied.shadow = true;
+    let limits = [
+        limit(&format!("{p}l{{s}}:real:tb"), Algorithm::TokenBucket, 10, 86_400),
+        shadow,
+    ];
+    let outcomes = [
+        decide(&store, &limits, 1).await,
+        decide(&store, &limits, 1).await,
+        decide(&store, &limits, 1).await,
+    ];
+    assert!(outcomes.iter().all(|o| o.allowed));
+    assert!(!outcomes[2].limits[1].admits, "the shadow limit would have refused");
+    assert_eq!(outcomes[2].limits[0].quota.remaining, 7);
+}
+
+/// Limits on two descriptors (two hash tags) are one decision too.
+async fn limits_of_several_descriptors_share_one_decision<F, Fut>(make: &F)
+where
+    F: Fn(Policy) -> Fut,
+    Fut: Future<Output = (Arc<dyn BucketStore>, Advance)>,
+{
+    let (store, _) = make(Policy::new(5, 0.01).unwrap()).await;
+    let p = store.key_prefix().to_owned();
+    let limits = [
+        limit(&format!("{p}l{{api/user=a}}:u:tb"), Algorithm::TokenBucket, 5, 3600),
+        limit(&format!("{p}l{{api/path=x}}:p:fw"), Algorithm::FixedWindow, 2, 86_400),
+    ];
+    assert!(decide(&store, &limits, 1).await.allowed);
+    assert!(decide(&store, &limits, 1).await.allowed);
+    let refused = decide(&store, &limits, 1).await;
+    assert!(!refused.allowed);
+    assert_eq!(remaining(&refused), [3, 0], "the user's bucket kept its token");
+    assert_eq!(remaining(&decide(&store, &limits[..1], 0).await), [3]);
 }
 
 async fn a_batch_decides_in_order_like_single_takes<F, Fut>(make: &F)

@@ -511,6 +511,21 @@ impl RedisStore {
             }
         }
         if !allowed {
+            // What the refund gives back is what these limits are left with.
+            for part in &spent {
+                for limit in &part.limits {
+                    if let Some(Some(outcome)) = request
+                        .limits
+                        .iter()
+                        .position(|l| l.key == limit.key)
+                        .map(|i| limits[i].as_mut())
+                    {
+                        outcome.quota.remaining = (outcome.quota.remaining
+                            + request.cost.unsigned_abs())
+                        .min(outcome.quota.limit);
+                    }
+                }
+            }
             self.refund(spent).await;
         }
         // A limit of a slot never asked (after a refusal) is reported as admitting.

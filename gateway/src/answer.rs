@@ -1,0 +1,216 @@
+//! How the gateway tells a client about a decision: the rate-limit headers, and the body
+//! of a refusal (today's JSON, or the IETF draft's problem details when asked for).
+//!
+//! Headers follow draft-ietf-httpapi-ratelimit-headers (revision 10): `RateLimit-Policy`
+//! lists every enforced policy that applied (`"burst";q=10;w=1, "daily";q=1000;w=86400`),
+//! `RateLimit` reports the one closest to refusing (`"burst";r=0;t=1`). The older
+//! `RateLimit-Limit/-Remaining/-Reset` trio, which many clients read, carries the same
+//! numbers as `RateLimit`.
+
+use axum::http::{HeaderMap, HeaderName, HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+use ratelimit_domain::api::{CheckResponse, LimitStatus};
+use serde_json::json;
+
+static RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
+static RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
+static RATELIMIT_RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
+static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+static DEGRADED: HeaderName = HeaderName::from_static("x-ratelimit-degraded");
+
+/// The problem type of the draft's quota-exceeded problem details.
+pub const QUOTA_EXCEEDED: &str = "https://iana.org/assignments/http-problem-types#quota-exceeded";
+
+pub fn secs_ceil(ms: u64) -> u64 {
+    ms.div_ceil(1000)
+}
+
+/// A policy name as a structured-field string: printable ASCII, `"` and `\` escaped, any
+/// other character replaced by `_` (names come from the operator's rules, but a header
+/// must never break).
+fn sf_string(name: &str) -> String {
+    let mut out = String::with_capacity(name.len() + 2);
+    out.push('"');
+    for c in name.chars() {
+        match c {
+            '"' | '\\' => {
+                out.push('\\');
+                out.push(c);
+            }
+            ' '..='~' => out.push(c),
+            _ => out.push('_'),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// The enforced limits of a decision (shadow limits are not the client's business).
+fn enforced(d: &CheckResponse) -> impl Iterator<Item = &LimitStatus> {
+    d.limits.iter().filter(|l| !l.shadow)
+}
+
+/// The name of the limit the decision's top-level numbers come from: the refusing limit
+/// with the longest wait, or the one with the fewest requests left.
+fn closest(d: &CheckResponse) -> Option<&LimitStatus> {
+    if d.allowed {
+        enforced(d).min_by_key(|l| (l.remaining, l.limit))
+    } else {
+        enforced(d)
+            .filter(|l| l.refused)
+            .max_by_key(|l| l.retry_after_ms)
+    }
+}
+
+/// The enforced policies that refused the request.
+pub fn violated(d: &CheckResponse) -> Vec<&str> {
+    enforced(d)
+        .filter(|l| l.refused)
+        .map(|l| l.name.as_str())
+        .collect()
+}
+
+/// The rate-limit headers of an answer. None when no limit applied (an unlimited
+/// descriptor), except the degraded marker.
+pub fn rate_limit_headers(d: &CheckResponse) -> HeaderMap {
+    let mut h = HeaderMap::with_capacity(7);
+    if d.degraded {
+        h.insert(&DEGRADED, HeaderValue::from_static("true"));
+    }
+    let (name, policies) = if d.limits.is_empty() {
+        if d.limit == 0 {
+            return h;
+        }
+        // A limiter that does not list its limits: its one policy is the built-in one.
+        (
+            "default".to_owned(),
+            format!("\"default\";q={};w={}", d.limit, secs_ceil(d.window_ms).max(1)),
+        )
+    } else {
+        let Some(closest) = closest(d) else { return h };
+        let policies: Vec<String> = enforced(d)
+            .map(|l| {
+                format!(
+                    "{};q={};w={}",
+                    sf_string(&l.name),
+                    l.limit,
+                    secs_ceil(l.window_ms).max(1)
+                )
+            })
+            .collect();
+        (closest.name.clone(), policies.join(", "))
+    };
+    let reset = secs_ceil(d.reset_after_ms);
+    h.insert(&RATELIMIT_LIMIT, HeaderValue::from(d.limit));
+    h.insert(&RATELIMIT_REMAINING, HeaderValue::from(d.remaining));
+    h.insert(&RATELIMIT_RESET, HeaderValue::from(reset));
+    let current = format!("{};r={};t={}", sf_string(&name), d.remaining, reset);
+    if let Ok(v) = HeaderValue::from_str(&policies) {
+        h.insert(&RATELIMIT_POLICY, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&current) {
+        h.insert(&RATELIMIT, v);
+    }
+    h
+}
+
+/// Whether the client asked for problem details (`Accept: application/problem+json`).
+pub fn wants_problem(request_headers: &HeaderMap) -> bool {
+    request_headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.to_ascii_lowercase().contains("application/problem+json"))
+}
+
+/// A 429 in the draft's problem-details form.
+pub fn problem(d: &CheckResponse, mut headers: HeaderMap) -> Response {
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/problem+json"),
+    );
+    let body = json!({
+        "type": QUOTA_EXCEEDED,
+        "title": "Request cannot be satisfied as assigned quota has been exceeded",
+        "status": 429,
+        "violated-policies": violated(d),
+        "retry_after_ms": d.retry_after_ms,
+    });
+    (
+        axum::http::StatusCode::TOO_MANY_REQUESTS,
+        headers,
+        body.to_string(),
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limit(name: &str, limit: u64, remaining: u64, window_ms: u64, refused: bool) -> LimitStatus {
+        LimitStatus {
+            name: name.into(),
+            algorithm: "token_bucket".into(),
+            limit,
+            remaining,
+            window_ms,
+            refused,
+            reset_after_ms: 1000,
+            retry_after_ms: if refused { 1000 } else { 0 },
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn every_policy_is_listed_and_the_closest_is_reported() {
+        let d = CheckResponse {
+            allowed: true,
+            limit: 10,
+            remaining: 2,
+            reset_after_ms: 1500,
+            window_ms: 1000,
+            limits: vec![
+                limit("burst", 10, 2, 1000, false),
+                limit("daily", 1000, 990, 86_400_000, false),
+            ],
+            ..Default::default()
+        };
+        let h = rate_limit_headers(&d);
+        assert_eq!(
+            h["ratelimit-policy"],
+            "\"burst\";q=10;w=1, \"daily\";q=1000;w=86400"
+        );
+        assert_eq!(h["ratelimit"], "\"burst\";r=2;t=2");
+        assert_eq!(h["ratelimit-remaining"], "2");
+    }
+
+    #[test]
+    fn a_refusal_names_the_violated_policies_and_shadow_limits_stay_hidden() {
+        let mut shadow = limit("trial", 1, 0, 1000, true);
+        shadow.shadow = true;
+        let d = CheckResponse {
+            allowed: false,
+            limits: vec![
+                limit("burst", 10, 5, 1000, false),
+                limit("daily\"x", 1000, 0, 86_400_000, true),
+                shadow,
+            ],
+            ..Default::default()
+        };
+        assert_eq!(violated(&d), ["daily\"x"]);
+        let h = rate_limit_headers(&d);
+        assert!(h["ratelimit"].to_str().unwrap().starts_with("\"daily\\\"x\""));
+        assert!(!h["ratelimit-policy"].to_str().unwrap().contains("trial"));
+    }
+
+    #[test]
+    fn no_limit_means_no_headers() {
+        let d = CheckResponse {
+            allowed: true,
+            ..Default::default()
+        };
+        assert!(rate_limit_headers(&d).is_empty());
+    }
+}

@@ -1,0 +1,153 @@
+//! The rules in force, and the watcher that replaces them when `RULES_PATH` changes.
+//!
+//! Every decision reads the current [`RuleSet`] (an `Arc` clone under a read lock held for
+//! no longer than that). The watcher polls the file (or the directory's `*.yaml` files)
+//! every 250 ms; a change is read, validated as a whole and swapped in, so a rule change
+//! applies within a second without a restart. Buckets are keyed by descriptor and limit
+//! name, never by the limit's numbers, so no counter is reset. A file that does not
+//! validate is refused with a log line naming the file, the line and the field, and the
+//! rules in force stay.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use ratelimit_domain::Policy;
+use ratelimit_domain::rules::{MAX_RULES_FILE_BYTES, RuleSet};
+use tokio_util::sync::CancellationToken;
+
+/// How often the watcher looks at the rules files.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(250);
+
+/// The rules in force, replaced as a whole.
+pub struct Rules {
+    current: RwLock<Arc<RuleSet>>,
+    /// The built-in policy, the default domain's rule unless the files define it.
+    builtin: Policy,
+}
+
+impl Rules {
+    /// The built-in rule only (no `RULES_PATH`).
+    pub fn builtin(policy: Policy) -> Self {
+        Self {
+            current: RwLock::new(Arc::new(RuleSet::builtin(policy))),
+            builtin: policy,
+        }
+    }
+
+    /// The rules read from `path` now; an error names the file, line and field.
+    pub fn load(path: &Path, policy: Policy) -> anyhow::Result<Self> {
+        let set = read(path)?.with_default(policy);
+        Ok(Self {
+            current: RwLock::new(Arc::new(set)),
+            builtin: policy,
+        })
+    }
+
+    /// The rules in force.
+    pub fn current(&self) -> Arc<RuleSet> {
+        self.current
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    fn replace(&self, set: RuleSet) {
+        *self
+            .current
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(set.with_default(self.builtin));
+    }
+
+    /// Watches `path` until `shutdown`: a changed file is validated and applied, a bad one
+    /// refused (logged) with the rules in force kept.
+    pub fn spawn_watcher(self: &Arc<Self>, path: PathBuf, shutdown: CancellationToken) {
+        let rules = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut seen = fingerprint(&path).await;
+            let mut tick = tokio::time::interval(POLL_INTERVAL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                let Some(rules) = rules.upgrade() else { return };
+                let now = fingerprint(&path).await;
+                if now == seen {
+                    continue;
+                }
+                seen = now;
+                let read_path = path.clone();
+                match tokio::task::spawn_blocking(move || read(&read_path)).await {
+                    Ok(Ok(set)) => {
+                        rules.replace(set);
+                        tracing::info!(path = %path.display(), "rules changed: applied");
+                    }
+                    Ok(Err(err)) => {
+                        tracing::error!(path = %path.display(), error = %err, "rules changed but refused; the previous rules stay in force");
+                    }
+                    Err(err) => tracing::error!(error = %err, "rules reader failed"),
+                }
+            }
+        });
+    }
+}
+
+/// What identifies the files' contents cheaply: each file's name, length and modification
+/// time (a content change that keeps all three is caught when any of them moves).
+async fn fingerprint(path: &Path) -> Vec<(PathBuf, u64, Option<std::time::SystemTime>)> {
+    let path = path.to_owned();
+    tokio::task::spawn_blocking(move || {
+        files(&path)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|f| {
+                let meta = std::fs::metadata(&f).ok();
+                let len = meta.as_ref().map_or(0, |m| m.len());
+                let modified = meta.and_then(|m| m.modified().ok());
+                (f, len, modified)
+            })
+            .collect()
+    })
+    .await
+    .unwrap_or_default()
+}
+
+/// The rules files at `path`: the file itself, or a directory's `*.yaml` and `*.yml`
+/// files, sorted by name.
+fn files(path: &Path) -> std::io::Result<Vec<PathBuf>> {
+    if !path.is_dir() {
+        return Ok(vec![path.to_owned()]);
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(path)?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| {
+            p.is_file()
+                && matches!(
+                    p.extension().and_then(|e| e.to_str()),
+                    Some("yaml") | Some("yml")
+                )
+        })
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+/// Reads and validates every rules file at `path` (blocking).
+fn read(path: &Path) -> anyhow::Result<RuleSet> {
+    let mut texts = Vec::new();
+    for file in files(path)? {
+        let name = file.display().to_string();
+        let len = std::fs::metadata(&file)
+            .map_err(|e| anyhow::anyhow!("{name}: {e}"))?
+            .len();
+        if len > MAX_RULES_FILE_BYTES as u64 {
+            anyhow::bail!("{name}: {len} bytes; a rules file may hold at most {MAX_RULES_FILE_BYTES}");
+        }
+        let text = std::fs::read_to_string(&file).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+        texts.push((name, text));
+    }
+    Ok(RuleSet::from_files(&texts)?)
+}
