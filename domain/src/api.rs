@@ -180,7 +180,9 @@ impl CheckRequestWire {
                     .map(|(j, e)| {
                         let key = e
                             .key
-                            .ok_or_else(|| FieldError::new(format!("{field}[{j}].key"), "is required"))
+                            .ok_or_else(|| {
+                                FieldError::new(format!("{field}[{j}].key"), "is required")
+                            })
                             .and_then(|k| canonical_key(&format!("{field}[{j}].key"), k))?;
                         let value = e
                             .value
@@ -188,8 +190,9 @@ impl CheckRequestWire {
                                 FieldError::new(format!("{field}[{j}].value"), "is required")
                             })
                             .and_then(|v| {
-                                canonical_user_id(v)
-                                    .map_err(|e| FieldError::new(format!("{field}[{j}].value"), e.detail))
+                                canonical_user_id(v).map_err(|e| {
+                                    FieldError::new(format!("{field}[{j}].value"), e.detail)
+                                })
                             })?;
                         Ok(Entry { key, value })
                     })
@@ -220,7 +223,13 @@ pub fn analytics_identity(descriptors: &[Descriptor]) -> String {
         return entry.value.clone();
     }
     let mut id = String::new();
-    for (i, e) in descriptors.first().map(|d| d.entries.as_slice()).unwrap_or_default().iter().enumerate() {
+    for (i, e) in descriptors
+        .first()
+        .map(|d| d.entries.as_slice())
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+    {
         if i > 0 {
             id.push('/');
         }
@@ -455,10 +464,7 @@ mod tests {
                 .unwrap();
         assert_eq!(
             b.checks,
-            [
-                CheckRequest::user("a", 1),
-                CheckRequest::user("b", 3)
-            ]
+            [CheckRequest::user("a", 1), CheckRequest::user("b", 3)]
         );
         let field = |body: &[u8]| BatchRequest::from_json(body).unwrap_err().field;
         assert_eq!(
@@ -539,23 +545,26 @@ mod tests {
         assert_eq!(anonymous.user_id, "api_key=k1/path=/x");
         // The built-in form travels as it always did.
         let plain = CheckRequest::user("u1", 1);
-        assert_eq!(serde_json::to_string(&plain).unwrap(), r#"{"user_id":"u1","cost":1}"#);
+        assert_eq!(
+            serde_json::to_string(&plain).unwrap(),
+            r#"{"user_id":"u1","cost":1}"#
+        );
         let refund = CheckRequest::from_json(br#"{"user_id":"u1","cost":-3}"#).unwrap();
         assert_eq!(refund.cost, -3);
         let many = format!(
             r#"{{"descriptors":[{}]}}"#,
             vec![r#"{"entries":[{"key":"k","value":"v"}]}"#; MAX_DESCRIPTORS + 1].join(",")
         );
-        assert_eq!(CheckRequest::from_json(many.as_bytes()).unwrap_err().field, "descriptors");
+        assert_eq!(
+            CheckRequest::from_json(many.as_bytes()).unwrap_err().field,
+            "descriptors"
+        );
     }
 
     #[test]
     fn accepts_a_plain_request_and_defaults_cost() {
         let r = CheckRequest::from_json(br#"{"user_id":"u1"}"#).unwrap();
-        assert_eq!(
-            r,
-            CheckRequest::user("u1", 1)
-        );
+        assert_eq!(r, CheckRequest::user("u1", 1));
         let r =
             CheckRequest::from_json(br#"{"user_id":"\u00e9\u6f22","cost":5,"extra":[1]}"#).unwrap();
         assert_eq!(r.user_id, "é漢");
@@ -611,11 +620,26 @@ mod tests {
             (br#"{"user_id":"u","descriptors":[]}"#, "descriptors"),
             (br#"{"domain":"api"}"#, "user_id"),
             (br#"{"user_id":"u","domain":"api"}"#, "descriptors"),
-            (br#"{"descriptors":[{"entries":[]}]}"#, "descriptors[0].entries"),
-            (br#"{"descriptors":[{"entries":[{"key":"k"}]}]}"#, "descriptors[0].entries[0].value"),
-            (br#"{"descriptors":[{"entries":[{"key":"","value":"v"}]}]}"#, "descriptors[0].entries[0].key"),
-            (br#"{"descriptors":[{"entries":[{"key":"k","value":"a\u202eb"}]}]}"#, "descriptors[0].entries[0].value"),
-            (br#"{"descriptors":[{"entries":[{"key":"k","value":"v"}]}],"domain":""}"#, "domain"),
+            (
+                br#"{"descriptors":[{"entries":[]}]}"#,
+                "descriptors[0].entries",
+            ),
+            (
+                br#"{"descriptors":[{"entries":[{"key":"k"}]}]}"#,
+                "descriptors[0].entries[0].value",
+            ),
+            (
+                br#"{"descriptors":[{"entries":[{"key":"","value":"v"}]}]}"#,
+                "descriptors[0].entries[0].key",
+            ),
+            (
+                br#"{"descriptors":[{"entries":[{"key":"k","value":"a\u202eb"}]}]}"#,
+                "descriptors[0].entries[0].value",
+            ),
+            (
+                br#"{"descriptors":[{"entries":[{"key":"k","value":"v"}]}],"domain":""}"#,
+                "domain",
+            ),
             (br#"{"user_id":"u","cost":1.5}"#, "cost"),
             (br#"{"user_id":"u","cost":"1"}"#, "cost"),
             (br#"{"user_id":"u","cost":1000001}"#, "cost"),

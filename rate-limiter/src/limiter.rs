@@ -87,7 +87,9 @@ impl Checked {
                 .max_by_key(|(_, o)| o.retry_after)
         };
         let (decision, window) = match deciding {
-            Some((p, o)) if outcome.allowed => (Decision::Allowed(o.quota), p.applied.spec.window()),
+            Some((p, o)) if outcome.allowed => {
+                (Decision::Allowed(o.quota), p.applied.spec.window())
+            }
             Some((p, o)) => (
                 Decision::Limited {
                     quota: o.quota,
@@ -108,8 +110,7 @@ impl Checked {
         Self {
             decision,
             degraded,
-            shadow_refused: cost > 0
-                && limits.iter().any(|l| l.shadow && l.refused),
+            shadow_refused: cost > 0 && limits.iter().any(|l| l.shadow && l.refused),
             limits,
             window,
         }

@@ -56,7 +56,8 @@ impl Rules {
         *self
             .current
             .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(set.with_default(self.builtin));
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) =
+            Arc::new(set.with_default(self.builtin));
     }
 
     /// Watches `path` until `shutdown`: a changed file is validated and applied, a bad one
@@ -144,7 +145,9 @@ fn read(path: &Path) -> anyhow::Result<RuleSet> {
             .map_err(|e| anyhow::anyhow!("{name}: {e}"))?
             .len();
         if len > MAX_RULES_FILE_BYTES as u64 {
-            anyhow::bail!("{name}: {len} bytes; a rules file may hold at most {MAX_RULES_FILE_BYTES}");
+            anyhow::bail!(
+                "{name}: {len} bytes; a rules file may hold at most {MAX_RULES_FILE_BYTES}"
+            );
         }
         let text = std::fs::read_to_string(&file).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
         texts.push((name, text));

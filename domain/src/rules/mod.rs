@@ -25,7 +25,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use crate::bucket::Policy;
-use crate::descriptor::{Descriptor, DEFAULT_DOMAIN, USER_ID_KEY};
+use crate::descriptor::{DEFAULT_DOMAIN, Descriptor, USER_ID_KEY};
 use crate::limits::LimitSpec;
 
 use wire::{DescriptorNode, FileWire, LimitsDraft, ReadGuard, Text};
@@ -45,6 +45,10 @@ pub const MAX_LIMITS_PER_DESCRIPTOR: usize = 16;
 pub const MAX_REPLACES: usize = 64;
 /// The most values (scalars, lists and mappings) of `metadata` in one file.
 pub const MAX_METADATA_NODES: usize = 10_000;
+/// The deepest nesting of YAML flow collections (`[` and `{`), checked on the text before it
+/// is parsed: libyaml's time grows with the square of this nesting. The YAML crate refuses
+/// more than 128 levels of any nesting anyway.
+const MAX_FLOW_NESTING: usize = 128;
 
 /// One limit of a rule, and the name it is known by.
 #[derive(Debug, Clone, PartialEq)]
@@ -353,10 +357,10 @@ fn read_file(
     text: &str,
     budget: usize,
 ) -> Result<(String, Vec<DescriptorNode>, usize), RulesError> {
+    check_flow_nesting(file, text)?;
     let guard = ReadGuard::new(budget);
     let de = serde_yaml_ng::Deserializer::from_str(text);
-    let wire: FileWire =
-        serde_path_to_error::deserialize(de).map_err(|e| yaml_error(file, e))?;
+    let wire: FileWire = serde_path_to_error::deserialize(de).map_err(|e| yaml_error(file, e))?;
     let used = guard.used();
     drop(guard);
     let domain = match wire.domain {
@@ -366,18 +370,46 @@ fn read_file(
                 file,
                 "domain",
                 "config file cannot have empty domain",
-            ))
+            ));
         }
     };
     Ok((domain, wire.descriptors.unwrap_or_default().0, used))
 }
 
+/// Refuses text whose `[` and `{` nest deeper than [`MAX_FLOW_NESTING`]. Conservative: it
+/// counts brackets in strings and comments too, which a rules file would need hundreds of,
+/// unbalanced, to be refused wrongly.
+fn check_flow_nesting(file: &str, text: &str) -> Result<(), RulesError> {
+    let mut depth = 0usize;
+    let mut line = 1;
+    for b in text.bytes() {
+        match b {
+            b'\n' => line += 1,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_FLOW_NESTING {
+                    return Err(RulesError {
+                        line: Some(line),
+                        ..RulesError::whole(
+                            file,
+                            "",
+                            format!(
+                                "nested too deep: at most {MAX_FLOW_NESTING} levels of [ and {{"
+                            ),
+                        )
+                    });
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 /// A YAML or validation error, with its position and field path and without the
 /// position and path the YAML crate writes into its message.
-fn yaml_error(
-    file: &str,
-    err: serde_path_to_error::Error<serde_yaml_ng::Error>,
-) -> RulesError {
+fn yaml_error(file: &str, err: serde_path_to_error::Error<serde_yaml_ng::Error>) -> RulesError {
     let path = err.path().to_string();
     let field = if path == "." || path == "?" {
         String::new()
@@ -435,7 +467,7 @@ fn add_children(
         let node_path = format!("{path}.{composite}");
         let rule = node.limits.map(|limits| {
             let (limits, unlimited, replaces) = match limits {
-                LimitsDraft::Unlimited { replaces, .. } => (Vec::new(), true, replaces),
+                LimitsDraft::Unlimited { replaces } => (Vec::new(), true, replaces),
                 LimitsDraft::Limited(limits) => {
                     let mut replaces = Vec::new();
                     let named = limits

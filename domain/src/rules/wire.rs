@@ -17,8 +17,8 @@ use std::fmt;
 use std::marker::PhantomData;
 use std::time::Duration;
 
-use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
+use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
 use crate::limits::{Algorithm, LimitError, LimitSpec, MAX_REQUESTS};
 
@@ -156,7 +156,9 @@ impl<'de, T: Deserialize<'de>, const N: usize> Deserialize<'de> for Bounded<T, N
                 let mut items = Vec::new();
                 while let Some(item) = seq.next_element()? {
                     if items.len() == N {
-                        return Err(de::Error::custom(format!("at most {N} entries are allowed")));
+                        return Err(de::Error::custom(format!(
+                            "at most {N} entries are allowed"
+                        )));
                     }
                     items.push(item);
                 }
@@ -289,10 +291,7 @@ impl TryFrom<DescriptorWire> for DescriptorNode {
 /// What a descriptor's `rate_limit` or `rate_limits` says.
 #[derive(Debug)]
 pub(super) enum LimitsDraft {
-    Unlimited {
-        name: Option<String>,
-        replaces: Vec<String>,
-    },
+    Unlimited { replaces: Vec<String> },
     Limited(Vec<LimitOne>),
 }
 
@@ -308,7 +307,7 @@ pub(super) struct LimitOne {
 impl LimitsDraft {
     fn from_one(one: LimitDraft) -> Self {
         match one {
-            LimitDraft::Unlimited { name, replaces } => LimitsDraft::Unlimited { name, replaces },
+            LimitDraft::Unlimited { replaces } => LimitsDraft::Unlimited { replaces },
             LimitDraft::Limited(limit) => LimitsDraft::Limited(vec![limit]),
         }
     }
@@ -353,10 +352,7 @@ impl LimitsDraft {
 /// One `rate_limit` mapping, validated.
 #[derive(Debug)]
 pub(super) enum LimitDraft {
-    Unlimited {
-        name: Option<String>,
-        replaces: Vec<String>,
-    },
+    Unlimited { replaces: Vec<String> },
     Limited(LimitOne),
 }
 
@@ -423,26 +419,28 @@ impl TryFrom<LimitWire> for LimitDraft {
                     given.join(", ")
                 ));
             }
-            return Ok(LimitDraft::Unlimited { name, replaces });
+            return Ok(LimitDraft::Unlimited { replaces });
         }
-        let window = match (w.unit, w.window) {
-            (Some(_), Some(_)) => return Err("give either unit or window, not both".to_owned()),
-            (Some(unit), None) => unit.0,
-            (None, Some(window)) => window.0,
-            (None, None) => {
-                return Err(
+        let window =
+            match (w.unit, w.window) {
+                (Some(_), Some(_)) => return Err("give either unit or window, not both".to_owned()),
+                (Some(unit), None) => unit.0,
+                (None, Some(window)) => window.0,
+                (None, None) => return Err(
                     "unit is required (second, minute, hour, day, week, month or year), or window"
                         .to_owned(),
-                )
-            }
-        };
+                ),
+            };
         let Some(Requests(requests)) = w.requests_per_unit else {
             return Err("requests_per_unit is required".to_owned());
         };
         let algorithm = w.algorithm.map_or(Algorithm::TokenBucket, |a| a.0);
         let spec = LimitSpec::new(algorithm, requests, window, w.burst).map_err(|e| match e {
             LimitError::BurstWithoutBucket => {
-                format!("burst applies to the token bucket only, not to {}", algorithm.name())
+                format!(
+                    "burst applies to the token bucket only, not to {}",
+                    algorithm.name()
+                )
             }
             LimitError::Policy(e) => format!(
                 "{e} (a token bucket refills at requests_per_unit per unit; for long units use \

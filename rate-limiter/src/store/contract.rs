@@ -86,8 +86,18 @@ where
     let (store, _) = make(Policy::new(5, 0.01).unwrap()).await;
     let p = store.key_prefix().to_owned();
     let limits = [
-        limit(&format!("{p}l{{k1}}:burst:tb"), Algorithm::TokenBucket, 3, 3600),
-        limit(&format!("{p}l{{k1}}:daily:fw"), Algorithm::FixedWindow, 5, 86_400),
+        limit(
+            &format!("{p}l{{k1}}:burst:tb"),
+            Algorithm::TokenBucket,
+            3,
+            3600,
+        ),
+        limit(
+            &format!("{p}l{{k1}}:daily:fw"),
+            Algorithm::FixedWindow,
+            5,
+            86_400,
+        ),
     ];
     for expected in [[2, 4], [1, 3], [0, 2]] {
         let o = decide(&store, &limits, 1).await;
@@ -97,11 +107,25 @@ where
     let refused = decide(&store, &limits, 1).await;
     assert!(!refused.allowed, "the burst refuses");
     assert!(!refused.limits[0].admits && refused.limits[1].admits);
-    assert_eq!(remaining(&refused), [0, 2], "nothing spent on the daily quota");
+    assert_eq!(
+        remaining(&refused),
+        [0, 2],
+        "nothing spent on the daily quota"
+    );
     // The daily quota alone refuses a cost of 3 that the burst limit would admit.
     let fresh = [
-        limit(&format!("{p}l{{k2}}:burst:tb"), Algorithm::TokenBucket, 10, 3600),
-        limit(&format!("{p}l{{k2}}:daily:fw"), Algorithm::FixedWindow, 4, 86_400),
+        limit(
+            &format!("{p}l{{k2}}:burst:tb"),
+            Algorithm::TokenBucket,
+            10,
+            3600,
+        ),
+        limit(
+            &format!("{p}l{{k2}}:daily:fw"),
+            Algorithm::FixedWindow,
+            4,
+            86_400,
+        ),
     ];
     assert!(decide(&store, &fresh, 2).await.allowed);
     let refused = decide(&store, &fresh, 3).await;
@@ -109,7 +133,10 @@ where
     assert!(refused.limits[0].admits && !refused.limits[1].admits);
     assert_eq!(remaining(&refused), [8, 2], "nothing spent on the burst");
     let retry = refused.limits[1].retry_after;
-    assert!(retry > Duration::ZERO && retry <= Duration::from_secs(86_400), "{retry:?}");
+    assert!(
+        retry > Duration::ZERO && retry <= Duration::from_secs(86_400),
+        "{retry:?}"
+    );
 }
 
 /// Fixed and sliding windows count costs up to their limit; a refund gives back, never
@@ -132,8 +159,16 @@ where
         let refunded = decide(&store, &l, -2).await;
         assert!(refunded.allowed);
         assert_eq!(remaining(&refunded), [3], "{tag}");
-        assert_eq!(remaining(&decide(&store, &l, -100).await), [4], "{tag}: capped");
-        assert_eq!(remaining(&decide(&store, &l, 0).await), [4], "{tag}: a peek");
+        assert_eq!(
+            remaining(&decide(&store, &l, -100).await),
+            [4],
+            "{tag}: capped"
+        );
+        assert_eq!(
+            remaining(&decide(&store, &l, 0).await),
+            [4],
+            "{tag}: a peek"
+        );
         assert!(decide(&store, &l, 4).await.allowed, "{tag}");
         let refused = decide(&store, &l, 1).await;
         assert!(!refused.allowed, "{tag}");
@@ -154,10 +189,20 @@ where
 {
     let (store, _) = make(Policy::new(5, 0.01).unwrap()).await;
     let p = store.key_prefix().to_owned();
-    let mut shadow = limit(&format!("{p}l{{s}}:trial:fw"), Algorithm::FixedWindow, 2, 86_400);
+    let mut shadow = limit(
+        &format!("{p}l{{s}}:trial:fw"),
+        Algorithm::FixedWindow,
+        2,
+        86_400,
+    );
     shadow.applied.shadow = true;
     let limits = [
-        limit(&format!("{p}l{{s}}:real:tb"), Algorithm::TokenBucket, 10, 86_400),
+        limit(
+            &format!("{p}l{{s}}:real:tb"),
+            Algorithm::TokenBucket,
+            10,
+            86_400,
+        ),
         shadow,
     ];
     let outcomes = [
@@ -166,7 +211,10 @@ where
         decide(&store, &limits, 1).await,
     ];
     assert!(outcomes.iter().all(|o| o.allowed));
-    assert!(!outcomes[2].limits[1].admits, "the shadow limit would have refused");
+    assert!(
+        !outcomes[2].limits[1].admits,
+        "the shadow limit would have refused"
+    );
     assert_eq!(outcomes[2].limits[0].quota.remaining, 7);
 }
 
@@ -179,14 +227,28 @@ where
     let (store, _) = make(Policy::new(5, 0.01).unwrap()).await;
     let p = store.key_prefix().to_owned();
     let limits = [
-        limit(&format!("{p}l{{api/user=a}}:u:tb"), Algorithm::TokenBucket, 5, 3600),
-        limit(&format!("{p}l{{api/path=x}}:p:fw"), Algorithm::FixedWindow, 2, 86_400),
+        limit(
+            &format!("{p}l{{api/user=a}}:u:tb"),
+            Algorithm::TokenBucket,
+            5,
+            3600,
+        ),
+        limit(
+            &format!("{p}l{{api/path=x}}:p:fw"),
+            Algorithm::FixedWindow,
+            2,
+            86_400,
+        ),
     ];
     assert!(decide(&store, &limits, 1).await.allowed);
     assert!(decide(&store, &limits, 1).await.allowed);
     let refused = decide(&store, &limits, 1).await;
     assert!(!refused.allowed);
-    assert_eq!(remaining(&refused), [3, 0], "the user's bucket kept its token");
+    assert_eq!(
+        remaining(&refused),
+        [3, 0],
+        "the user's bucket kept its token"
+    );
     assert_eq!(remaining(&decide(&store, &limits[..1], 0).await), [3]);
 }
 

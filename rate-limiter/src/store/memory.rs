@@ -138,10 +138,13 @@ impl MemoryStore {
         };
         if current.is_none() || peek(Some(seeded)) < peek(current) {
             let expires_us = now.saturating_add(share.keep_for_us(&seeded, now));
-            shard.insert(Box::from(key), Slot {
-                state: seeded,
-                expires_us,
-            });
+            shard.insert(
+                Box::from(key),
+                Slot {
+                    state: seeded,
+                    expires_us,
+                },
+            );
         }
     }
 
@@ -203,7 +206,11 @@ impl MemoryStore {
             .iter()
             .map(|l| self.share(l.applied))
             .collect();
-        let shard_of: Vec<usize> = request.limits.iter().map(|l| self.shard_of(&l.key)).collect();
+        let shard_of: Vec<usize> = request
+            .limits
+            .iter()
+            .map(|l| self.shard_of(&l.key))
+            .collect();
         let mut order = shard_of.clone();
         order.sort_unstable();
         order.dedup();

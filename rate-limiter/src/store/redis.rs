@@ -375,7 +375,9 @@ fn outcome(request: &RequestTake, answer: &[i64]) -> Decided {
     let micros = |us: i64| match us {
         -1 => Ok(Duration::MAX),
         us if us >= 0 => Ok(Duration::from_micros(us as u64)),
-        other => Err(StoreError::Protocol(format!("script returned a wait of {other}"))),
+        other => Err(StoreError::Protocol(format!(
+            "script returned a wait of {other}"
+        ))),
     };
     if is_single_bucket(request) {
         let &[allowed, remaining, retry_us, reset_us] = answer else {
@@ -391,7 +393,11 @@ fn outcome(request: &RequestTake, answer: &[i64]) -> Decided {
                     remaining: remaining.max(0) as u64,
                     reset_after: micros(reset_us.max(0))?,
                 },
-                retry_after: if allowed == 1 { Duration::ZERO } else { micros(retry_us)? },
+                retry_after: if allowed == 1 {
+                    Duration::ZERO
+                } else {
+                    micros(retry_us)?
+                },
             }],
         });
     }
