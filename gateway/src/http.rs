@@ -8,13 +8,13 @@ use std::ops::RangeInclusive;
 
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use ratelimit_domain::analytics::{AnalyticsReader, CounterError, DAY_MS, MINUTE_MS, MinuteCounts};
 use ratelimit_domain::api::{
-    CheckRequest, CheckResponse, FieldError, MAX_BODY_BYTES, UserAnalytics, canonical_user_id,
+    CheckRequest, FieldError, MAX_BODY_BYTES, UserAnalytics, canonical_user_id,
 };
 use ratelimit_domain::{Clock, SystemClock};
 use serde::{Deserialize, Serialize};

@@ -37,6 +37,12 @@ pub struct LimiterArgs {
     #[arg(long = "event-buffer", env = "EVENT_BUFFER", value_name = "EVENT_BUFFER",
           default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
     pub event_buffer: u64,
+    /// Rules in envoyproxy/ratelimit's format (with our extensions): a YAML file, or a
+    /// directory of `*.yaml` files, one domain each. Watched: a change applies within a
+    /// second; a bad file is refused and logged, the rules in force stay. Unset: one
+    /// built-in rule from RATE_LIMIT_CAPACITY and RATE_LIMIT_REFILL_PER_SEC.
+    #[arg(long = "rules-path", env = "RULES_PATH", value_name = "RULES_PATH")]
+    pub rules_path: Option<std::path::PathBuf>,
 }
 
 impl LimiterArgs {

@@ -91,6 +91,15 @@ pub async fn build(
             (Arc::new(tx), Some(rx))
         }
     };
+    let rules = match &args.rules_path {
+        Some(path) => {
+            let rules = Arc::new(rules::Rules::load(path, policy)?);
+            rules.spawn_watcher(path.clone(), shutdown.clone());
+            tracing::info!(path = %path.display(), "rules loaded");
+            rules
+        }
+        None => Arc::new(rules::Rules::builtin(policy)),
+    };
     let limiter = Limiter::new(
         store,
         fallback,
@@ -99,7 +108,8 @@ pub async fn build(
         publisher,
         clock,
         instance_id,
-    );
+    )
+    .with_rules(rules);
     Ok((Arc::new(limiter), events))
 }
 

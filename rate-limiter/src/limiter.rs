@@ -178,6 +178,11 @@ pub fn describe_metrics() {
             Unit::Count,
             "Requests refused (fail-closed) because the shared store was unavailable"
         );
+        metrics::describe_counter!(
+            "ratelimit_shadow_refusals_total",
+            Unit::Count,
+            "Requests a shadow-mode limit would have refused (admitted all the same)"
+        );
         metrics::describe_histogram!(
             "ratelimit_decision_duration_seconds",
             Unit::Seconds,
@@ -313,6 +318,7 @@ impl Limiter {
         metrics::counter!("ratelimit_degraded_decisions_total").absolute(degraded);
         metrics::counter!("ratelimit_store_errors_total").absolute(load(&s.store_errors));
         metrics::counter!("ratelimit_refused_total").absolute(load(&s.refused));
+        metrics::counter!("ratelimit_shadow_refusals_total").absolute(load(&s.shadow_refused));
         let breaker = match self.breaker.state() {
             BreakerState::Closed => 0.0,
             BreakerState::HalfOpen => 1.0,
