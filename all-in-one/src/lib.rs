@@ -120,12 +120,12 @@ impl System {
                 "in-process"
             },
         };
+        let admin_token =
+            gateway::admin::AdminToken::from_setting(config.gateway.admin_token.as_deref());
         let gateway = gateway::Gateway {
-            limiter: Arc::new(InProcessClient(limiter.clone())),
+            limiter: Arc::new(InProcessClient::new(limiter.clone(), admin_token.clone())),
             analytics: counters,
-            admin_token: gateway::admin::AdminToken::from_setting(
-                config.gateway.admin_token.as_deref(),
-            ),
+            admin_token: admin_token.clone(),
             status: Arc::new(status),
             retention: config.worker.retention.retention,
         };
@@ -135,7 +135,13 @@ impl System {
             tokio::spawn(async move {
                 let (g, l) = tokio::join!(
                     gateway::run(gateway_listener, gateway, &config.serve, shutdown.clone()),
-                    rate_limiter::run(limiter_listener, limiter.clone(), &config.serve, shutdown),
+                    rate_limiter::run(
+                        limiter_listener,
+                        limiter.clone(),
+                        &config.serve,
+                        admin_token,
+                        shutdown,
+                    ),
                 );
                 // Nothing decides any more: deliver the last events, count them, stop.
                 rate_limiter::flush(&limiter).await;

@@ -6,20 +6,60 @@ use std::sync::atomic::Ordering;
 
 use analytics_counters::worker::WorkerStats;
 use async_trait::async_trait;
-use gateway::client::{ClientError, LimiterClient};
+use gateway::client::{AdminRequest, ClientError, LimiterClient};
 use gateway::status::{Decisions, Events, Health, Status, StatusSource, stream_ok};
 use rate_limiter::breaker::BreakerState;
 use rate_limiter::limiter::{Limiter, LimiterError};
 use ratelimit_domain::analytics::AnalyticsReader;
 use ratelimit_domain::api::{CheckRequest, CheckResponse};
 
-/// The limiter in the same process.
-pub struct InProcessClient(pub Arc<Limiter>);
+/// The limiter in the same process, and its `/admin` routes.
+pub struct InProcessClient {
+    pub limiter: Arc<Limiter>,
+    pub admin: axum::Router,
+}
+
+impl InProcessClient {
+    pub fn new(limiter: Arc<Limiter>, admin_token: Option<service_kit::admin::AdminToken>) -> Self {
+        Self {
+            admin: rate_limiter::admin::routes(limiter.clone(), admin_token),
+            limiter,
+        }
+    }
+}
 
 #[async_trait]
 impl LimiterClient for InProcessClient {
+    /// The limiter's own `/admin` routes, called without a socket.
+    async fn admin(
+        &self,
+        request: AdminRequest,
+    ) -> Result<(axum::http::StatusCode, axum::body::Bytes), ClientError> {
+        use tower::ServiceExt;
+        let mut builder = axum::http::Request::builder()
+            .method(request.method)
+            .uri(request.path_and_query);
+        if let Some(auth) = request.authorization {
+            builder = builder.header(axum::http::header::AUTHORIZATION, auth);
+        }
+        let forwarded = builder
+            .body(axum::body::Body::from(request.body))
+            .map_err(|e| ClientError::Unreachable(e.to_string()))?;
+        let response = self
+            .admin
+            .clone()
+            .oneshot(forwarded)
+            .await
+            .unwrap_or_else(|never| match never {});
+        let status = response.status();
+        let body = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .unwrap_or_default();
+        Ok((status, body))
+    }
+
     async fn check(&self, request: &CheckRequest) -> Result<CheckResponse, ClientError> {
-        self.0
+        self.limiter
             .check_response(request)
             .await
             .map_err(|err| match err {

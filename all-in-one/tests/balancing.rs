@@ -58,7 +58,7 @@ impl Replica {
         let task = {
             let (limiter, shutdown) = (limiter.clone(), shutdown.clone());
             tokio::spawn(async move {
-                rate_limiter::run(listener, limiter, &config.serve, shutdown)
+                rate_limiter::run(listener, limiter, &config.serve, None, shutdown)
                     .await
                     .unwrap();
             })

@@ -455,9 +455,11 @@ fn hostile_cases() -> Vec<Case> {
             Some("cost"),
         ),
         case(
-            "negative cost",
+            // A refund (a negative cost) is accepted at the limiter only, and never past the
+            // bound; the gateway refuses every refund (see rules.rs).
+            "refund past the bound",
             JSON,
-            "{\"user_id\":\"u\",\"cost\":-3}",
+            "{\"user_id\":\"u\",\"cost\":-1000001}",
             400,
             "invalid_request",
             Some("cost"),

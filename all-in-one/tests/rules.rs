@@ -362,3 +362,38 @@ async fn a_bad_rules_file_stops_the_start_naming_file_line_and_field() {
     assert!(err.contains("descriptors[0].rate_limits[1].unit"), "{err}");
     assert!(err.contains("fortnight"), "{err}");
 }
+
+/// Refunds are for the services behind the limiter: the public gateway refuses them, so a
+/// client cannot give itself tokens back.
+#[tokio::test]
+async fn the_gateway_refuses_refunds() {
+    let system = common::all_in_one(&["--rate-limit-capacity", "2"]).await;
+    let client = reqwest::Client::new();
+    let api = format!("http://{}/api", system.gateway_addr);
+    for _ in 0..2 {
+        let r = client
+            .post(&api)
+            .json(&json!({"user_id": "mallory"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let refund = client
+        .post(&api)
+        .json(&json!({"user_id": "mallory", "cost": -2}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refund.status(), 400);
+    let body: Value = refund.json().await.unwrap();
+    assert_eq!(body["field"], "cost");
+    let r = client
+        .post(&api)
+        .json(&json!({"user_id": "mallory"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429, "nothing was given back");
+    system.shutdown().await.unwrap();
+}

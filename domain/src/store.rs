@@ -102,6 +102,9 @@ pub trait BucketStore: Send + Sync + 'static {
             .collect())
     }
 
+    /// Forgets the state under `keys` (an admin's reset): those limits start afresh.
+    async fn reset(&self, keys: &[String]) -> Result<(), StoreError>;
+
     /// Whether the store answers.
     async fn ping(&self) -> Result<(), StoreError>;
 

@@ -59,6 +59,20 @@ impl From<ClientError> for ApiError {
 #[async_trait]
 pub trait LimiterClient: Send + Sync + 'static {
     async fn check(&self, request: &CheckRequest) -> Result<CheckResponse, ClientError>;
+
+    /// Passes an `/admin` request (overrides, bucket peeks and resets) to the limiter,
+    /// which checks the admin token again, and returns its answer.
+    async fn admin(&self, request: AdminRequest) -> Result<(StatusCode, Bytes), ClientError>;
+}
+
+/// An `/admin` request as the gateway passes it on: what the limiter needs, no more.
+#[derive(Debug, Clone)]
+pub struct AdminRequest {
+    pub method: axum::http::Method,
+    /// The path and query, e.g. `/admin/buckets?user_id=u1`.
+    pub path_and_query: String,
+    pub authorization: Option<axum::http::HeaderValue>,
+    pub body: Bytes,
 }
 
 /// Describes the HTTP limiter client's metrics (help text and unit), once per process, after
@@ -106,6 +120,8 @@ impl Resolve for SystemResolver {
 /// its own, and a loaded one sends a few large exchanges instead of one per request.
 pub struct HttpLimiterClient {
     queue: mpsc::Sender<Pending>,
+    /// The pooled client the batches use, for the rare `/admin` request.
+    admin_client: HttpClient,
     timeout: Duration,
     /// `http://<addr>/check/batch` for each resolved replica.
     targets: Arc<RwLock<Arc<[Target]>>>,
@@ -219,6 +235,7 @@ impl HttpLimiterClient {
             tokio::spawn(refresh.every(resolve_every, shutdown));
         }
         let (queue, waiting) = mpsc::channel(QUEUE_CAPACITY);
+        let admin_client = client.clone();
         let exchanger = Arc::new(Exchanger {
             client,
             min_budget: timeout / 4,
@@ -228,6 +245,7 @@ impl HttpLimiterClient {
         tokio::spawn(dispatch(exchanger, waiting, batching));
         Ok(Self {
             queue,
+            admin_client,
             timeout,
             targets,
         })
@@ -482,6 +500,45 @@ impl Refresh {
 
 #[async_trait]
 impl LimiterClient for HttpLimiterClient {
+    /// To the first replica (an admin change reaches the others through Redis).
+    async fn admin(&self, request: AdminRequest) -> Result<(StatusCode, Bytes), ClientError> {
+        let base = {
+            let targets = self.targets.read().expect("targets lock");
+            let Some(target) = targets.first() else {
+                return Err(ClientError::Unreachable("no limiter address".into()));
+            };
+            target.url.trim_end_matches("/check/batch").to_owned()
+        };
+        let uri: Uri = format!("{base}{}", request.path_and_query)
+            .parse()
+            .map_err(|e| ClientError::Unreachable(format!("bad admin path: {e}")))?;
+        let mut builder = Request::builder()
+            .method(request.method)
+            .uri(uri)
+            .header(header::CONTENT_TYPE, "application/json");
+        if let Some(auth) = request.authorization {
+            builder = builder.header(header::AUTHORIZATION, auth);
+        }
+        let forwarded = builder
+            .body(Full::new(request.body))
+            .map_err(|e| ClientError::Unreachable(e.to_string()))?;
+        let response = tokio::time::timeout(
+            self.timeout.max(Duration::from_secs(2)),
+            self.admin_client.request(forwarded),
+        )
+        .await
+        .map_err(|_| ClientError::Unreachable("the limiter did not answer in time".into()))?
+        .map_err(|e| ClientError::Unreachable(e.to_string()))?;
+        let status = response.status();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        Ok((status, body))
+    }
+
     async fn check(&self, request: &CheckRequest) -> Result<CheckResponse, ClientError> {
         let (reply, answer) = oneshot::channel();
         let deadline = tokio::time::Instant::now() + self.timeout;

@@ -59,6 +59,12 @@ pub fn router(gateway: Gateway, limits: &ServeLimits) -> Router {
         .route_layer(axum::middleware::from_fn(move |req, next| {
             crate::admin::require(token.clone(), req, next)
         }));
+    let admin_token = gateway.admin_token.clone();
+    let limiter_admin = Router::new()
+        .route("/admin/{*rest}", axum::routing::any(limiter_admin))
+        .route_layer(axum::middleware::from_fn(move |req, next| {
+            crate::admin::require_configured(admin_token.clone(), req, next)
+        }));
     let state = Shared {
         gateway,
         reads: Arc::new(AnalyticsReads::new()),
@@ -66,6 +72,7 @@ pub fn router(gateway: Gateway, limits: &ServeLimits) -> Router {
     let routes = Router::new()
         .route("/api", post(api))
         .merge(admin)
+        .merge(limiter_admin)
         .route("/dashboard", get(crate::dashboard::dashboard))
         .with_state(state);
     let routes = service_kit::metrics::with_http_metrics(routes, "gateway");
@@ -117,6 +124,38 @@ async fn api(
         };
         Ok((StatusCode::TOO_MANY_REQUESTS, headers, Json(body)).into_response())
     }
+}
+
+/// `/admin/*` (overrides, bucket peeks and resets): passed on to the limiter, which owns
+/// them and checks the token again.
+async fn limiter_admin(
+    State(Shared { gateway, .. }): State<Shared>,
+    request: axum::extract::Request,
+) -> Result<Response, ApiError> {
+    let (parts, body) = request.into_parts();
+    let body = axum::body::to_bytes(body, MAX_BODY_BYTES)
+        .await
+        .map_err(|_| ApiError::PayloadTooLarge)?;
+    let forwarded = crate::client::AdminRequest {
+        method: parts.method,
+        path_and_query: parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str().to_owned())
+            .unwrap_or_default(),
+        authorization: parts.headers.get(header::AUTHORIZATION).cloned(),
+        body,
+    };
+    let (status, body) = gateway.limiter.admin(forwarded).await?;
+    Ok((
+        status,
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        body,
+    )
+        .into_response())
 }
 
 /// `POST /api` when allowed.

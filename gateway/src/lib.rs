@@ -5,7 +5,8 @@
 //! - [`http`]: the routes and the mapping of decisions to HTTP.
 //! - [`config`]: the gateway's configuration.
 
-pub mod admin;
+/// The admin token's guard (shared with the limiter's `/admin` routes).
+pub use service_kit::admin;
 pub mod analytics_reads;
 pub mod answer;
 pub mod client;

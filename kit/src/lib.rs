@@ -13,6 +13,7 @@
 //! - [`report`]: the status reports every instance writes for a standalone gateway.
 //! - [`runtime`]: logging set-up, the instance id and the one shutdown signal.
 
+pub mod admin;
 pub mod config;
 pub mod http;
 #[cfg(feature = "kafka")]

@@ -77,4 +77,13 @@ pub struct LimiterConfig {
     /// Used when `KAFKA_BROKERS` is unset: decisions are then counted in-process.
     #[command(flatten)]
     pub worker: service_kit::config::WorkerArgs,
+    /// Enables the `/admin` routes (overrides, bucket peeks and resets), which then need
+    /// `Authorization: Bearer <token>`; unset, they answer 404.
+    #[arg(
+        long = "admin-token",
+        env = "ADMIN_TOKEN",
+        value_name = "ADMIN_TOKEN",
+        hide_env_values = true
+    )]
+    pub admin_token: Option<String>,
 }

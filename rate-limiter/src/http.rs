@@ -32,7 +32,12 @@ impl From<LimiterError> for ApiError {
 
 /// The limiter's routes, with body limits, JSON 404/405, metrics, load shedding and the
 /// slow-client guards ([`with_guards`]).
-pub fn router(limiter: Arc<Limiter>, limits: &ServeLimits) -> Router {
+pub fn router(
+    limiter: Arc<Limiter>,
+    limits: &ServeLimits,
+    admin_token: Option<service_kit::admin::AdminToken>,
+) -> Router {
+    let admin = crate::admin::routes(limiter.clone(), admin_token);
     let routes = Router::new()
         .route("/check", post(check))
         .route(
@@ -41,7 +46,8 @@ pub fn router(limiter: Arc<Limiter>, limits: &ServeLimits) -> Router {
         )
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
-        .with_state(limiter);
+        .with_state(limiter)
+        .merge(admin);
     let routes = service_kit::metrics::with_http_metrics(routes, "rate-limiter");
     // Outside the load shedder: a limiter at its in-flight limit is busy, not dead.
     let probes = service_kit::metrics::with_http_metrics(liveness(), "rate-limiter");

@@ -8,12 +8,14 @@
 //! - [`http`]: the HTTP API.
 //! - [`config`]: the service's configuration.
 
+pub mod admin;
 pub mod breaker;
 pub mod config;
 pub mod http;
 #[cfg(feature = "kafka")]
 pub mod kafka;
 pub mod limiter;
+pub mod overrides;
 pub mod rules;
 pub mod store;
 
@@ -51,7 +53,23 @@ pub async fn build(
 ) -> anyhow::Result<(Arc<Limiter>, Option<ChannelReceiver>)> {
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let policy = args.policy.policy().map_err(anyhow::Error::msg)?;
-    let store: Arc<dyn BucketStore> = match redis.endpoint().map_err(anyhow::Error::msg)? {
+    let endpoint = redis.endpoint().map_err(anyhow::Error::msg)?;
+    let overrides = match &endpoint {
+        Some(endpoint) => {
+            let timeout = Duration::from_millis(redis.timeout_ms);
+            let conn =
+                service_kit::redis::connect(endpoint, timeout.max(Duration::from_millis(500)))?;
+            let overrides = Arc::new(overrides::Overrides::in_redis(
+                conn,
+                &redis.key_prefix,
+                timeout,
+            ));
+            overrides.spawn_poller(shutdown.clone());
+            overrides
+        }
+        None => Arc::new(overrides::Overrides::in_memory()),
+    };
+    let store: Arc<dyn BucketStore> = match endpoint {
         Some(endpoint) => {
             let store = Arc::new(RedisStore::new(
                 &endpoint,
@@ -109,7 +127,8 @@ pub async fn build(
         clock,
         instance_id,
     )
-    .with_rules(rules);
+    .with_rules(rules)
+    .with_overrides(overrides);
     Ok((Arc::new(limiter), events))
 }
 
@@ -119,11 +138,12 @@ pub async fn run(
     listener: tokio::net::TcpListener,
     limiter: Arc<Limiter>,
     serve: &ServeArgs,
+    admin_token: Option<service_kit::admin::AdminToken>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let mut limits = serve.limits();
     limits.grace = answer_grace(&limits);
-    let router = http::router(limiter.clone(), &limits);
+    let router = http::router(limiter.clone(), &limits, admin_token);
     tracing::info!(addr = %listener.local_addr()?, "rate limiter listening");
     service_kit::http::serve(listener, router, shutdown, &limits).await
 }
@@ -186,6 +206,7 @@ fn spawn_instance_count(
 pub struct Standalone {
     pub limiter: Arc<Limiter>,
     worker: Option<analytics_counters::SpawnedWorker>,
+    admin_token: Option<service_kit::admin::AdminToken>,
 }
 
 impl Standalone {
@@ -227,7 +248,13 @@ impl Standalone {
             }
             None => None,
         };
-        Ok(Self { limiter, worker })
+        Ok(Self {
+            limiter,
+            worker,
+            admin_token: service_kit::admin::AdminToken::from_setting(
+                config.admin_token.as_deref(),
+            ),
+        })
     }
 
     /// Serves until `shutdown`, then flushes the publisher and lets the worker count what
@@ -238,7 +265,14 @@ impl Standalone {
         serve: &ServeArgs,
         shutdown: CancellationToken,
     ) -> std::io::Result<()> {
-        let served = run(listener, self.limiter.clone(), serve, shutdown).await;
+        let served = run(
+            listener,
+            self.limiter.clone(),
+            serve,
+            self.admin_token.clone(),
+            shutdown,
+        )
+        .await;
         flush(&self.limiter).await;
         if let Some(worker) = self.worker {
             worker.stop().await;

@@ -16,6 +16,7 @@ use service_kit::config::FailMode;
 use service_kit::stream::EventPublisher;
 
 use crate::breaker::{Breaker, BreakerState, Permit};
+use crate::overrides::Overrides;
 use crate::rules::Rules;
 use crate::store::{BucketStore, MemoryStore, StoreError};
 
@@ -246,6 +247,7 @@ pub struct Limiter {
     /// store, whose fallback is never asked.
     seeds_fallback: bool,
     rules: Arc<Rules>,
+    overrides: Arc<Overrides>,
 }
 
 impl Limiter {
@@ -263,6 +265,7 @@ impl Limiter {
         let rules = Arc::new(Rules::builtin(*store.policy()));
         Self {
             rules,
+            overrides: Arc::new(Overrides::in_memory()),
             seeds_fallback,
             stats: LimiterStats::default(),
             latency: metrics::histogram!("ratelimit_decision_duration_seconds"),
@@ -342,6 +345,88 @@ impl Limiter {
         &self.rules
     }
 
+    /// Takes overrides from `overrides` (kept in memory until then).
+    pub fn with_overrides(mut self, overrides: Arc<Overrides>) -> Self {
+        self.overrides = overrides;
+        self
+    }
+
+    /// The overrides in force, and where they are kept.
+    pub fn overrides(&self) -> &Arc<Overrides> {
+        &self.overrides
+    }
+
+    /// What every limit that applies to `request` has left, without spending anything and
+    /// without an event (an admin's peek; `request.cost` is ignored).
+    pub async fn peek(&self, request: &CheckRequest) -> Result<Checked, LimiterError> {
+        let mut peek = request.clone();
+        peek.cost = 0;
+        let plan = self.plan(&peek)?;
+        if plan.limits.is_empty() {
+            return Ok(Checked::new(
+                &plan,
+                &Outcome {
+                    allowed: true,
+                    limits: Vec::new(),
+                },
+                false,
+                0,
+            ));
+        }
+        let stored = match self.breaker.permit() {
+            Some(permit) => match self
+                .store
+                .decide_many(std::slice::from_ref(&plan.take))
+                .await
+            {
+                Ok(mut decided) => match decided.pop() {
+                    Some(Ok(outcome)) => {
+                        permit.success();
+                        Some(outcome)
+                    }
+                    Some(Err(err)) => {
+                        self.store_failed(permit, &err);
+                        None
+                    }
+                    None => None,
+                },
+                Err(err) => {
+                    self.store_failed(permit, &err);
+                    None
+                }
+            },
+            None => None,
+        };
+        match (stored, self.fail_mode) {
+            (Some(outcome), _) => Ok(Checked::new(&plan, &outcome, false, 0)),
+            (None, FailMode::Open) => Ok(Checked::new(
+                &plan,
+                &self.fallback.decide_now(&plan.take),
+                true,
+                0,
+            )),
+            (None, FailMode::Closed) => Err(LimiterError::StoreUnavailable),
+        }
+    }
+
+    /// Resets every limit that applies to `request` (an admin's reset): they start afresh,
+    /// here and in the fail-open fallback. Returns how many limits were reset.
+    pub async fn reset(&self, request: &CheckRequest) -> Result<usize, LimiterError> {
+        let mut peek = request.clone();
+        peek.cost = 0;
+        let plan = self.plan(&peek)?;
+        let keys: Vec<String> = plan.take.limits.iter().map(|l| l.key.clone()).collect();
+        self.fallback.forget(&keys);
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        self.store.reset(&keys).await.map_err(|err| {
+            tracing::warn!(error = %err, "reset failed");
+            LimiterError::StoreUnavailable
+        })?;
+        Ok(keys.len())
+    }
+
     /// The built-in policy.
     pub fn policy(&self) -> &Policy {
         self.store.policy()
@@ -371,7 +456,15 @@ impl Limiter {
     /// Resolves `request` against the rules in force: every limit that applies, keyed.
     fn plan(&self, request: &CheckRequest) -> Result<Plan, LimiterError> {
         let rules = self.rules.current();
-        let matched = rules.resolve(&request.domain, &request.descriptors);
+        let mut matched = rules.resolve(&request.domain, &request.descriptors);
+        let overrides = self.overrides.current();
+        if !overrides.is_empty() {
+            for (descriptor, rule) in request.descriptors.iter().zip(matched.iter_mut()) {
+                if let Some(custom) = overrides.get(&request.domain, descriptor) {
+                    *rule = Some(custom.clone());
+                }
+            }
+        }
         let prefix = self.store.key_prefix();
         let mut plan = Plan {
             take: RequestTake {
@@ -591,6 +684,9 @@ mod tests {
                 .iter()
                 .map(|_| Err(StoreError::Unavailable("down".into())))
                 .collect())
+        }
+        async fn reset(&self, _: &[String]) -> Result<(), StoreError> {
+            Err(StoreError::Unavailable("down".into()))
         }
         async fn ping(&self) -> Result<(), StoreError> {
             Err(StoreError::Unavailable("down".into()))

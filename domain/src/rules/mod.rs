@@ -521,3 +521,43 @@ fn unique_name(path: &str, taken: &mut HashSet<String>) -> String {
     taken.insert(name.clone());
     name
 }
+
+/// An override's limits (the admin API), from JSON: a list whose items read as the items of
+/// a rules file's `rate_limits` (the same fields and checks); each needs a `name`, unique
+/// in the list. `[{"unlimited": true}]` alone makes the descriptor unlimited. Returns the
+/// limits and whether the descriptor is unlimited.
+pub fn limits_from_json(value: serde_json::Value) -> Result<(Vec<NamedLimit>, bool), String> {
+    let _guard = wire::ReadGuard::new(1);
+    let drafts: Vec<wire::LimitDraft> = serde_path_to_error::deserialize(value)
+        .map_err(|e| format!("{}: {}", e.path(), e.inner()))?;
+    if drafts.is_empty() || drafts.len() > MAX_LIMITS_PER_DESCRIPTOR {
+        return Err(format!("must hold 1 to {MAX_LIMITS_PER_DESCRIPTOR} limits"));
+    }
+    let mut limits: Vec<NamedLimit> = Vec::new();
+    let mut unlimited = false;
+    for (i, draft) in drafts.into_iter().enumerate() {
+        match draft {
+            wire::LimitDraft::Unlimited { .. } => unlimited = true,
+            wire::LimitDraft::Limited(one) => {
+                if !one.replaces.is_empty() {
+                    return Err(format!("[{i}].replaces: is not supported in an override"));
+                }
+                let name = one
+                    .name
+                    .ok_or_else(|| format!("[{i}].name: is required in an override"))?;
+                if limits.iter().any(|l| l.name == name) {
+                    return Err(format!("[{i}].name: {name:?} is given twice"));
+                }
+                limits.push(NamedLimit {
+                    name,
+                    explicit_name: true,
+                    spec: one.spec,
+                });
+            }
+        }
+    }
+    if unlimited && !limits.is_empty() {
+        return Err("an unlimited override cannot also have limits".to_owned());
+    }
+    Ok((limits, unlimited))
+}

@@ -250,6 +250,13 @@ impl MemoryStore {
         outcome
     }
 
+    /// Forgets the states under `keys`.
+    pub fn forget(&self, keys: &[String]) {
+        for key in keys {
+            self.lock(self.shard_of(key)).remove(key.as_str());
+        }
+    }
+
     /// A user's bucket of the built-in policy: [`BucketStore::take`] without the future.
     pub fn take_now(&self, user_id: &str, cost: u64) -> Decision {
         self.decide_now(&RequestTake::bucket(
@@ -273,6 +280,11 @@ impl BucketStore for MemoryStore {
 
     async fn decide_many(&self, requests: &[RequestTake]) -> Result<Vec<Decided>, StoreError> {
         Ok(requests.iter().map(|r| Ok(self.decide_now(r))).collect())
+    }
+
+    async fn reset(&self, keys: &[String]) -> Result<(), StoreError> {
+        self.forget(keys);
+        Ok(())
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

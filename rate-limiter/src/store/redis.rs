@@ -336,6 +336,20 @@ impl BucketStore for RedisStore {
             .collect())
     }
 
+    /// One `DEL` per key, all at once (the keys of one request may live in several Cluster
+    /// slots).
+    async fn reset(&self, keys: &[String]) -> Result<(), StoreError> {
+        let deletes = keys.iter().map(|key| {
+            let mut conn = self.conn.clone();
+            async move {
+                let _: i64 = redis::cmd("DEL").arg(key).query_async(&mut conn).await?;
+                Ok::<(), redis::RedisError>(())
+            }
+        });
+        with_deadline(self.timeout * 2, futures::future::try_join_all(deletes)).await?;
+        Ok(())
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         let mut conn = self.conn.clone();
         let _: String =

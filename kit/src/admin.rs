@@ -5,11 +5,11 @@
 
 use std::sync::Arc;
 
+use crate::http::ApiError;
 use axum::extract::Request;
 use axum::http::header;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use service_kit::http::ApiError;
 use subtle::ConstantTimeEq;
 
 /// The operator's admin token.
@@ -29,6 +29,16 @@ impl AdminToken {
     fn matches(&self, presented: &[u8]) -> bool {
         presented.len() == self.0.len() && bool::from(presented.ct_eq(&self.0))
     }
+}
+
+/// The `/admin` routes' guard: disabled (a JSON 404, as for any unknown path) when no token
+/// is configured; otherwise only `Authorization: Bearer <token>` passes, anything else is
+/// answered 401.
+pub async fn require_configured(token: Option<AdminToken>, req: Request, next: Next) -> Response {
+    if token.is_none() {
+        return ApiError::NotFound.into_response();
+    }
+    require(token, req, next).await
 }
 
 /// Lets the request through when no token is configured or it carries the right one;

@@ -1,0 +1,374 @@
+//! Overrides: per-customer limits that do not belong in a rules file, set through the admin
+//! API (`PUT /admin/overrides`) and applied by every limiter within a second.
+//!
+//! An override names a domain and one exact descriptor (`[api_key=acme]`) and gives it its
+//! own limits (in the rules file's `rate_limits` form), or makes it unlimited. A request
+//! whose descriptor is exactly that one gets the override's limits instead of whatever the
+//! rules give it. Bucket keys depend on the descriptor and the limit's name only, so an
+//! override whose limit keeps the rule's name keeps its counter.
+//!
+//! Stored in Redis (a hash of id → JSON, and a version counter bumped on every change,
+//! which each limiter polls every 250 ms) when the limiter has Redis; in memory otherwise
+//! (the embedded form). At most [`MAX_OVERRIDES`].
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use ratelimit_domain::api::FieldError;
+use ratelimit_domain::descriptor::{Descriptor, Entry};
+use ratelimit_domain::rules::{Rule, limits_from_json};
+use serde::{Deserialize, Serialize};
+use service_kit::redis::{Connection, with_deadline};
+use tokio_util::sync::CancellationToken;
+
+/// The most overrides a deployment holds.
+pub const MAX_OVERRIDES: usize = 10_000;
+/// Longest override id, in bytes.
+pub const MAX_ID_BYTES: usize = 128;
+/// How often a limiter looks for changes made through another limiter.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(250);
+
+/// One override as the admin API takes and shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OverrideDoc {
+    /// `[A-Za-z0-9_.-]`, 1 to 128 bytes; `PUT` with an existing id replaces it.
+    pub id: String,
+    #[serde(default = "default_domain")]
+    pub domain: String,
+    /// The exact descriptor the override applies to.
+    pub entries: Vec<Entry>,
+    /// The limits, each as a `rate_limits` item of a rules file (each needs a `name`);
+    /// `[{"unlimited": true}]` makes the descriptor unlimited.
+    pub limits: serde_json::Value,
+    /// Decided and reported, never enforced.
+    #[serde(default)]
+    pub shadow_mode: bool,
+}
+
+fn default_domain() -> String {
+    ratelimit_domain::descriptor::DEFAULT_DOMAIN.to_owned()
+}
+
+impl OverrideDoc {
+    /// Checks every field and builds the rule the override stands for.
+    pub fn validate(&self) -> Result<Rule, FieldError> {
+        if self.id.is_empty()
+            || self.id.len() > MAX_ID_BYTES
+            || !self
+                .id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+        {
+            return Err(FieldError::new(
+                "id",
+                format!("must be 1 to {MAX_ID_BYTES} characters of A-Z, a-z, 0-9, '_', '.', '-'"),
+            ));
+        }
+        let request = serde_json::json!({
+            "domain": self.domain,
+            "descriptors": [{"entries": self.entries}],
+        });
+        // The same checks as a request's descriptor (lengths, the identity rule).
+        let checked =
+            ratelimit_domain::api::CheckRequest::from_json(request.to_string().as_bytes())
+                .map_err(|e| FieldError::new(e.field.replace("descriptors[0].", ""), e.detail))?;
+        if checked.domain != self.domain || checked.descriptors[0].entries != self.entries {
+            return Err(FieldError::new(
+                "entries",
+                "must be given in their canonical (NFC) form",
+            ));
+        }
+        let (limits, unlimited) =
+            limits_from_json(self.limits.clone()).map_err(|e| FieldError::new("limits", e))?;
+        Ok(Rule {
+            path: format!("override.{}", self.id),
+            limits,
+            unlimited,
+            shadow: self.shadow_mode,
+            detailed_metric: false,
+            replaces: Vec::new(),
+        })
+    }
+}
+
+/// The overrides in force, by domain and exact descriptor.
+#[derive(Default)]
+pub struct OverrideSet {
+    by_descriptor: HashMap<String, HashMap<Descriptor, Arc<Rule>>>,
+    docs: BTreeMap<String, OverrideDoc>,
+}
+
+impl OverrideSet {
+    fn build(docs: BTreeMap<String, OverrideDoc>) -> Self {
+        let mut by_descriptor: HashMap<String, HashMap<Descriptor, Arc<Rule>>> = HashMap::new();
+        let mut kept = BTreeMap::new();
+        for (id, doc) in docs {
+            match doc.validate() {
+                Ok(rule) => {
+                    by_descriptor.entry(doc.domain.clone()).or_default().insert(
+                        Descriptor {
+                            entries: doc.entries.clone(),
+                        },
+                        Arc::new(rule),
+                    );
+                    kept.insert(id, doc);
+                }
+                Err(err) => tracing::warn!(id, error = %err, "stored override ignored"),
+            }
+        }
+        Self {
+            by_descriptor,
+            docs: kept,
+        }
+    }
+
+    /// The override for `descriptor` in `domain`, if there is one.
+    pub fn get(&self, domain: &str, descriptor: &Descriptor) -> Option<&Arc<Rule>> {
+        self.by_descriptor.get(domain)?.get(descriptor)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.docs.is_empty()
+    }
+}
+
+/// Why an admin change was not made.
+#[derive(Debug, thiserror::Error)]
+pub enum OverrideError {
+    #[error(transparent)]
+    Invalid(#[from] FieldError),
+    #[error("at most {MAX_OVERRIDES} overrides; delete one first")]
+    Full,
+    #[error("no override {0}")]
+    NotFound(String),
+    #[error("the override store is unavailable: {0}")]
+    Unavailable(String),
+}
+
+enum Backend {
+    Memory(Mutex<BTreeMap<String, OverrideDoc>>),
+    Redis {
+        conn: Connection,
+        hash: String,
+        version: String,
+        timeout: Duration,
+    },
+}
+
+/// The overrides in force, and where they are kept.
+pub struct Overrides {
+    current: RwLock<Arc<OverrideSet>>,
+    backend: Backend,
+}
+
+impl Overrides {
+    /// Overrides kept in this process (the embedded form).
+    pub fn in_memory() -> Self {
+        Self {
+            current: RwLock::new(Arc::new(OverrideSet::default())),
+            backend: Backend::Memory(Mutex::new(BTreeMap::new())),
+        }
+    }
+
+    /// Overrides kept in Redis under `prefix`, shared by every limiter there.
+    pub fn in_redis(conn: Connection, prefix: &str, timeout: Duration) -> Self {
+        Self {
+            current: RwLock::new(Arc::new(OverrideSet::default())),
+            backend: Backend::Redis {
+                conn,
+                // One hash tag for both keys: a change is one transaction, on a Cluster too.
+                hash: format!("{prefix}{{overrides}}"),
+                version: format!("{prefix}{{overrides}}:v"),
+                timeout: timeout.max(Duration::from_millis(500)),
+            },
+        }
+    }
+
+    /// The overrides in force.
+    pub fn current(&self) -> Arc<OverrideSet> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn install(&self, docs: BTreeMap<String, OverrideDoc>) {
+        let set = Arc::new(OverrideSet::build(docs));
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = set;
+    }
+
+    /// Every override, by id.
+    pub fn list(&self) -> Vec<OverrideDoc> {
+        self.current().docs.values().cloned().collect()
+    }
+
+    /// Adds or replaces an override; in force here at once, elsewhere within a second.
+    pub async fn put(&self, doc: OverrideDoc) -> Result<(), OverrideError> {
+        doc.validate()?;
+        match &self.backend {
+            Backend::Memory(docs) => {
+                let snapshot = {
+                    let mut docs = docs.lock().unwrap_or_else(|p| p.into_inner());
+                    if !docs.contains_key(&doc.id) && docs.len() >= MAX_OVERRIDES {
+                        return Err(OverrideError::Full);
+                    }
+                    docs.insert(doc.id.clone(), doc);
+                    docs.clone()
+                };
+                self.install(snapshot);
+            }
+            Backend::Redis {
+                conn,
+                hash,
+                version,
+                timeout,
+            } => {
+                let json = serde_json::to_string(&doc).expect("serializes");
+                // Checked and written in one script: the bound holds with many admins.
+                let script = redis::Script::new(
+                    r"if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 and redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[3]) then return 0 end
+                      redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+                      redis.call('INCR', KEYS[2])
+                      return 1",
+                );
+                let mut c = conn.clone();
+                let mut invocation = script.prepare_invoke();
+                invocation
+                    .key(hash)
+                    .key(version)
+                    .arg(&doc.id)
+                    .arg(json)
+                    .arg(MAX_OVERRIDES);
+                let done: i64 = with_deadline(*timeout, invocation.invoke_async(&mut c))
+                    .await
+                    .map_err(|e| OverrideError::Unavailable(e.to_string()))?;
+                if done == 0 {
+                    return Err(OverrideError::Full);
+                }
+                self.refresh().await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes an override.
+    pub async fn delete(&self, id: &str) -> Result<(), OverrideError> {
+        match &self.backend {
+            Backend::Memory(docs) => {
+                let snapshot = {
+                    let mut docs = docs.lock().unwrap_or_else(|p| p.into_inner());
+                    if docs.remove(id).is_none() {
+                        return Err(OverrideError::NotFound(id.to_owned()));
+                    }
+                    docs.clone()
+                };
+                self.install(snapshot);
+            }
+            Backend::Redis {
+                conn,
+                hash,
+                version,
+                timeout,
+            } => {
+                let mut c = conn.clone();
+                let mut pipe = redis::pipe();
+                pipe.atomic().hdel(hash, id).incr(version, 1);
+                let (removed, _): (i64, i64) = with_deadline(*timeout, pipe.query_async(&mut c))
+                    .await
+                    .map_err(|e| OverrideError::Unavailable(e.to_string()))?;
+                if removed == 0 {
+                    return Err(OverrideError::NotFound(id.to_owned()));
+                }
+                self.refresh().await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads every override from Redis and puts it in force (a no-op in memory).
+    async fn refresh(&self) -> Result<(), OverrideError> {
+        let Backend::Redis {
+            conn,
+            hash,
+            timeout,
+            ..
+        } = &self.backend
+        else {
+            return Ok(());
+        };
+        let mut c = conn.clone();
+        let raw: HashMap<String, String> = with_deadline(
+            *timeout,
+            redis::cmd("HGETALL").arg(hash).query_async(&mut c),
+        )
+        .await
+        .map_err(|e| OverrideError::Unavailable(e.to_string()))?;
+        let docs = raw
+            .into_iter()
+            .take(MAX_OVERRIDES)
+            .filter_map(
+                |(id, json)| match serde_json::from_str::<OverrideDoc>(&json) {
+                    Ok(doc) => Some((id, doc)),
+                    Err(err) => {
+                        tracing::warn!(id, error = %err, "stored override unreadable, ignored");
+                        None
+                    }
+                },
+            )
+            .collect();
+        self.install(docs);
+        Ok(())
+    }
+
+    /// In Redis: reads the overrides now, then polls the version every 250 ms and reads
+    /// them again when it moved (a change made through any limiter), until `shutdown`.
+    pub fn spawn_poller(self: &Arc<Self>, shutdown: CancellationToken) {
+        let Backend::Redis {
+            conn,
+            version,
+            timeout,
+            ..
+        } = &self.backend
+        else {
+            return;
+        };
+        let (conn, version, timeout) = (conn.clone(), version.clone(), *timeout);
+        let overrides = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut seen: Option<Option<i64>> = None;
+            let mut tick = tokio::time::interval(POLL_INTERVAL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                let Some(overrides) = overrides.upgrade() else {
+                    return;
+                };
+                let mut c = conn.clone();
+                let now: Option<i64> = match with_deadline(
+                    timeout,
+                    redis::cmd("GET").arg(&version).query_async(&mut c),
+                )
+                .await
+                {
+                    Ok(v) => v,
+                    Err(err) => {
+                        tracing::debug!(error = %err, "cannot read the overrides' version");
+                        continue;
+                    }
+                };
+                if seen == Some(now) {
+                    continue;
+                }
+                match overrides.refresh().await {
+                    Ok(()) => seen = Some(now),
+                    Err(err) => tracing::warn!(error = %err, "cannot read the overrides"),
+                }
+            }
+        });
+    }
+}
