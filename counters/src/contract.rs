@@ -26,6 +26,8 @@ pub fn batch(partition: Option<i32>, events: &[(i64, &str, bool)]) -> PartitionB
                         ts_ms: 0,
                         limiter_id: "contract".into(),
                         degraded: false,
+                        domain: None,
+                        rules: Vec::new(),
                     },
                 )
             })
@@ -59,6 +61,49 @@ where
     series_per_minute(make().await).await;
     series_survive_replays(make().await).await;
     most_blocked_users(make().await).await;
+    rules_are_counted_exactly_once(make().await).await;
+}
+
+/// Per-rule counts (allowed, blocked, shadow-blocked) follow the same exactly-once
+/// discipline as the rest: a replayed batch adds nothing.
+async fn rules_are_counted_exactly_once(store: Arc<dyn CounterStore>) {
+    use ratelimit_domain::analytics::RuleCounts;
+    use ratelimit_domain::event::{RuleHit, RuleOutcome};
+    let m = now_minute();
+    let mut b = timed_batch(
+        Some(0),
+        &[(1, "u", true, m), (2, "u", false, m), (3, "v", true, m)],
+    );
+    let hit = |rule: &str, outcome| RuleHit {
+        rule: rule.into(),
+        outcome,
+    };
+    b.events[0].1.rules = vec![
+        hit("api:burst", RuleOutcome::Allowed),
+        hit("api:trial", RuleOutcome::ShadowBlocked),
+    ];
+    b.events[1].1.rules = vec![hit("api:burst", RuleOutcome::Blocked)];
+    b.events[2].1.rules = vec![hit("api:burst", RuleOutcome::Allowed)];
+    store.apply(&b).await.unwrap();
+    store.apply(&b).await.unwrap();
+    let counts = store.rule_counts().await.unwrap();
+    assert_eq!(
+        counts,
+        [
+            RuleCounts {
+                rule: "api:burst".into(),
+                allowed: 2,
+                blocked: 1,
+                shadow_blocked: 0
+            },
+            RuleCounts {
+                rule: "api:trial".into(),
+                allowed: 0,
+                blocked: 0,
+                shadow_blocked: 1
+            },
+        ]
+    );
 }
 
 /// Minute numbers near now, so stores with a retention keep them.

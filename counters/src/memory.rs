@@ -11,11 +11,11 @@ use dashmap::DashMap;
 use ratelimit_domain::api::UserAnalytics;
 
 use ratelimit_domain::analytics::{
-    AnalyticsReader, BlockedUser, CounterError, CounterStore, DAY_MS, MINUTE_MS, MinuteCounts,
-    PartitionBatch, TOP_KEEP, TOP_WINDOW_MINUTES,
+    AnalyticsReader, BlockedUser, CounterError, CounterStore, DAY_MS, MAX_COUNTED_RULES, MINUTE_MS,
+    MinuteCounts, PartitionBatch, RuleCounts, TOP_KEEP, TOP_WINDOW_MINUTES,
 };
 
-use crate::tally::{Minutes, fill_series, global_tally, top_n};
+use crate::tally::{Minutes, fill_series, global_tally, sorted_rules, top_n};
 
 #[derive(Debug, Default)]
 struct UserCounters {
@@ -36,6 +36,7 @@ struct Global {
     minutes: Minutes,
     top_minutes: BTreeMap<u64, HashMap<Box<str>, u64>>,
     top_days: BTreeMap<u64, HashMap<Box<str>, u64>>,
+    rules: HashMap<String, [u64; 3]>,
 }
 
 /// Keeps exactly the `TOP_KEEP` most blocked (ties by user id) once a set has grown to
@@ -169,6 +170,15 @@ impl MemoryCounters {
         if let Some(p) = batch.partition {
             global.applied.insert(p, tally.last_offset);
         }
+        for (rule, counts) in &tally.rules {
+            if !global.rules.contains_key(*rule) && global.rules.len() >= MAX_COUNTED_RULES {
+                continue;
+            }
+            let total = global.rules.entry((*rule).to_owned()).or_default();
+            for (t, n) in total.iter_mut().zip(counts) {
+                *t += n;
+            }
+        }
         for (minute, (a, b)) in &tally.minutes {
             let counts = global.minutes.entry(*minute).or_default();
             counts.0 += a;
@@ -209,6 +219,16 @@ impl CounterStore for MemoryCounters {
 
 #[async_trait]
 impl AnalyticsReader for MemoryCounters {
+    async fn rule_counts(&self) -> Result<Vec<RuleCounts>, CounterError> {
+        let rules = self
+            .global
+            .lock()
+            .expect("global counters lock")
+            .rules
+            .clone();
+        Ok(sorted_rules(rules))
+    }
+
     async fn get(&self, user_id: &str) -> Result<UserAnalytics, CounterError> {
         let (allowed, blocked) = self
             .users

@@ -26,14 +26,16 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use ratelimit_domain::analytics::{
-    AnalyticsReader, BlockedUser, CounterError, CounterStore, MinuteCounts, PartitionBatch,
-    TOP_KEEP, TOP_WINDOW_MINUTES,
+    AnalyticsReader, BlockedUser, CounterError, CounterStore, MAX_COUNTED_RULES, MinuteCounts,
+    PartitionBatch, RuleCounts, TOP_KEEP, TOP_WINDOW_MINUTES,
 };
 use ratelimit_domain::api::UserAnalytics;
 use ratelimit_domain::keys;
 use service_kit::redis::{Connection, Endpoint, Scripts};
 
-use crate::tally::{GlobalTally, Minutes, Tally, fill_series, global_tally, tally, top_n};
+use crate::tally::{
+    GlobalTally, Minutes, Tally, fill_series, global_tally, sorted_rules, tally, top_n,
+};
 
 /// Per user. Returns -2 when applied, -1 when everything was already counted, or the
 /// offset already counted when only part of the batch is new (the caller re-tallies).
@@ -101,6 +103,19 @@ for _ = 1, nd do
   local nu = tonumber(ARGV[a])
   a = a + 1
   bump(dkey, nu, day_ttl)
+end
+local nr, cap = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
+a = a + 2
+if nr > 0 then
+  local rkey = KEYS[k]
+  for _ = 1, nr do
+    local field, n = ARGV[a], ARGV[a + 1]
+    a = a + 2
+    if redis.call('HEXISTS', rkey, field) == 1 or redis.call('HLEN', rkey) < cap then
+      redis.call('HINCRBY', rkey, field, n)
+    end
+  end
+  redis.call('EXPIRE', rkey, retention)
 end
 return -2
 "#;
@@ -321,6 +336,25 @@ impl RedisCounters {
                 invocation.arg(*user).arg(*n);
             }
         }
+        // Per rule: `a|<rule>`, `b|<rule>`, `s|<rule>` in one hash per partition.
+        let fields: Vec<(String, u64)> = g
+            .rules
+            .iter()
+            .flat_map(|(rule, counts)| {
+                ["a", "b", "s"]
+                    .into_iter()
+                    .zip(counts)
+                    .filter(|(_, n)| **n > 0)
+                    .map(move |(kind, n)| (format!("{kind}|{rule}"), *n))
+            })
+            .collect();
+        invocation.arg(fields.len()).arg(3 * MAX_COUNTED_RULES);
+        if !fields.is_empty() {
+            invocation.key(self.read.global_key(tag, "r"));
+            for (field, n) in &fields {
+                invocation.arg(field).arg(*n);
+            }
+        }
         let mut pipe = redis::pipe();
         pipe.invoke_script(&invocation);
         let (result,): (i64,) = self.query_scripts(&pipe).await?;
@@ -405,6 +439,31 @@ impl CounterStore for RedisCounters {
 
 #[async_trait]
 impl AnalyticsReader for RedisAnalytics {
+    /// Summed over the partitions' `r` hashes.
+    async fn rule_counts(&self) -> Result<Vec<RuleCounts>, CounterError> {
+        let tags = self.tags().await?;
+        let mut pipe = redis::pipe();
+        for tag in &tags {
+            pipe.cmd("HGETALL").arg(self.global_key(tag, "r"));
+        }
+        let mut conn = self.conn.clone();
+        let hashes: Vec<HashMap<String, u64>> = self.deadline(pipe.query_async(&mut conn)).await?;
+        let mut counts: HashMap<String, [u64; 3]> = HashMap::new();
+        for (field, n) in hashes.into_iter().flatten() {
+            let Some((kind, rule)) = field.split_once('|') else {
+                continue;
+            };
+            let slot = match kind {
+                "a" => 0,
+                "b" => 1,
+                "s" => 2,
+                _ => continue,
+            };
+            counts.entry(rule.to_owned()).or_default()[slot] += n;
+        }
+        Ok(sorted_rules(counts))
+    }
+
     async fn get(&self, user_id: &str) -> Result<UserAnalytics, CounterError> {
         let mut conn = self.conn.clone();
         let key = keys::counter_key(&self.key_prefix, user_id);
@@ -490,6 +549,10 @@ impl AnalyticsReader for RedisAnalytics {
 /// The writer reads through its reader.
 #[async_trait]
 impl AnalyticsReader for RedisCounters {
+    async fn rule_counts(&self) -> Result<Vec<RuleCounts>, CounterError> {
+        self.read.rule_counts().await
+    }
+
     async fn get(&self, user_id: &str) -> Result<UserAnalytics, CounterError> {
         self.read.get(user_id).await
     }

@@ -16,7 +16,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::ops::RangeInclusive;
 
 use ratelimit_domain::RateLimitEvent;
-use ratelimit_domain::analytics::{BlockedUser, DAY_MS, MINUTE_MS, MinuteCounts};
+use ratelimit_domain::analytics::{BlockedUser, DAY_MS, MINUTE_MS, MinuteCounts, RuleCounts};
+use ratelimit_domain::event::RuleOutcome;
 
 /// Per-minute counts, keyed by minute number (ms / 60,000).
 pub(crate) type Minutes = BTreeMap<u64, (u64, u64)>;
@@ -83,6 +84,8 @@ pub(crate) struct GlobalTally<'a> {
     pub minutes: Minutes,
     pub blocked_by_minute: BTreeMap<u64, HashMap<&'a str, u64>>,
     pub blocked_by_day: BTreeMap<u64, HashMap<&'a str, u64>>,
+    /// Per rule: allowed, blocked, shadow-blocked.
+    pub rules: BTreeMap<&'a str, [u64; 3]>,
 }
 
 pub(crate) fn global_tally(
@@ -100,6 +103,14 @@ pub(crate) fn global_tally(
         }
         g.first_offset = g.first_offset.min(*offset);
         g.last_offset = g.last_offset.max(*offset);
+        for hit in &event.rules {
+            let counts = g.rules.entry(hit.rule.as_str()).or_default();
+            counts[match hit.outcome {
+                RuleOutcome::Allowed => 0,
+                RuleOutcome::Blocked => 1,
+                RuleOutcome::ShadowBlocked => 2,
+            }] += 1;
+        }
         let minute = event.ts_ms / MINUTE_MS;
         let counts = g.minutes.entry(minute).or_default();
         if event.allowed {
@@ -147,5 +158,24 @@ pub(crate) fn top_n(counts: HashMap<String, u64>, n: usize) -> Vec<BlockedUser> 
             .then_with(|| a.user_id.cmp(&b.user_id))
     });
     all.truncate(n);
+    all
+}
+
+/// Rule counts sorted most blocked first (then by name).
+pub(crate) fn sorted_rules(counts: HashMap<String, [u64; 3]>) -> Vec<RuleCounts> {
+    let mut all: Vec<RuleCounts> = counts
+        .into_iter()
+        .map(|(rule, [allowed, blocked, shadow_blocked])| RuleCounts {
+            rule,
+            allowed,
+            blocked,
+            shadow_blocked,
+        })
+        .collect();
+    all.sort_by(|a, b| {
+        (b.blocked + b.shadow_blocked)
+            .cmp(&(a.blocked + a.shadow_blocked))
+            .then_with(|| a.rule.cmp(&b.rule))
+    });
     all
 }

@@ -58,6 +58,8 @@ fn bench_event(c: &mut Criterion) {
         ts_ms: 1_700_000_000_000,
         limiter_id: "bench-host-4242".into(),
         degraded: false,
+        domain: None,
+        rules: Vec::new(),
     };
     let bytes = event.encode();
     let mut group = c.benchmark_group("event");

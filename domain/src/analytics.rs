@@ -63,8 +63,26 @@ pub struct BlockedUser {
     pub blocked: u64,
 }
 
+/// One rule's counts since the counters began (or were last expired): requests it
+/// admitted, refused, and would have refused in shadow mode.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct RuleCounts {
+    /// `<domain>:<limit name>`.
+    pub rule: String,
+    pub allowed: u64,
+    pub blocked: u64,
+    pub shadow_blocked: u64,
+}
+
+/// Most rules the per-rule counts keep (names come from the rules and overrides, which are
+/// bounded; past this, new names are not counted).
+pub const MAX_COUNTED_RULES: usize = 10_000;
+
 #[async_trait]
 pub trait AnalyticsReader: Send + Sync + 'static {
+    /// Every rule's counts, most blocked first.
+    async fn rule_counts(&self) -> Result<Vec<RuleCounts>, CounterError>;
+
     /// A user's all-time counters; zeros for a user never seen.
     async fn get(&self, user_id: &str) -> Result<UserAnalytics, CounterError>;
 

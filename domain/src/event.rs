@@ -19,6 +19,33 @@ pub struct RateLimitEvent {
     /// Decided by the local fallback bucket while the shared store was unreachable.
     #[serde(default)]
     pub degraded: bool,
+    /// The request's domain, when not the default one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain: Option<String>,
+    /// What each rule's limit made of the request (absent for the built-in rule alone,
+    /// whose counts are the global ones): its name and outcome.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<RuleHit>,
+}
+
+/// One limit's part in a decision, as the per-rule analytics count it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuleHit {
+    /// `<domain>:<limit name>`.
+    pub rule: String,
+    pub outcome: RuleOutcome,
+}
+
+/// How a limit took part in a decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RuleOutcome {
+    /// It admitted a request that was admitted.
+    Allowed,
+    /// It refused the request (enforced).
+    Blocked,
+    /// A shadow limit that would have refused the request.
+    ShadowBlocked,
 }
 
 /// Why bytes on the stream are not a usable event.
@@ -59,6 +86,11 @@ mod tests {
             ts_ms: 1_700_000_000_000,
             limiter_id: "host-1".into(),
             degraded: true,
+            domain: Some("api".into()),
+            rules: vec![RuleHit {
+                rule: "api:burst".into(),
+                outcome: RuleOutcome::ShadowBlocked,
+            }],
         }
     }
 

@@ -275,11 +275,13 @@ async fn global_analytics(
         .global(window_secs, second, || async {
             let today = *minutes.end() * MINUTE_MS / DAY_MS;
             let counters = &gateway.analytics;
-            let (series, top, top_day) = tokio::try_join!(
+            let (series, top, top_day, mut rules) = tokio::try_join!(
                 counters.global_series(minutes.clone()),
                 counters.top_blocked(minutes.clone(), TOP_N),
                 counters.top_blocked_day(today, TOP_N),
+                counters.rule_counts(),
             )?;
+            rules.truncate(RULES_SHOWN);
             let (allowed, blocked) = sum(&series);
             Ok(json!({
                 "window_secs": window_secs,
@@ -289,12 +291,16 @@ async fn global_analytics(
                 "series": series,
                 "top_blocked": top,
                 "top_blocked_day": top_day,
+                "rules": rules,
             }))
         })
         .await
         .map_err(analytics_unavailable)?;
     Ok(Json((*answer).clone()))
 }
+
+/// The most rules `GET /analytics` lists (most blocked first).
+const RULES_SHOWN: usize = 100;
 
 async fn status(State(Shared { gateway, .. }): State<Shared>) -> Json<Status> {
     Json(gateway.status.status().await)

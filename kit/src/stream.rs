@@ -116,6 +116,8 @@ mod tests {
             ts_ms: 0,
             limiter_id: "t".into(),
             degraded: false,
+            domain: None,
+            rules: Vec::new(),
         }
     }
 

@@ -157,6 +157,8 @@ mod tests {
             ts_ms: 0,
             limiter_id: "t".into(),
             degraded: false,
+            domain: None,
+            rules: Vec::new(),
         };
         let size = event(0).encode().len() as u64;
         for i in 0..10_000 {

@@ -7,7 +7,9 @@ use std::time::Instant;
 
 use metrics::Unit;
 use ratelimit_domain::api::{CheckRequest, CheckResponse, LimitStatus};
-use ratelimit_domain::event::SCHEMA_VERSION;
+use ratelimit_domain::descriptor::DEFAULT_DOMAIN;
+use ratelimit_domain::event::{RuleHit, RuleOutcome, SCHEMA_VERSION};
+use ratelimit_domain::keys::DEFAULT_LIMIT_NAME;
 use ratelimit_domain::keys::limit_key;
 use ratelimit_domain::limits::{Applied, Outcome};
 use ratelimit_domain::store::{LimitTake, RequestTake};
@@ -116,6 +118,33 @@ impl Checked {
             window,
         }
     }
+}
+
+/// What each limit made of a request, for the per-rule analytics; nothing for the
+/// built-in rule alone (its counts are the global ones, and the default path stays lean).
+fn rule_hits(request: &CheckRequest, plan: &Plan, checked: &Checked) -> Vec<RuleHit> {
+    let builtin_only = request.domain == DEFAULT_DOMAIN
+        && matches!(plan.limits.as_slice(), [only] if &*only.name == DEFAULT_LIMIT_NAME);
+    if builtin_only {
+        return Vec::new();
+    }
+    let allowed = checked.decision.is_allowed();
+    checked
+        .limits
+        .iter()
+        .filter_map(|l| {
+            let outcome = match (l.shadow, l.refused, allowed) {
+                (true, true, _) => RuleOutcome::ShadowBlocked,
+                (_, false, true) => RuleOutcome::Allowed,
+                (false, true, _) => RuleOutcome::Blocked,
+                (_, false, false) => return None,
+            };
+            Some(RuleHit {
+                rule: format!("{}:{}", request.domain, l.name),
+                outcome,
+            })
+        })
+        .collect()
 }
 
 /// One limit of a planned request: its name, its descriptor and its numbers.
@@ -651,6 +680,8 @@ impl Limiter {
             ts_ms: self.clock.now_ms(),
             limiter_id: self.instance_id.clone(),
             degraded: checked.degraded,
+            domain: (request.domain != DEFAULT_DOMAIN).then(|| request.domain.clone()),
+            rules: rule_hits(request, plan, &checked),
         });
         Ok(checked)
     }
