@@ -4,7 +4,10 @@
 //! - [`client`]: the limiter-client trait, and its HTTP form with replica balancing.
 //! - [`http`]: the routes and the mapping of decisions to HTTP.
 //! - [`config`]: the gateway's configuration.
+//! - [`proxy`]: the gateway in front of a real service (`UPSTREAM_URL`), and [`actions`],
+//!   which descriptors a proxied request produces.
 
+pub mod actions;
 pub mod admin;
 pub mod analytics_reads;
 pub mod answer;
@@ -13,6 +16,7 @@ pub mod config;
 pub mod dashboard;
 
 pub mod http;
+pub mod proxy;
 pub mod status;
 
 use std::sync::Arc;
