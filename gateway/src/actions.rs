@@ -65,7 +65,10 @@ pub enum Action {
     /// `method`: `GET`, `POST`, ...
     Method { key: String },
     /// `path`: the path, or its first `segments` segments (`/v1/users/7` with 1: `/v1`).
-    Path { key: String, segments: Option<usize> },
+    Path {
+        key: String,
+        segments: Option<usize>,
+    },
     /// `generic_key`: a fixed entry.
     GenericKey { key: String, value: String },
 }
@@ -560,12 +563,13 @@ descriptors:
         let actions = DescriptorActions::from_yaml("d.yaml", EXAMPLE).unwrap();
         // No X-Api-Key, no X-User: the first and third descriptors are dropped whole.
         let h = headers(&[("x-plan", "free"), ("x-api-key", "")]);
-        let got = actions
-            .descriptors(&facts(&Method::GET, "/", &h))
-            .unwrap();
+        let got = actions.descriptors(&facts(&Method::GET, "/", &h)).unwrap();
         assert_eq!(
             written(&got),
-            ["generic_key=global,remote_address=203.0.113.7", "method=GET,path=/"]
+            [
+                "generic_key=global,remote_address=203.0.113.7",
+                "method=GET,path=/"
+            ]
         );
 
         let skip = DescriptorActions::from_yaml(
@@ -652,7 +656,10 @@ descriptors:
         );
         assert_eq!(err.file, "descriptors.yaml");
         assert_eq!(err.line, Some(3), "{err}");
-        assert!(err.field.starts_with("descriptors[0][0].request_header"), "{err}");
+        assert!(
+            err.field.starts_with("descriptors[0][0].request_header"),
+            "{err}"
+        );
         assert!(err.to_string().contains("descriptor_key"), "{err}");
 
         let err = refused("descriptors:\n  - [{method: {}}]\n  - [{pathh: {}}]\n");
@@ -671,7 +678,9 @@ descriptors:
         let err = refused("descriptors:\n  - [{method: {}, path: {}}]\n");
         assert!(err.detail.contains("exactly one"), "{err}");
 
-        let err = refused("descriptors:\n  - [{request_header: {header_name: \"X Api\", descriptor_key: k}}]\n");
+        let err = refused(
+            "descriptors:\n  - [{request_header: {header_name: \"X Api\", descriptor_key: k}}]\n",
+        );
         assert!(err.detail.contains("not a valid header name"), "{err}");
 
         let err = refused("domain: ''\ndescriptors: [[{method: {}}]]\n");

@@ -92,14 +92,18 @@ impl GatewayConfig {
 pub struct UpstreamArgs {
     /// Base URL of the service behind the gateway (`http://127.0.0.1:9000`, optionally
     /// with a path prefix). Unset: no proxy, unknown paths answer 404.
-    #[arg(long = "upstream-url", env = "UPSTREAM_URL", value_name = "UPSTREAM_URL")]
-    pub url: Option<String>,
+    #[arg(
+        long = "upstream-url",
+        env = "UPSTREAM_URL",
+        value_name = "UPSTREAM_URL"
+    )]
+    pub upstream_url: Option<String>,
     /// Longest wait for the upstream's response headers once the request has been sent in
     /// full (504 past it), and longest pause inside a body in either direction, in
     /// milliseconds.
     #[arg(long = "upstream-timeout-ms", env = "UPSTREAM_TIMEOUT_MS", value_name = "UPSTREAM_TIMEOUT_MS",
           default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
-    pub timeout_ms: u64,
+    pub upstream_timeout_ms: u64,
     /// YAML file saying which descriptors a proxied request produces (Envoy's route
     /// `rate_limits` actions). Unset: one descriptor `[user_id=<client address>]` in the
     /// default domain.
@@ -108,7 +112,7 @@ pub struct UpstreamArgs {
         env = "UPSTREAM_DESCRIPTORS_PATH",
         value_name = "UPSTREAM_DESCRIPTORS_PATH"
     )]
-    pub descriptors_path: Option<std::path::PathBuf>,
+    pub upstream_descriptors_path: Option<std::path::PathBuf>,
     /// The client address is the last `X-Forwarded-For` entry (set by the proxy in front
     /// of the gateway) rather than the TCP peer, and an incoming `X-Forwarded-Proto` is
     /// kept. Only behind a proxy that appends to `X-Forwarded-For`: else clients choose
@@ -120,6 +124,6 @@ pub struct UpstreamArgs {
 
 impl UpstreamArgs {
     pub fn timeout(&self) -> Duration {
-        Duration::from_millis(self.timeout_ms)
+        Duration::from_millis(self.upstream_timeout_ms)
     }
 }

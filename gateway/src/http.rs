@@ -8,13 +8,13 @@ use std::ops::RangeInclusive;
 
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use ratelimit_domain::analytics::{AnalyticsReader, CounterError, DAY_MS, MINUTE_MS, MinuteCounts};
 use ratelimit_domain::api::{
-    CheckRequest, CheckResponse, FieldError, MAX_BODY_BYTES, UserAnalytics, canonical_user_id,
+    CheckRequest, FieldError, MAX_BODY_BYTES, UserAnalytics, canonical_user_id,
 };
 use ratelimit_domain::{Clock, SystemClock};
 use serde::{Deserialize, Serialize};
@@ -85,7 +85,10 @@ async fn api(
         // Refunds are for the services behind the limiter, never for its clients.
         return Err(FieldError::new(
             "cost",
-            format!("must be an integer from 1 to {}", ratelimit_domain::api::MAX_COST),
+            format!(
+                "must be an integer from 1 to {}",
+                ratelimit_domain::api::MAX_COST
+            ),
         )
         .into());
     }
