@@ -85,11 +85,7 @@ pub fn rate_limit_headers(d: &CheckResponse) -> HeaderMap {
         // A limiter that does not list its limits: its one policy is the built-in one.
         (
             "default".to_owned(),
-            format!(
-                "\"default\";q={};w={}",
-                d.limit,
-                secs_ceil(d.window_ms).max(1)
-            ),
+            format!("\"default\";q={};w={}", d.limit, secs_ceil(d.window_ms).max(1)),
         )
     } else {
         let Some(closest) = closest(d) else { return h };
@@ -205,12 +201,7 @@ mod tests {
         };
         assert_eq!(violated(&d), ["daily\"x"]);
         let h = rate_limit_headers(&d);
-        assert!(
-            h["ratelimit"]
-                .to_str()
-                .unwrap()
-                .starts_with("\"daily\\\"x\"")
-        );
+        assert!(h["ratelimit"].to_str().unwrap().starts_with("\"daily\\\"x\""));
         assert!(!h["ratelimit-policy"].to_str().unwrap().contains("trial"));
     }
 

@@ -85,10 +85,7 @@ async fn api(
         // Refunds are for the services behind the limiter, never for its clients.
         return Err(FieldError::new(
             "cost",
-            format!(
-                "must be an integer from 1 to {}",
-                ratelimit_domain::api::MAX_COST
-            ),
+            format!("must be an integer from 1 to {}", ratelimit_domain::api::MAX_COST),
         )
         .into());
     }
