@@ -63,6 +63,9 @@ pub struct Config {
     pub redis: RedisArgs,
     #[command(flatten)]
     pub kafka: KafkaArgs,
+    /// The gateway in front of a real service (`UPSTREAM_URL`).
+    #[command(flatten)]
+    pub upstream: gateway::config::UpstreamArgs,
 }
 
 /// The running system.
@@ -85,6 +88,8 @@ impl System {
     ) -> anyhow::Result<Self> {
         let gateway_addr = gateway_listener.local_addr()?;
         let limiter_addr = limiter_listener.local_addr()?;
+        // First: a bad descriptors file stops the start before anything runs.
+        let upstream = gateway::proxy::Upstream::from_args(&config.upstream)?.map(Arc::new);
         let (limiter, events) = rate_limiter::build(
             &config.limiter,
             &config.redis,
@@ -134,7 +139,13 @@ impl System {
             let shutdown = shutdown.clone();
             tokio::spawn(async move {
                 let (g, l) = tokio::join!(
-                    gateway::run(gateway_listener, gateway, &config.serve, shutdown.clone()),
+                    gateway::proxy::run(
+                        gateway_listener,
+                        gateway,
+                        upstream,
+                        &config.serve,
+                        shutdown.clone()
+                    ),
                     rate_limiter::run(
                         limiter_listener,
                         limiter.clone(),

@@ -85,3 +85,45 @@ impl GatewayConfig {
         Duration::from_millis(self.limiter_resolve_ms)
     }
 }
+
+/// The gateway in front of a real service (`UPSTREAM_URL`): every request that is not one
+/// of the gateway's own routes is checked against the limits and, when allowed, forwarded.
+#[derive(Args, Debug, Clone)]
+pub struct UpstreamArgs {
+    /// Base URL of the service behind the gateway (`http://127.0.0.1:9000`, optionally
+    /// with a path prefix). Unset: no proxy, unknown paths answer 404.
+    #[arg(
+        long = "upstream-url",
+        env = "UPSTREAM_URL",
+        value_name = "UPSTREAM_URL"
+    )]
+    pub upstream_url: Option<String>,
+    /// Longest wait for the upstream's response headers once the request has been sent in
+    /// full (504 past it), and longest pause inside a body in either direction, in
+    /// milliseconds.
+    #[arg(long = "upstream-timeout-ms", env = "UPSTREAM_TIMEOUT_MS", value_name = "UPSTREAM_TIMEOUT_MS",
+          default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
+    pub upstream_timeout_ms: u64,
+    /// YAML file saying which descriptors a proxied request produces (Envoy's route
+    /// `rate_limits` actions). Unset: one descriptor `[user_id=<client address>]` in the
+    /// default domain.
+    #[arg(
+        long = "upstream-descriptors-path",
+        env = "UPSTREAM_DESCRIPTORS_PATH",
+        value_name = "UPSTREAM_DESCRIPTORS_PATH"
+    )]
+    pub upstream_descriptors_path: Option<std::path::PathBuf>,
+    /// The client address is the last `X-Forwarded-For` entry (set by the proxy in front
+    /// of the gateway) rather than the TCP peer, and an incoming `X-Forwarded-Proto` is
+    /// kept. Only behind a proxy that appends to `X-Forwarded-For`: else clients choose
+    /// their own address.
+    #[arg(long = "trust-forwarded-for", env = "TRUST_FORWARDED_FOR", value_name = "TRUST_FORWARDED_FOR",
+          default_value_t = false, action = clap::ArgAction::Set)]
+    pub trust_forwarded_for: bool,
+}
+
+impl UpstreamArgs {
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.upstream_timeout_ms)
+    }
+}

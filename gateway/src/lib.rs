@@ -4,7 +4,10 @@
 //! - [`client`]: the limiter-client trait, and its HTTP form with replica balancing.
 //! - [`http`]: the routes and the mapping of decisions to HTTP.
 //! - [`config`]: the gateway's configuration.
+//! - [`proxy`]: the gateway in front of a real service (`UPSTREAM_URL`), and [`actions`],
+//!   which descriptors a proxied request produces.
 
+pub mod actions;
 /// The admin token's guard (shared with the limiter's `/admin` routes).
 pub use service_kit::admin;
 pub mod analytics_reads;
@@ -14,6 +17,7 @@ pub mod config;
 pub mod dashboard;
 
 pub mod http;
+pub mod proxy;
 pub mod status;
 
 use std::sync::Arc;
