@@ -67,6 +67,9 @@ pub struct GatewayConfig {
     pub redis: RedisArgs,
     #[command(flatten)]
     pub retention: service_kit::config::RetentionArgs,
+    /// The gateway in front of a real service (`UPSTREAM_URL`).
+    #[command(flatten)]
+    pub upstream: UpstreamArgs,
 }
 
 impl GatewayConfig {

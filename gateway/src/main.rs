@@ -14,8 +14,9 @@ async fn main() -> anyhow::Result<()> {
     runtime::init_tracing();
     let shutdown = runtime::shutdown_token();
     let gateway = gateway::from_config(&config, &shutdown).await?;
+    let upstream = gateway::proxy::Upstream::from_args(&config.upstream)?.map(std::sync::Arc::new);
     let listener =
         tokio::net::TcpListener::bind((config.serve.bind_addr, config.gateway.port)).await?;
-    gateway::run(listener, gateway, &config.serve, shutdown).await?;
+    gateway::proxy::run(listener, gateway, upstream, &config.serve, shutdown).await?;
     Ok(())
 }

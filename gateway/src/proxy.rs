@@ -42,7 +42,7 @@ use service_kit::config::ServeArgs;
 use service_kit::http::{ApiError, ServeLimits};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
-use tower::{Layer, ServiceBuilder, ServiceExt};
+use tower::{ServiceBuilder, ServiceExt};
 
 use crate::actions::{DescriptorActions, RequestFacts};
 use crate::answer::{problem, rate_limit_headers, secs_ceil, violated, wants_problem};
@@ -573,119 +573,13 @@ pub async fn run(
         "gateway listening in front of the upstream"
     );
     let limits = serve.limits();
-    serve_with_peers(
+    service_kit::http::serve(
         listener,
         router(gateway, upstream, &limits),
         shutdown,
         &limits,
     )
     .await
-}
-
-/// `service_kit::http::serve`, with each request given its connection's peer address
-/// (`ConnectInfo<SocketAddr>`), which the proxy's `remote_address` needs and the kit's
-/// loop does not pass. Same limits, same graceful shutdown; to be folded into the kit's
-/// `serve` (one `Extension` layer per connection) when that is next changed.
-async fn serve_with_peers(
-    listener: tokio::net::TcpListener,
-    router: Router,
-    shutdown: CancellationToken,
-    limits: &ServeLimits,
-) -> std::io::Result<()> {
-    use hyper_util::rt::TokioIo;
-    use hyper_util::server::graceful::GracefulShutdown;
-    use hyper_util::service::TowerToHyperService;
-
-    let local = listener.local_addr()?.to_string();
-    let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(TokioTimer::new())
-        .header_read_timeout(limits.header_timeout)
-        .keep_alive(true);
-    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
-    let graceful = GracefulShutdown::new();
-    let abandon = CancellationToken::new();
-    loop {
-        let (stream, peer) = tokio::select! {
-            biased;
-            () = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(err) => {
-                    accept_failed(err, &shutdown).await;
-                    continue;
-                }
-            },
-        };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            metrics::counter!("http_connections_refused_total", "addr" => local.clone())
-                .increment(1);
-            tracing::debug!(%peer, "connection cap reached; closing a new connection");
-            drop(stream);
-            continue;
-        };
-        let open = OpenConnection::new(&local);
-        let mut io = tokio_io_timeout::TimeoutStream::new(stream);
-        io.set_write_timeout(Some(limits.send_timeout));
-        let io = TokioIo::new(Box::pin(io));
-        let service = axum::Extension(ConnectInfo(peer)).layer(router.clone());
-        let connection =
-            graceful.watch(http.serve_connection(io, TowerToHyperService::new(service)));
-        let abandon = abandon.clone();
-        tokio::spawn(async move {
-            let _slot = (permit, open);
-            tokio::select! {
-                result = connection => {
-                    if let Err(err) = result {
-                        tracing::debug!(%peer, error = %err, "connection closed on an error");
-                    }
-                }
-                () = abandon.cancelled() => {}
-            }
-        });
-    }
-    drop(listener);
-    tokio::select! {
-        () = graceful.shutdown() => tracing::debug!(addr = %local, "every connection closed"),
-        () = tokio::time::sleep(limits.grace) => {
-            tracing::warn!(grace_ms = limits.grace.as_millis() as u64, "grace period over; dropping unfinished requests");
-            abandon.cancel();
-        }
-    }
-    Ok(())
-}
-
-/// One open connection in the `http_connections_open` gauge, taken out on drop.
-struct OpenConnection(metrics::Gauge);
-
-impl OpenConnection {
-    fn new(local: &str) -> Self {
-        let gauge = metrics::gauge!("http_connections_open", "addr" => local.to_owned());
-        gauge.increment(1);
-        Self(gauge)
-    }
-}
-
-impl Drop for OpenConnection {
-    fn drop(&mut self) {
-        self.0.decrement(1);
-    }
-}
-
-/// A failed `accept`: a reset before accepting is the client's business; anything else
-/// (out of file descriptors, mostly) is logged and accepting pauses rather than spin.
-async fn accept_failed(err: std::io::Error, shutdown: &CancellationToken) {
-    use std::io::ErrorKind::{ConnectionAborted, ConnectionRefused, ConnectionReset};
-    if matches!(
-        err.kind(),
-        ConnectionAborted | ConnectionRefused | ConnectionReset
-    ) {
-        return;
-    }
-    tracing::error!(error = %err, "accept failed; pausing for 100 ms");
-    tokio::select! {
-        () = shutdown.cancelled() => {}
-        () = tokio::time::sleep(Duration::from_millis(100)) => {}
-    }
 }
 
 #[cfg(test)]

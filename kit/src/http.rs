@@ -452,8 +452,14 @@ pub async fn serve(
         let mut io = tokio_io_timeout::TimeoutStream::new(stream);
         io.set_write_timeout(Some(limits.send_timeout));
         let io = TokioIo::new(Box::pin(io));
+        // Each request knows its client's address (`ConnectInfo`), for whoever needs it
+        // (the gateway's proxy: `remote_address` descriptors).
+        let service = tower::Layer::layer(
+            &axum::Extension(axum::extract::ConnectInfo(peer)),
+            router.clone(),
+        );
         let connection =
-            graceful.watch(http.serve_connection(io, TowerToHyperService::new(router.clone())));
+            graceful.watch(http.serve_connection(io, TowerToHyperService::new(service)));
         let abandon = abandon.clone();
         tokio::spawn(async move {
             // Given back however this task ends: done, failed, or dropped.
