@@ -11,6 +11,10 @@
 --      buckets); the population is then unused
 --   3. in seq mode, the offset (OFFSET, default 0), to keep successive runs apart
 --
+-- BODY_MODE=three (environment): the same users, each asking in domain "bench" with one
+-- descriptor [user_id=user-<n>] that bench/run.sh's rules give three limits (a token bucket,
+-- a fixed window and a sliding window), instead of the built-in one.
+--
 -- done() prints one machine-readable line that bench/run.sh parses:
 --   BENCH requests=.. duration_us=.. rps=.. p50_us=.. p90_us=.. p99_us=.. p999_us=..
 --         max_us=.. non2xx=.. errors=..
@@ -21,6 +25,7 @@ local offset = 0
 local thread_count = 0
 local next_seq = 0
 local headers = { ["Content-Type"] = "application/json" }
+local three = os.getenv("BODY_MODE") == "three"
 
 local function configure(args)
   local p = (args and args[1]) or os.getenv("POPULATION")
@@ -57,6 +62,10 @@ function request()
     next_seq = next_seq + 1
   else
     n = math.random(0, population - 1)
+  end
+  if three then
+    return wrk.format("POST", nil, headers,
+      '{"domain":"bench","descriptors":[{"entries":[{"key":"user_id","value":"user-' .. n .. '"}]}]}')
   end
   return wrk.format("POST", nil, headers, '{"user_id":"user-' .. n .. '"}')
 end

@@ -167,7 +167,9 @@ impl MemoryStore {
             let before = shard.len();
             shard.retain(|_, slot| slot.expires_us > now);
             dropped += before - shard.len();
-            if shard.len() < shard.capacity() / 4 {
+            // Shrunk to a quarter or less: give the table back. (Not `capacity()`: after a
+            // mass removal the table's tombstones make it report almost none.)
+            if shard.len() * 4 <= before && before > 0 {
                 shard.shrink_to_fit();
             }
         }
