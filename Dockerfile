@@ -66,7 +66,7 @@ USER 10001:10001
 
 FROM runtime AS rate-limiter
 COPY --from=builder /src/bin/rate-limiter /usr/local/bin/rate-limiter
-EXPOSE 8080
+EXPOSE 8080 8081
 HEALTHCHECK --interval=5s --timeout=3s --start-period=10s --retries=3 \
     CMD curl -fsS -o /dev/null "http://127.0.0.1:${LIMITER_PORT:-8080}/healthz" || exit 1
 ENTRYPOINT ["rate-limiter"]

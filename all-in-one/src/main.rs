@@ -17,6 +17,8 @@ async fn main() -> anyhow::Result<()> {
         tokio::net::TcpListener::bind((config.serve.bind_addr, config.gateway.port)).await?;
     let limiter =
         tokio::net::TcpListener::bind((config.limiter_bind_addr, config.limiter_port)).await?;
+    let grpc =
+        tokio::net::TcpListener::bind((config.limiter_bind_addr, config.grpc.grpc_port)).await?;
     let mode = match (
         config.redis.url().is_some(),
         config.kafka.brokers().is_some(),
@@ -27,7 +29,13 @@ async fn main() -> anyhow::Result<()> {
         (true, true) => "Redis buckets and counters, Kafka event stream",
     };
     tracing::info!(mode, "starting the all-in-one system");
-    let system =
-        all_in_one::System::start(config, gateway, limiter, runtime::shutdown_token()).await?;
+    let system = all_in_one::System::start_with_grpc(
+        config,
+        gateway,
+        limiter,
+        Some(grpc),
+        runtime::shutdown_token(),
+    )
+    .await?;
     system.wait().await
 }

@@ -28,19 +28,27 @@ fn connects(ip: [u8; 4], port: u16) -> bool {
 /// to 127.0.0.1 refuses.
 #[test]
 fn the_limiter_port_is_loopback_only_by_default_and_the_gateway_is_public() {
-    let (gateway, limiter) = (testkit::free_port(), testkit::free_port());
+    let (gateway, limiter, grpc) = (
+        testkit::free_port(),
+        testkit::free_port(),
+        testkit::free_port(),
+    );
     let child = Command::new(BIN)
         .current_dir(std::env::temp_dir())
         .env_clear()
         .env("GATEWAY_PORT", gateway.to_string())
         .env("LIMITER_PORT", limiter.to_string())
+        .env("GRPC_PORT", grpc.to_string())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let _running = Running(child);
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !(connects([127, 0, 0, 1], gateway) && connects([127, 0, 0, 1], limiter)) {
+    while !(connects([127, 0, 0, 1], gateway)
+        && connects([127, 0, 0, 1], limiter)
+        && connects([127, 0, 0, 1], grpc))
+    {
         assert!(Instant::now() < deadline, "the all-in-one did not listen");
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -48,6 +56,10 @@ fn the_limiter_port_is_loopback_only_by_default_and_the_gateway_is_public() {
     assert!(
         !connects([127, 0, 0, 2], limiter),
         "the limiter answered on an address other than 127.0.0.1"
+    );
+    assert!(
+        !connects([127, 0, 0, 2], grpc),
+        "the limiter's gRPC service answered on an address other than 127.0.0.1"
     );
 }
 

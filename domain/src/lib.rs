@@ -6,6 +6,7 @@
 //! - [`event`]: the `RateLimitEvent` every decision emits, and its wire encoding.
 //! - [`keys`]: Redis key names, injective per user and hash-tagged for Redis Cluster.
 //! - [`api`]: the JSON wire types and the validation of what clients send.
+//! - [`headers`]: the rate-limit header fields of a decision (IETF draft, or the older trio).
 //!
 //! The seams, each with an embedded and a real implementation elsewhere:
 //! - [`store`]: `BucketStore`, where buckets live (memory, Redis).
@@ -19,6 +20,7 @@ pub mod bucket;
 pub mod clock;
 pub mod descriptor;
 pub mod event;
+pub mod headers;
 pub mod keys;
 pub mod limits;
 pub mod rules;

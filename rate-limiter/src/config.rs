@@ -51,11 +51,50 @@ impl LimiterArgs {
     }
 }
 
+/// Which rate-limit header fields the Envoy rate limit service asks Envoy to add to its
+/// answers (`response_headers_to_add`).
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ResponseHeaders {
+    /// `RateLimit-Policy` and `RateLimit` (draft-ietf-httpapi-ratelimit-headers).
+    #[default]
+    Ietf,
+    /// `RateLimit-Limit`, `RateLimit-Remaining`, `RateLimit-Reset`: what
+    /// envoyproxy/ratelimit sends with `LIMIT_RESPONSE_HEADERS_ENABLED=true`.
+    Envoy,
+    /// None.
+    Off,
+}
+
+/// Envoy's rate limit service (`envoy.service.ratelimit.v3`, gRPC).
+#[derive(Args, Debug, Clone)]
+pub struct GrpcArgs {
+    /// Port of the gRPC API: Envoy's rate limit service and the gRPC health service. Binds
+    /// the address the limiter's HTTP API binds.
+    #[arg(
+        long = "grpc-port",
+        env = "GRPC_PORT",
+        value_name = "GRPC_PORT",
+        default_value_t = 8081
+    )]
+    pub grpc_port: u16,
+    /// Rate-limit header fields added to Envoy's answers: `ietf` (RateLimit-Policy and
+    /// RateLimit), `envoy` (RateLimit-Limit/-Remaining/-Reset, as envoyproxy/ratelimit) or
+    /// `off`.
+    #[arg(
+        long = "response-headers",
+        env = "RESPONSE_HEADERS",
+        value_name = "RESPONSE_HEADERS",
+        value_enum,
+        default_value = "ietf"
+    )]
+    pub response_headers: ResponseHeaders,
+}
+
 /// The standalone `rate-limiter` binary.
 #[derive(Parser, Debug, Clone)]
 #[command(
     name = "rate-limiter",
-    about = "Token-bucket rate limiter: POST /check",
+    about = "Token-bucket rate limiter: POST /check, and Envoy's rate limit service over gRPC",
     version
 )]
 pub struct LimiterConfig {
@@ -66,6 +105,8 @@ pub struct LimiterConfig {
         default_value_t = 8080
     )]
     pub port: u16,
+    #[command(flatten)]
+    pub grpc: GrpcArgs,
     #[command(flatten)]
     pub serve: ServeArgs,
     #[command(flatten)]

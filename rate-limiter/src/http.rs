@@ -1,19 +1,25 @@
 //! The limiter's HTTP API: `POST /check`, `POST /check/batch`, `GET /healthz`, `GET /readyz`,
-//! `GET /metrics`.
+//! `GET /metrics`, and envoyproxy/ratelimit's `POST /json` ([`crate::grpc::json`]).
 
 use std::sync::Arc;
 
+use axum::body::Bytes;
 use axum::extract::DefaultBodyLimit;
 use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
 use axum::http::StatusCode;
+use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use ratelimit_domain::api::{
-    BatchRequest, BatchResponse, BatchResult, CheckRequest, CheckResponse, MAX_BATCH_BODY_BYTES,
+    BatchRequest, BatchResponse, BatchResult, CheckRequest, CheckResponse, FieldError,
+    MAX_BATCH_BODY_BYTES,
 };
 use serde_json::json;
 use service_kit::http::{ApiError, ServeLimits, ValidJson, liveness, with_guards};
 
+use crate::config::ResponseHeaders;
+use crate::grpc::{self, CallError, RateLimitService};
 use crate::limiter::{Limiter, LimiterError};
 
 impl From<LimiterError> for ApiError {
@@ -31,13 +37,29 @@ impl From<LimiterError> for ApiError {
 }
 
 /// The limiter's routes, with body limits, JSON 404/405, metrics, load shedding and the
-/// slow-client guards ([`with_guards`]).
+/// slow-client guards ([`with_guards`]); `POST /json` answers with the IETF header fields.
 pub fn router(
     limiter: Arc<Limiter>,
     limits: &ServeLimits,
     admin_token: Option<service_kit::admin::AdminToken>,
 ) -> Router {
+    router_with(limiter, limits, admin_token, ResponseHeaders::default())
+}
+
+/// [`router`], with `POST /json` answering with the given header fields.
+pub fn router_with(
+    limiter: Arc<Limiter>,
+    limits: &ServeLimits,
+    admin_token: Option<service_kit::admin::AdminToken>,
+    headers: ResponseHeaders,
+) -> Router {
     let admin = crate::admin::routes(limiter.clone(), admin_token);
+    let envoy = Router::new()
+        .route(
+            "/json",
+            post(envoy_json).layer(DefaultBodyLimit::max(grpc::MAX_MESSAGE_BYTES)),
+        )
+        .with_state(RateLimitService::new(limiter.clone(), headers));
     let routes = Router::new()
         .route("/check", post(check))
         .route(
@@ -47,7 +69,8 @@ pub fn router(
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
         .with_state(limiter)
-        .merge(admin);
+        .merge(admin)
+        .merge(envoy);
     let routes = service_kit::metrics::with_http_metrics(routes, "rate-limiter");
     // Outside the load shedder: a limiter at its in-flight limit is busy, not dead.
     let probes = service_kit::metrics::with_http_metrics(liveness(), "rate-limiter");
@@ -77,6 +100,39 @@ async fn check_batch(
         })
         .collect();
     Json(BatchResponse { results })
+}
+
+/// envoyproxy/ratelimit's `POST /json`: `ShouldRateLimit` in proto3 JSON, any content
+/// type (their examples post with curl's default); 200 OK, 429 over the limit.
+async fn envoy_json(
+    State(service): State<RateLimitService>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<axum::response::Response, ApiError> {
+    let body = body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::PayloadTooLarge
+        } else {
+            ApiError::InvalidField(FieldError::new("body", rejection.body_text()))
+        }
+    })?;
+    let request = grpc::json::request(&body)?;
+    let answer = service
+        .should_rate_limit(&request)
+        .await
+        .map_err(|err| match err {
+            CallError::Invalid(e) => ApiError::InvalidField(e),
+            CallError::Unavailable => ApiError::Unavailable {
+                what: "rate-limit store",
+                retry_after_secs: 1,
+            },
+        })?;
+    let over = answer.overall_code == grpc::OVER_LIMIT;
+    let status = if over {
+        StatusCode::TOO_MANY_REQUESTS
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(grpc::json::response(&answer))).into_response())
 }
 
 async fn metrics(State(limiter): State<Arc<Limiter>>) -> axum::response::Response {

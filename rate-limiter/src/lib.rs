@@ -6,11 +6,13 @@
 //! - [`breaker`]: the circuit breaker in front of the shared store.
 //! - [`kafka`]: the Kafka event publisher.
 //! - [`http`]: the HTTP API.
+//! - [`grpc`]: Envoy's rate limit service over gRPC (and its `POST /json` form).
 //! - [`config`]: the service's configuration.
 
 pub mod admin;
 pub mod breaker;
 pub mod config;
+pub mod grpc;
 pub mod http;
 #[cfg(feature = "kafka")]
 pub mod kafka;
@@ -28,7 +30,7 @@ use service_kit::stream::{self, ChannelReceiver, EventPublisher};
 use tokio_util::sync::CancellationToken;
 
 use crate::breaker::Breaker;
-use crate::config::LimiterArgs;
+use crate::config::{LimiterArgs, ResponseHeaders};
 use crate::limiter::Limiter;
 use crate::store::{BucketStore, MemoryStore, RedisStore};
 
@@ -141,9 +143,29 @@ pub async fn run(
     admin_token: Option<service_kit::admin::AdminToken>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    run_with(
+        listener,
+        limiter,
+        serve,
+        admin_token,
+        ResponseHeaders::default(),
+        shutdown,
+    )
+    .await
+}
+
+/// [`run`], with `POST /json` answering with the given header fields.
+pub async fn run_with(
+    listener: tokio::net::TcpListener,
+    limiter: Arc<Limiter>,
+    serve: &ServeArgs,
+    admin_token: Option<service_kit::admin::AdminToken>,
+    headers: ResponseHeaders,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
     let mut limits = serve.limits();
     limits.grace = answer_grace(&limits);
-    let router = http::router(limiter.clone(), &limits, admin_token);
+    let router = http::router_with(limiter.clone(), &limits, admin_token, headers);
     tracing::info!(addr = %listener.local_addr()?, "rate limiter listening");
     service_kit::http::serve(listener, router, shutdown, &limits).await
 }
@@ -158,6 +180,20 @@ fn answer_grace(limits: &service_kit::http::ServeLimits) -> Duration {
     limits
         .grace
         .max(limits.body_timeout + limits.request_timeout + Duration::from_millis(250))
+}
+
+/// Serves Envoy's rate limit service (gRPC) on `listener` until `shutdown`.
+pub async fn run_grpc(
+    listener: tokio::net::TcpListener,
+    limiter: Arc<Limiter>,
+    args: &LimiterArgs,
+    headers: ResponseHeaders,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let service = grpc::RateLimitService::new(limiter, headers);
+    grpc::serve(listener, service, args.fail_mode, shutdown)
+        .await
+        .map_err(std::io::Error::other)
 }
 
 /// Waits for the publisher to deliver what it holds (bounded), and logs the totals.
@@ -207,6 +243,8 @@ pub struct Standalone {
     pub limiter: Arc<Limiter>,
     worker: Option<analytics_counters::SpawnedWorker>,
     admin_token: Option<service_kit::admin::AdminToken>,
+    args: LimiterArgs,
+    headers: ResponseHeaders,
 }
 
 impl Standalone {
@@ -254,29 +292,58 @@ impl Standalone {
             admin_token: service_kit::admin::AdminToken::from_setting(
                 config.admin_token.as_deref(),
             ),
+            args: config.limiter.clone(),
+            headers: config.grpc.response_headers,
         })
     }
 
-    /// Serves until `shutdown`, then flushes the publisher and lets the worker count what
-    /// is left.
+    /// Serves the HTTP API until `shutdown`, then flushes the publisher and lets the
+    /// worker count what is left.
     pub async fn serve(
         self,
         listener: tokio::net::TcpListener,
         serve: &ServeArgs,
         shutdown: CancellationToken,
     ) -> std::io::Result<()> {
-        let served = run(
+        self.serve_all(listener, None, serve, shutdown).await
+    }
+
+    /// [`Standalone::serve`], with Envoy's rate limit service on `grpc` when given.
+    pub async fn serve_all(
+        self,
+        listener: tokio::net::TcpListener,
+        grpc: Option<tokio::net::TcpListener>,
+        serve: &ServeArgs,
+        shutdown: CancellationToken,
+    ) -> std::io::Result<()> {
+        let http = run_with(
             listener,
             self.limiter.clone(),
             serve,
             self.admin_token.clone(),
-            shutdown,
-        )
-        .await;
+            self.headers,
+            shutdown.clone(),
+        );
+        let grpc = async {
+            match grpc {
+                Some(grpc) => {
+                    run_grpc(
+                        grpc,
+                        self.limiter.clone(),
+                        &self.args,
+                        self.headers,
+                        shutdown,
+                    )
+                    .await
+                }
+                None => Ok(()),
+            }
+        };
+        let (served, grpc_served) = tokio::join!(http, grpc);
         flush(&self.limiter).await;
         if let Some(worker) = self.worker {
             worker.stop().await;
         }
-        served
+        served.and(grpc_served)
     }
 }

@@ -1,4 +1,5 @@
-//! `rate-limiter`: the token-bucket service on its own (`POST /check`).
+//! `rate-limiter`: the token-bucket service on its own (`POST /check`), and Envoy's rate
+//! limit service over gRPC on `GRPC_PORT`.
 
 use clap::Parser;
 use service_kit::runtime;
@@ -16,6 +17,10 @@ async fn main() -> anyhow::Result<()> {
     let service =
         rate_limiter::Standalone::start(&config, runtime::instance_id(), &shutdown).await?;
     let listener = tokio::net::TcpListener::bind((config.serve.bind_addr, config.port)).await?;
-    service.serve(listener, &config.serve, shutdown).await?;
+    let grpc =
+        tokio::net::TcpListener::bind((config.serve.bind_addr, config.grpc.grpc_port)).await?;
+    service
+        .serve_all(listener, Some(grpc), &config.serve, shutdown)
+        .await?;
     Ok(())
 }

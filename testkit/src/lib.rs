@@ -747,6 +747,9 @@ impl Service {
         command
             .current_dir(std::env::temp_dir())
             .env(port_var, port.to_string())
+            // The limiter's (and the all-in-one's) gRPC port, on a free port of its own so
+            // that services started side by side do not meet on the default 8081.
+            .env("GRPC_PORT", free_port().to_string())
             .env("BIND_ADDR", "127.0.0.1")
             .env("INSTANCE_ID", name)
             .env(

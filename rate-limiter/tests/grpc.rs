@@ -1,0 +1,449 @@
+//! Envoy's rate limit service through a Rust gRPC client built from the same protos: the
+//! protocol corners Envoy does not send (bounds, mistakes, descriptors with their own
+//! `hits_addend`, refunds), the health service with Redis down, and `POST /json`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use envoy_types::pb::envoy::extensions::common::ratelimit::v3::{
+    RateLimitDescriptor, rate_limit_descriptor,
+};
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
+use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
+use envoy_types::pb::google::protobuf::UInt64Value;
+use serde_json::{Value, json};
+use testkit::RedisServer;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+const RULES: &str = r#"
+domain: api
+descriptors:
+  - key: api_key
+    rate_limits:
+      - {name: burst, unit: minute, requests_per_unit: 5}
+      - {name: daily, unit: day, requests_per_unit: 100, algorithm: fixed_window}
+  - key: bytes
+    rate_limit: {name: bytes, unit: minute, requests_per_unit: 10}
+  - key: free
+    rate_limit: {unlimited: true}
+"#;
+
+/// A limiter serving gRPC and HTTP on free ports, with [`RULES`].
+struct Service {
+    grpc: SocketAddr,
+    http: SocketAddr,
+    shutdown: CancellationToken,
+    task: JoinHandle<()>,
+    dir: PathBuf,
+}
+
+impl Service {
+    async fn start(extra: &[&str]) -> Self {
+        let dir = std::env::temp_dir().join(testkit::unique("grpc-rules"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let rules = dir.join("api.yaml");
+        std::fs::write(&rules, RULES).unwrap();
+        let rules = rules.display().to_string();
+        let mut argv = vec!["rate-limiter", "--rules-path", rules.as_str()];
+        argv.extend_from_slice(extra);
+        let config = rate_limiter::config::LimiterConfig::try_parse_from(argv).unwrap();
+        let shutdown = CancellationToken::new();
+        let service = rate_limiter::Standalone::start(&config, testkit::unique("grpc"), &shutdown)
+            .await
+            .unwrap();
+        let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (http_addr, grpc_addr) = (http.local_addr().unwrap(), grpc.local_addr().unwrap());
+        let task = {
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                service
+                    .serve_all(http, Some(grpc), &config.serve, shutdown)
+                    .await
+                    .unwrap();
+            })
+        };
+        Self {
+            grpc: grpc_addr,
+            http: http_addr,
+            shutdown,
+            task,
+            dir,
+        }
+    }
+
+    async fn client(&self) -> RateLimitServiceClient<Channel> {
+        RateLimitServiceClient::connect(format!("http://{}", self.grpc))
+            .await
+            .unwrap()
+            .max_encoding_message_size(1024 * 1024)
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.task.await.unwrap();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn descriptor(entries: &[(&str, &str)]) -> RateLimitDescriptor {
+    RateLimitDescriptor {
+        entries: entries
+            .iter()
+            .map(|(k, v)| rate_limit_descriptor::Entry {
+                key: (*k).into(),
+                value: (*v).into(),
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+fn with_addend(mut d: RateLimitDescriptor, addend: u64) -> RateLimitDescriptor {
+    d.hits_addend = Some(UInt64Value { value: addend });
+    d
+}
+
+fn request(descriptors: Vec<RateLimitDescriptor>, hits_addend: u32) -> RateLimitRequest {
+    RateLimitRequest {
+        domain: "api".into(),
+        descriptors,
+        hits_addend,
+    }
+}
+
+async fn call(
+    client: &mut RateLimitServiceClient<Channel>,
+    r: RateLimitRequest,
+) -> RateLimitResponse {
+    client.should_rate_limit(r).await.unwrap().into_inner()
+}
+
+fn codes(r: &RateLimitResponse) -> Vec<Code> {
+    r.statuses
+        .iter()
+        .map(|s| Code::try_from(s.code).unwrap())
+        .collect()
+}
+
+/// One status per descriptor, in order: the limit closest to refusing, the unit, what is
+/// left; an unlimited descriptor and one no rule matches are OK without a limit; the IETF
+/// header fields list both limits of the key.
+#[tokio::test]
+async fn statuses_follow_the_descriptors() {
+    let s = Service::start(&[]).await;
+    let mut c = s.client().await;
+    let r = call(
+        &mut c,
+        request(
+            vec![
+                descriptor(&[("free", "x")]),
+                descriptor(&[("api_key", "k1")]),
+                descriptor(&[("nobody", "y")]),
+            ],
+            2,
+        ),
+    )
+    .await;
+    assert_eq!(r.overall_code, Code::Ok as i32);
+    assert_eq!(codes(&r), [Code::Ok, Code::Ok, Code::Ok]);
+    assert_eq!(r.statuses[0].current_limit, None);
+    assert_eq!(r.statuses[2].current_limit, None);
+    let key = &r.statuses[1];
+    let limit = key.current_limit.as_ref().unwrap();
+    assert_eq!(
+        (limit.name.as_str(), limit.requests_per_unit, limit.unit),
+        ("burst", 5, 2),
+        "5 a minute (unit 2 = MINUTE)"
+    );
+    assert_eq!(key.limit_remaining, 3, "cost 2 of 5");
+    let headers: Vec<(&str, &str)> = r
+        .response_headers_to_add
+        .iter()
+        .map(|h| (h.key.as_str(), h.value.as_str()))
+        .collect();
+    assert_eq!(
+        headers[0],
+        (
+            "ratelimit-policy",
+            "\"burst\";q=5;w=60, \"daily\";q=100;w=86400"
+        )
+    );
+    assert!(headers[1].1.starts_with("\"burst\";r=3;"), "{headers:?}");
+    s.stop().await;
+}
+
+/// Descriptors with their own `hits_addend` are decided as groups of one cost, all or
+/// nothing: when one group is over, the others are refunded.
+#[tokio::test]
+async fn per_descriptor_hits_addend_is_all_or_nothing() {
+    let s = Service::start(&[]).await;
+    let mut c = s.client().await;
+    // bytes: 10 a minute; api_key: 5 a minute.
+    let both = |bytes: u64| {
+        request(
+            vec![
+                with_addend(descriptor(&[("bytes", "b1")]), bytes),
+                descriptor(&[("api_key", "k1")]),
+            ],
+            1,
+        )
+    };
+    let r = call(&mut c, both(8)).await;
+    assert_eq!(codes(&r), [Code::Ok, Code::Ok]);
+    assert_eq!(
+        (r.statuses[0].limit_remaining, r.statuses[1].limit_remaining),
+        (2, 4)
+    );
+    let r = call(&mut c, both(3)).await;
+    assert_eq!(r.overall_code, Code::OverLimit as i32);
+    assert_eq!(codes(&r), [Code::OverLimit, Code::Ok]);
+    // The key's request was taken, then given back: still 4.
+    let r = call(&mut c, both(2)).await;
+    assert_eq!(codes(&r), [Code::Ok, Code::Ok]);
+    assert_eq!(
+        (r.statuses[0].limit_remaining, r.statuses[1].limit_remaining),
+        (0, 3),
+        "the refused call spent nothing on the key"
+    );
+    // is_negative_hits gives back.
+    let mut back = with_addend(descriptor(&[("bytes", "b1")]), 6);
+    back.is_negative_hits = true;
+    let r = call(&mut c, request(vec![back], 0)).await;
+    assert_eq!(r.statuses[0].limit_remaining, 6);
+    // More than the capacity: over the limit (not an error Envoy would let through).
+    let r = call(
+        &mut c,
+        request(vec![with_addend(descriptor(&[("bytes", "b2")]), 11)], 0),
+    )
+    .await;
+    assert_eq!(r.overall_code, Code::OverLimit as i32);
+    assert_eq!(r.statuses[0].current_limit.as_ref().unwrap().name, "bytes");
+    s.stop().await;
+}
+
+/// Mistakes and oversized calls: INVALID_ARGUMENT naming the field (or the size limit),
+/// and the service still answers afterwards.
+#[tokio::test]
+async fn mistakes_are_invalid_argument_and_bounded() {
+    let s = Service::start(&[]).await;
+    let mut c = s.client().await;
+    let refused = |r: Result<tonic::Response<RateLimitResponse>, tonic::Status>| {
+        let status = r.expect_err("refused");
+        (status.code(), status.message().to_owned())
+    };
+    let mut no_domain = request(vec![descriptor(&[("api_key", "k")])], 0);
+    no_domain.domain.clear();
+    let cases: Vec<(RateLimitRequest, &str)> = vec![
+        (no_domain, "domain"),
+        (request(vec![], 0), "descriptors"),
+        (
+            request(vec![descriptor(&[("api_key", "k")]); 17], 0),
+            "descriptors",
+        ),
+        (request(vec![descriptor(&[])], 0), "descriptors[0].entries"),
+        (
+            request(vec![descriptor(&[("a", "b"); 17])], 0),
+            "descriptors[0].entries",
+        ),
+        (
+            request(vec![descriptor(&[("api_key", &"x".repeat(257))])], 0),
+            "descriptors[0].entries[0].value",
+        ),
+        (
+            request(vec![descriptor(&[("api_key", "a\u{202e}b")])], 0),
+            "descriptors[0].entries[0].value",
+        ),
+        (
+            request(vec![descriptor(&[(&"k".repeat(129), "v")])], 0),
+            "descriptors[0].entries[0].key",
+        ),
+        (
+            request(
+                vec![with_addend(descriptor(&[("api_key", "k")]), 2_000_000)],
+                0,
+            ),
+            "descriptors[0].hits_addend",
+        ),
+        (
+            request(
+                vec![RateLimitDescriptor {
+                    limit: Some(rate_limit_descriptor::RateLimitOverride {
+                        requests_per_unit: 1,
+                        unit: 1,
+                    }),
+                    ..descriptor(&[("api_key", "k")])
+                }],
+                0,
+            ),
+            "descriptors[0].limit",
+        ),
+    ];
+    for (r, field) in cases {
+        let (code, message) = refused(c.should_rate_limit(r).await);
+        assert_eq!(code, tonic::Code::InvalidArgument, "{field}: {message}");
+        assert!(message.starts_with(field), "{field}: {message}");
+    }
+    // 100 KiB in one call: over the 64 KiB message limit, refused before decoding.
+    let huge = request(vec![descriptor(&[("api_key", &"x".repeat(100 * 1024))])], 0);
+    let (code, message) = refused(c.should_rate_limit(huge).await);
+    assert_ne!(code, tonic::Code::Ok, "{message}");
+    assert!(message.contains("message length too large"), "{message}");
+    let ok = call(&mut c, request(vec![descriptor(&[("api_key", "k")])], 0)).await;
+    assert_eq!(ok.overall_code, Code::Ok as i32);
+    s.stop().await;
+}
+
+async fn health(addr: SocketAddr, service: &str) -> ServingStatus {
+    let channel = tonic::transport::Endpoint::new(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut h = HealthClient::new(channel);
+    let status = h
+        .check(HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    ServingStatus::try_from(status).unwrap()
+}
+
+async fn health_becomes(addr: SocketAddr, want: ServingStatus) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let overall = health(addr, "").await;
+        let rls = health(addr, "envoy.service.ratelimit.v3.RateLimitService").await;
+        if overall == want && rls == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "health is {overall:?}/{rls:?}, not {want:?}, after 5 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Fail-closed with Redis killed: calls are UNAVAILABLE (Envoy then follows its
+/// failure_mode_deny) and the health service says NOT_SERVING; SERVING again once Redis is
+/// back. Fail-open answers degraded decisions and stays SERVING.
+#[tokio::test]
+async fn redis_down_fail_closed_is_unavailable_and_not_serving() {
+    let mut redis = RedisServer::start();
+    let url = redis.url();
+    let prefix = testkit::unique("grpc");
+    let args = |mode: &'static str| {
+        vec![
+            "--redis-url".to_owned(),
+            url.clone(),
+            "--redis-key-prefix".to_owned(),
+            prefix.clone(),
+            "--redis-timeout-ms".to_owned(),
+            "100".to_owned(),
+            "--fail-mode".to_owned(),
+            mode.to_owned(),
+        ]
+    };
+    let closed_args = args("closed");
+    let open_args = args("open");
+    let closed = Service::start(&closed_args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let open = Service::start(&open_args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    health_becomes(closed.grpc, ServingStatus::Serving).await;
+    let one = || request(vec![descriptor(&[("api_key", "k")])], 0);
+    let mut c = closed.client().await;
+    let mut o = open.client().await;
+    assert_eq!(call(&mut c, one()).await.overall_code, Code::Ok as i32);
+    redis.kill();
+    let t = Instant::now();
+    let status = c.should_rate_limit(one()).await.expect_err("unavailable");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    health_becomes(closed.grpc, ServingStatus::NotServing).await;
+    let degraded = call(&mut o, one()).await;
+    assert_eq!(degraded.overall_code, Code::Ok as i32);
+    assert!(
+        degraded
+            .response_headers_to_add
+            .iter()
+            .any(|h| h.key == "x-ratelimit-degraded" && h.value == "true"),
+        "{degraded:?}"
+    );
+    assert_eq!(health(open.grpc, "").await, ServingStatus::Serving);
+    redis.restart();
+    health_becomes(closed.grpc, ServingStatus::Serving).await;
+    closed.stop().await;
+    open.stop().await;
+}
+
+async fn post_json(s: &Service, body: &str) -> (u16, Value) {
+    let response = reqwest::Client::new()
+        .post(format!("http://{}/json", s.http))
+        .body(body.to_owned())
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap())
+}
+
+/// envoyproxy/ratelimit's `POST /json`: their request and answer shapes, 429 over the
+/// limit, 400 naming the field.
+#[tokio::test]
+async fn the_json_endpoint_speaks_their_json() {
+    let s = Service::start(&["--response-headers", "envoy"]).await;
+    let body = r#"{"domain":"api","descriptors":[{"entries":[{"key":"api_key","value":"j1"}]}],"hits_addend":4}"#;
+    let (status, answer) = post_json(&s, body).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        answer,
+        json!({
+            "overallCode": "OK",
+            "statuses": [{
+                "code": "OK",
+                "currentLimit": {"name": "burst", "requestsPerUnit": 5, "unit": "MINUTE"},
+                "limitRemaining": 1,
+                "durationUntilReset": answer["statuses"][0]["durationUntilReset"],
+            }],
+            "responseHeadersToAdd": [
+                {"key": "ratelimit-limit", "value": "5"},
+                {"key": "ratelimit-remaining", "value": "1"},
+                {"key": "ratelimit-reset", "value": answer["responseHeadersToAdd"][2]["value"]},
+            ],
+        })
+    );
+    assert!(
+        answer["statuses"][0]["durationUntilReset"]
+            .as_str()
+            .unwrap()
+            .ends_with('s')
+    );
+    let (status, answer) = post_json(&s, body).await;
+    assert_eq!(status, 429);
+    assert_eq!(answer["overallCode"], "OVER_LIMIT");
+    assert_eq!(answer["statuses"][0]["code"], "OVER_LIMIT");
+    let (status, answer) = post_json(
+        &s,
+        r#"{"domain":"api","descriptors":[{"entries":[{"key":"api_key"}]}]}"#,
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert_eq!(
+        answer["field"], "descriptors[0].entries[0].value",
+        "{answer}"
+    );
+    let (status, answer) = post_json(&s, r#"{"domain":"api","descriptorz":[]}"#).await;
+    assert_eq!(status, 400, "{answer}");
+    s.stop().await;
+}
