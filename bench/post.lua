@@ -26,6 +26,9 @@ local thread_count = 0
 local next_seq = 0
 local headers = { ["Content-Type"] = "application/json" }
 local three = os.getenv("BODY_MODE") == "three"
+-- BODY_MODE=envoy: the body as usual, and the user also in an `x-user` header (what the
+-- Envoy scenario's rate_limits action turns into a descriptor).
+local envoy = os.getenv("BODY_MODE") == "envoy"
 
 local function configure(args)
   local p = (args and args[1]) or os.getenv("POPULATION")
@@ -62,6 +65,10 @@ function request()
     next_seq = next_seq + 1
   else
     n = math.random(0, population - 1)
+  end
+  if envoy then
+    return wrk.format("POST", nil, { ["Content-Type"] = "application/json", ["x-user"] = "user-" .. n },
+      '{"user_id":"user-' .. n .. '"}')
   end
   if three then
     return wrk.format("POST", nil, headers,

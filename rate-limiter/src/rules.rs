@@ -7,6 +7,9 @@
 //! name, never by the limit's numbers, so no counter is reset. A file that does not
 //! validate is refused with a log line naming the file, the line and the field, and the
 //! rules in force stay.
+//!
+//! Polling rather than inotify: it sees a file replaced by a rename (how editors and
+//! Kubernetes config maps change files) and a directory's files coming and going alike.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -95,19 +98,36 @@ impl Rules {
     }
 }
 
-/// What identifies the files' contents cheaply: each file's name, length and modification
-/// time (a content change that keeps all three is caught when any of them moves).
-async fn fingerprint(path: &Path) -> Vec<(PathBuf, u64, Option<std::time::SystemTime>)> {
+/// What identifies the files' contents: each file's name, length, modification time and
+/// inode, and for files up to [`HASHED_BYTES`] a hash of the contents too (two writes of
+/// the same length within one tick of the file system's clock leave the same time: a
+/// change of `5` to `4` would go unseen without it).
+type Fingerprint = Vec<(PathBuf, u64, Option<std::time::SystemTime>, u64, u64)>;
+
+/// Files up to this size are hashed on every poll (rules files are a few KiB).
+const HASHED_BYTES: u64 = 256 * 1024;
+
+async fn fingerprint(path: &Path) -> Fingerprint {
     let path = path.to_owned();
     tokio::task::spawn_blocking(move || {
+        use std::hash::{Hash, Hasher};
+        use std::os::unix::fs::MetadataExt;
         files(&path)
             .unwrap_or_default()
             .into_iter()
             .map(|f| {
                 let meta = std::fs::metadata(&f).ok();
                 let len = meta.as_ref().map_or(0, |m| m.len());
+                let inode = meta.as_ref().map_or(0, |m| m.ino());
                 let modified = meta.and_then(|m| m.modified().ok());
-                (f, len, modified)
+                let content = if len <= HASHED_BYTES {
+                    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+                    std::fs::read(&f).unwrap_or_default().hash(&mut hasher);
+                    hasher.finish()
+                } else {
+                    0
+                };
+                (f, len, modified, inode, content)
             })
             .collect()
     })
