@@ -7,6 +7,8 @@
 
 mod common;
 
+use common::RulesFile;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -282,41 +284,6 @@ impl Rls {
             .await
             .expect("the limiter stops within 10 s")
             .unwrap();
-    }
-}
-
-/// A rules file in a fresh directory, rewritten as editors do (a new file renamed over).
-struct RulesFile {
-    path: PathBuf,
-}
-
-impl RulesFile {
-    fn new(text: &str) -> Self {
-        let dir = std::env::temp_dir().join(testkit::unique("envoy-rules"));
-        std::fs::create_dir_all(&dir).unwrap();
-        let file = Self {
-            path: dir.join("api.yaml"),
-        };
-        file.write(text);
-        file
-    }
-
-    fn write(&self, text: &str) {
-        let tmp = self.path.with_extension("tmp");
-        std::fs::write(&tmp, text).unwrap();
-        std::fs::rename(&tmp, &self.path).unwrap();
-    }
-
-    fn arg(&self) -> String {
-        self.path.display().to_string()
-    }
-}
-
-impl Drop for RulesFile {
-    fn drop(&mut self) {
-        if let Some(dir) = self.path.parent() {
-            let _ = std::fs::remove_dir_all(dir);
-        }
     }
 }
 

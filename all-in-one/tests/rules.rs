@@ -5,50 +5,12 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use common::LimiterInstance;
+use common::{LimiterInstance, RulesFile};
 use ratelimit_domain::api::CheckResponse;
 use serde_json::{Value, json};
 use testkit::RedisServer;
-
-/// A rules file in a fresh directory; rewrite it with [`RulesFile::write`].
-struct RulesFile {
-    path: PathBuf,
-}
-
-impl RulesFile {
-    fn new(text: &str) -> Self {
-        let dir = std::env::temp_dir().join(testkit::unique("rules"));
-        std::fs::create_dir_all(&dir).unwrap();
-        let file = Self {
-            path: dir.join("api.yaml"),
-        };
-        file.write(text);
-        file
-    }
-
-    /// Replaces the file's contents the way editors and config maps do: a new file renamed
-    /// over the old one.
-    fn write(&self, text: &str) {
-        let tmp = self.path.with_extension("tmp");
-        std::fs::write(&tmp, text).unwrap();
-        std::fs::rename(&tmp, &self.path).unwrap();
-    }
-
-    fn arg(&self) -> String {
-        self.path.display().to_string()
-    }
-}
-
-impl Drop for RulesFile {
-    fn drop(&mut self) {
-        if let Some(dir) = self.path.parent() {
-            let _ = std::fs::remove_dir_all(dir);
-        }
-    }
-}
 
 /// One descriptor of `entries` in domain `api`.
 fn descriptor(entries: &[(&str, &str)]) -> Value {

@@ -1,6 +1,6 @@
 //! The rate-limit header fields of a decision, as names and text, for every service that
-//! tells a client about one (the limiter's Envoy rate limit service today; the gateway's
-//! `answer.rs` formats the same fields and can move here).
+//! tells a client about one (the limiter's Envoy rate limit service, the gateway's
+//! answers).
 //!
 //! - [`ietf`]: draft-ietf-httpapi-ratelimit-headers (revision 10): `RateLimit-Policy` lists
 //!   every enforced policy that applied (`"burst";q=10;w=1, "daily";q=1000;w=86400`),

@@ -213,8 +213,8 @@ impl DescriptorActions {
     /// Parses and validates a descriptors file's text; `file` names it in errors.
     pub fn from_yaml(file: &str, text: &str) -> Result<Self, ActionsError> {
         let de = serde_yaml_ng::Deserializer::from_str(text);
-        let wire: FileWire =
-            serde_path_to_error::deserialize(de).map_err(|e| ActionsError::yaml(file, e))?;
+        let wire: FileWire = serde_path_to_error::deserialize(de)
+            .map_err(|e| ratelimit_domain::rules::yaml_error(file, e))?;
         Ok(Self {
             domain: wire
                 .domain
@@ -225,72 +225,9 @@ impl DescriptorActions {
     }
 }
 
-/// Why the descriptors file was refused: where, which field, and what is wrong.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{file}{}: {}{detail}", position(*.line, *.column), field_prefix(.field))]
-pub struct ActionsError {
-    pub file: String,
-    /// 1-based.
-    pub line: Option<usize>,
-    /// 1-based.
-    pub column: Option<usize>,
-    /// The path of the offending field (`descriptors[1][0].request_header.header_name`),
-    /// empty for the file as a whole.
-    pub field: String,
-    pub detail: String,
-}
-
-fn position(line: Option<usize>, column: Option<usize>) -> String {
-    match (line, column) {
-        (Some(line), Some(column)) => format!(":{line}:{column}"),
-        (Some(line), None) => format!(":{line}"),
-        _ => String::new(),
-    }
-}
-
-fn field_prefix(field: &str) -> String {
-    if field.is_empty() {
-        String::new()
-    } else {
-        format!("{field}: ")
-    }
-}
-
-impl ActionsError {
-    /// A YAML or validation error, with its position and field path, without the
-    /// position the YAML crate writes into its message.
-    fn yaml(file: &str, err: serde_path_to_error::Error<serde_yaml_ng::Error>) -> Self {
-        let path = err.path().to_string();
-        let field = if path == "." || path == "?" {
-            String::new()
-        } else {
-            path
-        };
-        let inner = err.into_inner();
-        let location = inner.location();
-        let mut detail = inner.to_string();
-        if let Some(loc) = &location {
-            let suffix = format!(" at line {} column {}", loc.line(), loc.column());
-            if let Some(stripped) = detail.strip_suffix(&suffix) {
-                detail = stripped.to_owned();
-            }
-        }
-        // serde_yaml_ng prefixes the path where it caught the error, which the field says.
-        if let Some((head, rest)) = detail.split_once(": ")
-            && !field.is_empty()
-            && field.starts_with(head)
-        {
-            detail = rest.to_owned();
-        }
-        Self {
-            file: file.to_owned(),
-            line: location.as_ref().map(|l| l.line()),
-            column: location.as_ref().map(|l| l.column()),
-            field,
-            detail,
-        }
-    }
-}
+/// Why the descriptors file was refused: where, which field, and what is wrong (the same
+/// error, and the same positions, as a rules file's).
+pub type ActionsError = ratelimit_domain::rules::RulesError;
 
 // The file's wire form. Each checked type validates itself as it is read, so that an
 // error carries the position of the value at fault.

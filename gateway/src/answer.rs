@@ -12,109 +12,49 @@ use axum::response::{IntoResponse, Response};
 use ratelimit_domain::api::{CheckResponse, LimitStatus};
 use serde_json::json;
 
-static RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
-static RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
-static RATELIMIT_RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
-static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
-static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
-static DEGRADED: HeaderName = HeaderName::from_static("x-ratelimit-degraded");
-
 /// The problem type of the draft's quota-exceeded problem details.
 pub const QUOTA_EXCEEDED: &str = "https://iana.org/assignments/http-problem-types#quota-exceeded";
 
-pub fn secs_ceil(ms: u64) -> u64 {
-    ms.div_ceil(1000)
-}
-
-/// A policy name as a structured-field string: printable ASCII, `"` and `\` escaped, any
-/// other character replaced by `_` (names come from the operator's rules, but a header
-/// must never break).
-fn sf_string(name: &str) -> String {
-    let mut out = String::with_capacity(name.len() + 2);
-    out.push('"');
-    for c in name.chars() {
-        match c {
-            '"' | '\\' => {
-                out.push('\\');
-                out.push(c);
-            }
-            ' '..='~' => out.push(c),
-            _ => out.push('_'),
-        }
-    }
-    out.push('"');
-    out
-}
-
-/// The enforced limits of a decision (shadow limits are not the client's business).
-fn enforced(d: &CheckResponse) -> impl Iterator<Item = &LimitStatus> {
-    d.limits.iter().filter(|l| !l.shadow)
-}
-
-/// The name of the limit the decision's top-level numbers come from: the refusing limit
-/// with the longest wait, or the one with the fewest requests left.
-fn closest(d: &CheckResponse) -> Option<&LimitStatus> {
-    if d.allowed {
-        enforced(d).min_by_key(|l| (l.remaining, l.limit))
-    } else {
-        enforced(d)
-            .filter(|l| l.refused)
-            .max_by_key(|l| l.retry_after_ms)
-    }
-}
+pub use ratelimit_domain::headers::secs_ceil;
 
 /// The enforced policies that refused the request.
 pub fn violated(d: &CheckResponse) -> Vec<&str> {
-    enforced(d)
-        .filter(|l| l.refused)
+    d.limits
+        .iter()
+        .filter(|l| !l.shadow && l.refused)
         .map(|l| l.name.as_str())
         .collect()
 }
 
-/// The rate-limit headers of an answer. None when no limit applied (an unlimited
+/// The rate-limit headers of an answer ([`ratelimit_domain::headers`]: the IETF fields and
+/// the older trio, with the same numbers). None when no limit applied (an unlimited
 /// descriptor), except the degraded marker.
 pub fn rate_limit_headers(d: &CheckResponse) -> HeaderMap {
-    let mut h = HeaderMap::with_capacity(7);
-    if d.degraded {
-        h.insert(&DEGRADED, HeaderValue::from_static("true"));
-    }
-    let (name, policies) = if d.limits.is_empty() {
-        if d.limit == 0 {
-            return h;
-        }
+    use ratelimit_domain::headers::{DEGRADED, ietf, trio};
+    let mut h = HeaderMap::with_capacity(6);
+    let mut fields = ietf(d);
+    fields.extend(trio(d).into_iter().filter(|(name, _)| *name != DEGRADED));
+    if d.limits.is_empty() && d.limit > 0 {
         // A limiter that does not list its limits: its one policy is the built-in one.
-        (
-            "default".to_owned(),
-            format!(
-                "\"default\";q={};w={}",
-                d.limit,
-                secs_ceil(d.window_ms).max(1)
-            ),
-        )
-    } else {
-        let Some(closest) = closest(d) else { return h };
-        let policies: Vec<String> = enforced(d)
-            .map(|l| {
-                format!(
-                    "{};q={};w={}",
-                    sf_string(&l.name),
-                    l.limit,
-                    secs_ceil(l.window_ms).max(1)
-                )
-            })
-            .collect();
-        (closest.name.clone(), policies.join(", "))
-    };
-    let reset = secs_ceil(d.reset_after_ms);
-    h.insert(&RATELIMIT_LIMIT, HeaderValue::from(d.limit));
-    h.insert(&RATELIMIT_REMAINING, HeaderValue::from(d.remaining));
-    h.insert(&RATELIMIT_RESET, HeaderValue::from(reset));
-    let current = format!("{};r={};t={}", sf_string(&name), d.remaining, reset);
-    if let Ok(v) = HeaderValue::from_str(&policies) {
-        h.insert(&RATELIMIT_POLICY, v);
+        let legacy = CheckResponse {
+            limits: vec![LimitStatus {
+                name: "default".into(),
+                limit: d.limit,
+                remaining: d.remaining,
+                reset_after_ms: d.reset_after_ms,
+                retry_after_ms: d.retry_after_ms,
+                window_ms: d.window_ms,
+                refused: !d.allowed,
+                ..LimitStatus::default()
+            }],
+            ..d.clone()
+        };
+        return rate_limit_headers(&legacy);
     }
-    if let Ok(v) = HeaderValue::from_str(&current) {
-        h.insert(&RATELIMIT, v);
+    for (name, value) in fields {
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            h.insert(HeaderName::from_static(name), value);
+        }
     }
     h
 }
@@ -186,7 +126,7 @@ mod tests {
             h["ratelimit-policy"],
             "\"burst\";q=10;w=1, \"daily\";q=1000;w=86400"
         );
-        assert_eq!(h["ratelimit"], "\"burst\";r=2;t=2");
+        assert_eq!(h["ratelimit"], "\"burst\";r=2;t=1");
         assert_eq!(h["ratelimit-remaining"], "2");
     }
 

@@ -222,3 +222,40 @@ pub async fn analytics_settle(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A rules file in a fresh directory; rewrite it with [`RulesFile::write`].
+pub struct RulesFile {
+    path: std::path::PathBuf,
+}
+
+impl RulesFile {
+    pub fn new(text: &str) -> Self {
+        let dir = std::env::temp_dir().join(testkit::unique("rules"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = Self {
+            path: dir.join("api.yaml"),
+        };
+        file.write(text);
+        file
+    }
+
+    /// Replaces the file's contents the way editors and config maps do: a new file renamed
+    /// over the old one.
+    pub fn write(&self, text: &str) {
+        let tmp = self.path.with_extension("tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &self.path).unwrap();
+    }
+
+    pub fn arg(&self) -> String {
+        self.path.display().to_string()
+    }
+}
+
+impl Drop for RulesFile {
+    fn drop(&mut self) {
+        if let Some(dir) = self.path.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}

@@ -408,8 +408,9 @@ fn check_flow_nesting(file: &str, text: &str) -> Result<(), RulesError> {
 }
 
 /// A YAML or validation error, with its position and field path and without the
-/// position and path the YAML crate writes into its message.
-fn yaml_error(file: &str, err: serde_path_to_error::Error<serde_yaml_ng::Error>) -> RulesError {
+/// position and path the YAML crate writes into its message (also what the gateway's
+/// descriptors file reports).
+pub fn yaml_error(file: &str, err: serde_path_to_error::Error<serde_yaml_ng::Error>) -> RulesError {
     let path = err.path().to_string();
     let field = if path == "." || path == "?" {
         String::new()
