@@ -435,7 +435,7 @@ fixed "distributed (gateway, limiter, Redis, Kafka, worker)" "$DIST_URL"
 ENVOY_BIN=$(python3 -c "import envoy, os; print(os.path.join(os.path.dirname(envoy.__file__), '_bin', 'envoy'))" 2>/dev/null || true)
 if [ -n "$ENVOY_BIN" ] && [ -x "$ENVOY_BIN" ]; then
   envoy_config() { # PORT ADMIN WITH_RLS
-    local filters rate_limits=""
+    local filters="" rate_limits=""
     if [ "$3" = 1 ]; then
       rate_limits='
                 rate_limits:
