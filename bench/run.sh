@@ -438,8 +438,8 @@ if [ -n "$ENVOY_BIN" ] && [ -x "$ENVOY_BIN" ]; then
     local filters="" rate_limits=""
     if [ "$3" = 1 ]; then
       rate_limits='
-                rate_limits:
-                - actions: [{request_headers: {header_name: x-user, descriptor_key: user}}]'
+                  rate_limits:
+                  - actions: [{request_headers: {header_name: x-user, descriptor_key: user}}]'
       filters='
           - name: envoy.filters.http.ratelimit
             typed_config:
