@@ -10,15 +10,20 @@ use std::fmt::Write;
 /// The escaped form of a user id, safe inside a hash tag.
 pub fn escape_user_id(user_id: &str) -> String {
     let mut out = String::with_capacity(user_id.len() + 2);
-    for c in user_id.chars() {
-        match c {
-            '%' | '{' | '}' => {
-                let _ = write!(out, "%{:02X}", c as u32);
-            }
-            c => out.push(c),
+    escape_into(&mut out, user_id, &[]);
+    out
+}
+
+/// Appends `text` to `out` with `%`, `{`, `}` and the characters of `also` percent-encoded
+/// (injective: `%` itself is always encoded).
+fn escape_into(out: &mut String, text: &str, also: &[char]) {
+    for c in text.chars() {
+        if matches!(c, '%' | '{' | '}') || also.contains(&c) {
+            let _ = write!(out, "%{:02X}", c as u32);
+        } else {
+            out.push(c);
         }
     }
-    out
 }
 
 /// The key of a user's token bucket: `<prefix>b{<escaped id>}`.
@@ -39,14 +44,7 @@ pub fn counter_minute_key(prefix: &str, user_id: &str, minute: u64) -> String {
 
 /// Escapes `%`, `{`, `}` and the separators of a limit key (`/`, `=`, `:`), injectively.
 fn escape_part(out: &mut String, part: &str) {
-    for c in part.chars() {
-        match c {
-            '%' | '{' | '}' | '/' | '=' | ':' => {
-                let _ = write!(out, "%{:02X}", c as u32);
-            }
-            c => out.push(c),
-        }
-    }
+    escape_into(out, part, &['/', '=', ':']);
 }
 
 /// The key of one limit of one descriptor:

@@ -29,7 +29,7 @@ pub struct LimitTake {
 
 /// One request: every limit that applies to it, decided together, and its cost (negative:
 /// a refund; zero: a peek).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct RequestTake {
     pub limits: Vec<LimitTake>,
     pub cost: i64,

@@ -402,40 +402,12 @@ impl Limiter {
                 0,
             ));
         }
-        let stored = match self.breaker.permit() {
-            Some(permit) => match self
-                .store
-                .decide_many(std::slice::from_ref(&plan.take))
-                .await
-            {
-                Ok(mut decided) => match decided.pop() {
-                    Some(Ok(outcome)) => {
-                        permit.success();
-                        Some(outcome)
-                    }
-                    Some(Err(err)) => {
-                        self.store_failed(permit, &err);
-                        None
-                    }
-                    None => None,
-                },
-                Err(err) => {
-                    self.store_failed(permit, &err);
-                    None
-                }
-            },
-            None => None,
-        };
-        match (stored, self.fail_mode) {
-            (Some(outcome), _) => Ok(Checked::new(&plan, &outcome, false, 0)),
-            (None, FailMode::Open) => Ok(Checked::new(
-                &plan,
-                &self.fallback.decide_now(&plan.take),
-                true,
-                0,
-            )),
-            (None, FailMode::Closed) => Err(LimiterError::StoreUnavailable),
-        }
+        let stored = self
+            .ask_store(std::slice::from_ref(&plan.take))
+            .await
+            .pop()
+            .flatten();
+        self.decided(&plan, stored, 0)
     }
 
     /// Resets every limit that applies to `request` (an admin's reset): they start afresh,
@@ -486,8 +458,8 @@ impl Limiter {
     fn plan(&self, request: &CheckRequest) -> Result<Plan, LimiterError> {
         let rules = self.rules.current();
         let mut matched = rules.resolve(&request.domain, &request.descriptors);
-        let overrides = self.overrides.current();
-        if !overrides.is_empty() {
+        if self.overrides.any() {
+            let overrides = self.overrides.current();
             for (descriptor, rule) in request.descriptors.iter().zip(matched.iter_mut()) {
                 if let Some(custom) = overrides.get(&request.domain, descriptor) {
                     *rule = Some(custom.clone());
@@ -543,7 +515,7 @@ impl Limiter {
         requests: &[CheckRequest],
     ) -> Vec<Result<Checked, LimiterError>> {
         let started = Instant::now();
-        let plans: Vec<Result<Plan, LimiterError>> =
+        let mut plans: Vec<Result<Plan, LimiterError>> =
             requests.iter().map(|r| self.plan(r)).collect();
         // Requests that some limit applies to go to the store; the others are allowed.
         let asked: Vec<usize> = plans
@@ -552,42 +524,18 @@ impl Limiter {
             .filter(|(_, p)| p.as_ref().is_ok_and(|p| !p.limits.is_empty()))
             .map(|(i, _)| i)
             .collect();
+        // Moved out for the store call, and back after: no copy of the keys.
         let takes: Vec<RequestTake> = asked
             .iter()
-            .map(|&i| plans[i].as_ref().expect("planned").take.clone())
+            .map(|&i| std::mem::take(&mut plans[i].as_mut().expect("planned").take))
             .collect();
-        let permit = if takes.is_empty() {
-            None
-        } else {
-            self.breaker.permit()
-        };
-        // One store call, one verdict for the breaker, however many requests it carried.
-        let stored: Vec<Option<Outcome>> = match permit {
-            Some(permit) => match self.store.decide_many(&takes).await {
-                Ok(decided) => {
-                    let failed = decided.iter().filter(|d| d.is_err()).count();
-                    if failed == 0 {
-                        permit.success();
-                    } else {
-                        permit.failure();
-                        self.stats
-                            .store_errors
-                            .fetch_add(failed as u64, Ordering::Relaxed);
-                    }
-                    decided.into_iter().map(Result::ok).collect()
-                }
-                Err(err) => {
-                    self.store_failed(permit, &err);
-                    vec![None; takes.len()]
-                }
-            },
-            None => vec![None; takes.len()],
-        };
+        let stored = self.ask_store(&takes).await;
         let mut outcomes: Vec<Option<Outcome>> = vec![None; requests.len()];
-        for ((&i, take), outcome) in asked.iter().zip(&takes).zip(stored) {
+        for ((&i, take), outcome) in asked.iter().zip(takes).zip(stored) {
             if let Some(outcome) = &outcome {
-                self.remember(take, outcome);
+                self.remember(&take, outcome);
             }
+            plans[i].as_mut().expect("planned").take = take;
             outcomes[i] = outcome;
         }
         requests
@@ -606,6 +554,56 @@ impl Limiter {
                 self.settle(request, &plan, outcome, started)
             })
             .collect()
+    }
+
+    /// Asks the store about `takes` through the breaker: one call, one verdict for the
+    /// breaker however many requests it carried. `None` where no decision was made (the
+    /// breaker is open, or the call or that request failed).
+    async fn ask_store(&self, takes: &[RequestTake]) -> Vec<Option<Outcome>> {
+        let permit = if takes.is_empty() {
+            None
+        } else {
+            self.breaker.permit()
+        };
+        let Some(permit) = permit else {
+            return vec![None; takes.len()];
+        };
+        match self.store.decide_many(takes).await {
+            Ok(decided) => {
+                let failed = decided.iter().filter(|d| d.is_err()).count();
+                if failed == 0 {
+                    permit.success();
+                } else {
+                    permit.failure();
+                    self.stats
+                        .store_errors
+                        .fetch_add(failed as u64, Ordering::Relaxed);
+                }
+                decided.into_iter().map(Result::ok).collect()
+            }
+            Err(err) => {
+                self.store_failed(permit, &err);
+                vec![None; takes.len()]
+            }
+        }
+    }
+
+    /// The decision of `plan`: the store's when it made one, else the fail-open fallback's
+    /// (degraded), or none in fail-closed mode.
+    fn decided(
+        &self,
+        plan: &Plan,
+        stored: Option<Outcome>,
+        cost: i64,
+    ) -> Result<Checked, LimiterError> {
+        match (stored, self.fail_mode) {
+            (Some(outcome), _) => Ok(Checked::new(plan, &outcome, false, cost)),
+            (None, FailMode::Open) => {
+                let outcome = self.fallback.decide_now(&plan.take);
+                Ok(Checked::new(plan, &outcome, true, cost))
+            }
+            (None, FailMode::Closed) => Err(LimiterError::StoreUnavailable),
+        }
     }
 
     /// Gives the fallback a share of what the shared store left each limit, so that an
@@ -644,17 +642,9 @@ impl Limiter {
         stored: Option<Outcome>,
         started: Instant,
     ) -> Result<Checked, LimiterError> {
-        let checked = match (stored, self.fail_mode) {
-            (Some(outcome), _) => Checked::new(plan, &outcome, false, request.cost),
-            (None, FailMode::Open) => {
-                let outcome = self.fallback.decide_now(&plan.take);
-                Checked::new(plan, &outcome, true, request.cost)
-            }
-            (None, FailMode::Closed) => {
-                self.stats.refused.fetch_add(1, Ordering::Relaxed);
-                return Err(LimiterError::StoreUnavailable);
-            }
-        };
+        let checked = self.decided(plan, stored, request.cost).inspect_err(|_| {
+            self.stats.refused.fetch_add(1, Ordering::Relaxed);
+        })?;
         self.latency.record(started.elapsed().as_secs_f64());
         if request.cost < 0 {
             // A refund is not a decision: nothing to count or publish.

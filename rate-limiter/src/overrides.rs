@@ -12,6 +12,7 @@
 //! (the embedded form). At most [`MAX_OVERRIDES`].
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -160,6 +161,9 @@ enum Backend {
 /// The overrides in force, and where they are kept.
 pub struct Overrides {
     current: RwLock<Arc<OverrideSet>>,
+    /// Whether any override is in force: read on every decision, so that a deployment
+    /// without overrides takes no lock for them.
+    any: AtomicBool,
     backend: Backend,
 }
 
@@ -168,6 +172,7 @@ impl Overrides {
     pub fn in_memory() -> Self {
         Self {
             current: RwLock::new(Arc::new(OverrideSet::default())),
+            any: AtomicBool::new(false),
             backend: Backend::Memory(Mutex::new(BTreeMap::new())),
         }
     }
@@ -176,6 +181,7 @@ impl Overrides {
     pub fn in_redis(conn: Connection, prefix: &str, timeout: Duration) -> Self {
         Self {
             current: RwLock::new(Arc::new(OverrideSet::default())),
+            any: AtomicBool::new(false),
             backend: Backend::Redis {
                 conn,
                 // One hash tag for both keys: a change is one transaction, on a Cluster too.
@@ -196,7 +202,14 @@ impl Overrides {
 
     fn install(&self, docs: BTreeMap<String, OverrideDoc>) {
         let set = Arc::new(OverrideSet::build(docs));
+        let any = !set.is_empty();
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = set;
+        self.any.store(any, Ordering::Release);
+    }
+
+    /// Whether any override is in force (no lock).
+    pub fn any(&self) -> bool {
+        self.any.load(Ordering::Acquire)
     }
 
     /// Every override, by id.
