@@ -43,6 +43,12 @@ pub struct LimiterArgs {
     /// built-in rule from RATE_LIMIT_CAPACITY and RATE_LIMIT_REFILL_PER_SEC.
     #[arg(long = "rules-path", env = "RULES_PATH", value_name = "RULES_PATH")]
     pub rules_path: Option<std::path::PathBuf>,
+    /// How many of Redis's refusals the limiter remembers and answers again itself while
+    /// they hold (exact: no request is decided otherwise than Redis would); 0 turns the
+    /// cache off. Unused by the embedded memory store.
+    #[arg(long = "refusal-cache-entries", env = "REFUSAL_CACHE_ENTRIES", value_name = "REFUSAL_CACHE_ENTRIES",
+          default_value_t = 65_536, value_parser = clap::value_parser!(u64).range(0..=10_000_000))]
+    pub refusal_cache_entries: u64,
 }
 
 impl LimiterArgs {

@@ -18,6 +18,7 @@ pub mod http;
 pub mod kafka;
 pub mod limiter;
 pub mod overrides;
+pub mod refusals;
 pub mod rules;
 pub mod store;
 
@@ -120,6 +121,11 @@ pub async fn build(
         }
         None => Arc::new(rules::Rules::builtin(policy)),
     };
+    let refusal_cache = if store.is_remote() {
+        args.refusal_cache_entries as usize
+    } else {
+        0
+    };
     let limiter = Limiter::new(
         store,
         fallback,
@@ -130,7 +136,8 @@ pub async fn build(
         instance_id,
     )
     .with_rules(rules)
-    .with_overrides(overrides);
+    .with_overrides(overrides)
+    .with_refusal_cache(refusal_cache);
     Ok((Arc::new(limiter), events))
 }
 

@@ -19,6 +19,7 @@ use service_kit::stream::EventPublisher;
 
 use crate::breaker::{Breaker, BreakerState, Permit};
 use crate::overrides::Overrides;
+use crate::refusals::Refusals;
 use crate::rules::Rules;
 use crate::store::{BucketStore, MemoryStore, StoreError};
 
@@ -204,6 +205,11 @@ pub fn describe_metrics() {
             "Decisions made by the local fail-open fallback bucket while the shared store was unreachable"
         );
         metrics::describe_counter!(
+            "ratelimit_refusal_cache_hits_total",
+            Unit::Count,
+            "Refusals answered from the limiter's exact refusal cache, without a store call"
+        );
+        metrics::describe_counter!(
             "ratelimit_refused_total",
             Unit::Count,
             "Requests refused (fail-closed) because the shared store was unavailable"
@@ -277,6 +283,9 @@ pub struct Limiter {
     seeds_fallback: bool,
     rules: Arc<Rules>,
     overrides: Arc<Overrides>,
+    /// Refusals of the shared store answered again locally while they hold; none in front
+    /// of the embedded memory store, whose own decision costs as much as a lookup.
+    refusals: Option<Refusals>,
 }
 
 impl Limiter {
@@ -305,6 +314,41 @@ impl Limiter {
             publisher,
             clock,
             instance_id,
+            refusals: None,
+        }
+    }
+
+    /// Answers refusals of the store again locally while they hold, keeping at most
+    /// `capacity` of them (0: no cache). See [`crate::refusals`].
+    pub fn with_refusal_cache(mut self, capacity: usize) -> Self {
+        self.refusals = (capacity > 0).then(|| Refusals::new(capacity));
+        self
+    }
+
+    /// Requests answered from the refusal cache so far.
+    pub fn refusal_cache_hits(&self) -> u64 {
+        self.refusals.as_ref().map_or(0, Refusals::hits)
+    }
+
+    /// The generation refusals are remembered under: moves whenever a limit may have
+    /// gained room other than by time (rules, overrides, resets, refunds).
+    fn generation(&self) -> u64 {
+        let local = self.refusals.as_ref().map_or(0, Refusals::local_generation);
+        self.rules
+            .generation()
+            .wrapping_add(self.overrides.generation())
+            .wrapping_add(local)
+    }
+
+    /// A reset or refund may have given some limit room: forget every refusal here, and
+    /// tell the other limiters (through the shared epoch).
+    async fn room_given(&self) {
+        if let Some(refusals) = &self.refusals {
+            refusals.invalidate();
+        }
+        // Told even by a limiter without a cache: the others may have one.
+        if let Err(err) = self.overrides.bump_epoch().await {
+            tracing::warn!(error = %err, "cannot tell the other limiters of a reset or refund; their cached refusals hold until they expire");
         }
     }
 
@@ -351,6 +395,7 @@ impl Limiter {
         metrics::counter!("ratelimit_store_errors_total").absolute(load(&s.store_errors));
         metrics::counter!("ratelimit_refused_total").absolute(load(&s.refused));
         metrics::counter!("ratelimit_shadow_refusals_total").absolute(load(&s.shadow_refused));
+        metrics::counter!("ratelimit_refusal_cache_hits_total").absolute(self.refusal_cache_hits());
         let breaker = match self.breaker.state() {
             BreakerState::Closed => 0.0,
             BreakerState::HalfOpen => 1.0,
@@ -421,7 +466,10 @@ impl Limiter {
         if keys.is_empty() {
             return Ok(0);
         }
-        self.store.reset(&keys).await.map_err(|err| {
+        let reset = self.store.reset(&keys).await;
+        // Even a failed reset may have reached the store.
+        self.room_given().await;
+        reset.map_err(|err| {
             tracing::warn!(error = %err, "reset failed");
             LimiterError::StoreUnavailable
         })?;
@@ -524,19 +572,47 @@ impl Limiter {
             .filter(|(_, p)| p.as_ref().is_ok_and(|p| !p.limits.is_empty()))
             .map(|(i, _)| i)
             .collect();
+        let mut outcomes: Vec<Option<Outcome>> = vec![None; requests.len()];
+        // Refusals that still hold are answered here; the rest go to the store.
+        let sent_us = self.clock.now_us();
+        let generation = self.generation();
+        let asked: Vec<usize> = match &self.refusals {
+            Some(refusals) => asked
+                .into_iter()
+                .filter(|&i| {
+                    let take = &plans[i].as_ref().expect("planned").take;
+                    match refusals.lookup(take, sent_us, generation) {
+                        Some(outcome) => {
+                            outcomes[i] = Some(outcome);
+                            false
+                        }
+                        None => true,
+                    }
+                })
+                .collect(),
+            None => asked,
+        };
         // Moved out for the store call, and back after: no copy of the keys.
         let takes: Vec<RequestTake> = asked
             .iter()
             .map(|&i| std::mem::take(&mut plans[i].as_mut().expect("planned").take))
             .collect();
         let stored = self.ask_store(&takes).await;
-        let mut outcomes: Vec<Option<Outcome>> = vec![None; requests.len()];
+        let mut refunded = false;
         for ((&i, take), outcome) in asked.iter().zip(takes).zip(stored) {
             if let Some(outcome) = &outcome {
                 self.remember(&take, outcome);
+                if let Some(refusals) = &self.refusals {
+                    refusals.record(&take, outcome, sent_us, generation);
+                }
             }
+            refunded |= take.cost < 0;
             plans[i].as_mut().expect("planned").take = take;
             outcomes[i] = outcome;
+        }
+        if refunded {
+            // Asked of the store even when it failed: the refund may have landed.
+            self.room_given().await;
         }
         requests
             .iter()

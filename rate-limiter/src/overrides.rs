@@ -10,9 +10,13 @@
 //! Stored in Redis (a hash of id → JSON, and a version counter bumped on every change,
 //! which each limiter polls every 250 ms) when the limiter has Redis; in memory otherwise
 //! (the embedded form). At most [`MAX_OVERRIDES`].
+//!
+//! Beside them, in Redis, an epoch that resets and refunds made through any limiter bump
+//! (`<prefix>{overrides}:e`), polled with the version: the refusal caches of every limiter
+//! forget what they hold within a poll (see [`crate::refusals`]).
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -154,6 +158,7 @@ enum Backend {
         conn: Connection,
         hash: String,
         version: String,
+        epoch: String,
         timeout: Duration,
     },
 }
@@ -164,6 +169,9 @@ pub struct Overrides {
     /// Whether any override is in force: read on every decision, so that a deployment
     /// without overrides takes no lock for them.
     any: AtomicBool,
+    /// Moves when the overrides change or the shared epoch moves (a reset or a refund
+    /// anywhere): refusals remembered before no longer hold.
+    generation: AtomicU64,
     backend: Backend,
 }
 
@@ -173,6 +181,7 @@ impl Overrides {
         Self {
             current: RwLock::new(Arc::new(OverrideSet::default())),
             any: AtomicBool::new(false),
+            generation: AtomicU64::new(0),
             backend: Backend::Memory(Mutex::new(BTreeMap::new())),
         }
     }
@@ -182,11 +191,13 @@ impl Overrides {
         Self {
             current: RwLock::new(Arc::new(OverrideSet::default())),
             any: AtomicBool::new(false),
+            generation: AtomicU64::new(0),
             backend: Backend::Redis {
                 conn,
                 // One hash tag for both keys: a change is one transaction, on a Cluster too.
                 hash: format!("{prefix}{{overrides}}"),
                 version: format!("{prefix}{{overrides}}:v"),
+                epoch: format!("{prefix}{{overrides}}:e"),
                 timeout: timeout.max(Duration::from_millis(500)),
             },
         }
@@ -205,6 +216,31 @@ impl Overrides {
         let any = !set.is_empty();
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = set;
         self.any.store(any, Ordering::Release);
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// How many times the overrides or the shared epoch moved, as seen here.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Tells every limiter that some limit may have room sooner than it said (a reset or a
+    /// refund): bumps the shared epoch, which the others see within a poll.
+    pub async fn bump_epoch(&self) -> Result<(), OverrideError> {
+        let Backend::Redis {
+            conn,
+            epoch,
+            timeout,
+            ..
+        } = &self.backend
+        else {
+            return Ok(());
+        };
+        let mut c = conn.clone();
+        let _: i64 = with_deadline(*timeout, redis::cmd("INCR").arg(epoch).query_async(&mut c))
+            .await
+            .map_err(|e| OverrideError::Unavailable(e.to_string()))?;
+        Ok(())
     }
 
     /// Whether any override is in force (no lock).
@@ -237,6 +273,7 @@ impl Overrides {
                 hash,
                 version,
                 timeout,
+                ..
             } => {
                 let json = serde_json::to_string(&doc).expect("serializes");
                 // Checked and written in one script: the bound holds with many admins.
@@ -284,6 +321,7 @@ impl Overrides {
                 hash,
                 version,
                 timeout,
+                ..
             } => {
                 let mut c = conn.clone();
                 let mut pipe = redis::pipe();
@@ -335,22 +373,26 @@ impl Overrides {
         Ok(())
     }
 
-    /// In Redis: reads the overrides now, then polls the version every 250 ms and reads
-    /// them again when it moved (a change made through any limiter), until `shutdown`.
+    /// In Redis: reads the overrides now, then polls the version and the epoch every 250 ms
+    /// and reads them again when the version moved (a change made through any limiter), or
+    /// moves the generation when the epoch did, until `shutdown`.
     pub fn spawn_poller(self: &Arc<Self>, shutdown: CancellationToken) {
         let Backend::Redis {
             conn,
             version,
+            epoch,
             timeout,
             ..
         } = &self.backend
         else {
             return;
         };
-        let (conn, version, timeout) = (conn.clone(), version.clone(), *timeout);
+        let (conn, version, epoch, timeout) =
+            (conn.clone(), version.clone(), epoch.clone(), *timeout);
         let overrides = Arc::downgrade(self);
         tokio::spawn(async move {
             let mut seen: Option<Option<i64>> = None;
+            let mut seen_epoch: Option<Option<i64>> = None;
             let mut tick = tokio::time::interval(POLL_INTERVAL);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
@@ -362,9 +404,12 @@ impl Overrides {
                     return;
                 };
                 let mut c = conn.clone();
-                let now: Option<i64> = match with_deadline(
+                let (now, now_epoch): (Option<i64>, Option<i64>) = match with_deadline(
                     timeout,
-                    redis::cmd("GET").arg(&version).query_async(&mut c),
+                    redis::cmd("MGET")
+                        .arg(&version)
+                        .arg(&epoch)
+                        .query_async(&mut c),
                 )
                 .await
                 {
@@ -374,6 +419,10 @@ impl Overrides {
                         continue;
                     }
                 };
+                if seen_epoch.is_some_and(|e| e != now_epoch) {
+                    overrides.generation.fetch_add(1, Ordering::AcqRel);
+                }
+                seen_epoch = Some(now_epoch);
                 if seen == Some(now) {
                     continue;
                 }

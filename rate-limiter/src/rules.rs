@@ -12,6 +12,7 @@
 //! Kubernetes config maps change files) and a directory's files coming and going alike.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -27,6 +28,8 @@ pub struct Rules {
     current: RwLock<Arc<RuleSet>>,
     /// The built-in policy, the default domain's rule unless the files define it.
     builtin: Policy,
+    /// Moves on every change: refusals remembered under older rules no longer hold.
+    generation: AtomicU64,
 }
 
 impl Rules {
@@ -35,6 +38,7 @@ impl Rules {
         Self {
             current: RwLock::new(Arc::new(RuleSet::builtin(policy))),
             builtin: policy,
+            generation: AtomicU64::new(0),
         }
     }
 
@@ -44,6 +48,7 @@ impl Rules {
         Ok(Self {
             current: RwLock::new(Arc::new(set)),
             builtin: policy,
+            generation: AtomicU64::new(0),
         })
     }
 
@@ -55,12 +60,19 @@ impl Rules {
             .clone()
     }
 
-    fn replace(&self, set: RuleSet) {
+    /// How many times the rules changed.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Puts `set` (with the built-in rule unless it defines the default domain) in force.
+    pub fn replace(&self, set: RuleSet) {
         *self
             .current
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner()) =
             Arc::new(set.with_default(self.builtin));
+        self.generation.fetch_add(1, Ordering::AcqRel);
     }
 
     /// Watches `path` until `shutdown`: a changed file is validated and applied, a bad one

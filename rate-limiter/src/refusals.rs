@@ -1,0 +1,297 @@
+//! The exact refusal cache: refusals the shared store made, answered again locally until
+//! they can no longer hold.
+//!
+//! Why it is exact: a request of cost `c` refused at time `t` with `retry_after` `r` cannot
+//! be admitted before `t + r` (nor could any higher cost; the cache answers the same cost
+//! only, so that the wait it gives is the store's too). Each of our algorithms (token bucket,
+//! fixed window, sliding window) gives the earliest time at which the refusing limit admits
+//! `c` if nothing else is spent, and what a limit allows only grows with time up to then:
+//! tokens refill, a window's count stays until it ends, a sliding window's weighted count
+//! only falls. Spending by anyone else only pushes it later. So a refusal is remembered
+//! with the time the store call was *sent* (at or before the store's own "now", measured on
+//! this process's clock both times, so the store host's clock does not matter) and answered
+//! locally while `now < sent + r`, with no store call.
+//!
+//! Only four things give a limit room sooner: a rule change, an override change, a reset
+//! and a refund. Each bumps a generation (the rules' and the overrides' in this process, and
+//! for resets and refunds made through any limiter an epoch in Redis that every limiter
+//! polls with the overrides, every 250 ms); an entry of an older generation is never used.
+//! A request the store admits removes its entry. Shadow limits are never cached: their
+//! outcome is reported, and a cached one could be stale.
+//!
+//! Bounded: at most `capacity` entries in [`SHARDS`] shards; a full shard drops its expired
+//! entries, and when none has expired the new refusal is simply not cached.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use ratelimit_domain::limits::Outcome;
+use ratelimit_domain::store::RequestTake;
+
+/// The end of a wait that is left to the store (see [`Refusals::record`]).
+const ROUNDING_MARGIN: Duration = Duration::from_millis(1);
+
+/// Shards of the map, each with its own lock.
+const SHARDS: usize = 16;
+
+struct Entry {
+    cost: i64,
+    /// When the store call that refused was sent, on this process's clock.
+    sent_us: u64,
+    /// Until when the refusal holds (exclusive).
+    until_us: u64,
+    generation: u64,
+    outcome: Outcome,
+}
+
+/// Refusals answered locally (see the module documentation).
+pub struct Refusals {
+    shards: Box<[Mutex<HashMap<String, Entry>>]>,
+    per_shard: usize,
+    /// Entries held; lets a deployment under no attack skip the lookup.
+    len: AtomicUsize,
+    /// Bumped by this process's resets and refunds.
+    local_generation: AtomicU64,
+    hits: AtomicU64,
+}
+
+impl Refusals {
+    /// A cache of at most `capacity` refusals.
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            per_shard: capacity.div_ceil(SHARDS).max(1),
+            len: AtomicUsize::new(0),
+            local_generation: AtomicU64::new(0),
+            hits: AtomicU64::new(0),
+        }
+    }
+
+    /// Requests answered from the cache so far.
+    pub fn hits(&self) -> u64 {
+        self.hits.load(Ordering::Relaxed)
+    }
+
+    /// Refusals held now (some may have expired).
+    pub fn len(&self) -> usize {
+        self.len.load(Ordering::Relaxed)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// This process's part of the generation: moves on every reset and refund made here.
+    pub fn local_generation(&self) -> u64 {
+        self.local_generation.load(Ordering::Acquire)
+    }
+
+    /// Forgets every refusal (a reset or a refund here: something may have room again).
+    pub fn invalidate(&self) {
+        self.local_generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// The key of a request's limits together (one limit: its own key, no copy).
+    fn key(take: &RequestTake) -> Cow<'_, str> {
+        match take.limits.as_slice() {
+            [one] => Cow::Borrowed(one.key.as_str()),
+            many => Cow::Owned(
+                many.iter()
+                    .map(|l| l.key.as_str())
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+            ),
+        }
+    }
+
+    fn shard(&self, key: &str) -> &Mutex<HashMap<String, Entry>> {
+        use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+        let hash = BuildHasherDefault::<DefaultHasher>::default().hash_one(key);
+        &self.shards[hash as usize % SHARDS]
+    }
+
+    /// The store's refusal of `take`, answered again, if one of this `generation` holds at
+    /// `now_us`: every limit's waits shortened by the time since.
+    pub fn lookup(&self, take: &RequestTake, now_us: u64, generation: u64) -> Option<Outcome> {
+        if take.cost <= 0 || self.is_empty() {
+            return None;
+        }
+        let key = Self::key(take);
+        let shard = self.shard(&key).lock().unwrap_or_else(|p| p.into_inner());
+        let entry = shard.get(key.as_ref())?;
+        if entry.generation != generation || take.cost != entry.cost || now_us >= entry.until_us {
+            return None;
+        }
+        let elapsed = Duration::from_micros(now_us.saturating_sub(entry.sent_us));
+        let mut outcome = entry.outcome.clone();
+        drop(shard);
+        for limit in &mut outcome.limits {
+            limit.retry_after = limit.retry_after.saturating_sub(elapsed);
+            limit.quota.reset_after = limit.quota.reset_after.saturating_sub(elapsed);
+        }
+        self.hits.fetch_add(1, Ordering::Relaxed);
+        Some(outcome)
+    }
+
+    /// Notes what the store made of `take` (sent at `sent_us`): a refusal is remembered
+    /// until it can no longer hold; an admission forgets any refusal of the same limits.
+    pub fn record(&self, take: &RequestTake, outcome: &Outcome, sent_us: u64, generation: u64) {
+        if take.cost <= 0 || take.limits.iter().any(|l| l.applied.shadow) {
+            return;
+        }
+        let key = Self::key(take);
+        if outcome.allowed {
+            if !self.is_empty() {
+                let mut shard = self.shard(&key).lock().unwrap_or_else(|p| p.into_inner());
+                if shard.remove(key.as_ref()).is_some() {
+                    self.len.fetch_sub(1, Ordering::Relaxed);
+                }
+            }
+            return;
+        }
+        // The request is refused while any refusing limit still refuses: until the longest
+        // of their waits is over.
+        let wait = outcome
+            .limits
+            .iter()
+            .filter(|l| !l.admits)
+            .map(|l| l.retry_after)
+            .max()
+            .unwrap_or_default();
+        // A margin for the stores' rounding of fractional tokens (a wait can come out a
+        // microsecond long): the last millisecond of a wait is asked of the store again.
+        let wait = wait.saturating_sub(ROUNDING_MARGIN);
+        let until_us = sent_us.saturating_add(wait.as_micros().min(u64::MAX as u128) as u64);
+        if until_us <= sent_us {
+            return;
+        }
+        let entry = Entry {
+            cost: take.cost,
+            sent_us,
+            until_us,
+            generation,
+            outcome: outcome.clone(),
+        };
+        let mut shard = self.shard(&key).lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(old) = shard.get_mut(key.as_ref()) {
+            *old = entry;
+            return;
+        }
+        if shard.len() >= self.per_shard {
+            let before = shard.len();
+            shard.retain(|_, e| e.until_us > sent_us && e.generation == generation);
+            self.len.fetch_sub(before - shard.len(), Ordering::Relaxed);
+            if shard.len() >= self.per_shard {
+                return;
+            }
+        }
+        shard.insert(key.into_owned(), entry);
+        self.len.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ratelimit_domain::Policy;
+    use ratelimit_domain::Quota;
+    use ratelimit_domain::limits::{Applied, LimitOutcome, LimitSpec};
+    use ratelimit_domain::store::LimitTake;
+
+    fn take(key: &str, cost: i64, shadow: bool) -> RequestTake {
+        RequestTake {
+            limits: vec![LimitTake {
+                key: key.to_owned(),
+                applied: Applied {
+                    spec: LimitSpec::TokenBucket(Policy::new(5, 1.0).unwrap()),
+                    shadow,
+                },
+            }],
+            cost,
+        }
+    }
+
+    fn refused(retry_ms: u64) -> Outcome {
+        Outcome {
+            allowed: false,
+            limits: vec![LimitOutcome {
+                admits: false,
+                quota: Quota {
+                    limit: 5,
+                    remaining: 0,
+                    reset_after: Duration::from_millis(5000),
+                },
+                retry_after: Duration::from_millis(retry_ms),
+            }],
+        }
+    }
+
+    #[test]
+    fn a_refusal_holds_until_its_wait_is_over_for_the_same_cost() {
+        let cache = Refusals::new(100);
+        cache.record(&take("k", 2, false), &refused(1000), 1_000_000, 0);
+        let hit = cache.lookup(&take("k", 2, false), 1_400_000, 0).unwrap();
+        assert_eq!(hit.limits[0].retry_after, Duration::from_millis(600));
+        assert!(cache.lookup(&take("k", 2, false), 1_998_999, 0).is_some());
+        assert!(
+            cache.lookup(&take("k", 2, false), 1_999_000, 0).is_none(),
+            "its last ms"
+        );
+        assert!(
+            cache.lookup(&take("k", 3, false), 1_400_000, 0).is_none(),
+            "its wait differs"
+        );
+        assert!(
+            cache.lookup(&take("k", 1, false), 1_400_000, 0).is_none(),
+            "a lower cost may fit"
+        );
+        assert!(
+            cache.lookup(&take("k", 2, false), 2_000_000, 0).is_none(),
+            "the wait is over"
+        );
+        assert!(
+            cache.lookup(&take("k", 2, false), 1_400_000, 1).is_none(),
+            "another generation"
+        );
+        assert!(
+            cache
+                .lookup(&take("other", 2, false), 1_400_000, 0)
+                .is_none()
+        );
+        assert_eq!(cache.hits(), 2);
+    }
+
+    #[test]
+    fn an_admission_forgets_and_shadow_limits_are_never_cached() {
+        let cache = Refusals::new(100);
+        cache.record(&take("k", 1, false), &refused(1000), 0, 0);
+        let admitted = Outcome {
+            allowed: true,
+            ..refused(0)
+        };
+        cache.record(&take("k", 1, false), &admitted, 10, 0);
+        assert!(cache.lookup(&take("k", 1, false), 20, 0).is_none());
+        assert!(cache.is_empty());
+        cache.record(&take("s", 1, true), &refused(1000), 0, 0);
+        assert!(cache.is_empty());
+    }
+
+    #[test]
+    fn the_cache_is_bounded() {
+        let cache = Refusals::new(32);
+        for i in 0..10_000 {
+            cache.record(&take(&format!("k{i}"), 1, false), &refused(60_000), 0, 0);
+        }
+        assert!(cache.len() <= 32, "{} entries", cache.len());
+        // Once they expire, new refusals take their place.
+        cache.record(&take("late", 1, false), &refused(1000), 60_000_000, 0);
+        assert!(
+            cache
+                .lookup(&take("late", 1, false), 60_000_001, 0)
+                .is_some()
+        );
+    }
+}
