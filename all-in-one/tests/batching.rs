@@ -66,6 +66,7 @@ async fn checks_are_batched_under_load_and_sent_alone_when_idle() {
             &format!("http://{addr}"),
             Duration::from_secs(5),
             Batching {
+                refusal_cache: 0,
                 max_batch: 64,
                 in_flight: 1,
             },

@@ -39,6 +39,7 @@ async fn a_check_still_queued_at_its_deadline_is_shed_and_spends_nothing() {
             &limiter.url(),
             Duration::from_millis(300),
             Batching {
+                refusal_cache: 0,
                 max_batch: 64,
                 in_flight: 1,
             },

@@ -284,28 +284,60 @@ pub const MAX_BATCH_BODY_BYTES: usize = 1024 * 1024;
 
 /// `POST /check/batch` at the limiter: several checks decided in one exchange, in order.
 /// The gateway sends what queued up while its previous exchanges were in flight.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
 pub struct BatchRequest {
     pub checks: Vec<CheckRequest>,
+    /// Checks the gateway has already refused from its refusal cache (a refusal the limiter
+    /// made that still holds), sent to be counted: the limiter publishes their events and
+    /// decides nothing. No answer comes back for them.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub refused: Vec<RefusedCheck>,
+}
+
+/// A check the gateway refused itself, and the names of the limits that refused it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RefusedCheck {
+    pub check: CheckRequest,
+    pub limits: Vec<String>,
 }
 
 #[derive(Deserialize)]
 struct BatchRequestWire {
     #[serde(default)]
     checks: Option<Vec<CheckRequestWire>>,
+    #[serde(default)]
+    refused: Option<Vec<RefusedCheckWire>>,
+}
+
+#[derive(Deserialize)]
+struct RefusedCheckWire {
+    #[serde(default)]
+    check: Option<CheckRequestWire>,
+    #[serde(default)]
+    limits: Option<Vec<String>>,
 }
 
 impl BatchRequest {
     /// Decodes and validates a JSON body; a bad check is named by its index
     /// (`checks[3].user_id`).
     pub fn from_json(body: &[u8]) -> Result<Self, FieldError> {
-        let checks = decode::<BatchRequestWire>(body)?
-            .checks
-            .ok_or_else(|| FieldError::new("checks", "is required"))?;
-        if checks.is_empty() || checks.len() > MAX_BATCH {
+        let wire = decode::<BatchRequestWire>(body)?;
+        let refused = wire.refused.unwrap_or_default();
+        let checks = match wire.checks {
+            Some(checks) => checks,
+            None if !refused.is_empty() => Vec::new(),
+            None => return Err(FieldError::new("checks", "is required")),
+        };
+        if (checks.is_empty() && refused.is_empty()) || checks.len() > MAX_BATCH {
             return Err(FieldError::new(
                 "checks",
                 format!("must hold 1 to {MAX_BATCH} checks"),
+            ));
+        }
+        if refused.len() > MAX_BATCH {
+            return Err(FieldError::new(
+                "refused",
+                format!("must hold at most {MAX_BATCH} checks"),
             ));
         }
         let checks = checks
@@ -313,14 +345,47 @@ impl BatchRequest {
             .enumerate()
             .map(|(i, wire)| wire.validate(&format!("checks[{i}].")))
             .collect::<Result<_, _>>()?;
-        Ok(Self { checks })
+        let refused = refused
+            .into_iter()
+            .enumerate()
+            .map(|(i, wire)| {
+                let prefix = format!("refused[{i}].");
+                let check = wire
+                    .check
+                    .ok_or_else(|| FieldError::new(format!("{prefix}check"), "is required"))?
+                    .validate(&format!("{prefix}check."))?;
+                let limits = wire.limits.unwrap_or_default();
+                if check.cost <= 0
+                    || limits.is_empty()
+                    || limits.len() > MAX_LIMITS_PER_REQUEST
+                    || limits.iter().any(|n| n.is_empty() || n.len() > MAX_KEY_BYTES)
+                {
+                    return Err(FieldError::new(
+                        format!("{prefix}limits"),
+                        format!(
+                            "must name 1 to {MAX_LIMITS_PER_REQUEST} limits (of 1 to {MAX_KEY_BYTES} bytes) of a positive-cost check"
+                        ),
+                    ));
+                }
+                Ok(RefusedCheck { check, limits })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self { checks, refused })
     }
 }
+
+/// Most limit names a refused check may carry.
+pub const MAX_LIMITS_PER_REQUEST: usize = 64;
 
 /// The limiter's answer to `POST /check/batch`: one result per check, in the same order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BatchResponse {
     pub results: Vec<BatchResult>,
+    /// Moves whenever some limit at this limiter may have gained room other than by time
+    /// (a rule or override change, a reset, a refund): refusals the gateway remembers from
+    /// an earlier generation no longer hold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<u64>,
 }
 
 /// One check's result: `{"ok":{...}}` with the decision as `POST /check` answers it, or
@@ -491,6 +556,42 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_may_carry_refusals_to_count_and_they_are_validated_too() {
+        let b = BatchRequest::from_json(
+            br#"{"refused":[{"check":{"user_id":"a","cost":2},"limits":["default"]}]}"#,
+        )
+        .unwrap();
+        assert!(b.checks.is_empty());
+        assert_eq!(
+            b.refused,
+            [RefusedCheck {
+                check: CheckRequest::user("a", 2),
+                limits: vec!["default".into()]
+            }]
+        );
+        let json = serde_json::to_string(&b).unwrap();
+        assert_eq!(BatchRequest::from_json(json.as_bytes()).unwrap(), b);
+        let field = |body: &[u8]| BatchRequest::from_json(body).unwrap_err().field;
+        assert_eq!(
+            field(br#"{"refused":[{"check":{"user_id":"a"},"limits":[]}]}"#),
+            "refused[0].limits"
+        );
+        assert_eq!(
+            field(br#"{"refused":[{"check":{"user_id":"a","cost":-1},"limits":["x"]}]}"#),
+            "refused[0].limits"
+        );
+        assert_eq!(
+            field(br#"{"refused":[{"check":{"user_id":""},"limits":["x"]}]}"#),
+            "refused[0].check.user_id"
+        );
+        assert_eq!(
+            field(br#"{"refused":[{"limits":["x"]}]}"#),
+            "refused[0].check"
+        );
+        assert_eq!(field(br#"{"checks":[],"refused":[]}"#), "checks");
+    }
+
+    #[test]
     fn batch_results_round_trip_as_ok_or_error() {
         let response = BatchResponse {
             results: vec![
@@ -510,6 +611,7 @@ mod tests {
                     field: None,
                 }),
             ],
+            generation: Some(3),
         };
         let json = serde_json::to_string(&response).unwrap();
         assert!(

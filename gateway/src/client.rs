@@ -16,11 +16,13 @@ use hyper_util::rt::TokioExecutor;
 use metrics::Unit;
 use ratelimit_domain::api::{
     BatchRequest, BatchResponse, BatchResult, CheckRequest, CheckResponse, ErrorBody, FieldError,
-    MAX_BATCH,
+    MAX_BATCH, RefusedCheck,
 };
 use service_kit::http::ApiError;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
+
+use crate::refusals::GatewayRefusals;
 
 /// Why the limiter gave no decision.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
@@ -91,6 +93,16 @@ pub fn describe_metrics() {
             Unit::Count,
             "Limiter calls that got no answer (connection refused, or closed before any answer) and were asked of the next replica"
         );
+        metrics::describe_counter!(
+            "gateway_refusal_cache_hits_total",
+            Unit::Count,
+            "Checks refused from the gateway's refusal cache, with no exchange"
+        );
+        metrics::describe_counter!(
+            "gateway_refusals_uncounted_total",
+            Unit::Count,
+            "Refusals answered from the gateway's cache that could not be sent to the limiter to be counted"
+        );
     });
 }
 
@@ -119,7 +131,9 @@ impl Resolve for SystemResolver {
 /// whatever else arrived meanwhile. An idle gateway therefore sends each check at once, on
 /// its own, and a loaded one sends a few large exchanges instead of one per request.
 pub struct HttpLimiterClient {
-    queue: mpsc::Sender<Pending>,
+    queue: mpsc::Sender<Queued>,
+    /// Refusals answered here while they hold (none when `refusal_cache` is 0).
+    refusals: Option<Arc<GatewayRefusals>>,
     /// The pooled client the batches use, for the rare `/admin` request.
     admin_client: HttpClient,
     timeout: Duration,
@@ -134,6 +148,9 @@ pub struct Batching {
     pub max_batch: usize,
     /// Most exchanges outstanding at once, over all replicas.
     pub in_flight: usize,
+    /// Most refusals remembered and answered here while they hold (0: none); see
+    /// [`crate::refusals`].
+    pub refusal_cache: usize,
 }
 
 impl Default for Batching {
@@ -141,8 +158,15 @@ impl Default for Batching {
         Self {
             max_batch: 128,
             in_flight: 4,
+            refusal_cache: 65_536,
         }
     }
+}
+
+/// What waits for the next exchange: a check, or a refusal answered here, to be counted.
+enum Queued {
+    Check(Pending),
+    Refused(RefusedCheck),
 }
 
 /// Checks waiting for an exchange; past this, a check is refused as overloaded at once.
@@ -161,6 +185,9 @@ struct Pending {
     sent: Arc<std::sync::atomic::AtomicBool>,
 }
 
+/// A batch's results in order, the replica that answered, and its generation.
+type Answered = (Vec<Result<CheckResponse, ClientError>>, Arc<str>, Option<u64>);
+
 /// What the batches are sent with.
 struct Exchanger {
     client: HttpClient,
@@ -170,6 +197,7 @@ struct Exchanger {
     min_budget: Duration,
     targets: Arc<RwLock<Arc<[Target]>>>,
     next: AtomicUsize,
+    refusals: Option<Arc<GatewayRefusals>>,
 }
 
 /// hyper's pooled HTTP/1 client: reqwest's conveniences (redirects, URL parsing, cookies)
@@ -181,12 +209,15 @@ type HttpClient = hyper_util::client::legacy::Client<HttpConnector, Full<Bytes>>
 struct Target {
     url: String,
     uri: Uri,
+    /// The URL again, shared, to name the replica a refusal came from.
+    name: Arc<str>,
 }
 
 impl Target {
     fn new(url: String) -> Option<Self> {
         let uri = url.parse().ok()?;
-        Some(Self { url, uri })
+        let name = Arc::from(url.as_str());
+        Some(Self { url, uri, name })
     }
 }
 
@@ -236,19 +267,28 @@ impl HttpLimiterClient {
         }
         let (queue, waiting) = mpsc::channel(QUEUE_CAPACITY);
         let admin_client = client.clone();
+        let refusals = (batching.refusal_cache > 0)
+            .then(|| Arc::new(GatewayRefusals::new(batching.refusal_cache)));
         let exchanger = Arc::new(Exchanger {
             client,
             min_budget: timeout / 4,
             targets: targets.clone(),
             next: AtomicUsize::new(0),
+            refusals: refusals.clone(),
         });
         tokio::spawn(dispatch(exchanger, waiting, batching));
         Ok(Self {
             queue,
+            refusals,
             admin_client,
             timeout,
             targets,
         })
+    }
+
+    /// Checks refused from the refusal cache so far.
+    pub fn refusal_cache_hits(&self) -> u64 {
+        self.refusals.as_ref().map_or(0, |r| r.hits())
     }
 
     /// The `/check/batch` URLs requests currently go to.
@@ -266,7 +306,7 @@ impl HttpLimiterClient {
 /// the client is dropped.
 async fn dispatch(
     exchanger: Arc<Exchanger>,
-    mut queue: mpsc::Receiver<Pending>,
+    mut queue: mpsc::Receiver<Queued>,
     batching: Batching,
 ) {
     let max_batch = batching.max_batch.clamp(1, MAX_BATCH);
@@ -294,29 +334,53 @@ impl Exchanger {
     /// Asks the limiter to decide `pending` and hands each check its answer. A check whose
     /// caller stopped waiting (timed out, or the client went away) is not sent: nobody would
     /// learn its decision, so it must not spend a token.
-    async fn settle(&self, pending: Vec<Pending>) {
+    async fn settle(&self, queued: Vec<Queued>) {
         let now = tokio::time::Instant::now();
+        let sent_us = self.refusals.as_ref().map_or(0, |r| r.now_us());
         let mut latest = now;
-        let (requests, replies): (Vec<CheckRequest>, Vec<_>) = pending
-            .into_iter()
-            .filter(|p| !p.reply.is_closed() && p.deadline > now + self.min_budget)
-            .map(|p| {
-                latest = latest.max(p.deadline);
-                p.sent.store(true, Ordering::Release);
-                (p.request, p.reply)
-            })
-            .unzip();
-        if requests.is_empty() {
+        let mut batch = BatchRequest::default();
+        let mut replies = Vec::new();
+        for item in queued {
+            match item {
+                Queued::Check(p) => {
+                    if p.reply.is_closed() || p.deadline <= now + self.min_budget {
+                        continue;
+                    }
+                    latest = latest.max(p.deadline);
+                    p.sent.store(true, Ordering::Release);
+                    batch.checks.push(p.request);
+                    replies.push(p.reply);
+                }
+                Queued::Refused(refused) => batch.refused.push(refused),
+            }
+        }
+        if batch.checks.is_empty() && batch.refused.is_empty() {
             return;
         }
-        metrics::histogram!("gateway_limiter_batch_size").record(requests.len() as f64);
-        match self.decide(requests, latest).await {
-            Ok(results) => {
+        if batch.checks.is_empty() {
+            // Only refusals to count: they have no caller waiting, so a short deadline.
+            latest = now + self.min_budget * 4;
+        }
+        metrics::histogram!("gateway_limiter_batch_size").record(batch.checks.len() as f64);
+        match self.decide(&batch, latest).await {
+            Ok((results, replica, generation)) => {
+                if let (Some(refusals), Some(generation)) = (&self.refusals, generation) {
+                    refusals.heard(&replica, generation);
+                    for (request, result) in batch.checks.iter().zip(&results) {
+                        if let Ok(response) = result {
+                            refusals.record(request, response, sent_us, &replica, generation);
+                        }
+                    }
+                }
                 for (reply, result) in replies.into_iter().zip(results) {
                     let _ = reply.send(result);
                 }
             }
             Err(err) => {
+                if !batch.refused.is_empty() {
+                    metrics::counter!("gateway_refusals_uncounted_total")
+                        .increment(batch.refused.len() as u64);
+                }
                 for reply in replies {
                     let _ = reply.send(Err(err.clone()));
                 }
@@ -325,11 +389,12 @@ impl Exchanger {
     }
 
     /// One batch exchange, each check's result in order; an error is the whole batch's.
+    /// Also which replica answered, and its generation.
     async fn decide(
         &self,
-        checks: Vec<CheckRequest>,
+        batch: &BatchRequest,
         deadline: tokio::time::Instant,
-    ) -> Result<Vec<Result<CheckResponse, ClientError>>, ClientError> {
+    ) -> Result<Answered, ClientError> {
         // A request that got no answer at all is asked again, of the next replica: see
         // `unanswered` for when that is, and why it never lets a client past its limit.
         let targets = self.targets.read().expect("targets lock").clone();
@@ -338,15 +403,14 @@ impl Exchanger {
         }
         let attempts = targets.len().clamp(2, 3);
         let first = self.next.fetch_add(1, Ordering::Relaxed);
-        let count = checks.len();
-        let body =
-            Bytes::from(serde_json::to_vec(&BatchRequest { checks }).expect("a batch serializes"));
+        let count = batch.checks.len();
+        let body = Bytes::from(serde_json::to_vec(batch).expect("a batch serializes"));
         let exchange = async {
             let mut attempt = 0;
             loop {
                 let target = &targets[(first + attempt) % targets.len()];
                 match self.exchange(target, body.clone()).await {
-                    Ok(answer) => return Ok(answer),
+                    Ok((status, body)) => return Ok((status, body, target.name.clone())),
                     Err(err) if attempt + 1 < attempts && unanswered(&err) => {
                         metrics::counter!("gateway_limiter_retries_total").increment(1);
                         tracing::debug!(target = target.url, error = %err, "limiter call unanswered; asking the next replica");
@@ -359,7 +423,7 @@ impl Exchanger {
                 }
             }
         };
-        let (status, body) = tokio::time::timeout_at(deadline, exchange)
+        let (status, body, replica) = tokio::time::timeout_at(deadline, exchange)
             .await
             .map_err(|_| ClientError::Unreachable("timed out".into()))??;
         if !status.is_success() {
@@ -373,14 +437,15 @@ impl Exchanger {
                 answer.results.len()
             )));
         }
-        Ok(answer
+        let results = answer
             .results
             .into_iter()
             .map(|result| match result {
                 BatchResult::Ok(decision) => Ok(decision),
                 BatchResult::Error(body) => Err(refusal(StatusCode::OK, Some(body))),
             })
-            .collect())
+            .collect();
+        Ok((results, replica, answer.generation))
     }
 
     /// One exchange with one replica: the status and the body.
@@ -502,6 +567,13 @@ impl Refresh {
 impl LimiterClient for HttpLimiterClient {
     /// To the first replica (an admin change reaches the others through Redis).
     async fn admin(&self, request: AdminRequest) -> Result<(StatusCode, Bytes), ClientError> {
+        if request.method != axum::http::Method::GET
+            && let Some(refusals) = &self.refusals
+        {
+            // An override, a reset: some limit may have room now (and may even if this
+            // call fails, having reached the limiter).
+            refusals.invalidate();
+        }
         let base = {
             let targets = self.targets.read().expect("targets lock");
             let Some(target) = targets.first() else {
@@ -540,6 +612,19 @@ impl LimiterClient for HttpLimiterClient {
     }
 
     async fn check(&self, request: &CheckRequest) -> Result<CheckResponse, ClientError> {
+        if let Some(hit) = self.refusals.as_ref().and_then(|r| r.lookup(request)) {
+            // Counted by the limiter with a later batch; a full queue loses the count, not
+            // the answer.
+            let refused = RefusedCheck {
+                check: request.clone(),
+                limits: hit.limits,
+            };
+            if self.queue.try_send(Queued::Refused(refused)).is_err() {
+                metrics::counter!("gateway_refusals_uncounted_total").increment(1);
+            }
+            metrics::counter!("gateway_refusal_cache_hits_total").increment(1);
+            return Ok(hit.response);
+        }
         let (reply, answer) = oneshot::channel();
         let deadline = tokio::time::Instant::now() + self.timeout;
         let sent = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -549,12 +634,14 @@ impl LimiterClient for HttpLimiterClient {
             deadline,
             sent: sent.clone(),
         };
-        self.queue.try_send(pending).map_err(|err| match err {
-            mpsc::error::TrySendError::Full(_) => ClientError::Overloaded,
-            mpsc::error::TrySendError::Closed(_) => {
-                ClientError::Unreachable("the limiter client is stopped".into())
-            }
-        })?;
+        self.queue
+            .try_send(Queued::Check(pending))
+            .map_err(|err| match err {
+                mpsc::error::TrySendError::Full(_) => ClientError::Overloaded,
+                mpsc::error::TrySendError::Closed(_) => {
+                    ClientError::Unreachable("the limiter client is stopped".into())
+                }
+            })?;
         match tokio::time::timeout_at(deadline, answer).await {
             Ok(Ok(result)) => result,
             // Dropped unsent: too little of its time was left when its exchange came.

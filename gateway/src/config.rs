@@ -61,6 +61,12 @@ pub struct GatewayConfig {
     #[arg(long = "limiter-in-flight", env = "LIMITER_IN_FLIGHT", value_name = "LIMITER_IN_FLIGHT",
           default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=1024))]
     pub limiter_in_flight: u64,
+    /// How many of the limiter's refusals the gateway remembers and answers again itself
+    /// while they hold (exact; counted by the limiter in a later batch); 0 turns it off.
+    #[arg(long = "gateway-refusal-cache-entries", env = "GATEWAY_REFUSAL_CACHE_ENTRIES",
+          value_name = "GATEWAY_REFUSAL_CACHE_ENTRIES", default_value_t = 65_536,
+          value_parser = clap::value_parser!(u64).range(0..=10_000_000))]
+    pub refusal_cache_entries: u64,
     #[command(flatten)]
     pub serve: ServeArgs,
     #[command(flatten)]
@@ -81,6 +87,7 @@ impl GatewayConfig {
         crate::client::Batching {
             max_batch: self.limiter_max_batch as usize,
             in_flight: self.limiter_in_flight as usize,
+            refusal_cache: self.refusal_cache_entries as usize,
         }
     }
 

@@ -18,6 +18,7 @@ pub mod dashboard;
 
 pub mod http;
 pub mod proxy;
+pub mod refusals;
 pub mod status;
 
 use std::sync::Arc;

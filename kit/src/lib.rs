@@ -11,10 +11,12 @@
 //! - [`kafka`]: Kafka client settings and topic creation (the `kafka` feature).
 //! - [`stream`]: the in-process event stream (a bounded channel).
 //! - [`report`]: the status reports every instance writes for a standalone gateway.
+//! - [`expiring`]: a bounded map of entries that hold until a deadline (the refusal caches).
 //! - [`runtime`]: logging set-up, the instance id and the one shutdown signal.
 
 pub mod admin;
 pub mod config;
+pub mod expiring;
 pub mod http;
 #[cfg(feature = "kafka")]
 pub mod kafka;

@@ -90,6 +90,10 @@ async fn check_batch(
     State(limiter): State<Arc<Limiter>>,
     ValidJson(batch): ValidJson<BatchRequest>,
 ) -> Json<BatchResponse> {
+    // Read before deciding: a change during the batch moves it, and the gateway then
+    // distrusts what this answer says.
+    let generation = limiter.generation();
+    limiter.count_refused(&batch.refused);
     let results = limiter
         .check_many(&batch.checks)
         .await
@@ -99,7 +103,10 @@ async fn check_batch(
             Err(err) => BatchResult::Error(ApiError::from(err).body()),
         })
         .collect();
-    Json(BatchResponse { results })
+    Json(BatchResponse {
+        results,
+        generation: Some(generation),
+    })
 }
 
 /// envoyproxy/ratelimit's `POST /json`: `ShouldRateLimit` in proto3 JSON, any content

@@ -6,12 +6,12 @@ use std::sync::{Arc, Once};
 use std::time::Instant;
 
 use metrics::Unit;
-use ratelimit_domain::api::{CheckRequest, CheckResponse, LimitStatus};
+use ratelimit_domain::api::{CheckRequest, CheckResponse, LimitStatus, RefusedCheck};
 use ratelimit_domain::descriptor::DEFAULT_DOMAIN;
 use ratelimit_domain::event::{RuleHit, RuleOutcome, SCHEMA_VERSION};
 use ratelimit_domain::keys::DEFAULT_LIMIT_NAME;
 use ratelimit_domain::keys::limit_key;
-use ratelimit_domain::limits::{Applied, Outcome};
+use ratelimit_domain::limits::{Applied, LimitOutcome, Outcome};
 use ratelimit_domain::store::{LimitTake, RequestTake};
 use ratelimit_domain::{Clock, Decision, Policy, Quota, RateLimitEvent};
 use service_kit::config::FailMode;
@@ -210,6 +210,11 @@ pub fn describe_metrics() {
             "Refusals answered from the limiter's exact refusal cache, without a store call"
         );
         metrics::describe_counter!(
+            "ratelimit_gateway_refusals_total",
+            Unit::Count,
+            "Refusals a gateway answered from its refusal cache and sent here to be counted"
+        );
+        metrics::describe_counter!(
             "ratelimit_refused_total",
             Unit::Count,
             "Requests refused (fail-closed) because the shared store was unavailable"
@@ -264,6 +269,8 @@ pub struct LimiterStats {
     pub refused: AtomicU64,
     /// Requests a shadow limit would have refused (admitted all the same).
     pub shadow_refused: AtomicU64,
+    /// Refusals a gateway answered from its own refusal cache, counted here.
+    pub gateway_refused: AtomicU64,
 }
 
 pub struct Limiter {
@@ -286,6 +293,8 @@ pub struct Limiter {
     /// Refusals of the shared store answered again locally while they hold; none in front
     /// of the embedded memory store, whose own decision costs as much as a lookup.
     refusals: Option<Refusals>,
+    /// Bumped by every reset and refund made here (see [`Limiter::generation`]).
+    room_given: AtomicU64,
 }
 
 impl Limiter {
@@ -315,6 +324,7 @@ impl Limiter {
             clock,
             instance_id,
             refusals: None,
+            room_given: AtomicU64::new(0),
         }
     }
 
@@ -332,8 +342,8 @@ impl Limiter {
 
     /// The generation refusals are remembered under: moves whenever a limit may have
     /// gained room other than by time (rules, overrides, resets, refunds).
-    fn generation(&self) -> u64 {
-        let local = self.refusals.as_ref().map_or(0, Refusals::local_generation);
+    pub fn generation(&self) -> u64 {
+        let local = self.room_given.load(Ordering::Acquire);
         self.rules
             .generation()
             .wrapping_add(self.overrides.generation())
@@ -343,9 +353,7 @@ impl Limiter {
     /// A reset or refund may have given some limit room: forget every refusal here, and
     /// tell the other limiters (through the shared epoch).
     async fn room_given(&self) {
-        if let Some(refusals) = &self.refusals {
-            refusals.invalidate();
-        }
+        self.room_given.fetch_add(1, Ordering::AcqRel);
         // Told even by a limiter without a cache: the others may have one.
         if let Err(err) = self.overrides.bump_epoch().await {
             tracing::warn!(error = %err, "cannot tell the other limiters of a reset or refund; their cached refusals hold until they expire");
@@ -396,6 +404,7 @@ impl Limiter {
         metrics::counter!("ratelimit_refused_total").absolute(load(&s.refused));
         metrics::counter!("ratelimit_shadow_refusals_total").absolute(load(&s.shadow_refused));
         metrics::counter!("ratelimit_refusal_cache_hits_total").absolute(self.refusal_cache_hits());
+        metrics::counter!("ratelimit_gateway_refusals_total").absolute(load(&s.gateway_refused));
         let breaker = match self.breaker.state() {
             BreakerState::Closed => 0.0,
             BreakerState::HalfOpen => 1.0,
@@ -630,6 +639,41 @@ impl Limiter {
                 self.settle(request, &plan, outcome, started)
             })
             .collect()
+    }
+
+    /// Counts and publishes refusals a gateway answered from its refusal cache: each as
+    /// refused by the limits it names, without asking the store (their refusal was this
+    /// service's, and still holds). A check that no longer plans (a rule changed under it)
+    /// is counted with whatever limits it names that still apply.
+    pub fn count_refused(&self, refused: &[RefusedCheck]) {
+        for notice in refused {
+            let request = &notice.check;
+            let Ok(plan) = self.plan(request) else {
+                continue;
+            };
+            let limits = plan
+                .limits
+                .iter()
+                .map(|p| LimitOutcome {
+                    admits: !notice.limits.iter().any(|n| **n == *p.name),
+                    quota: Quota {
+                        limit: p.applied.spec.limit(),
+                        remaining: 0,
+                        reset_after: std::time::Duration::ZERO,
+                    },
+                    retry_after: std::time::Duration::ZERO,
+                })
+                .collect::<Vec<_>>();
+            if limits.iter().all(|l| l.admits) {
+                continue;
+            }
+            let outcome = Outcome {
+                allowed: false,
+                limits,
+            };
+            self.stats.gateway_refused.fetch_add(1, Ordering::Relaxed);
+            let _ = self.settle(request, &plan, Some(outcome), Instant::now());
+        }
     }
 
     /// Asks the store about `takes` through the breaker: one call, one verdict for the

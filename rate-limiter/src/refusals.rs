@@ -19,42 +19,31 @@
 //! A request the store admits removes its entry. Shadow limits are never cached: their
 //! outcome is reported, and a cached one could be stale.
 //!
-//! Bounded: at most `capacity` entries in [`SHARDS`] shards; a full shard drops its expired
-//! entries, and when none has expired the new refusal is simply not cached.
+//! Bounded: at most `capacity` entries ([`ExpiringMap`]); when it is full of refusals that
+//! still hold, a new one is simply not cached.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use ratelimit_domain::limits::Outcome;
 use ratelimit_domain::store::RequestTake;
+use service_kit::expiring::ExpiringMap;
 
 /// The end of a wait that is left to the store (see [`Refusals::record`]).
 const ROUNDING_MARGIN: Duration = Duration::from_millis(1);
-
-/// Shards of the map, each with its own lock.
-const SHARDS: usize = 16;
 
 struct Entry {
     cost: i64,
     /// When the store call that refused was sent, on this process's clock.
     sent_us: u64,
-    /// Until when the refusal holds (exclusive).
-    until_us: u64,
     generation: u64,
     outcome: Outcome,
 }
 
 /// Refusals answered locally (see the module documentation).
 pub struct Refusals {
-    shards: Box<[Mutex<HashMap<String, Entry>>]>,
-    per_shard: usize,
-    /// Entries held; lets a deployment under no attack skip the lookup.
-    len: AtomicUsize,
-    /// Bumped by this process's resets and refunds.
-    local_generation: AtomicU64,
+    entries: ExpiringMap<Entry>,
     hits: AtomicU64,
 }
 
@@ -62,10 +51,7 @@ impl Refusals {
     /// A cache of at most `capacity` refusals.
     pub fn new(capacity: usize) -> Self {
         Self {
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
-            per_shard: capacity.div_ceil(SHARDS).max(1),
-            len: AtomicUsize::new(0),
-            local_generation: AtomicU64::new(0),
+            entries: ExpiringMap::new(capacity),
             hits: AtomicU64::new(0),
         }
     }
@@ -77,21 +63,11 @@ impl Refusals {
 
     /// Refusals held now (some may have expired).
     pub fn len(&self) -> usize {
-        self.len.load(Ordering::Relaxed)
+        self.entries.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// This process's part of the generation: moves on every reset and refund made here.
-    pub fn local_generation(&self) -> u64 {
-        self.local_generation.load(Ordering::Acquire)
-    }
-
-    /// Forgets every refusal (a reset or a refund here: something may have room again).
-    pub fn invalidate(&self) {
-        self.local_generation.fetch_add(1, Ordering::AcqRel);
+        self.entries.is_empty()
     }
 
     /// The key of a request's limits together (one limit: its own key, no copy).
@@ -107,27 +83,17 @@ impl Refusals {
         }
     }
 
-    fn shard(&self, key: &str) -> &Mutex<HashMap<String, Entry>> {
-        use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
-        let hash = BuildHasherDefault::<DefaultHasher>::default().hash_one(key);
-        &self.shards[hash as usize % SHARDS]
-    }
-
     /// The store's refusal of `take`, answered again, if one of this `generation` holds at
     /// `now_us`: every limit's waits shortened by the time since.
     pub fn lookup(&self, take: &RequestTake, now_us: u64, generation: u64) -> Option<Outcome> {
         if take.cost <= 0 || self.is_empty() {
             return None;
         }
-        let key = Self::key(take);
-        let shard = self.shard(&key).lock().unwrap_or_else(|p| p.into_inner());
-        let entry = shard.get(key.as_ref())?;
-        if entry.generation != generation || take.cost != entry.cost || now_us >= entry.until_us {
-            return None;
-        }
-        let elapsed = Duration::from_micros(now_us.saturating_sub(entry.sent_us));
-        let mut outcome = entry.outcome.clone();
-        drop(shard);
+        let (sent_us, mut outcome) = self.entries.get(&Self::key(take), now_us, |entry| {
+            (entry.generation == generation && entry.cost == take.cost)
+                .then(|| (entry.sent_us, entry.outcome.clone()))
+        })?;
+        let elapsed = Duration::from_micros(now_us.saturating_sub(sent_us));
         for limit in &mut outcome.limits {
             limit.retry_after = limit.retry_after.saturating_sub(elapsed);
             limit.quota.reset_after = limit.quota.reset_after.saturating_sub(elapsed);
@@ -144,52 +110,29 @@ impl Refusals {
         }
         let key = Self::key(take);
         if outcome.allowed {
-            if !self.is_empty() {
-                let mut shard = self.shard(&key).lock().unwrap_or_else(|p| p.into_inner());
-                if shard.remove(key.as_ref()).is_some() {
-                    self.len.fetch_sub(1, Ordering::Relaxed);
-                }
-            }
+            self.entries.remove(&key);
             return;
         }
         // The request is refused while any refusing limit still refuses: until the longest
-        // of their waits is over.
+        // of their waits is over, less a margin for the stores' rounding of fractional
+        // tokens (a wait can come out a microsecond long): the last millisecond of a wait
+        // is asked of the store again.
         let wait = outcome
             .limits
             .iter()
             .filter(|l| !l.admits)
             .map(|l| l.retry_after)
             .max()
-            .unwrap_or_default();
-        // A margin for the stores' rounding of fractional tokens (a wait can come out a
-        // microsecond long): the last millisecond of a wait is asked of the store again.
-        let wait = wait.saturating_sub(ROUNDING_MARGIN);
+            .unwrap_or_default()
+            .saturating_sub(ROUNDING_MARGIN);
         let until_us = sent_us.saturating_add(wait.as_micros().min(u64::MAX as u128) as u64);
-        if until_us <= sent_us {
-            return;
-        }
         let entry = Entry {
             cost: take.cost,
             sent_us,
-            until_us,
             generation,
             outcome: outcome.clone(),
         };
-        let mut shard = self.shard(&key).lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(old) = shard.get_mut(key.as_ref()) {
-            *old = entry;
-            return;
-        }
-        if shard.len() >= self.per_shard {
-            let before = shard.len();
-            shard.retain(|_, e| e.until_us > sent_us && e.generation == generation);
-            self.len.fetch_sub(before - shard.len(), Ordering::Relaxed);
-            if shard.len() >= self.per_shard {
-                return;
-            }
-        }
-        shard.insert(key.into_owned(), entry);
-        self.len.fetch_add(1, Ordering::Relaxed);
+        self.entries.insert(&key, entry, until_us, sent_us);
     }
 }
 

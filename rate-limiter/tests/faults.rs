@@ -104,6 +104,10 @@ async fn an_exhausted_user_stays_exhausted_when_redis_goes_away() {
             "0.01",
             "--fail-open-instances",
             "1",
+            // The fallback is what is tested: the refusal cache would answer greedy's
+            // refusals itself (exactly, and not degraded) while they hold.
+            "--refusal-cache-entries",
+            "0",
         ],
     )
     .await;
