@@ -186,7 +186,11 @@ struct Pending {
 }
 
 /// A batch's results in order, the replica that answered, and its generation.
-type Answered = (Vec<Result<CheckResponse, ClientError>>, Arc<str>, Option<u64>);
+type Answered = (
+    Vec<Result<CheckResponse, ClientError>>,
+    Arc<str>,
+    Option<u64>,
+);
 
 /// What the batches are sent with.
 struct Exchanger {

@@ -35,13 +35,13 @@ pub struct Breaker {
 /// counts as failed, so the breaker opens again for its period and the next caller after
 /// it probes anew, instead of the slot staying taken for ever.
 #[must_use = "a permit is given back by its verdict or on drop"]
-pub struct Permit<'a> {
-    breaker: &'a Breaker,
+pub struct Permit {
+    breaker: Arc<Breaker>,
     probe: bool,
     settled: bool,
 }
 
-impl Permit<'_> {
+impl Permit {
     /// The store answered.
     pub fn success(mut self) {
         self.settled = true;
@@ -55,7 +55,7 @@ impl Permit<'_> {
     }
 }
 
-impl Drop for Permit<'_> {
+impl Drop for Permit {
     fn drop(&mut self) {
         if !self.settled && self.probe {
             tracing::debug!("circuit breaker probe abandoned; counted as a failure");
@@ -85,7 +85,7 @@ impl Breaker {
 
     /// Leave to call the store, or `None` while the breaker is open (or another caller is
     /// probing it).
-    pub fn permit(&self) -> Option<Permit<'_>> {
+    pub fn permit(self: &Arc<Self>) -> Option<Permit> {
         let until = self.open_until_us.load(Ordering::Acquire);
         let probe = if until == 0 {
             false
@@ -99,7 +99,7 @@ impl Breaker {
             true
         };
         Some(Permit {
-            breaker: self,
+            breaker: self.clone(),
             probe,
             settled: false,
         })
@@ -145,9 +145,13 @@ mod tests {
 
     const MS: u64 = 1_000;
 
-    fn breaker(threshold: u32, open_ms: u64) -> (Breaker, Arc<ManualClock>) {
+    fn breaker(threshold: u32, open_ms: u64) -> (Arc<Breaker>, Arc<ManualClock>) {
         let clock = Arc::new(ManualClock::new(1_000_000));
-        let b = Breaker::new(threshold, Duration::from_millis(open_ms), clock.clone());
+        let b = Arc::new(Breaker::new(
+            threshold,
+            Duration::from_millis(open_ms),
+            clock.clone(),
+        ));
         (b, clock)
     }
 

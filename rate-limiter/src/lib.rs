@@ -19,6 +19,7 @@ pub mod kafka;
 pub mod limiter;
 pub mod overrides;
 pub mod refusals;
+pub mod resilience;
 pub mod rules;
 pub mod store;
 

@@ -17,11 +17,18 @@ use ratelimit_domain::{Clock, Decision, Policy, Quota, RateLimitEvent};
 use service_kit::config::FailMode;
 use service_kit::stream::EventPublisher;
 
-use crate::breaker::{Breaker, BreakerState, Permit};
+use std::convert::Infallible;
+use tower::ServiceExt;
+use tower::util::BoxCloneSyncService;
+
+use crate::breaker::{Breaker, BreakerState};
 use crate::overrides::Overrides;
 use crate::refusals::Refusals;
+use crate::resilience::{
+    BreakerLayer, FallbackLayer, StoreCall, StoreReply, StoreService, Verdict,
+};
 use crate::rules::Rules;
-use crate::store::{BucketStore, MemoryStore, StoreError};
+use crate::store::{BucketStore, MemoryStore};
 
 /// A decision and how it was made.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -279,15 +286,13 @@ pub struct Limiter {
     store: Arc<dyn BucketStore>,
     /// The per-instance bucket used in fail-open mode while the store is unreachable.
     fallback: Arc<MemoryStore>,
-    fail_mode: FailMode,
-    breaker: Breaker,
+    breaker: Arc<Breaker>,
+    /// The way to the store: the fallback around the breaker around the store
+    /// ([`crate::resilience`]).
+    store_calls: BoxCloneSyncService<StoreCall, StoreReply, Infallible>,
     publisher: Arc<dyn EventPublisher>,
     clock: Arc<dyn Clock>,
     instance_id: String,
-    /// Fail-open in front of a store that can fail: the fallback is seeded from the
-    /// store's answers. Derived once, off the hot path; false for the embedded memory
-    /// store, whose fallback is never asked.
-    seeds_fallback: bool,
     rules: Arc<Rules>,
     overrides: Arc<Overrides>,
     /// Refusals of the shared store answered again locally while they hold; none in front
@@ -308,18 +313,30 @@ impl Limiter {
         instance_id: String,
     ) -> Self {
         describe_metrics();
+        // Fail-open in front of a store that can fail: the fallback learns from the store's
+        // answers (not for the embedded memory store, whose fallback is never asked).
         let seeds_fallback = fail_mode == FailMode::Open && store.is_remote();
         let rules = Arc::new(Rules::builtin(*store.policy()));
+        let breaker = Arc::new(breaker);
+        let store_calls = BoxCloneSyncService::new(
+            tower::ServiceBuilder::new()
+                .layer(FallbackLayer::new(
+                    fallback.clone(),
+                    fail_mode,
+                    seeds_fallback,
+                ))
+                .layer(BreakerLayer::new(breaker.clone()))
+                .service(StoreService::new(store.clone())),
+        );
         Self {
             rules,
             overrides: Arc::new(Overrides::in_memory()),
-            seeds_fallback,
             stats: LimiterStats::default(),
             latency: metrics::histogram!("ratelimit_decision_duration_seconds"),
             store,
             fallback,
-            fail_mode,
             breaker,
+            store_calls,
             publisher,
             clock,
             instance_id,
@@ -456,12 +473,9 @@ impl Limiter {
                 0,
             ));
         }
-        let stored = self
-            .ask_store(std::slice::from_ref(&plan.take))
-            .await
-            .pop()
-            .flatten();
-        self.decided(&plan, stored, 0)
+        let mut reply = self.call_store(vec![plan.take.clone()]).await;
+        let verdict = reply.verdicts.pop().unwrap_or(Verdict::Unavailable);
+        self.decided(&plan, verdict, 0)
     }
 
     /// Resets every limit that applies to `request` (an admin's reset): they start afresh,
@@ -581,7 +595,7 @@ impl Limiter {
             .filter(|(_, p)| p.as_ref().is_ok_and(|p| !p.limits.is_empty()))
             .map(|(i, _)| i)
             .collect();
-        let mut outcomes: Vec<Option<Outcome>> = vec![None; requests.len()];
+        let mut verdicts: Vec<Option<Verdict>> = vec![None; requests.len()];
         // Refusals that still hold are answered here; the rest go to the store.
         let sent_us = self.clock.now_us();
         let generation = self.generation();
@@ -592,7 +606,7 @@ impl Limiter {
                     let take = &plans[i].as_ref().expect("planned").take;
                     match refusals.lookup(take, sent_us, generation) {
                         Some(outcome) => {
-                            outcomes[i] = Some(outcome);
+                            verdicts[i] = Some(Verdict::Stored(outcome));
                             false
                         }
                         None => true,
@@ -606,18 +620,23 @@ impl Limiter {
             .iter()
             .map(|&i| std::mem::take(&mut plans[i].as_mut().expect("planned").take))
             .collect();
-        let stored = self.ask_store(&takes).await;
+        let reply = if takes.is_empty() {
+            StoreReply {
+                takes,
+                verdicts: Vec::new(),
+                errors: 0,
+            }
+        } else {
+            self.call_store(takes).await
+        };
         let mut refunded = false;
-        for ((&i, take), outcome) in asked.iter().zip(takes).zip(stored) {
-            if let Some(outcome) = &outcome {
-                self.remember(&take, outcome);
-                if let Some(refusals) = &self.refusals {
-                    refusals.record(&take, outcome, sent_us, generation);
-                }
+        for ((&i, take), verdict) in asked.iter().zip(reply.takes).zip(reply.verdicts) {
+            if let (Some(refusals), Verdict::Stored(outcome)) = (&self.refusals, &verdict) {
+                refusals.record(&take, outcome, sent_us, generation);
             }
             refunded |= take.cost < 0;
             plans[i].as_mut().expect("planned").take = take;
-            outcomes[i] = outcome;
+            verdicts[i] = Some(verdict);
         }
         if refunded {
             // Asked of the store even when it failed: the refund may have landed.
@@ -626,17 +645,18 @@ impl Limiter {
         requests
             .iter()
             .zip(plans)
-            .zip(outcomes)
-            .map(|((request, plan), outcome)| {
+            .zip(verdicts)
+            .map(|((request, plan), verdict)| {
                 let plan = plan?;
-                if plan.limits.is_empty() {
-                    let outcome = Outcome {
+                let verdict = match verdict {
+                    Some(verdict) => verdict,
+                    // No limit applies: allowed, with nothing to count down.
+                    None => Verdict::Stored(Outcome {
                         allowed: true,
                         limits: Vec::new(),
-                    };
-                    return self.settle(request, &plan, Some(outcome), started);
-                }
-                self.settle(request, &plan, outcome, started)
+                    }),
+                };
+                self.settle(request, &plan, verdict, started)
             })
             .collect()
     }
@@ -672,72 +692,32 @@ impl Limiter {
                 limits,
             };
             self.stats.gateway_refused.fetch_add(1, Ordering::Relaxed);
-            let _ = self.settle(request, &plan, Some(outcome), Instant::now());
+            let _ = self.settle(request, &plan, Verdict::Stored(outcome), Instant::now());
         }
     }
 
-    /// Asks the store about `takes` through the breaker: one call, one verdict for the
-    /// breaker however many requests it carried. `None` where no decision was made (the
-    /// breaker is open, or the call or that request failed).
-    async fn ask_store(&self, takes: &[RequestTake]) -> Vec<Option<Outcome>> {
-        let permit = if takes.is_empty() {
-            None
-        } else {
-            self.breaker.permit()
+    /// One call down the store stack (fallback, breaker, store) for `takes`, which come
+    /// back with the reply.
+    async fn call_store(&self, takes: Vec<RequestTake>) -> StoreReply {
+        let reply = match self.store_calls.clone().oneshot(StoreCall { takes }).await {
+            Ok(reply) => reply,
+            Err(never) => match never {},
         };
-        let Some(permit) = permit else {
-            return vec![None; takes.len()];
-        };
-        match self.store.decide_many(takes).await {
-            Ok(decided) => {
-                let failed = decided.iter().filter(|d| d.is_err()).count();
-                if failed == 0 {
-                    permit.success();
-                } else {
-                    permit.failure();
-                    self.stats
-                        .store_errors
-                        .fetch_add(failed as u64, Ordering::Relaxed);
-                }
-                decided.into_iter().map(Result::ok).collect()
-            }
-            Err(err) => {
-                self.store_failed(permit, &err);
-                vec![None; takes.len()]
-            }
+        if reply.errors > 0 {
+            self.stats
+                .store_errors
+                .fetch_add(reply.errors, Ordering::Relaxed);
         }
+        reply
     }
 
-    /// The decision of `plan`: the store's when it made one, else the fail-open fallback's
-    /// (degraded), or none in fail-closed mode.
-    fn decided(
-        &self,
-        plan: &Plan,
-        stored: Option<Outcome>,
-        cost: i64,
-    ) -> Result<Checked, LimiterError> {
-        match (stored, self.fail_mode) {
-            (Some(outcome), _) => Ok(Checked::new(plan, &outcome, false, cost)),
-            (None, FailMode::Open) => {
-                let outcome = self.fallback.decide_now(&plan.take);
-                Ok(Checked::new(plan, &outcome, true, cost))
-            }
-            (None, FailMode::Closed) => Err(LimiterError::StoreUnavailable),
-        }
-    }
-
-    /// Gives the fallback a share of what the shared store left each limit, so that an
-    /// outage starts from there, not from a fresh allowance. Only for limits the store left
-    /// at half or less (the others lose at most half of it to an outage): a write per
-    /// decision is for the keys that are spending fast.
-    fn remember(&self, take: &RequestTake, outcome: &Outcome) {
-        if self.seeds_fallback && take.cost > 0 {
-            for (limit, o) in take.limits.iter().zip(&outcome.limits) {
-                if o.quota.remaining * 2 <= o.quota.limit {
-                    self.fallback
-                        .seed(&limit.key, &limit.applied.spec, o.quota.remaining);
-                }
-            }
+    /// The decision of `plan` from its verdict: the store's, the fail-open fallback's
+    /// (degraded), or none (fail-closed).
+    fn decided(&self, plan: &Plan, verdict: Verdict, cost: i64) -> Result<Checked, LimiterError> {
+        match verdict {
+            Verdict::Stored(outcome) => Ok(Checked::new(plan, &outcome, false, cost)),
+            Verdict::Fallback(outcome) => Ok(Checked::new(plan, &outcome, true, cost)),
+            Verdict::Unavailable => Err(LimiterError::StoreUnavailable),
         }
     }
 
@@ -746,23 +726,16 @@ impl Limiter {
         self.fallback.set_parts(parts);
     }
 
-    /// Notes a failed store call with the breaker.
-    fn store_failed(&self, permit: Permit<'_>, err: &StoreError) {
-        permit.failure();
-        self.stats.store_errors.fetch_add(1, Ordering::Relaxed);
-        tracing::debug!(error = %err, "bucket store call failed");
-    }
-
     /// Completes a decision: falls back (fail-open) or refuses (fail-closed) when the store
     /// gave none, counts it and publishes it.
     fn settle(
         &self,
         request: &CheckRequest,
         plan: &Plan,
-        stored: Option<Outcome>,
+        verdict: Verdict,
         started: Instant,
     ) -> Result<Checked, LimiterError> {
-        let checked = self.decided(plan, stored, request.cost).inspect_err(|_| {
+        let checked = self.decided(plan, verdict, request.cost).inspect_err(|_| {
             self.stats.refused.fetch_add(1, Ordering::Relaxed);
         })?;
         self.latency.record(started.elapsed().as_secs_f64());
