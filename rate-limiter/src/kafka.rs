@@ -60,7 +60,10 @@ impl KafkaPublisher {
             .set("client.id", "rate-limiter")
             .set("enable.idempotence", "true")
             .set("acks", "all")
-            .set("linger.ms", "5")
+            // 20 ms rather than 5: at 5,000 events/s it cuts the broker's CPU per event by
+            // 44 % (fewer, larger produce requests; measured with tansu, BENCHMARKS.md) for
+            // 15 ms more analytics lag. RDKAFKA_LINGER_MS overrides it.
+            .set("linger.ms", "20")
             .set("batch.num.messages", "10000")
             .set("compression.type", "lz4")
             .set("message.timeout.ms", "0")
