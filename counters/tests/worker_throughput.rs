@@ -22,7 +22,7 @@ use analytics_counters::source::{EventSource, Record};
 use analytics_counters::worker::{self, WorkerStats};
 use async_trait::async_trait;
 use ratelimit_domain::RateLimitEvent;
-use ratelimit_domain::analytics::{AnalyticsReader as _, CounterStore};
+use ratelimit_domain::analytics::CounterStore;
 use ratelimit_domain::event::SCHEMA_VERSION;
 use service_kit::redis::Endpoint;
 use testkit::{RedisServer, unique};
@@ -99,16 +99,22 @@ async fn info(conn: &mut redis::aio::MultiplexedConnection, section: &str) -> St
         .unwrap()
 }
 
-/// Calls per command from `INFO commandstats` (without the benchmark's own INFO/CONFIG).
-fn command_calls(stats: &str) -> BTreeMap<String, u64> {
+/// Calls and microseconds per command from `INFO commandstats` (without the benchmark's
+/// own INFO/CONFIG); a script's microseconds include those of the commands it calls.
+fn command_calls(stats: &str) -> BTreeMap<String, (u64, u64)> {
     stats
         .lines()
         .filter_map(|line| {
             let (name, rest) = line.strip_prefix("cmdstat_")?.split_once(':')?;
-            let calls = rest.strip_prefix("calls=")?.split(',').next()?;
-            Some((name.to_owned(), calls.parse().ok()?))
+            let mut fields = rest.split(',');
+            let calls = fields.next()?.strip_prefix("calls=")?.parse().ok()?;
+            let usec = fields.next()?.strip_prefix("usec=")?.parse().ok()?;
+            Some((name.to_owned(), (calls, usec)))
         })
-        .filter(|(name, _)| !["info", "config", "hello", "client"].contains(&name.split('|').next().unwrap_or_default()))
+        .filter(|(name, _)| {
+            !["info", "config", "hello", "client"]
+                .contains(&name.split('|').next().unwrap_or_default())
+        })
         .collect()
 }
 
@@ -189,15 +195,16 @@ async fn worker_throughput() {
         redis_ticks as f64 / 100.0,
         per_k(self_ticks),
     );
-    let all: u64 = calls.values().sum();
+    let all: u64 = calls.values().map(|(c, _)| c).sum();
     println!(
         "worker_throughput: redis commands per event {:.3} (calls {all})",
         all as f64 / n as f64
     );
-    for (name, c) in &calls {
+    for (name, (c, usec)) in &calls {
         println!(
-            "worker_throughput:   {name:<20} {c:>9} = {:.3} per event",
-            *c as f64 / n as f64
+            "worker_throughput:   {name:<20} {c:>9} = {:.3} per event, {:.3} us per event",
+            *c as f64 / n as f64,
+            *usec as f64 / n as f64
         );
     }
 }
