@@ -1,11 +1,13 @@
 //! Counters in Redis.
 //!
 //! Per user (hash tag = the user id, so one slot per user on Redis Cluster):
-//! - `<prefix>c{<user>}`: a hash with `allowed`, `blocked` and, per partition,
-//!   `o:<partition>` = the last offset already counted for this user (for the in-process
-//!   stream, `o:<epoch>`, one per process);
+//! - `<prefix>c{<user>}`: a hash with `allowed`, `blocked`, per partition `o:<partition>` =
+//!   the last offset already counted for this user (for the in-process stream,
+//!   `o:<epoch>`, one per process), and `e`, when (Unix seconds) its expiry was last
+//!   pushed back: it expires once the user has been idle for the user TTL (pushed back at
+//!   most every 1 % of the TTL, at most every minute, by the TTL plus that much);
 //! - `<prefix>c{<user>}:m<minute>`: a hash with `a`, `b` (allowed, blocked in that minute),
-//!   expiring after the retention.
+//!   expiring after the retention (set when the key is made).
 //!
 //! Per partition (hash tag `p<partition>`, or `local` for the in-process stream):
 //! - `<prefix>g{p3}:o`: the last offset of partition 3 counted into the global aggregates
@@ -16,8 +18,13 @@
 //!
 //! and `<prefix>gparts`, the set of partition tags, so readers know which keys to sum.
 //!
-//! One Lua script per user (and one per partition for the global aggregates) checks the
-//! offset and applies the increments atomically; all of a batch goes in one pipeline.
+//! A Lua script checks the offsets and applies the counts atomically with them: one call
+//! for up to [`USERS_PER_CALL`] users on a single Redis (one per user on a Cluster, where a
+//! script's keys share a slot), each user checked against its own offset, and one call per
+//! partition for the global aggregates; all of a batch goes in one pipeline. A user costs
+//! Redis one read and one write of its counters and an increment of its minute key; the
+//! top-blocked sets are merged (ZMSCORE, then one ZADD of the sums) rather than bumped by a
+//! ZINCRBY per user, with the same result.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;

@@ -269,7 +269,11 @@ async fn top_sets_are_the_same_as_with_a_zincrby_per_user() {
         }
         let mut pipe = redis::pipe();
         for (u, n) in &counts {
-            pipe.cmd("ZINCRBY").arg("reference").arg(*n).arg(*u).ignore();
+            pipe.cmd("ZINCRBY")
+                .arg("reference")
+                .arg(*n)
+                .arg(*u)
+                .ignore();
         }
         pipe.cmd("ZREMRANGEBYRANK")
             .arg("reference")
@@ -358,7 +362,11 @@ async fn minute_keys_and_counters_always_have_an_expiry() {
     let ttl = |key: String| {
         let mut conn = ttl_conn.clone();
         async move {
-            let ttl: i64 = redis::cmd("TTL").arg(key).query_async(&mut conn).await.unwrap();
+            let ttl: i64 = redis::cmd("TTL")
+                .arg(key)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
             ttl
         }
     };
@@ -385,7 +393,10 @@ async fn minute_keys_and_counters_always_have_an_expiry() {
         .await
         .unwrap();
     let t = ttl(minute_key.clone()).await;
-    assert!((3_500..=3_600).contains(&t), "minute key made again: TTL {t}");
+    assert!(
+        (3_500..=3_600).contains(&t),
+        "minute key made again: TTL {t}"
+    );
     let c = store.get("u").await.unwrap();
     assert_eq!((c.allowed, c.blocked), (2, 2));
 }
