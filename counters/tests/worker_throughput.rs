@@ -8,7 +8,8 @@
 //! It starts its own redis-server, feeds `BENCH_EVENTS` (500,000) synthetic decisions of
 //! 10,000 users (two thirds refused, no rule hits: the built-in rule, like `bench/run.sh`)
 //! spread over 6 partitions (Kafka's default here), through the worker loop
-//! ([`worker::run`]) into [`RedisCounters`] in batches of the worker's default size, and
+//! ([`worker::run`]) into [`RedisCounters`] in batches of the worker's default size
+//! (`BENCH_BATCH` to try another), and
 //! prints events per second, Redis CPU seconds per 1,000 events (`/proc/<pid>/stat`), this
 //! process's CPU per 1,000 events, and the commands Redis ran per event (`INFO
 //! commandstats`, calls inside scripts included).
@@ -125,6 +126,11 @@ async fn worker_throughput() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(500_000);
+    // The worker's batch size (`ANALYTICS_BATCH_MAX`), 5,000 unless `BENCH_BATCH` says.
+    let batch: usize = std::env::var("BENCH_BATCH")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(BATCH);
     let redis = RedisServer::start();
     let mut conn = redis::Client::open(redis.url())
         .unwrap()
@@ -166,7 +172,7 @@ async fn worker_throughput() {
         Box::new(Backlog(records.into_iter())),
         Arc::clone(&store),
         Arc::clone(&stats),
-        BATCH,
+        batch,
         CancellationToken::new(),
     )
     .await;
@@ -188,7 +194,7 @@ async fn worker_throughput() {
 
     let per_k = |ticks: u64| ticks as f64 / 100.0 / (n as f64 / 1_000.0);
     println!(
-        "worker_throughput: {n} events in {:.2} s = {:.0} events/s; redis CPU {:.5} s per 1,000 events ({:.2} s); worker process CPU {:.5} s per 1,000 events",
+        "worker_throughput: batches of {batch}: {n} events in {:.2} s = {:.0} events/s; redis CPU {:.5} s per 1,000 events ({:.2} s); worker process CPU {:.5} s per 1,000 events",
         elapsed.as_secs_f64(),
         n as f64 / elapsed.as_secs_f64(),
         per_k(redis_ticks),
