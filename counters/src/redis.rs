@@ -1,11 +1,13 @@
 //! Counters in Redis.
 //!
 //! Per user (hash tag = the user id, so one slot per user on Redis Cluster):
-//! - `<prefix>c{<user>}`: a hash with `allowed`, `blocked` and, per partition,
-//!   `o:<partition>` = the last offset already counted for this user (for the in-process
-//!   stream, `o:<epoch>`, one per process);
+//! - `<prefix>c{<user>}`: a hash with `allowed`, `blocked`, per partition `o:<partition>` =
+//!   the last offset already counted for this user (for the in-process stream,
+//!   `o:<epoch>`, one per process), and `e`, when (Unix seconds) its expiry was last
+//!   pushed back: it expires once the user has been idle for the user TTL (pushed back at
+//!   most every 1 % of the TTL, at most every minute, by the TTL plus that much);
 //! - `<prefix>c{<user>}:m<minute>`: a hash with `a`, `b` (allowed, blocked in that minute),
-//!   expiring after the retention.
+//!   expiring after the retention (set when the key is made).
 //!
 //! Per partition (hash tag `p<partition>`, or `local` for the in-process stream):
 //! - `<prefix>g{p3}:o`: the last offset of partition 3 counted into the global aggregates
@@ -16,10 +18,16 @@
 //!
 //! and `<prefix>gparts`, the set of partition tags, so readers know which keys to sum.
 //!
-//! One Lua script per user (and one per partition for the global aggregates) checks the
-//! offset and applies the increments atomically; all of a batch goes in one pipeline.
+//! A Lua script checks the offsets and applies the counts atomically with them: one call
+//! for up to [`USERS_PER_CALL`] users on a single Redis (one per user on a Cluster, where a
+//! script's keys share a slot), each user checked against its own offset, and one call per
+//! partition for the global aggregates; all of a batch goes in one pipeline. A user costs
+//! Redis one read and one write of its counters and an increment of its minute key; the
+//! top-blocked sets are merged (ZMSCORE, then one ZADD of the sums) rather than bumped by a
+//! ZINCRBY per user, with the same result.
 
 use std::collections::{HashMap, HashSet};
+use std::fmt::Write as _;
 use std::ops::RangeInclusive;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -37,36 +45,86 @@ use crate::tally::{
     GlobalTally, Minutes, Tally, fill_series, global_tally, sorted_rules, tally, top_n,
 };
 
-/// Per user. Returns -2 when applied, -1 when everything was already counted, or the
-/// offset already counted when only part of the batch is new (the caller re-tallies).
-const USER_SCRIPT: &str = r#"
-local field = ARGV[1]
-if field ~= '' then
-  local applied = tonumber(redis.call('HGET', KEYS[1], field) or '-1')
-  if applied >= tonumber(ARGV[3]) then return -1 end
-  if applied >= tonumber(ARGV[2]) then return applied end
-  redis.call('HSET', KEYS[1], field, ARGV[3])
+/// Per user, for many users in one call: checks each user's offset and applies its tally
+/// atomically with it. Returns `{i, applied}` pairs (flattened, `i` from 0) for the users
+/// whose counters already held part of their events (the caller re-tallies those past
+/// `applied`); everyone else is applied or was already counted.
+///
+/// ARGV: the offset field (`''`: no check), the all-time TTL, how often (seconds) it is
+/// refreshed, the retention, the number of users, and their numbers packed (cheaper in Lua
+/// than an argument each, parsed): per user `<i8i8I4I4I4` first offset, last offset,
+/// allowed, blocked, number of minutes, then per minute `<I4I4` allowed, blocked. KEYS: per
+/// user its counters, then its minute keys.
+const USERS_SCRIPT: &str = r#"
+local field, ttl, every, retention = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
+local packed = ARGV[6]
+local checked = field ~= ''
+local read = checked and field or 'e'
+local clock = redis.call('TIME')[1]
+local now = tonumber(clock)
+-- Numbers go to Redis as text made by `%d`: cheaper than Redis's own `%.17g` of a number.
+local format = string.format
+local partial = {}
+local k, p = 1, 1
+for i = 1, tonumber(ARGV[5]) do
+  local key = KEYS[k]
+  local first, last, al, bl, nm
+  first, last, al, bl, nm, p = struct.unpack('<i8i8I4I4I4', packed, p)
+  -- One read and one write per user: the counts are written whole, not incremented.
+  local held = redis.call('HMGET', key, 'allowed', 'blocked', 'e', read)
+  local applied = checked and tonumber(held[4] or '-1') or -1
+  if checked and applied >= first then
+    if applied < last then
+      partial[#partial + 1] = i - 1
+      partial[#partial + 1] = applied
+    end
+    k, p = k + 1 + nm, p + 8 * nm
+  else
+    local allowed = format('%d', (tonumber(held[1]) or 0) + al)
+    local blocked = format('%d', (tonumber(held[2]) or 0) + bl)
+    last = format('%d', last)
+    -- The all-time counters live until the user has been idle for the user TTL: the
+    -- expiry is pushed back at most every `every` seconds (`e`: when it last was), by
+    -- the TTL plus that much, so it never comes early.
+    local seen = tonumber(held[3])
+    if seen == nil or now - seen >= every then
+      if checked then
+        redis.call('HSET', key, field, last, 'allowed', allowed, 'blocked', blocked, 'e', clock)
+      else
+        redis.call('HSET', key, 'allowed', allowed, 'blocked', blocked, 'e', clock)
+      end
+      redis.call('EXPIRE', key, ttl)
+    elseif checked then
+      redis.call('HSET', key, field, last, 'allowed', allowed, 'blocked', blocked)
+    else
+      redis.call('HSET', key, 'allowed', allowed, 'blocked', blocked)
+    end
+    k = k + 1
+    for _ = 1, nm do
+      local ma, mb
+      ma, mb, p = struct.unpack('<I4I4', packed, p)
+      local mkey = KEYS[k]
+      k = k + 1
+      -- A minute key gets its expiry when it is made: when a field is new (its value is
+      -- the increment), not at every write.
+      local new = false
+      if ma > 0 then new = redis.call('HINCRBY', mkey, 'a', format('%d', ma)) == ma end
+      if mb > 0 and redis.call('HINCRBY', mkey, 'b', format('%d', mb)) == mb then new = true end
+      if new then redis.call('EXPIRE', mkey, retention) end
+    end
+  end
 end
-if ARGV[4] ~= '0' then redis.call('HINCRBY', KEYS[1], 'allowed', ARGV[4]) end
-if ARGV[5] ~= '0' then redis.call('HINCRBY', KEYS[1], 'blocked', ARGV[5]) end
--- The all-time counters live until the user has been idle for the user TTL.
-redis.call('EXPIRE', KEYS[1], ARGV[7])
-for i = 2, #KEYS do
-  local a = ARGV[6 + 2 * (i - 1)]
-  local b = ARGV[7 + 2 * (i - 1)]
-  if a ~= '0' then redis.call('HINCRBY', KEYS[i], 'a', a) end
-  if b ~= '0' then redis.call('HINCRBY', KEYS[i], 'b', b) end
-  redis.call('EXPIRE', KEYS[i], ARGV[6])
-end
-return -2
+return partial
 "#;
 
-/// Per partition: the global minutes and the top-blocked sets, same return values.
+/// Per partition: the global minutes and the top-blocked sets. Returns `{-2}` when applied,
+/// `{-1}` when everything was already counted, or `{applied}`, the offset already counted,
+/// when only part of the batch is new (the caller re-tallies past it).
 const GLOBAL_SCRIPT: &str = r#"
 if ARGV[1] ~= '' then
   local applied = tonumber(redis.call('GET', KEYS[1]) or '-1')
-  if applied >= tonumber(ARGV[3]) then return -1 end
-  if applied >= tonumber(ARGV[2]) then return applied end
+  if applied >= tonumber(ARGV[3]) then return {-1} end
+  if applied >= tonumber(ARGV[2]) then return {applied} end
   if ARGV[1] == 'e' then
     -- An in-process stream's offset lives as long as the aggregates it guards.
     redis.call('SET', KEYS[1], ARGV[3], 'EX', ARGV[4])
@@ -77,15 +135,54 @@ end
 local retention, day_ttl, keep = ARGV[4], ARGV[5], tonumber(ARGV[6])
 local nm, nd = tonumber(ARGV[7]), tonumber(ARGV[8])
 local a, k = 9, 2
+-- Adds the next `n` (user, blocked) pairs of ARGV to the sorted set and keeps its `keep`
+-- highest: the same set as a ZINCRBY per user and a trim, with fewer calls. Only a user the
+-- set holds, or one whose increment reaches the lowest score of a full set, can be among
+-- the highest after the increments (every held score only grows), so only those are
+-- written, in a few ZADDs of the summed scores; the trim decides the rest as before.
 local function bump(zkey, n, ttl)
-  for _ = 1, n do
-    redis.call('ZINCRBY', zkey, ARGV[a + 1], ARGV[a])
+  if n == 0 then return end
+  local users, held = {}, {}
+  for i = 1, n do users[i] = ARGV[a + 2 * (i - 1)] end
+  -- The held scores, 1,000 users a call (Lua's stack bounds an unpack).
+  for from = 1, n, 1000 do
+    local to = math.min(n, from + 999)
+    local got = redis.pcall('ZMSCORE', zkey, unpack(users, from, to))
+    for i = from, to do
+      if got.err then
+        -- Redis before 6.2: one ZSCORE a user.
+        held[i] = redis.call('ZSCORE', zkey, users[i])
+      else
+        held[i] = got[i - from + 1]
+      end
+    end
+  end
+  local least = -1
+  if redis.call('ZCARD', zkey) >= keep then
+    least = tonumber(redis.call('ZRANGE', zkey, 0, 0, 'WITHSCORES')[2])
+  end
+  local add, m = {}, 0
+  for i = 1, n do
+    local d = tonumber(ARGV[a + 1])
     a = a + 2
+    local s = held[i]
+    if s then
+      add[m + 1] = tonumber(s) + d
+    elseif d >= least then
+      add[m + 1] = d
+    end
+    if add[m + 1] then
+      add[m + 2] = users[i]
+      m = m + 2
+    end
+    if m >= 1000 then
+      redis.call('ZADD', zkey, unpack(add, 1, m))
+      add, m = {}, 0
+    end
   end
-  if n > 0 then
-    redis.call('ZREMRANGEBYRANK', zkey, 0, -(keep + 1))
-    redis.call('EXPIRE', zkey, ttl)
-  end
+  if m > 0 then redis.call('ZADD', zkey, unpack(add, 1, m)) end
+  redis.call('ZREMRANGEBYRANK', zkey, 0, -(keep + 1))
+  redis.call('EXPIRE', zkey, ttl)
 end
 for _ = 1, nm do
   local mkey, tkey = KEYS[k], KEYS[k + 1]
@@ -117,14 +214,23 @@ if nr > 0 then
   end
   redis.call('EXPIRE', rkey, retention)
 end
-return -2
+return {-2}
 "#;
 
 /// How many of each top-blocked set a read takes.
 const TOP_READ: usize = 100;
 
+/// A count within one batch as the users script reads it (`I4`); a batch is far smaller.
+fn count(n: u64) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+/// Users per call of the users script on a single Redis: enough that a call's own cost is
+/// spread thin, few enough that one call holds Redis for about a millisecond.
+const USERS_PER_CALL: usize = 256;
+
 /// The scripts of [`RedisCounters`], by position.
-const USER: usize = 0;
+const USERS: usize = 0;
 const GLOBAL: usize = 1;
 
 /// The read side of the counters in Redis: all the gateway needs, and no script.
@@ -235,7 +341,7 @@ impl RedisCounters {
     ) -> Result<Self, CounterError> {
         Ok(Self {
             read: RedisAnalytics::new(endpoint, key_prefix, timeout)?,
-            scripts: Scripts::new(&[USER_SCRIPT, GLOBAL_SCRIPT]),
+            scripts: Scripts::new(&[USERS_SCRIPT, GLOBAL_SCRIPT]),
             retention_secs: retention.as_secs().max(60),
             user_ttl_secs: user_ttl.as_secs().max(1),
             registered: Mutex::default(),
@@ -258,48 +364,75 @@ impl RedisCounters {
         partition.map_or_else(|| "local".to_owned(), |p| format!("p{p}"))
     }
 
-    /// Runs the user script for every tally in one pipeline; returns the script results.
-    async fn apply_users(
+    /// Adds to `pipe` the calls of the users script that apply `tallies` (several users a
+    /// call on a single Redis; one on a Cluster, where a script's keys share a slot);
+    /// returns how many users each call carries.
+    fn user_calls(
         &self,
+        pipe: &mut redis::Pipeline,
         field: &str,
         tallies: &[(&str, Tally)],
-    ) -> Result<Vec<i64>, CounterError> {
-        let mut pipe = redis::pipe();
-        for (user, t) in tallies {
-            let mut invocation = self
-                .scripts
-                .get(USER)
-                .key(keys::counter_key(&self.read.key_prefix, user));
-            invocation
-                .arg(field)
-                .arg(t.first_offset)
-                .arg(t.last_offset)
-                .arg(t.allowed)
-                .arg(t.blocked)
-                .arg(self.retention_secs)
-                .arg(self.user_ttl_secs);
-            for (minute, (a, b)) in &t.minutes {
-                invocation
-                    .key(keys::counter_minute_key(
-                        &self.read.key_prefix,
-                        user,
-                        *minute,
-                    ))
-                    .arg(*a)
-                    .arg(*b);
+    ) -> usize {
+        let per_call = if self.read.conn.is_cluster() {
+            1
+        } else {
+            USERS_PER_CALL
+        };
+        let every = self.ttl_refresh_secs();
+        let mut minute_key = String::new();
+        let mut packed = Vec::new();
+        for chunk in tallies.chunks(per_call) {
+            let keys: usize = chunk.iter().map(|(_, t)| 1 + t.minutes.len()).sum();
+            let mut cmd = redis::cmd("EVALSHA");
+            cmd.arg(self.scripts.hash(USERS)).arg(keys);
+            for (user, t) in chunk {
+                let key = keys::counter_key(&self.read.key_prefix, user);
+                cmd.arg(&key);
+                for minute in t.minutes.keys() {
+                    // `keys::counter_minute_key`, without escaping the id again.
+                    minute_key.clear();
+                    let _ = write!(minute_key, "{key}:m{minute}");
+                    cmd.arg(minute_key.as_str());
+                }
             }
-            pipe.invoke_script(&invocation);
+            packed.clear();
+            for (_, t) in chunk {
+                packed.extend_from_slice(&t.first_offset.to_le_bytes());
+                packed.extend_from_slice(&t.last_offset.to_le_bytes());
+                packed.extend_from_slice(&count(t.allowed).to_le_bytes());
+                packed.extend_from_slice(&count(t.blocked).to_le_bytes());
+                packed.extend_from_slice(&count(t.minutes.len() as u64).to_le_bytes());
+                for (a, b) in t.minutes.values() {
+                    packed.extend_from_slice(&count(*a).to_le_bytes());
+                    packed.extend_from_slice(&count(*b).to_le_bytes());
+                }
+            }
+            cmd.arg(field)
+                .arg(self.user_ttl_secs + every)
+                .arg(every)
+                .arg(self.retention_secs)
+                .arg(chunk.len())
+                .arg(packed.as_slice());
+            pipe.add_command(cmd);
         }
-        self.query_scripts(&pipe).await
+        per_call
     }
 
-    /// Runs the global script for one partition's tally (or the in-process stream's).
-    async fn apply_global(
+    /// How often a user's all-time expiry is pushed back: every write for a TTL under 100
+    /// seconds, else at most every 1 % of it, at most every minute.
+    fn ttl_refresh_secs(&self) -> u64 {
+        (self.user_ttl_secs / 100).min(60)
+    }
+
+    /// Adds to `pipe` the call of the global script for one partition's tally (or the
+    /// in-process stream's).
+    fn global_call(
         &self,
+        pipe: &mut redis::Pipeline,
         tag: &str,
         batch: &PartitionBatch,
         g: &GlobalTally<'_>,
-    ) -> Result<i64, CounterError> {
+    ) {
         // Where the last applied offset is kept, and how it is checked: a partition's for
         // ever (`1`), an in-process epoch's for the retention (`e`), or not at all.
         let (offset_key, check) = match (batch.partition, &batch.epoch) {
@@ -355,10 +488,7 @@ impl RedisCounters {
                 invocation.arg(field).arg(*n);
             }
         }
-        let mut pipe = redis::pipe();
         pipe.invoke_script(&invocation);
-        let (result,): (i64,) = self.query_scripts(&pipe).await?;
-        Ok(result)
     }
 
     async fn register(&self, tag: &str) -> Result<(), CounterError> {
@@ -393,46 +523,60 @@ impl CounterStore for RedisCounters {
             (None, Some(epoch)) => format!("o:{epoch}"),
             (None, None) => String::new(),
         };
-        let mut pending: Vec<(&str, Tally)> = tally(&batch.events, |_| None);
-        // Each round settles every user but those whose counters already held part of the
-        // batch; those are re-tallied past what they hold. One round is the rule.
-        let mut rounds = 0;
-        while !pending.is_empty() {
-            rounds += 1;
-            if rounds > 8 {
-                return Err(CounterError::Protocol(
-                    "user offsets kept moving under a batch".into(),
-                ));
-            }
-            let results = self.apply_users(&field, &pending).await?;
-            let floors: HashMap<&str, i64> = pending
-                .iter()
-                .zip(&results)
-                .filter(|(_, r)| **r >= 0)
-                .map(|((user, _), r)| (*user, *r))
-                .collect();
-            let events = batch
-                .events
-                .iter()
-                .filter(|(_, e)| floors.contains_key(e.user_id.as_str()));
-            pending = tally(events, |user| floors.get(user).copied());
-        }
-
         let tag = Self::tag(batch.partition);
-        self.register(&tag).await?;
-        let mut floor = None;
+        let mut users: Vec<(&str, Tally)> = tally(&batch.events, |_| None);
+        let mut global = Some(global_tally(&batch.events, None)).filter(|g| !g.minutes.is_empty());
+        if global.is_some() {
+            self.register(&tag).await?;
+        }
+        // Each round applies the users and the partition's aggregates in one pipeline, and
+        // settles all but those whose offsets already held part of the batch; those are
+        // re-tallied past what they hold. One round is the rule.
         for _ in 0..8 {
-            let g = global_tally(&batch.events, floor);
-            if g.minutes.is_empty() {
+            if users.is_empty() && global.is_none() {
                 return Ok(());
             }
-            match self.apply_global(&tag, batch, &g).await? {
-                applied if applied >= 0 => floor = Some(applied),
-                _ => return Ok(()),
+            let mut pipe = redis::pipe();
+            let per_call = self.user_calls(&mut pipe, &field, &users);
+            if let Some(g) = &global {
+                self.global_call(&mut pipe, &tag, batch, g);
             }
+            let answers: Vec<Vec<i64>> = self.query_scripts(&pipe).await?;
+            let calls = users.len().div_ceil(per_call);
+            let floors: HashMap<&str, i64> = answers[..calls]
+                .iter()
+                .enumerate()
+                .flat_map(|(call, partial)| {
+                    partial
+                        .chunks_exact(2)
+                        .map(move |p| (call * per_call + p[0] as usize, p[1]))
+                })
+                .filter_map(|(i, applied)| Some((users.get(i)?.0, applied)))
+                .collect();
+            users = if floors.is_empty() {
+                Vec::new()
+            } else {
+                let events = batch
+                    .events
+                    .iter()
+                    .filter(|(_, e)| floors.contains_key(e.user_id.as_str()));
+                tally(events, |user| floors.get(user).copied())
+            };
+            global = match answers.get(calls).and_then(|a| a.first()) {
+                Some(&applied) if global.is_some() && applied >= 0 => {
+                    Some(global_tally(&batch.events, Some(applied)))
+                        .filter(|g| !g.minutes.is_empty())
+                }
+                _ => None,
+            };
         }
         Err(CounterError::Protocol(
-            "partition offset kept moving under a batch".into(),
+            if users.is_empty() {
+                "partition offset kept moving under a batch"
+            } else {
+                "user offsets kept moving under a batch"
+            }
+            .into(),
         ))
     }
 }

@@ -170,29 +170,49 @@ async fn process(
             }
         }
     }
-    for batch in batches.values() {
-        let mut backoff = Duration::from_millis(50);
-        loop {
-            match store.apply(batch).await {
-                Ok(()) => break,
-                Err(err) => {
-                    stats.store_errors.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(error = %err, retry_in_ms = backoff.as_millis() as u64, "cannot apply counters; retrying");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return false,
-                        _ = tokio::time::sleep(backoff) => {}
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
-                }
-            }
-        }
-        stats
-            .events
-            .fetch_add(batch.events.len() as u64, Ordering::Relaxed);
-        stats.batches.fetch_add(1, Ordering::Relaxed);
+    // The partitions' batches are independent (each checks its own offsets): they go to
+    // the store at once, so one's round trip does not wait for another's.
+    let applied = futures::future::join_all(
+        batches
+            .values()
+            .map(|batch| apply_until_done(store, stats, batch, shutdown)),
+    )
+    .await;
+    if applied.contains(&false) {
+        return false;
     }
     let done: Vec<(i32, i64)> = done.into_iter().collect();
     source.commit(&done).await;
+    true
+}
+
+/// Applies `batch`, retrying the store with a growing pause until it answers; false if it
+/// gave up because of `shutdown`.
+async fn apply_until_done(
+    store: &dyn CounterStore,
+    stats: &WorkerStats,
+    batch: &PartitionBatch,
+    shutdown: &CancellationToken,
+) -> bool {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        match store.apply(batch).await {
+            Ok(()) => break,
+            Err(err) => {
+                stats.store_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(partition = batch.partition, error = %err, retry_in_ms = backoff.as_millis() as u64, "cannot apply counters; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return false,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+    stats
+        .events
+        .fetch_add(batch.events.len() as u64, Ordering::Relaxed);
+    stats.batches.fetch_add(1, Ordering::Relaxed);
     true
 }
 

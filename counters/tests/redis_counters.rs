@@ -203,3 +203,200 @@ async fn an_in_process_batch_applied_twice_counts_once() {
     let minute = store.global_series(0..=0).await.unwrap();
     assert_eq!((minute[0].allowed, minute[0].blocked), (4, 2));
 }
+
+async fn connect(redis: &RedisServer) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+/// The top-blocked sets are written by merging (the held scores read with ZMSCORE, the sums
+/// and the new users that can still make the top written with ZADD): they must come out
+/// exactly as with a ZINCRBY per user and a trim, also past `TOP_KEEP` users, with ties at
+/// the bottom and more than 1,000 users in one batch.
+#[tokio::test]
+async fn top_sets_are_the_same_as_with_a_zincrby_per_user() {
+    use ratelimit_domain::analytics::TOP_KEEP;
+    let redis = RedisServer::start();
+    let prefix = unique("top");
+    let store = RedisCounters::new(
+        &Endpoint::single(redis.url()),
+        &prefix,
+        Duration::from_secs(10),
+        Duration::from_secs(86_400),
+        Duration::from_secs(86_400),
+    )
+    .unwrap();
+    let mut conn = connect(&redis).await;
+    let minute = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+        / ratelimit_domain::analytics::MINUTE_MS;
+    let mut offset = 0i64;
+    let mut seed = 7u64;
+    for round in 0..6 {
+        // 1,600 blocked decisions over 3,000 users, skewed towards the low ids, and a few
+        // users blocked many times.
+        let mut users: Vec<String> = Vec::new();
+        for _ in 0..1_600 {
+            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            let r = (seed >> 33) % 3_000;
+            users.push(format!("u{}", r * r / 3_000 + round));
+        }
+        for heavy in 0..20 {
+            for _ in 0..heavy {
+                users.push(format!("heavy{heavy}"));
+            }
+        }
+        let events: Vec<(i64, &str, bool, u64)> = users
+            .iter()
+            .map(|u| {
+                offset += 1;
+                (offset, u.as_str(), false, minute)
+            })
+            .collect();
+        store
+            .apply(&contract::timed_batch(Some(0), &events))
+            .await
+            .unwrap();
+        // The reference: what the earlier script did, a ZINCRBY per user, then the trim.
+        let mut counts: std::collections::HashMap<&str, u64> = Default::default();
+        for u in &users {
+            *counts.entry(u.as_str()).or_default() += 1;
+        }
+        let mut pipe = redis::pipe();
+        for (u, n) in &counts {
+            pipe.cmd("ZINCRBY")
+                .arg("reference")
+                .arg(*n)
+                .arg(*u)
+                .ignore();
+        }
+        pipe.cmd("ZREMRANGEBYRANK")
+            .arg("reference")
+            .arg(0)
+            .arg(-(TOP_KEEP as i64 + 1))
+            .ignore();
+        let _: () = pipe.query_async(&mut conn).await.unwrap();
+        let read = |key: String| {
+            let mut conn = conn.clone();
+            async move {
+                let set: Vec<(String, f64)> = redis::cmd("ZRANGE")
+                    .arg(key)
+                    .arg(0)
+                    .arg(-1)
+                    .arg("WITHSCORES")
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+                set
+            }
+        };
+        let reference = read("reference".into()).await;
+        assert_eq!(reference.len(), TOP_KEEP, "the reference set is full");
+        assert_eq!(
+            read(format!("{prefix}g{{p0}}:t{minute}")).await,
+            reference,
+            "minute set after round {round}"
+        );
+        assert_eq!(
+            read(format!("{prefix}g{{p0}}:d{}", minute / 1_440)).await,
+            reference,
+            "day set after round {round}"
+        );
+    }
+}
+
+/// A replay of more users than one script call carries, each user's counters holding the
+/// first half of its events: every user (in whichever call) and the partition's aggregates
+/// count only the second half.
+#[tokio::test]
+async fn a_partly_applied_batch_of_many_users_counts_only_its_new_part() {
+    let redis = RedisServer::start();
+    let store = counters(&Endpoint::single(redis.url()), "partial");
+    const USERS: i64 = 700;
+    let ids: Vec<String> = (0..USERS).map(|u| format!("user-{u}")).collect();
+    let events: Vec<(i64, &str, bool)> = (0..2 * USERS)
+        .map(|i| (i, ids[(i % USERS) as usize].as_str(), i % 3 != 0))
+        .collect();
+    store
+        .apply(&contract::batch(Some(4), &events[..USERS as usize]))
+        .await
+        .unwrap();
+    // The worker crashed before committing: the partition is read again from the start.
+    store
+        .apply(&contract::batch(Some(4), &events))
+        .await
+        .unwrap();
+    for id in &ids {
+        assert_eq!(store.get(id).await.unwrap().total, 2, "{id}");
+    }
+    let minute = store.global_series(0..=0).await.unwrap();
+    assert_eq!(minute[0].allowed + minute[0].blocked, 2 * USERS as u64);
+    let u0 = store.user_series("user-0", 0..=0).await.unwrap();
+    assert_eq!((u0[0].allowed, u0[0].blocked), (1, 1));
+}
+
+/// A minute key gets its expiry when it is made, not at every write: it has one after
+/// several writes, and again when it is made anew in the same minute (after it expired).
+/// The all-time counters' expiry is pushed back by the TTL plus at most a minute.
+#[tokio::test]
+async fn minute_keys_and_counters_always_have_an_expiry() {
+    let redis = RedisServer::start();
+    let prefix = unique("ttl");
+    let store = RedisCounters::new(
+        &Endpoint::single(redis.url()),
+        &prefix,
+        Duration::from_secs(2),
+        Duration::from_secs(3_600),
+        Duration::from_secs(7 * 86_400),
+    )
+    .unwrap();
+    let mut conn = connect(&redis).await;
+    let minute_key = ratelimit_domain::keys::counter_minute_key(&prefix, "u", 0);
+    let counters_key = ratelimit_domain::keys::counter_key(&prefix, "u");
+    let ttl_conn = conn.clone();
+    let ttl = |key: String| {
+        let mut conn = ttl_conn.clone();
+        async move {
+            let ttl: i64 = redis::cmd("TTL")
+                .arg(key)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            ttl
+        }
+    };
+    for offset in 0..3 {
+        store
+            .apply(&contract::batch(Some(0), &[(offset, "u", offset != 1)]))
+            .await
+            .unwrap();
+        let t = ttl(minute_key.clone()).await;
+        assert!((3_500..=3_600).contains(&t), "minute key TTL {t}");
+        let t = ttl(counters_key.clone()).await;
+        assert!(
+            (7 * 86_400 - 100..=7 * 86_400 + 60).contains(&t),
+            "counters TTL {t}"
+        );
+    }
+    let _: () = redis::cmd("DEL")
+        .arg(&minute_key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    store
+        .apply(&contract::batch(Some(0), &[(3, "u", false)]))
+        .await
+        .unwrap();
+    let t = ttl(minute_key.clone()).await;
+    assert!(
+        (3_500..=3_600).contains(&t),
+        "minute key made again: TTL {t}"
+    );
+    let c = store.get("u").await.unwrap();
+    assert_eq!((c.allowed, c.blocked), (2, 2));
+}
