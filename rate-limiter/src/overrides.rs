@@ -212,6 +212,10 @@ impl Overrides {
     }
 
     fn install(&self, docs: BTreeMap<String, OverrideDoc>) {
+        if self.current().docs == docs {
+            // Read again, unchanged (the first poll, or a change undone): nothing to forget.
+            return;
+        }
         let set = Arc::new(OverrideSet::build(docs));
         let any = !set.is_empty();
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = set;
