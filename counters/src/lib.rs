@@ -55,6 +55,20 @@ pub fn counter_store(
     )
 }
 
+/// Most events the in-memory counters take in one batch, whatever `ANALYTICS_BATCH_MAX`
+/// says: they count on the runtime's own threads, beside the requests, so a batch stays
+/// short (a millisecond or so) rather than hold a thread while 50,000 events are added up.
+pub const MEMORY_BATCH_MAX: usize = 5_000;
+
+/// The batch size for counting into `redis`'s store: `worker.batch_max`, at most
+/// [`MEMORY_BATCH_MAX`] for the in-memory counters.
+pub fn batch_max(redis: &RedisArgs, worker: &WorkerArgs) -> usize {
+    match redis.analytics_endpoint() {
+        Ok(Some(_)) => worker.batch_max as usize,
+        _ => (worker.batch_max as usize).min(MEMORY_BATCH_MAX),
+    }
+}
+
 /// The read side of the counters in Redis at `REDIS_URL`, for a standalone gateway.
 pub fn redis_reader(redis: &RedisArgs) -> anyhow::Result<Option<Arc<dyn AnalyticsReader>>> {
     Ok(
