@@ -134,6 +134,8 @@ pub struct HttpLimiterClient {
     queue: mpsc::Sender<Queued>,
     /// Refusals answered here while they hold (none when `refusal_cache` is 0).
     refusals: Option<Arc<GatewayRefusals>>,
+    /// `gateway_refusal_cache_hits_total`, looked up once (not per hit).
+    cache_hits: metrics::Counter,
     /// The pooled client the batches use, for the rare `/admin` request.
     admin_client: HttpClient,
     timeout: Duration,
@@ -284,6 +286,7 @@ impl HttpLimiterClient {
         Ok(Self {
             queue,
             refusals,
+            cache_hits: metrics::counter!("gateway_refusal_cache_hits_total"),
             admin_client,
             timeout,
             targets,
@@ -626,7 +629,7 @@ impl LimiterClient for HttpLimiterClient {
             if self.queue.try_send(Queued::Refused(refused)).is_err() {
                 metrics::counter!("gateway_refusals_uncounted_total").increment(1);
             }
-            metrics::counter!("gateway_refusal_cache_hits_total").increment(1);
+            self.cache_hits.increment(1);
             return Ok(hit.response);
         }
         let (reply, answer) = oneshot::channel();

@@ -84,21 +84,30 @@ impl Rng {
 fn limiter(clock: Arc<ManualClock>, cache: usize) -> Limiter {
     let policy = Policy::new(4, 2.0).unwrap();
     let store = Arc::new(MemoryStore::new(policy, clock.clone()));
-    let fallback = Arc::new(MemoryStore::new(policy, clock.clone()));
     let rules = Arc::new(Rules::builtin(policy));
     rules.replace(rule_set(RULES_A));
+    built(store, policy, FailMode::Closed, clock)
+        .with_rules(rules)
+        .with_overrides(Arc::new(Overrides::in_memory()))
+        .with_refusal_cache(cache)
+}
+
+/// A limiter on `store`, with a memory fallback and events to nowhere.
+fn built(
+    store: Arc<dyn BucketStore>,
+    policy: Policy,
+    mode: FailMode,
+    clock: Arc<dyn Clock>,
+) -> Limiter {
     Limiter::new(
         store,
-        fallback,
-        FailMode::Closed,
+        Arc::new(MemoryStore::new(policy, clock.clone())),
+        mode,
         Breaker::new(3, Duration::from_millis(200), clock.clone()),
         Arc::new(NullPublisher),
         clock,
         "test".into(),
     )
-    .with_rules(rules)
-    .with_overrides(Arc::new(Overrides::in_memory()))
-    .with_refusal_cache(cache)
 }
 
 fn request(rng: &mut Rng) -> CheckRequest {
@@ -233,17 +242,9 @@ async fn refusals_cost_no_redis_call_and_a_reset_elsewhere_reaches_the_cache() {
             ));
             let shutdown = tokio_util::sync::CancellationToken::new();
             overrides.spawn_poller(shutdown.clone());
-            let limiter = Limiter::new(
-                store as Arc<dyn BucketStore>,
-                Arc::new(MemoryStore::new(policy, clock.clone())),
-                FailMode::Open,
-                Breaker::new(3, Duration::from_millis(200), clock.clone()),
-                Arc::new(NullPublisher),
-                clock,
-                "test".into(),
-            )
-            .with_overrides(overrides)
-            .with_refusal_cache(cache);
+            let limiter = built(store, policy, FailMode::Open, clock)
+                .with_overrides(overrides)
+                .with_refusal_cache(cache);
             (limiter, shutdown)
         }
     };
