@@ -121,7 +121,7 @@ impl System {
         )
         .await?;
         let counters = analytics_counters::counter_store(&config.redis, &config.worker)?;
-        let batch_max = analytics_counters::batch_max(&config.redis, &config.worker);
+        let batch_max = config.worker.batch_max as usize;
         let worker = match (events, config.kafka.brokers()) {
             (Some(events), _) => SpawnedWorker::in_process(events, counters.clone(), batch_max),
             #[cfg(feature = "kafka")]

@@ -55,20 +55,6 @@ pub fn counter_store(
     )
 }
 
-/// Most events the in-memory counters take in one batch, whatever `ANALYTICS_BATCH_MAX`
-/// says: they count on the runtime's own threads, beside the requests, so a batch stays
-/// short (a millisecond or so) rather than hold a thread while 50,000 events are added up.
-pub const MEMORY_BATCH_MAX: usize = 5_000;
-
-/// The batch size for counting into `redis`'s store: `worker.batch_max`, at most
-/// [`MEMORY_BATCH_MAX`] for the in-memory counters.
-pub fn batch_max(redis: &RedisArgs, worker: &WorkerArgs) -> usize {
-    match redis.analytics_endpoint() {
-        Ok(Some(_)) => worker.batch_max as usize,
-        _ => (worker.batch_max as usize).min(MEMORY_BATCH_MAX),
-    }
-}
-
 /// The read side of the counters in Redis at `REDIS_URL`, for a standalone gateway.
 pub fn redis_reader(redis: &RedisArgs) -> anyhow::Result<Option<Arc<dyn AnalyticsReader>>> {
     Ok(
@@ -106,6 +92,9 @@ impl SpawnedWorker {
         batch_max: usize,
         stats: Arc<WorkerStats>,
     ) -> Self {
+        let batch_max = store
+            .batch_cap()
+            .map_or(batch_max, |cap| batch_max.min(cap));
         let stop = tokio_util::sync::CancellationToken::new();
         let handle = tokio::spawn(worker::run(
             source,
@@ -172,5 +161,43 @@ impl SpawnedWorker {
     pub async fn stop(self) {
         self.stop.cancel();
         let _ = self.handle.await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ratelimit_domain::RateLimitEvent;
+    use ratelimit_domain::event::SCHEMA_VERSION;
+    use service_kit::stream::EventPublisher;
+    use std::sync::atomic::Ordering;
+
+    /// The in-memory counters take at most `MEMORY_BATCH_MAX` events a batch, whatever the
+    /// worker's own limit: 12,000 waiting events are counted in at least three batches.
+    #[tokio::test]
+    async fn the_memory_store_caps_the_batch() {
+        let (tx, rx) = service_kit::stream::channel(20_000);
+        for i in 0..12_000 {
+            tx.publish(RateLimitEvent {
+                schema_version: SCHEMA_VERSION,
+                user_id: format!("u{}", i % 100),
+                allowed: true,
+                cost: 1,
+                ts_ms: 0,
+                limiter_id: "t".into(),
+                degraded: false,
+                domain: None,
+                rules: Vec::new(),
+            });
+        }
+        let store = Arc::new(MemoryCounters::new(1_000, Duration::from_secs(3600)));
+        let worker = SpawnedWorker::in_process(rx, store, 50_000);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while worker.stats.events.load(Ordering::Relaxed) < 12_000 {
+            assert!(std::time::Instant::now() < deadline, "not all counted");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let batches = worker.stats.batches.load(Ordering::Relaxed);
+        assert!(batches >= 3, "12,000 events in {batches} batches");
     }
 }

@@ -215,7 +215,17 @@ impl CounterStore for MemoryCounters {
         self.apply_global(batch);
         Ok(())
     }
+
+    /// These counters add up on the runtime's own threads, beside the requests: a batch
+    /// stays short (a millisecond or so) rather than hold a thread for 50,000 events.
+    fn batch_cap(&self) -> Option<usize> {
+        Some(MEMORY_BATCH_MAX)
+    }
 }
+
+/// Most events the in-memory counters take in one batch, whatever `ANALYTICS_BATCH_MAX`
+/// says (see [`CounterStore::batch_cap`]).
+pub const MEMORY_BATCH_MAX: usize = 5_000;
 
 #[async_trait]
 impl AnalyticsReader for MemoryCounters {

@@ -117,4 +117,10 @@ pub trait AnalyticsReader: Send + Sync + 'static {
 pub trait CounterStore: AnalyticsReader {
     /// Counts `batch`, skipping for each user what that user's counters already include.
     async fn apply(&self, batch: &PartitionBatch) -> Result<(), CounterError>;
+
+    /// The most events this store should take in one batch, whatever the worker's own
+    /// limit (`ANALYTICS_BATCH_MAX`) allows; `None`: no limit of its own.
+    fn batch_cap(&self) -> Option<usize> {
+        None
+    }
 }

@@ -368,7 +368,9 @@ impl Exchanger {
             // Only refusals to count: they have no caller waiting, so a short deadline.
             latest = now + self.min_budget * 4;
         }
-        metrics::histogram!("gateway_limiter_batch_size").record(batch.checks.len() as f64);
+        if !batch.checks.is_empty() {
+            metrics::histogram!("gateway_limiter_batch_size").record(batch.checks.len() as f64);
+        }
         match self.decide(&batch, latest).await {
             Ok((results, replica, generation)) => {
                 if let (Some(refusals), Some(generation)) = (&self.refusals, generation) {

@@ -1,6 +1,7 @@
 //! The limiter: one decision per request, from the shared store or (fail-open) a local
 //! fallback bucket, and one event per decision to the analytics stream.
 
+use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Once};
 use std::time::Instant;
@@ -16,8 +17,6 @@ use ratelimit_domain::store::{LimitTake, RequestTake};
 use ratelimit_domain::{Clock, Decision, Policy, Quota, RateLimitEvent};
 use service_kit::config::FailMode;
 use service_kit::stream::EventPublisher;
-
-use std::convert::Infallible;
 use tower::ServiceExt;
 use tower::util::BoxCloneSyncService;
 
@@ -620,15 +619,7 @@ impl Limiter {
             .iter()
             .map(|&i| std::mem::take(&mut plans[i].as_mut().expect("planned").take))
             .collect();
-        let reply = if takes.is_empty() {
-            StoreReply {
-                takes,
-                verdicts: Vec::new(),
-                errors: 0,
-            }
-        } else {
-            self.call_store(takes).await
-        };
+        let reply = self.call_store(takes).await;
         let mut refunded = false;
         for ((&i, take), verdict) in asked.iter().zip(reply.takes).zip(reply.verdicts) {
             if let (Some(refusals), Verdict::Stored(outcome)) = (&self.refusals, &verdict) {
@@ -699,6 +690,14 @@ impl Limiter {
     /// One call down the store stack (fallback, breaker, store) for `takes`, which come
     /// back with the reply.
     async fn call_store(&self, takes: Vec<RequestTake>) -> StoreReply {
+        if takes.is_empty() {
+            // All answered already (no limit applied, or refusals that still hold).
+            return StoreReply {
+                takes,
+                verdicts: Vec::new(),
+                errors: 0,
+            };
+        }
         let reply = match self.store_calls.clone().oneshot(StoreCall { takes }).await {
             Ok(reply) => reply,
             Err(never) => match never {},
@@ -726,8 +725,8 @@ impl Limiter {
         self.fallback.set_parts(parts);
     }
 
-    /// Completes a decision: falls back (fail-open) or refuses (fail-closed) when the store
-    /// gave none, counts it and publishes it.
+    /// Completes a decision from its verdict (an error when nobody decided: fail-closed with
+    /// the store away), counts it and publishes it.
     fn settle(
         &self,
         request: &CheckRequest,
