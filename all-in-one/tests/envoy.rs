@@ -440,6 +440,72 @@ async fn hits_addend_costs_what_envoy_says() {
     rls.stop().await;
 }
 
+/// Ways around a limit that a client once had through Envoy (whose default
+/// `failure_mode_deny: false` lets a call through when our service answers an error): a
+/// cost above what the service honours (`x-cost: 1000001` passed every time and spent
+/// nothing), header values the identity rule refuses (a format character, over 256 bytes,
+/// bytes that are not UTF-8). Each is now Envoy's 429, with the reason as its body, and
+/// the limit still holds for the key.
+#[tokio::test]
+async fn a_client_cannot_get_around_the_limit_with_odd_headers() {
+    let rules = RulesFile::new(COSTLY);
+    let rls = Rls::start(&["--rules-path", &rules.arg()]).await;
+    let envoy = Envoy::start(
+        rls.grpc,
+        upstream().await,
+        &[(&[API_KEY], Some("%REQ(x-cost)%"))],
+        false,
+    );
+    let send = |key: reqwest::header::HeaderValue, cost: &'static str| {
+        let envoy = &envoy;
+        async move {
+            common::http()
+                .get(envoy.url())
+                .header("x-api-key", key)
+                .header("x-cost", cost)
+                .send()
+                .await
+                .unwrap_or_else(|e| panic!("GET through envoy: {e}\n{}", envoy.log()))
+        }
+    };
+    let k1 = || reqwest::header::HeaderValue::from_static("k1");
+    assert_eq!(send(k1(), "5").await.status(), 200);
+    assert_eq!(send(k1(), "5").await.status(), 200);
+    assert_eq!(send(k1(), "5").await.status(), 429);
+    for cost in ["11", "1000001", "1000000000"] {
+        let refused = send(k1(), cost).await;
+        assert_eq!(refused.status(), 429, "x-cost: {cost}");
+        let fresh = reqwest::header::HeaderValue::from_static("fresh");
+        assert_eq!(
+            send(fresh, cost).await.status(),
+            429,
+            "fresh key, x-cost: {cost}"
+        );
+    }
+    let odd = [
+        reqwest::header::HeaderValue::from_str("k1\u{200b}").unwrap(),
+        reqwest::header::HeaderValue::from_str(&"k".repeat(300)).unwrap(),
+        reqwest::header::HeaderValue::from_bytes(b"k1\xff").unwrap(),
+    ];
+    for key in odd {
+        let shown = format!("{key:?}");
+        let refused = send(key, "1").await;
+        assert_eq!(refused.status(), 429, "x-api-key: {shown}\n{}", envoy.log());
+        let body = refused.text().await.unwrap();
+        assert!(body.contains("invalid_request"), "{shown}: {body}");
+    }
+    // Envoy's own limit, which no service sees: a hits_addend that is not a number of at
+    // most 10^9 drops the rate limit, and the request passes without a call (README:
+    // validate such a header before the filter).
+    for cost in ["1000000001", "abc", "-1"] {
+        assert_eq!(send(k1(), cost).await.status(), 200, "x-cost: {cost}");
+    }
+    // Nothing above was spent on a fresh key: its 10 are all there.
+    let fresh = reqwest::header::HeaderValue::from_static("fresh");
+    assert_eq!(send(fresh, "10").await.status(), 200);
+    rls.stop().await;
+}
+
 const SHADOW: &str = r#"
 domain: api
 descriptors:

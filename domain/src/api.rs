@@ -292,6 +292,9 @@ pub struct BatchRequest {
     /// decides nothing. No answer comes back for them.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub refused: Vec<RefusedCheck>,
+    /// Notices in `refused` that were not valid, dropped when decoding (each alone).
+    #[serde(skip)]
+    pub dropped: usize,
 }
 
 /// A check the gateway refused itself, and the names of the limits that refused it.
@@ -299,6 +302,34 @@ pub struct BatchRequest {
 pub struct RefusedCheck {
     pub check: CheckRequest,
     pub limits: Vec<String>,
+}
+
+impl RefusedCheck {
+    /// A notice of `check` refused by the limits `names` (sorted, each once), if it is one
+    /// the limiter takes: a positive cost, 1 to [`MAX_LIMITS_PER_REQUEST`] names of 1 to
+    /// [`MAX_LIMIT_NAME_BYTES`] bytes. The gateway builds its notices here, and the
+    /// limiter accepts exactly these, so the two agree by construction.
+    pub fn new(check: CheckRequest, names: impl IntoIterator<Item = String>) -> Option<Self> {
+        let mut limits: Vec<String> = names.into_iter().collect();
+        limits.sort_unstable();
+        limits.dedup();
+        let valid = check.cost > 0
+            && !limits.is_empty()
+            && limits.len() <= MAX_LIMITS_PER_REQUEST
+            && limits
+                .iter()
+                .all(|n| !n.is_empty() && n.len() <= MAX_LIMIT_NAME_BYTES);
+        valid.then_some(Self { check, limits })
+    }
+
+    fn from_wire(wire: RefusedCheckWire) -> Option<Self> {
+        let check = wire.check?.validate("").ok()?;
+        let limits = wire.limits.unwrap_or_default();
+        if limits.len() > MAX_LIMITS_PER_REQUEST {
+            return None;
+        }
+        Self::new(check, limits)
+    }
 }
 
 #[derive(Deserialize)]
@@ -345,37 +376,32 @@ impl BatchRequest {
             .enumerate()
             .map(|(i, wire)| wire.validate(&format!("checks[{i}].")))
             .collect::<Result<_, _>>()?;
+        // A notice is one user's: a bad one is dropped alone (and counted), never the
+        // batch, so that nothing one user sends changes another's answer.
+        let mut dropped = 0;
         let refused = refused
             .into_iter()
-            .enumerate()
-            .map(|(i, wire)| {
-                let prefix = format!("refused[{i}].");
-                let check = wire
-                    .check
-                    .ok_or_else(|| FieldError::new(format!("{prefix}check"), "is required"))?
-                    .validate(&format!("{prefix}check."))?;
-                let limits = wire.limits.unwrap_or_default();
-                if check.cost <= 0
-                    || limits.is_empty()
-                    || limits.len() > MAX_LIMITS_PER_REQUEST
-                    || limits.iter().any(|n| n.is_empty() || n.len() > MAX_KEY_BYTES)
-                {
-                    return Err(FieldError::new(
-                        format!("{prefix}limits"),
-                        format!(
-                            "must name 1 to {MAX_LIMITS_PER_REQUEST} limits (of 1 to {MAX_KEY_BYTES} bytes) of a positive-cost check"
-                        ),
-                    ));
-                }
-                Ok(RefusedCheck { check, limits })
+            .filter_map(|wire| {
+                let notice = RefusedCheck::from_wire(wire);
+                dropped += usize::from(notice.is_none());
+                notice
             })
-            .collect::<Result<_, _>>()?;
-        Ok(Self { checks, refused })
+            .collect();
+        Ok(Self {
+            checks,
+            refused,
+            dropped,
+        })
     }
 }
 
-/// Most limit names a refused check may carry.
-pub const MAX_LIMITS_PER_REQUEST: usize = 64;
+/// Most limits one request can meet: every descriptor with the most limits a rule holds
+/// (the same limit counts again when a descriptor is repeated).
+pub const MAX_LIMITS_PER_REQUEST: usize = MAX_DESCRIPTORS * crate::rules::MAX_LIMITS_PER_DESCRIPTOR;
+/// The longest limit name, written in a rules file or an override, or made from a rule's
+/// place in the tree (shortened with a hash past it): the bound the gateway's refusal
+/// notices are held to, by construction.
+pub const MAX_LIMIT_NAME_BYTES: usize = crate::rules::MAX_KEY_BYTES;
 
 /// The limiter's answer to `POST /check/batch`: one result per check, in the same order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -571,24 +597,55 @@ mod tests {
         );
         let json = serde_json::to_string(&b).unwrap();
         assert_eq!(BatchRequest::from_json(json.as_bytes()).unwrap(), b);
+        // A bad notice is dropped alone: the batch's checks are still decided.
+        for bad in [
+            r#"{"check":{"user_id":"a"},"limits":[]}"#,
+            r#"{"check":{"user_id":"a","cost":-1},"limits":["x"]}"#,
+            r#"{"check":{"user_id":""},"limits":["x"]}"#,
+            r#"{"limits":["x"]}"#,
+            r#"{"check":{"user_id":"a"},"limits":[""]}"#,
+        ] {
+            let body = format!(r#"{{"checks":[{{"user_id":"b"}}],"refused":[{bad}]}}"#);
+            let b = BatchRequest::from_json(body.as_bytes()).unwrap();
+            assert_eq!(
+                (b.checks.len(), b.refused.len(), b.dropped),
+                (1, 0, 1),
+                "{bad}"
+            );
+        }
         let field = |body: &[u8]| BatchRequest::from_json(body).unwrap_err().field;
-        assert_eq!(
-            field(br#"{"refused":[{"check":{"user_id":"a"},"limits":[]}]}"#),
-            "refused[0].limits"
-        );
-        assert_eq!(
-            field(br#"{"refused":[{"check":{"user_id":"a","cost":-1},"limits":["x"]}]}"#),
-            "refused[0].limits"
-        );
-        assert_eq!(
-            field(br#"{"refused":[{"check":{"user_id":""},"limits":["x"]}]}"#),
-            "refused[0].check.user_id"
-        );
-        assert_eq!(
-            field(br#"{"refused":[{"limits":["x"]}]}"#),
-            "refused[0].check"
-        );
         assert_eq!(field(br#"{"checks":[],"refused":[]}"#), "checks");
+    }
+
+    /// What a rule can name (a limit name of 256 bytes, 16 descriptors of 16 limits, the
+    /// same descriptor twice) is a notice the limiter takes; the names are sent once each.
+    #[test]
+    fn every_refusal_a_rule_can_make_is_a_notice_the_limiter_takes() {
+        let long = "n".repeat(MAX_LIMIT_NAME_BYTES);
+        let many: Vec<String> = (0..MAX_LIMITS_PER_REQUEST)
+            .map(|i| format!("l{i}"))
+            .collect();
+        for names in [
+            vec![long.clone()],
+            many.clone(),
+            vec!["burst".to_owned(), "burst".to_owned()],
+        ] {
+            let notice = RefusedCheck::new(CheckRequest::user("a", 1), names.clone())
+                .unwrap_or_else(|| panic!("{names:?}"));
+            let body = serde_json::to_string(&BatchRequest {
+                refused: vec![notice.clone()],
+                ..Default::default()
+            })
+            .unwrap();
+            let b = BatchRequest::from_json(body.as_bytes()).unwrap();
+            assert_eq!((b.refused, b.dropped), (vec![notice], 0));
+        }
+        let notice = RefusedCheck::new(
+            CheckRequest::user("a", 1),
+            ["b".into(), "a".into(), "b".into()],
+        );
+        assert_eq!(notice.unwrap().limits, ["a", "b"]);
+        assert!(RefusedCheck::new(CheckRequest::user("a", 1), [long + "n"]).is_none());
     }
 
     #[test]

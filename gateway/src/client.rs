@@ -624,11 +624,9 @@ impl LimiterClient for HttpLimiterClient {
         if let Some(hit) = self.refusals.as_ref().and_then(|r| r.lookup(request)) {
             // Counted by the limiter with a later batch; a full queue loses the count, not
             // the answer.
-            let refused = RefusedCheck {
-                check: request.clone(),
-                limits: hit.limits,
-            };
-            if self.queue.try_send(Queued::Refused(refused)).is_err() {
+            let counted = RefusedCheck::new(request.clone(), hit.limits)
+                .is_some_and(|notice| self.queue.try_send(Queued::Refused(notice)).is_ok());
+            if !counted {
                 metrics::counter!("gateway_refusals_uncounted_total").increment(1);
             }
             self.cache_hits.increment(1);

@@ -24,6 +24,7 @@
 //!   its `failure_mode_deny`); a client mistake is `INVALID_ARGUMENT` naming the field.
 
 pub mod json;
+mod refuse_errors;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -146,6 +147,12 @@ impl RateLimitService {
         groups: &[Group],
         count: usize,
     ) -> Result<(Vec<DescriptorStatus>, CheckResponse), CallError> {
+        if groups
+            .iter()
+            .any(|g| g.check.cost.unsigned_abs() > MAX_COST)
+        {
+            return Ok(self.refuse_unhonoured(groups, count));
+        }
         let checks: Vec<CheckRequest> = groups.iter().map(|g| g.check.clone()).collect();
         let results = if checks.len() == 1 {
             vec![self.limiter.check(&checks[0]).await]
@@ -171,18 +178,11 @@ impl RateLimitService {
                     self.refund(spent).await;
                     return Err(CallError::Unavailable);
                 }
+                // More than some limit can ever admit: over the limit (not an error, which
+                // Envoy's default failure_mode_deny=false would let through), counted and
+                // published as a refusal.
                 Err(LimiterError::CostAboveCapacity { .. }) => {
-                    // More than some limit can ever admit: over the limit (not an error,
-                    // which Envoy's default failure_mode_deny=false would let through).
-                    decision.allowed = false;
-                    for (status, &i) in self
-                        .over_capacity(&group.check)
-                        .into_iter()
-                        .zip(&group.indices)
-                    {
-                        statuses[i] = status;
-                    }
-                    continue;
+                    self.limiter.refuse_unhonoured(&group.check, false)
                 }
             };
             if !checked.decision.is_allowed() {
@@ -231,41 +231,44 @@ impl RateLimitService {
         }
     }
 
-    /// The statuses of a request whose cost is above the capacity of one of its enforced
-    /// limits: those descriptors are over the limit, the others pass (nothing was spent).
-    fn over_capacity(&self, check: &CheckRequest) -> Vec<DescriptorStatus> {
-        let rules = self.limiter.rules().current();
-        rules
-            .resolve(&check.domain, &check.descriptors)
-            .into_iter()
-            .map(|rule| {
-                let too_small = rule.as_ref().and_then(|rule| {
-                    rule.limits
-                        .iter()
-                        .filter(|l| !rule.shadow && (check.cost as u64) > l.spec.limit())
-                        .min_by_key(|l| l.spec.limit())
-                });
-                match too_small {
-                    Some(limit) => DescriptorStatus {
-                        code: Code::OverLimit as i32,
-                        current_limit: Some(rate_limit(
-                            &limit.name,
-                            limit.spec.limit(),
-                            crate::limiter::duration_ms_ceil(limit.spec.window()),
-                        )),
-                        limit_remaining: 0,
-                        duration_until_reset: Some(proto_duration(
-                            crate::limiter::duration_ms_ceil(limit.spec.window()),
-                        )),
-                        ..Default::default()
-                    },
-                    None => DescriptorStatus {
-                        code: Code::Ok as i32,
-                        ..Default::default()
-                    },
-                }
-            })
-            .collect()
+    /// A call with a cost above [`MAX_COST`]: refused whole before anything is spent (the
+    /// service does not honour such a cost, whatever the rules say), each such group counted
+    /// and published as a refusal; the other descriptors are `OK` with nothing decided.
+    fn refuse_unhonoured(
+        &self,
+        groups: &[Group],
+        count: usize,
+    ) -> (Vec<DescriptorStatus>, CheckResponse) {
+        let mut statuses = vec![
+            DescriptorStatus {
+                code: Code::Ok as i32,
+                ..Default::default()
+            };
+            count
+        ];
+        let mut decision = CheckResponse::default();
+        for group in groups
+            .iter()
+            .filter(|g| g.check.cost.unsigned_abs() > MAX_COST)
+        {
+            let checked = self.limiter.refuse_unhonoured(&group.check, true);
+            for (j, &i) in group.indices.iter().enumerate() {
+                let limits: Vec<&LimitStatus> = checked
+                    .limits
+                    .iter()
+                    .filter(|l| l.descriptor == j)
+                    .collect();
+                statuses[i] = descriptor_status(&limits);
+                statuses[i].code = Code::OverLimit as i32;
+            }
+            decision
+                .limits
+                .extend(checked.limits.into_iter().map(|mut l| {
+                    l.descriptor = group.indices[l.descriptor];
+                    l
+                }));
+        }
+        (statuses, decision)
     }
 }
 
@@ -275,8 +278,16 @@ impl RateLimitServiceGrpc for RateLimitService {
         &self,
         request: tonic::Request<RateLimitRequest>,
     ) -> Result<tonic::Response<RateLimitResponse>, tonic::Status> {
-        let answer = RateLimitService::should_rate_limit(self, request.get_ref()).await;
-        Ok(tonic::Response::new(answer?))
+        let request = request.get_ref();
+        match RateLimitService::should_rate_limit(self, request).await {
+            Ok(answer) => Ok(tonic::Response::new(answer)),
+            // A call this service will not decide is over the limit, never an error that
+            // Envoy's default `failure_mode_deny: false` would let through.
+            Err(CallError::Invalid(mistake)) => {
+                Ok(tonic::Response::new(refused_invalid(request, &mistake)))
+            }
+            Err(err @ CallError::Unavailable) => Err(err.into()),
+        }
     }
 }
 
@@ -291,22 +302,49 @@ fn key(field: String, raw: &str) -> Result<String, FieldError> {
     canonical_user_id(raw.to_owned()).map_err(|e| FieldError::new(field, e.detail))
 }
 
-/// The cost of descriptor `i`: its own `hits_addend`, else the request's; 0 means 1;
-/// negative when `is_negative_hits`.
-fn cost(request: &RateLimitRequest, i: usize, d: &RateLimitDescriptor) -> Result<i64, FieldError> {
-    let (field, addend) = match &d.hits_addend {
-        Some(own) => (format!("descriptors[{i}].hits_addend"), own.value),
-        None => ("hits_addend".to_owned(), u64::from(request.hits_addend)),
+/// The cost of a descriptor: its own `hits_addend`, else the request's; 0 means 1;
+/// negative when `is_negative_hits`. A cost above [`MAX_COST`] is kept as it is (saturated
+/// to `i64`): the call is then refused as over the limit ([`RateLimitService::decide`]).
+fn cost(request: &RateLimitRequest, d: &RateLimitDescriptor) -> i64 {
+    let addend = match &d.hits_addend {
+        Some(own) => own.value,
+        None => u64::from(request.hits_addend),
     };
-    let addend = addend.max(1);
-    if addend > MAX_COST {
-        return Err(FieldError::new(
-            field,
-            format!("must be at most {MAX_COST}"),
-        ));
+    let addend = i64::try_from(addend.max(1)).unwrap_or(i64::MAX);
+    if d.is_negative_hits { -addend } else { addend }
+}
+
+/// The answer to a call this service will not decide (a mistake in it, most often a value
+/// the client controls through a header): every descriptor `OVER_LIMIT`, and the reason as
+/// the body of the 429 Envoy sends (`raw_body`). Never spent on, never counted per user
+/// (a mistaken call has no valid identity); `ratelimit_grpc_invalid_calls_total` counts it.
+pub fn refused_invalid(request: &RateLimitRequest, mistake: &FieldError) -> RateLimitResponse {
+    metrics::counter!("ratelimit_grpc_invalid_calls_total").increment(1);
+    tracing::debug!(field = %mistake.field, detail = %mistake.detail, "envoy call refused as over the limit: invalid");
+    refused_all(
+        request.descriptors.len().max(1),
+        serde_json::json!({
+            "error": "invalid_request",
+            "field": mistake.field,
+            "detail": mistake.detail,
+        }),
+    )
+}
+
+/// Every one of `count` descriptors `OVER_LIMIT`, with `body` as the 429's body.
+fn refused_all(count: usize, body: serde_json::Value) -> RateLimitResponse {
+    RateLimitResponse {
+        overall_code: Code::OverLimit as i32,
+        statuses: vec![
+            DescriptorStatus {
+                code: Code::OverLimit as i32,
+                ..Default::default()
+            };
+            count
+        ],
+        raw_body: body.to_string().into_bytes(),
+        ..Default::default()
     }
-    let addend = addend as i64;
-    Ok(if d.is_negative_hits { -addend } else { addend })
 }
 
 /// Validates a call and splits it into groups of one cost (one group unless descriptors
@@ -350,7 +388,7 @@ fn groups(request: &RateLimitRequest) -> Result<Vec<Group>, FieldError> {
             })
             .collect::<Result<Vec<_>, FieldError>>()?;
         descriptors.push(Descriptor { entries });
-        costs.push(cost(request, i, d)?);
+        costs.push(cost(request, d));
     }
     let user_id = analytics_identity(&descriptors);
     let mut groups: Vec<Group> = Vec::new();
@@ -475,11 +513,11 @@ pub async fn serve(
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(health)
-        .add_service(
+        .add_service(refuse_errors::RefuseErrors::new(
             RateLimitServiceServer::new(service)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
-        )
+        ))
         .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
     tokio::select! {
         served = server => served,

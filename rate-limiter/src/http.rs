@@ -93,6 +93,14 @@ async fn check_batch(
     // Read before deciding: a change during the batch moves it, and the gateway then
     // distrusts what this answer says.
     let generation = limiter.generation();
+    if batch.dropped > 0 {
+        tracing::warn!(
+            dropped = batch.dropped,
+            "refusal notices that were not valid were dropped (the batch's checks are decided)"
+        );
+        metrics::counter!("ratelimit_refusal_notices_dropped_total")
+            .increment(batch.dropped as u64);
+    }
     limiter.count_refused(&batch.refused);
     let results = limiter
         .check_many(&batch.checks)

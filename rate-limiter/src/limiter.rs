@@ -4,7 +4,7 @@
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Once};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use metrics::Unit;
 use ratelimit_domain::api::{CheckRequest, CheckResponse, LimitStatus, RefusedCheck};
@@ -524,8 +524,77 @@ impl Limiter {
             .expect("one result per request")
     }
 
-    /// Resolves `request` against the rules in force: every limit that applies, keyed.
+    /// Resolves `request` against the rules in force: every limit that applies, keyed; an
+    /// error when its cost is above what some enforced limit can ever admit.
     fn plan(&self, request: &CheckRequest) -> Result<Plan, LimiterError> {
+        let plan = self.resolve(request);
+        if request.cost > 0 {
+            let cost = request.cost as u64;
+            if let Some(p) = plan
+                .limits
+                .iter()
+                .filter(|p| !p.applied.shadow && cost > p.applied.spec.limit())
+                .min_by_key(|p| p.applied.spec.limit())
+            {
+                return Err(LimiterError::CostAboveCapacity {
+                    cost,
+                    capacity: p.applied.spec.limit(),
+                });
+            }
+        }
+        Ok(plan)
+    }
+
+    /// Refuses `request` without asking the store, because its cost is one the service
+    /// will not honour: above what some enforced limit (rules and overrides alike) can
+    /// ever admit, or above [`ratelimit_domain::api::MAX_COST`] (`never` is then true). Counted and published as
+    /// any refusal; every limit whose capacity is below the cost is refused, with a wait of
+    /// its window; the others are reported as spent, with nothing taken. Callers that must
+    /// not let an error through (Envoy's default `failure_mode_deny: false`) answer this
+    /// refusal instead of an error.
+    pub fn refuse_unhonoured(&self, request: &CheckRequest, never: bool) -> Checked {
+        let plan = self.resolve(request);
+        let cost = request.cost.unsigned_abs();
+        let limits: Vec<LimitOutcome> = plan
+            .limits
+            .iter()
+            .map(|p| {
+                let limit = p.applied.spec.limit();
+                let window = p.applied.spec.window();
+                let refuses = !p.applied.shadow && (never || cost > limit);
+                LimitOutcome {
+                    admits: !refuses,
+                    quota: Quota {
+                        limit,
+                        remaining: 0,
+                        reset_after: window,
+                    },
+                    retry_after: if refuses { window } else { Duration::ZERO },
+                }
+            })
+            .collect();
+        let outcome = Outcome {
+            allowed: false,
+            limits,
+        };
+        let mut checked = Checked::new(&plan, &outcome, false, request.cost);
+        if checked.decision.is_allowed() {
+            // No enforced limit applies, yet the cost is one the service does not honour.
+            checked.decision = Decision::Limited {
+                quota: Quota {
+                    limit: 0,
+                    remaining: 0,
+                    reset_after: Duration::ZERO,
+                },
+                retry_after: Duration::ZERO,
+            };
+        }
+        self.count(request, &plan, &checked, Instant::now());
+        checked
+    }
+
+    /// Every limit that applies to `request` under the rules and overrides in force, keyed.
+    fn resolve(&self, request: &CheckRequest) -> Plan {
         let rules = self.rules.current();
         let mut matched = rules.resolve(&request.domain, &request.descriptors);
         if self.overrides.any() {
@@ -551,13 +620,6 @@ impl Limiter {
                     spec: limit.spec,
                     shadow: rule.shadow,
                 };
-                if !applied.shadow && request.cost > 0 && request.cost as u64 > applied.spec.limit()
-                {
-                    return Err(LimiterError::CostAboveCapacity {
-                        cost: request.cost as u64,
-                        capacity: applied.spec.limit(),
-                    });
-                }
                 plan.take.limits.push(LimitTake {
                     key: limit_key(
                         prefix,
@@ -575,7 +637,7 @@ impl Limiter {
                 });
             }
         }
-        Ok(plan)
+        plan
     }
 
     /// Decides `requests` in order, as [`Limiter::check`] would one after the other, in one
@@ -737,10 +799,16 @@ impl Limiter {
         let checked = self.decided(plan, verdict, request.cost).inspect_err(|_| {
             self.stats.refused.fetch_add(1, Ordering::Relaxed);
         })?;
+        self.count(request, plan, &checked, started);
+        Ok(checked)
+    }
+
+    /// Counts a decision and publishes its event (nothing for a refund, which is not a
+    /// decision).
+    fn count(&self, request: &CheckRequest, plan: &Plan, checked: &Checked, started: Instant) {
         self.latency.record(started.elapsed().as_secs_f64());
         if request.cost < 0 {
-            // A refund is not a decision: nothing to count or publish.
-            return Ok(checked);
+            return;
         }
         let outcome = if checked.decision.is_allowed() {
             &self.stats.allowed
@@ -763,9 +831,8 @@ impl Limiter {
             limiter_id: self.instance_id.clone(),
             degraded: checked.degraded,
             domain: (request.domain != DEFAULT_DOMAIN).then(|| request.domain.clone()),
-            rules: rule_hits(request, plan, &checked),
+            rules: rule_hits(request, plan, checked),
         });
-        Ok(checked)
     }
 }
 

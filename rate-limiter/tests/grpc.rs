@@ -230,16 +230,14 @@ async fn per_descriptor_hits_addend_is_all_or_nothing() {
     s.stop().await;
 }
 
-/// Mistakes and oversized calls: INVALID_ARGUMENT naming the field (or the size limit),
-/// and the service still answers afterwards.
+/// Mistakes and oversized calls: never an error (Envoy's default `failure_mode_deny: false`
+/// lets an errored call through, so an error a client can cause is a way around every
+/// limit), but `OVER_LIMIT` with the reason as the 429's body; the service still answers
+/// afterwards.
 #[tokio::test]
-async fn mistakes_are_invalid_argument_and_bounded() {
+async fn mistakes_are_over_the_limit_never_errors() {
     let s = Service::start(&[]).await;
     let mut c = s.client().await;
-    let refused = |r: Result<tonic::Response<RateLimitResponse>, tonic::Status>| {
-        let status = r.expect_err("refused");
-        (status.code(), status.message().to_owned())
-    };
     let mut no_domain = request(vec![descriptor(&[("api_key", "k")])], 0);
     no_domain.domain.clear();
     let cases: Vec<(RateLimitRequest, &str)> = vec![
@@ -268,13 +266,6 @@ async fn mistakes_are_invalid_argument_and_bounded() {
         ),
         (
             request(
-                vec![with_addend(descriptor(&[("api_key", "k")]), 2_000_000)],
-                0,
-            ),
-            "descriptors[0].hits_addend",
-        ),
-        (
-            request(
                 vec![RateLimitDescriptor {
                     limit: Some(rate_limit_descriptor::RateLimitOverride {
                         requests_per_unit: 1,
@@ -288,17 +279,184 @@ async fn mistakes_are_invalid_argument_and_bounded() {
         ),
     ];
     for (r, field) in cases {
-        let (code, message) = refused(c.should_rate_limit(r).await);
-        assert_eq!(code, tonic::Code::InvalidArgument, "{field}: {message}");
-        assert!(message.starts_with(field), "{field}: {message}");
+        let answer = c
+            .should_rate_limit(r)
+            .await
+            .unwrap_or_else(|e| panic!("{field}: an error Envoy would let through: {e:?}"))
+            .into_inner();
+        assert_eq!(answer.overall_code, Code::OverLimit as i32, "{field}");
+        assert!(
+            codes(&answer).iter().all(|c| *c == Code::OverLimit),
+            "{field}"
+        );
+        let body: Value = serde_json::from_slice(&answer.raw_body).unwrap();
+        assert_eq!(body["field"], field, "{body}");
     }
     // 100 KiB in one call: over the 64 KiB message limit, refused before decoding.
     let huge = request(vec![descriptor(&[("api_key", &"x".repeat(100 * 1024))])], 0);
-    let (code, message) = refused(c.should_rate_limit(huge).await);
-    assert_ne!(code, tonic::Code::Ok, "{message}");
-    assert!(message.contains("message length too large"), "{message}");
+    let answer = call(&mut c, huge).await;
+    assert_eq!(answer.overall_code, Code::OverLimit as i32);
+    let body: Value = serde_json::from_slice(&answer.raw_body).unwrap();
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("message length too large"),
+        "{body}"
+    );
     let ok = call(&mut c, request(vec![descriptor(&[("api_key", "k")])], 0)).await;
     assert_eq!(ok.overall_code, Code::Ok as i32);
+    s.stop().await;
+}
+
+/// A cost the service will not honour is over the limit for its descriptor, and the call
+/// spends nothing anywhere: above [`ratelimit_domain::api::MAX_COST`] (once an error that
+/// Envoy let through), above a rule's capacity, and above an override's capacity on a
+/// descriptor no rule covers (once `OK`: the capacity was checked against the rules only).
+#[tokio::test]
+async fn a_cost_never_honoured_is_over_the_limit() {
+    let s = Service::start(&["--admin-token", "t0ken"]).await;
+    let mut c = s.client().await;
+    // Above MAX_COST, beside a descriptor that would pass: nothing spent on it.
+    let r = call(
+        &mut c,
+        request(
+            vec![
+                with_addend(descriptor(&[("api_key", "big")]), 1_000_001),
+                descriptor(&[("bytes", "big")]),
+            ],
+            0,
+        ),
+    )
+    .await;
+    assert_eq!(r.overall_code, Code::OverLimit as i32);
+    assert_eq!(codes(&r)[0], Code::OverLimit);
+    // Every limit of the key refuses it; the status names the longest wait.
+    assert_eq!(r.statuses[0].current_limit.as_ref().unwrap().name, "daily");
+    for addend in [u64::MAX, 1 << 63, 2_000_000] {
+        let r = call(
+            &mut c,
+            request(
+                vec![with_addend(descriptor(&[("api_key", "big")]), addend)],
+                0,
+            ),
+        )
+        .await;
+        assert_eq!(r.overall_code, Code::OverLimit as i32, "{addend}");
+    }
+    // Even where no rule applies, such a cost is not honoured.
+    let r = call(
+        &mut c,
+        request(
+            vec![with_addend(descriptor(&[("nobody", "y")]), 1_000_001)],
+            0,
+        ),
+    )
+    .await;
+    assert_eq!(r.overall_code, Code::OverLimit as i32);
+    let r = call(&mut c, request(vec![descriptor(&[("bytes", "big")])], 1)).await;
+    assert_eq!(
+        r.statuses[0].limit_remaining, 9,
+        "nothing was spent on bytes"
+    );
+    let r = call(&mut c, request(vec![descriptor(&[("api_key", "big")])], 1)).await;
+    assert_eq!(
+        r.statuses[0].limit_remaining, 4,
+        "nothing was spent on the key"
+    );
+
+    // An override of 5 on a descriptor no rule covers: 6 is over it, 5 passes.
+    let put = reqwest::Client::new()
+        .put(format!("http://{}/admin/overrides", s.http))
+        .bearer_auth("t0ken")
+        .json(&json!({
+            "id": "tenant-a",
+            "domain": "api",
+            "entries": [{"key": "tenant", "value": "a"}],
+            "limits": [{"name": "tenant", "requests_per_unit": 5, "unit": "minute"}],
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert!(put.status().is_success(), "{}", put.text().await.unwrap());
+    let tenant = |addend| request(vec![with_addend(descriptor(&[("tenant", "a")]), addend)], 0);
+    let r = call(&mut c, tenant(6)).await;
+    assert_eq!(r.overall_code, Code::OverLimit as i32, "{r:?}");
+    assert_eq!(r.statuses[0].current_limit.as_ref().unwrap().name, "tenant");
+    let r = call(&mut c, tenant(5)).await;
+    assert_eq!(
+        r.overall_code,
+        Code::Ok as i32,
+        "the refused 6 spent nothing"
+    );
+    assert_eq!(r.statuses[0].limit_remaining, 0);
+    s.stop().await;
+}
+
+/// The call as bytes: string fields that are not UTF-8, as Envoy sends a header's bytes.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RawRequest {
+    #[prost(bytes = "vec", tag = "1")]
+    domain: Vec<u8>,
+    #[prost(message, repeated, tag = "2")]
+    descriptors: Vec<RawDescriptor>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct RawDescriptor {
+    #[prost(message, repeated, tag = "1")]
+    entries: Vec<RawEntry>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct RawEntry {
+    #[prost(bytes = "vec", tag = "1")]
+    key: Vec<u8>,
+    #[prost(bytes = "vec", tag = "2")]
+    value: Vec<u8>,
+}
+
+/// A value that is not UTF-8 fails to decode before our handler runs: over the limit all
+/// the same, never the error Envoy would let through.
+#[tokio::test]
+async fn bytes_that_do_not_decode_are_over_the_limit() {
+    let s = Service::start(&[]).await;
+    let channel = Channel::from_shared(format!("http://{}", s.grpc))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    let call = |value: &[u8]| RawRequest {
+        domain: b"api".to_vec(),
+        descriptors: vec![RawDescriptor {
+            entries: vec![RawEntry {
+                key: b"api_key".to_vec(),
+                value: value.to_vec(),
+            }],
+        }],
+    };
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(
+        "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit",
+    );
+    for value in [&b"k\xff"[..], b"\xc3\x28", b"ok"] {
+        grpc.ready().await.unwrap();
+        let answer: RateLimitResponse = grpc
+            .unary(
+                tonic::Request::new(call(value)),
+                path.clone(),
+                tonic_prost::ProstCodec::<RawRequest, RateLimitResponse>::default(),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{value:?}: an error Envoy would let through: {e:?}"))
+            .into_inner();
+        let want = if value == b"ok" {
+            Code::Ok
+        } else {
+            Code::OverLimit
+        };
+        assert_eq!(answer.overall_code, want as i32, "{value:?}");
+    }
     s.stop().await;
 }
 

@@ -511,9 +511,13 @@ fn add_children(
     }
 }
 
-/// `path`, or `path#2`, `path#3`... when a name written in a file took it.
+/// `path`, or `path#2`, `path#3`... when a name written in a file took it; a path longer
+/// than [`crate::api::MAX_LIMIT_NAME_BYTES`] allows is shortened to its start and a hash of
+/// the whole (so every limit name, written or made, fits the bound the gateway and the
+/// limiter share).
 fn unique_name(path: &str, taken: &mut HashSet<String>) -> String {
-    let mut name = path.to_owned();
+    let path = bounded_name(path);
+    let mut name = path.clone();
     let mut n = 1;
     while taken.contains(&name) {
         n += 1;
@@ -521,6 +525,23 @@ fn unique_name(path: &str, taken: &mut HashSet<String>) -> String {
     }
     taken.insert(name.clone());
     name
+}
+
+/// `path` itself when it leaves room for a `#n` suffix within the name bound, else its
+/// first bytes, `~` and a 64-bit FNV-1a hash of all of it, in hex (stable across builds).
+fn bounded_name(path: &str) -> String {
+    const ROOM: usize = crate::api::MAX_LIMIT_NAME_BYTES - 8;
+    if path.len() <= ROOM {
+        return path.to_owned();
+    }
+    let hash = path.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    let mut end = ROOM - 17;
+    while !path.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}~{hash:016x}", &path[..end])
 }
 
 /// An override's limits (the admin API), from JSON: a list whose items read as the items of
