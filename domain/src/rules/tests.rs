@@ -1259,3 +1259,33 @@ proptest! {
         let _ = parse(&text);
     }
 }
+
+/// A limit without a name is named after its place in the tree; deep in a tree of long
+/// values that place is longer than a limit name may be: shortened, with a hash of the
+/// whole, so two such limits keep two names and every name fits the bound the gateway's
+/// refusal notices are held to.
+#[test]
+fn made_names_fit_the_limit_name_bound() {
+    let v = |c: char| c.to_string().repeat(200);
+    let text = format!(
+        "domain: d\ndescriptors:\n  - key: a\n    value: {a}\n    descriptors:\n      - key: b\n        value: {b}\n        rate_limit: {{unit: minute, requests_per_unit: 1}}\n      - key: b\n        value: {c}\n        rate_limit: {{unit: minute, requests_per_unit: 2}}\n",
+        a = v('a'),
+        b = v('b'),
+        c = v('c'),
+    );
+    let set = parse(&text).unwrap();
+    let name = |last: char| {
+        get(&set, "d", &[("a", &v('a')), ("b", &v(last))]).unwrap().limits[0]
+            .name
+            .clone()
+    };
+    let (one, two) = (name('b'), name('c'));
+    assert_ne!(one, two);
+    for n in [&one, &two] {
+        assert!(n.len() <= crate::api::MAX_LIMIT_NAME_BYTES, "{} bytes", n.len());
+        assert!(n.starts_with("d.a_aaaa"), "{n}");
+    }
+    // A short place keeps its name as before.
+    let set = parse("domain: d\ndescriptors:\n  - key: k\n    rate_limit: {unit: minute, requests_per_unit: 1}\n").unwrap();
+    assert_eq!(get(&set, "d", &[("k", "x")]).unwrap().limits[0].name, "d.k");
+}
