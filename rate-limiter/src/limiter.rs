@@ -511,9 +511,26 @@ impl Limiter {
         Ok(self.check(request).await?.to_response())
     }
 
-    /// Whether the shared store answers and the breaker is closed.
+    /// Whether the shared store answers and the breaker is closed. While the breaker is
+    /// open past its period, the readiness probe is itself the breaker's probe (a ping of
+    /// the store): a Redis blip with no traffic must not keep a limiter unready for ever,
+    /// since readiness is what keeps traffic away.
     pub async fn ready(&self) -> bool {
-        self.breaker.state() == BreakerState::Closed && self.store.ping().await.is_ok()
+        if self.breaker.state() == BreakerState::Closed {
+            return self.store.ping().await.is_ok();
+        }
+        let Some(permit) = self.breaker.permit() else {
+            // Still open, or another caller is probing.
+            return false;
+        };
+        // The permit is given back on drop if this probe is abandoned.
+        if self.store.ping().await.is_ok() {
+            permit.success();
+            true
+        } else {
+            permit.failure();
+            false
+        }
     }
 
     /// Decides `request` and publishes the decision.

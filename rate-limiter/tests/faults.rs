@@ -234,3 +234,32 @@ async fn a_stopping_limiter_answers_every_request_it_has_read() {
     assert!(stopped.await.unwrap(), "the limiter stopped");
     redis.freeze(false);
 }
+
+/// Defect: readiness needed the breaker closed, and only a decision closed it; with no
+/// traffic (a readiness probe that took every replica out of its Service keeps it away)
+/// a Redis blip left the limiter unready for ever. Readiness now probes the store itself.
+#[tokio::test]
+async fn readiness_comes_back_after_a_redis_blip_without_traffic() {
+    let mut redis = RedisServer::start();
+    let limiter = limiter(
+        &redis,
+        &["--breaker-failures", "1", "--breaker-open-ms", "50"],
+    )
+    .await;
+    assert!(limiter.ready().await);
+    redis.kill();
+    // One decision while Redis is away opens the breaker (fail-open: degraded).
+    assert!(limiter.check(&req("u")).await.unwrap().degraded);
+    assert!(!limiter.ready().await, "not ready while Redis is away");
+    redis.restart();
+    // No decision from here on: only readiness probes, as a Service's would.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while !limiter.ready().await {
+        assert!(
+            Instant::now() < deadline,
+            "still unready 3 s after Redis came back, with no traffic"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!limiter.check(&req("u")).await.unwrap().degraded);
+}
