@@ -325,6 +325,61 @@ async fn a_bad_rules_file_stops_the_start_naming_file_line_and_field() {
     assert!(err.contains("fortnight"), "{err}");
 }
 
+/// A deploy that empties the rules directory before copying the new files in (`rm
+/// *.yaml; cp new/*.yaml .`) must not drop every limit between two polls: a directory
+/// without rules files is refused like a bad file (the rules in force stay), and stops the
+/// start-up unless RULES_ALLOW_EMPTY says that no rules is meant.
+#[tokio::test]
+async fn an_emptied_rules_directory_keeps_the_rules_in_force() {
+    let rules = RulesFile::new(TWO_LIMITS);
+    let dir = rules.dir_arg();
+    let l = LimiterInstance::start(&["--rules-path", dir.as_str()]).await;
+    let key = || vec![descriptor(&[("api_key", "k")])];
+    assert_eq!(check(&l.url(), key(), 1).await.limits.len(), 2);
+    rules.remove();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let kept = check(&l.url(), key(), 1).await;
+    assert_eq!(kept.limits.len(), 2, "the limits stay in force: {kept:?}");
+    // The new files arrive: applied as usual.
+    rules.write(&TWO_LIMITS.replace("requests_per_unit: 3", "requests_per_unit: 7"));
+    let written = Instant::now();
+    while check(&l.url(), vec![descriptor(&[("api_key", "k2")])], 1)
+        .await
+        .limits[0]
+        .limit
+        != 7
+    {
+        assert!(
+            written.elapsed() < Duration::from_secs(2),
+            "the new file is not applied"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    l.stop().await;
+
+    rules.remove();
+    let start = |extra: &[&str]| {
+        let mut argv = vec!["rate-limiter", "--rules-path", dir.as_str()];
+        argv.extend_from_slice(extra);
+        <rate_limiter::config::LimiterConfig as clap::Parser>::try_parse_from(argv).unwrap()
+    };
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let err = rate_limiter::Standalone::start(&start(&[]), "x".into(), &shutdown)
+        .await
+        .err()
+        .expect("an empty rules directory stops the start-up")
+        .to_string();
+    assert!(err.contains("RULES_ALLOW_EMPTY"), "{err}");
+    let allowed = rate_limiter::Standalone::start(
+        &start(&["--rules-allow-empty", "true"]),
+        "x".into(),
+        &shutdown,
+    )
+    .await;
+    assert!(allowed.is_ok(), "allowed when asked for");
+    shutdown.cancel();
+}
+
 /// Refunds are for the services behind the limiter: the public gateway refuses them, so a
 /// client cannot give itself tokens back.
 #[tokio::test]

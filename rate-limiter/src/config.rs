@@ -43,6 +43,13 @@ pub struct LimiterArgs {
     /// built-in rule from RATE_LIMIT_CAPACITY and RATE_LIMIT_REFILL_PER_SEC.
     #[arg(long = "rules-path", env = "RULES_PATH", value_name = "RULES_PATH")]
     pub rules_path: Option<std::path::PathBuf>,
+    /// Whether a RULES_PATH directory without any rules file is a valid (empty) rule set.
+    /// Off: such a directory stops the start-up and, on a change, is refused like a bad
+    /// file (the rules in force stay), so that a deploy that empties the directory before
+    /// copying new files in never drops every limit.
+    #[arg(long = "rules-allow-empty", env = "RULES_ALLOW_EMPTY", value_name = "RULES_ALLOW_EMPTY",
+          default_value_t = false, action = clap::ArgAction::Set)]
+    pub rules_allow_empty: bool,
     /// How many of Redis's refusals the limiter remembers and answers again itself while
     /// they hold (exact: no request is decided otherwise than Redis would); 0 turns the
     /// cache off. Unused by the embedded memory store.

@@ -115,7 +115,7 @@ pub async fn build(
     };
     let rules = match &args.rules_path {
         Some(path) => {
-            let rules = Arc::new(rules::Rules::load(path, policy)?);
+            let rules = Arc::new(rules::Rules::load(path, policy, args.rules_allow_empty)?);
             rules.spawn_watcher(path.clone(), shutdown.clone());
             tracing::info!(path = %path.display(), "rules loaded");
             rules

@@ -6,7 +6,9 @@
 //! applies within a second without a restart. Buckets are keyed by descriptor and limit
 //! name, never by the limit's numbers, so no counter is reset. A file that does not
 //! validate is refused with a log line naming the file, the line and the field, and the
-//! rules in force stay.
+//! rules in force stay; so is a directory left without rules files (a deploy that removes
+//! the old files before copying the new ones in), unless `RULES_ALLOW_EMPTY` says that no
+//! rules is what is meant.
 //!
 //! Polling rather than inotify: it sees a file replaced by a rename (how editors and
 //! Kubernetes config maps change files) and a directory's files coming and going alike.
@@ -30,6 +32,9 @@ pub struct Rules {
     builtin: Policy,
     /// Moves on every change: refusals remembered under older rules no longer hold.
     generation: AtomicU64,
+    /// Whether no rules file at all is a rule set (`RULES_ALLOW_EMPTY`); else it is refused
+    /// as a bad file would be.
+    allow_empty: bool,
 }
 
 impl Rules {
@@ -39,16 +44,20 @@ impl Rules {
             current: RwLock::new(Arc::new(RuleSet::builtin(policy))),
             builtin: policy,
             generation: AtomicU64::new(0),
+            allow_empty: false,
         }
     }
 
-    /// The rules read from `path` now; an error names the file, line and field.
-    pub fn load(path: &Path, policy: Policy) -> anyhow::Result<Self> {
-        let set = read(path)?.with_default(policy);
+    /// The rules read from `path` now; an error names the file, line and field. A
+    /// directory without rules files is an error unless `allow_empty`: a deploy that
+    /// empties it before copying the new files in must not drop every limit.
+    pub fn load(path: &Path, policy: Policy, allow_empty: bool) -> anyhow::Result<Self> {
+        let set = read(path, allow_empty)?.with_default(policy);
         Ok(Self {
             current: RwLock::new(Arc::new(set)),
             builtin: policy,
             generation: AtomicU64::new(0),
+            allow_empty,
         })
     }
 
@@ -95,7 +104,8 @@ impl Rules {
                 }
                 seen = now;
                 let read_path = path.clone();
-                match tokio::task::spawn_blocking(move || read(&read_path)).await {
+                let allow_empty = rules.allow_empty;
+                match tokio::task::spawn_blocking(move || read(&read_path, allow_empty)).await {
                     Ok(Ok(set)) => {
                         rules.replace(set);
                         tracing::info!(path = %path.display(), "rules changed: applied");
@@ -168,10 +178,18 @@ fn files(path: &Path) -> std::io::Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-/// Reads and validates every rules file at `path` (blocking).
-fn read(path: &Path) -> anyhow::Result<RuleSet> {
+/// Reads and validates every rules file at `path` (blocking); none at all is an error
+/// unless `allow_empty`.
+fn read(path: &Path, allow_empty: bool) -> anyhow::Result<RuleSet> {
     let mut texts = Vec::new();
-    for file in files(path)? {
+    let files = files(path)?;
+    if files.is_empty() && !allow_empty {
+        anyhow::bail!(
+            "{}: no rules file (*.yaml, *.yml): every limit would be dropped; set RULES_ALLOW_EMPTY=true to run with none",
+            path.display()
+        );
+    }
+    for file in files {
         let name = file.display().to_string();
         let len = std::fs::metadata(&file)
             .map_err(|e| anyhow::anyhow!("{name}: {e}"))?

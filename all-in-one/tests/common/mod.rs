@@ -250,6 +250,16 @@ impl RulesFile {
     pub fn arg(&self) -> String {
         self.path.display().to_string()
     }
+
+    /// The directory the file is in (a `RULES_PATH` of its own).
+    pub fn dir_arg(&self) -> String {
+        self.path.parent().unwrap().display().to_string()
+    }
+
+    /// Removes the file, leaving its directory empty.
+    pub fn remove(&self) {
+        std::fs::remove_file(&self.path).unwrap();
+    }
 }
 
 impl Drop for RulesFile {

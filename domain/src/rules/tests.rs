@@ -1275,14 +1275,20 @@ fn made_names_fit_the_limit_name_bound() {
     );
     let set = parse(&text).unwrap();
     let name = |last: char| {
-        get(&set, "d", &[("a", &v('a')), ("b", &v(last))]).unwrap().limits[0]
+        get(&set, "d", &[("a", &v('a')), ("b", &v(last))])
+            .unwrap()
+            .limits[0]
             .name
             .clone()
     };
     let (one, two) = (name('b'), name('c'));
     assert_ne!(one, two);
     for n in [&one, &two] {
-        assert!(n.len() <= crate::api::MAX_LIMIT_NAME_BYTES, "{} bytes", n.len());
+        assert!(
+            n.len() <= crate::api::MAX_LIMIT_NAME_BYTES,
+            "{} bytes",
+            n.len()
+        );
         assert!(n.starts_with("d.a_aaaa"), "{n}");
     }
     // A short place keeps its name as before.
