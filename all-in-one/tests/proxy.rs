@@ -244,6 +244,58 @@ async fn two_api_keys_are_limited_apart_and_no_key_is_not_limited() {
     std::fs::remove_file(path).unwrap();
 }
 
+/// A `path` rule holds whatever spelling of the path a client sends: `/%73earch`,
+/// `/./search`, `//search`, `/x/../search` are `/search` to the upstream, so they are
+/// `/search` to the rules too (once they escaped a `path: "/search*"` limit); the upstream
+/// receives the normal form, the query as sent.
+#[tokio::test]
+async fn every_spelling_of_a_path_meets_its_limit() {
+    let (up, log) = upstream().await;
+    let descriptors = descriptors_file("domain: web\ndescriptors:\n  - [{path: {}}]\n");
+    let rules = RulesFile::new(
+        "domain: web\ndescriptors:\n  - key: path\n    value: \"/search*\"\n    rate_limit: {name: search, unit: hour, requests_per_unit: 1}\n",
+    );
+    let system = gateway_for(
+        up,
+        &[
+            "--upstream-descriptors-path",
+            descriptors.to_str().unwrap(),
+            "--rules-path",
+            &rules.arg(),
+        ],
+    )
+    .await;
+    let gw = system.gateway_addr;
+    let get = |target: &'static str| async move {
+        let answer = raw(
+            gw,
+            &format!("GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
+        )
+        .await;
+        answer[9..12].to_owned()
+    };
+    assert_eq!(get("/search?q=1").await, "201");
+    for target in [
+        "/search?q=2",
+        "/%73earch?q=3",
+        "/./search",
+        "//search",
+        "/x/../search",
+        "/%2E/search",
+        "/%2e%2e/search",
+        "/SEARCH/../search",
+    ] {
+        assert_eq!(get(target).await, "429", "{target}");
+    }
+    assert_eq!(count(&log), 1, "none of the spellings reached the upstream");
+    assert_eq!(log.lock().unwrap()[0].target, "/search?q=1");
+    // Another path is another resource; its normal form is what the upstream receives.
+    assert_eq!(get("/a/./b/../%63?x=%2f").await, "201");
+    assert_eq!(log.lock().unwrap()[1].target, "/a/c?x=%2f");
+    system.shutdown().await.unwrap();
+    std::fs::remove_file(descriptors).unwrap();
+}
+
 #[tokio::test]
 async fn an_absent_upstream_is_a_json_502() {
     let gone = {

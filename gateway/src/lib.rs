@@ -5,7 +5,8 @@
 //! - [`http`]: the routes and the mapping of decisions to HTTP.
 //! - [`config`]: the gateway's configuration.
 //! - [`proxy`]: the gateway in front of a real service (`UPSTREAM_URL`), and [`actions`],
-//!   which descriptors a proxied request produces.
+//!   which descriptors a proxied request produces; [`path`], the one normal form of a
+//!   path that the rules, the routing and the upstream all see.
 
 pub mod actions;
 /// The admin token's guard (shared with the limiter's `/admin` routes).
@@ -17,6 +18,7 @@ pub mod config;
 pub mod dashboard;
 
 pub mod http;
+pub mod path;
 pub mod proxy;
 pub mod refusals;
 pub mod status;

@@ -172,7 +172,9 @@ pub fn router(gateway: Gateway, upstream: Arc<Upstream>, limits: &ServeLimits) -
         .concurrency_limit(limits.max_in_flight.max(1))
         .service(Router::new().fallback(forward).with_state(proxy));
     let proxied = Router::new().fallback_service(proxied);
-    let dispatch = tower::service_fn(move |request: Request| {
+    let dispatch = tower::service_fn(move |mut request: Request| {
+        // One resource, one path: for the rules, the routing and the upstream alike.
+        crate::path::normalize_request(&mut request);
         let target = if is_own_route(request.uri().path()) {
             own.clone()
         } else {
