@@ -412,6 +412,34 @@ pub struct BatchResponse {
     /// an earlier generation no longer hold.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub generation: Option<u64>,
+    /// Which life of the limiter answered: its start time (milliseconds since the Unix
+    /// epoch) in the high bits and random low bits, so that a restarted limiter at the same
+    /// address, or another pod behind the same Service address, never answers with the
+    /// generation of another (see [`Generation`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incarnation: Option<u64>,
+}
+
+/// The state of one limiter that a refusal was made under: its incarnation (one per
+/// process) and its generation counter (which moves whenever a limit there may have gained
+/// room other than by time). Ordered: a later process, then a later change, is greater; a
+/// gateway takes a replica's answers only in that order, so a late answer cannot set it
+/// back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Generation {
+    pub incarnation: u64,
+    pub counter: u64,
+}
+
+impl BatchResponse {
+    /// The generation this answer was made under, if the limiter says (an older limiter
+    /// gives its counter only, with incarnation 0).
+    pub fn made_under(&self) -> Option<Generation> {
+        self.generation.map(|counter| Generation {
+            incarnation: self.incarnation.unwrap_or(0),
+            counter,
+        })
+    }
 }
 
 /// One check's result: `{"ok":{...}}` with the decision as `POST /check` answers it, or
@@ -669,6 +697,7 @@ mod tests {
                 }),
             ],
             generation: Some(3),
+            incarnation: Some(7),
         };
         let json = serde_json::to_string(&response).unwrap();
         assert!(

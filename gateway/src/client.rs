@@ -191,7 +191,7 @@ struct Pending {
 type Answered = (
     Vec<Result<CheckResponse, ClientError>>,
     Arc<str>,
-    Option<u64>,
+    Option<ratelimit_domain::api::Generation>,
 );
 
 /// What the batches are sent with.
@@ -446,6 +446,7 @@ impl Exchanger {
                 answer.results.len()
             )));
         }
+        let made_under = answer.made_under();
         let results = answer
             .results
             .into_iter()
@@ -454,7 +455,7 @@ impl Exchanger {
                 BatchResult::Error(body) => Err(refusal(StatusCode::OK, Some(body))),
             })
             .collect();
-        Ok((results, replica, answer.generation))
+        Ok((results, replica, made_under))
     }
 
     /// One exchange with one replica: the status and the body.

@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use ratelimit_domain::api::{CheckRequest, CheckResponse};
+use ratelimit_domain::api::{CheckRequest, CheckResponse, Generation};
 use service_kit::expiring::ExpiringMap;
 
 /// How recently the refusing replica must have answered for its refusals to be used.
@@ -37,7 +37,7 @@ struct Entry {
     cost: i64,
     sent_us: u64,
     replica: Arc<str>,
-    generation: u64,
+    generation: Generation,
     local_generation: u64,
     response: CheckResponse,
     /// The names of the limits that refused, for the limiter's count.
@@ -46,7 +46,7 @@ struct Entry {
 
 #[derive(Clone, Copy)]
 struct Heard {
-    generation: u64,
+    generation: Generation,
     at_us: u64,
 }
 
@@ -92,10 +92,17 @@ impl GatewayRefusals {
         self.local_generation.fetch_add(1, Ordering::AcqRel);
     }
 
-    /// Notes that `replica` answered with `generation`.
-    pub fn heard(&self, replica: &Arc<str>, generation: u64) {
+    /// Notes that `replica` answered under `generation`. Only forward: an answer under an
+    /// earlier generation than the last one heard (a late answer, or a process that has
+    /// since been replaced) neither sets the generation back nor vouches for anything.
+    pub fn heard(&self, replica: &Arc<str>, generation: Generation) {
         let at_us = self.now_us();
         let mut replicas = self.replicas.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(last) = replicas.get(replica)
+            && generation < last.generation
+        {
+            return;
+        }
         if replicas.len() >= MAX_REPLICAS && !replicas.contains_key(replica) {
             replicas.clear();
         }
@@ -167,7 +174,7 @@ impl GatewayRefusals {
         response: &CheckResponse,
         sent_us: u64,
         replica: &Arc<str>,
-        generation: u64,
+        generation: Generation,
     ) {
         if request.cost <= 0 {
             return;
@@ -236,13 +243,21 @@ mod tests {
         }
     }
 
+    /// Generation `counter` of the process of incarnation `life`.
+    fn g(life: u64, counter: u64) -> Generation {
+        Generation {
+            incarnation: life,
+            counter,
+        }
+    }
+
     #[test]
     fn a_refusal_holds_while_its_replica_vouches_for_it() {
         let cache = GatewayRefusals::new(100);
         let a: Arc<str> = Arc::from("http://a");
         let user = CheckRequest::user("mallory", 1);
-        cache.heard(&a, 7);
-        cache.record(&user, &refused(5_000), cache.now_us(), &a, 7);
+        cache.heard(&a, g(1, 7));
+        cache.record(&user, &refused(5_000), cache.now_us(), &a, g(1, 7));
         let hit = cache.lookup(&user).expect("held");
         assert!(!hit.response.allowed);
         assert!(hit.response.retry_after_ms <= 5_000 && hit.response.retry_after_ms > 4_000);
@@ -253,16 +268,41 @@ mod tests {
         );
         assert!(cache.lookup(&CheckRequest::user("alice", 1)).is_none());
         // The replica moved on: a rule, an override, a reset or a refund.
-        cache.heard(&a, 8);
+        cache.heard(&a, g(1, 8));
         assert!(cache.lookup(&user).is_none());
-        cache.heard(&a, 7);
-        assert!(cache.lookup(&user).is_some());
         cache.invalidate();
         assert!(
             cache.lookup(&user).is_none(),
             "an admin change here forgets all"
         );
-        assert_eq!(cache.hits(), 2);
+        assert_eq!(cache.hits(), 1);
+    }
+
+    /// Defect: the generation was a per-process counter from 0, and the last answer heard
+    /// set it, so a late answer set it back and a restarted limiter (counter 0 again)
+    /// revived refusals its previous life had invalidated.
+    #[test]
+    fn late_answers_and_restarts_never_revive_a_refusal() {
+        let cache = GatewayRefusals::new(100);
+        let a: Arc<str> = Arc::from("http://a");
+        let user = CheckRequest::user("mallory", 1);
+        cache.heard(&a, g(1, 0));
+        cache.record(&user, &refused(5_000), cache.now_us(), &a, g(1, 0));
+        assert!(cache.lookup(&user).is_some());
+        // A reset: generation 1; then the late answer of a batch sent before it.
+        cache.heard(&a, g(1, 1));
+        cache.heard(&a, g(1, 0));
+        assert!(cache.lookup(&user).is_none(), "a late answer set it back");
+        // The limiter restarts at the same address: counter 0 again, in a new life.
+        cache.heard(&a, g(2, 0));
+        assert!(cache.lookup(&user).is_none(), "a restart revived it");
+        // Its previous life, heard late (or another pod behind the same address that
+        // started earlier), vouches for nothing.
+        cache.heard(&a, g(1, 0));
+        assert!(cache.lookup(&user).is_none());
+        // The new life's own refusals hold as usual.
+        cache.record(&user, &refused(5_000), cache.now_us(), &a, g(2, 0));
+        assert!(cache.lookup(&user).is_some());
     }
 
     #[test]
@@ -270,19 +310,19 @@ mod tests {
         let cache = GatewayRefusals::new(100);
         let a: Arc<str> = Arc::from("http://a");
         let user = CheckRequest::user("u", 1);
-        cache.heard(&a, 1);
+        cache.heard(&a, g(1, 1));
         let mut degraded = refused(5_000);
         degraded.degraded = true;
-        cache.record(&user, &degraded, cache.now_us(), &a, 1);
+        cache.record(&user, &degraded, cache.now_us(), &a, g(1, 1));
         let mut shadow = refused(5_000);
         shadow.limits[0].shadow = true;
-        cache.record(&user, &shadow, cache.now_us(), &a, 1);
+        cache.record(&user, &shadow, cache.now_us(), &a, g(1, 1));
         assert!(cache.lookup(&user).is_none());
-        cache.record(&user, &refused(5_000), cache.now_us(), &a, 1);
+        cache.record(&user, &refused(5_000), cache.now_us(), &a, g(1, 1));
         assert!(cache.lookup(&user).is_some());
         let mut admitted = refused(0);
         admitted.allowed = true;
-        cache.record(&user, &admitted, cache.now_us(), &a, 1);
+        cache.record(&user, &admitted, cache.now_us(), &a, g(1, 1));
         assert!(cache.lookup(&user).is_none(), "an admission forgets");
     }
 }

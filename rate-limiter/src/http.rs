@@ -114,6 +114,7 @@ async fn check_batch(
     Json(BatchResponse {
         results,
         generation: Some(generation),
+        incarnation: Some(limiter.incarnation()),
     })
 }
 

@@ -169,6 +169,18 @@ struct Plan {
     limits: Vec<PlannedLimit>,
 }
 
+/// A new process's incarnation (see [`Limiter::incarnation`]).
+fn new_incarnation() -> u64 {
+    use std::hash::BuildHasher;
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    // A per-process random key (std's hasher seeds): two limiters started in the same
+    // millisecond still differ.
+    let random = std::collections::hash_map::RandomState::new().hash_one(std::process::id());
+    (ms << 16) | (random & 0xffff)
+}
+
 /// Whole milliseconds, rounded up (a retry after the rounded time is still on time).
 pub fn duration_ms_ceil(d: std::time::Duration) -> u64 {
     u64::try_from(d.as_micros().div_ceil(1000)).unwrap_or(u64::MAX)
@@ -299,6 +311,8 @@ pub struct Limiter {
     refusals: Option<Refusals>,
     /// Bumped by every reset and refund made here (see [`Limiter::generation`]).
     room_given: AtomicU64,
+    /// This process's life (see [`Limiter::incarnation`]).
+    incarnation: u64,
 }
 
 impl Limiter {
@@ -341,7 +355,16 @@ impl Limiter {
             instance_id,
             refusals: None,
             room_given: AtomicU64::new(0),
+            incarnation: new_incarnation(),
         }
+    }
+
+    /// Which life of this limiter is answering: its start time in milliseconds since the
+    /// Unix epoch in the high bits, random low bits. With [`Limiter::generation`] it names
+    /// the state a refusal was made under, unique per process: a restarted limiter at the
+    /// same address never answers with the generation of its previous life.
+    pub fn incarnation(&self) -> u64 {
+        self.incarnation
     }
 
     /// Answers refusals of the store again locally while they hold, keeping at most
@@ -930,6 +953,21 @@ mod tests {
         let allowed: Vec<bool> = (0..3).map(|_| rx.try_recv().unwrap().allowed).collect();
         assert_eq!(allowed, [true, true, false]);
         assert!(rx.try_recv().is_err());
+    }
+
+    /// Two lives of a limiter never share a generation: each process has its own
+    /// incarnation, and a later start is a greater one.
+    #[test]
+    fn every_life_has_its_own_incarnation() {
+        let first = new_incarnation();
+        std::thread::sleep(Duration::from_millis(2));
+        let (second, third) = (new_incarnation(), new_incarnation());
+        assert!(second > first && third > first);
+        let store = || Arc::new(DownStore(Policy::new(3, 1.0).unwrap()));
+        let a = limiter(store(), FailMode::Closed, Arc::new(NullPublisher));
+        std::thread::sleep(Duration::from_millis(2));
+        let b = limiter(store(), FailMode::Closed, Arc::new(NullPublisher));
+        assert!(b.incarnation() > a.incarnation());
     }
 
     #[tokio::test]
