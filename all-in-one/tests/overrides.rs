@@ -199,6 +199,24 @@ async fn hostile_overrides_are_refused_and_change_nothing() {
             );
         }
     }
+    // A valid override of more than 4 KiB (16 limits with long names): the gateway passes
+    // on what the limiter takes (once refused at the gateway with 413).
+    let limits: Vec<Value> = (0..16)
+        .map(|i| json!({"name": format!("{i:02}{}", "n".repeat(250)), "requests_per_unit": 5 + i, "unit": "hour"}))
+        .collect();
+    let big =
+        json!({"id": "big", "entries": [{"key": "user_id", "value": "big"}], "limits": limits});
+    assert!(big.to_string().len() > 4 * 1024);
+    let (status, answer) = put(&base, Some(TOKEN), &big).await;
+    assert_eq!(status, 200, "{answer}");
+    let (status, _) = client()
+        .delete(format!("{base}/admin/overrides/big"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .map(|r| (r.status().as_u16(), ()))
+        .unwrap();
+    assert_eq!(status, 204);
     // A descriptor that tries to escape its hash tag is just a value: its own bucket.
     let escape = json!({
         "id": "escape",

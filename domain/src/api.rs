@@ -10,6 +10,9 @@ pub const MAX_USER_ID_BYTES: usize = 256;
 pub const MAX_COST: u64 = 1_000_000;
 /// Largest accepted request body, in bytes.
 pub const MAX_BODY_BYTES: usize = 4 * 1024;
+/// Largest body of an `/admin` request (an override document), at the limiter and at the
+/// gateway that passes it on.
+pub const MAX_ADMIN_BODY_BYTES: usize = 64 * 1024;
 
 /// A client mistake in one field of a request.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -78,7 +78,9 @@ pub fn router(gateway: Gateway, limits: &ServeLimits) -> Router {
     let routes = service_kit::metrics::with_http_metrics(routes, "gateway");
     // Outside the load shedder: a gateway at its in-flight limit is busy, not dead.
     let probes = service_kit::metrics::with_http_metrics(liveness(), "gateway");
-    with_guards(routes, probes, MAX_BODY_BYTES, limits)
+    let bodies = service_kit::http::BodyLimit::new(MAX_BODY_BYTES)
+        .with_prefix("/admin/", ratelimit_domain::api::MAX_ADMIN_BODY_BYTES);
+    with_guards(routes, probes, bodies, limits)
 }
 
 use crate::answer::{problem, rate_limit_headers, secs_ceil, violated, wants_problem};
@@ -133,7 +135,7 @@ async fn limiter_admin(
     request: axum::extract::Request,
 ) -> Result<Response, ApiError> {
     let (parts, body) = request.into_parts();
-    let body = axum::body::to_bytes(body, MAX_BODY_BYTES)
+    let body = axum::body::to_bytes(body, ratelimit_domain::api::MAX_ADMIN_BODY_BYTES)
         .await
         .map_err(|_| ApiError::PayloadTooLarge)?;
     let forwarded = crate::client::AdminRequest {

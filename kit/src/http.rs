@@ -300,7 +300,7 @@ pub fn liveness() -> Router {
 pub fn with_guards(
     routes: Router,
     probes: Router,
-    max_body: usize,
+    max_body: impl Into<BodyLimit>,
     limits: &ServeLimits,
 ) -> Router {
     let shed = with_load_shedding(
@@ -316,8 +316,14 @@ pub fn with_guards(
 /// closes the connection; before a 413 the rest of the body, up to [`DRAIN_LIMIT`] and
 /// within the same `timeout`, is read and dropped, so that the client gets the answer
 /// rather than a reset.
-pub fn with_buffered_bodies(router: Router, max_body: usize, timeout: Duration) -> Router {
+pub fn with_buffered_bodies(
+    router: Router,
+    max_body: impl Into<BodyLimit>,
+    timeout: Duration,
+) -> Router {
+    let max_body = max_body.into();
     let layer = axum::middleware::from_fn(move |req: Request, next: Next| async move {
+        let max_body = max_body.for_path(req.uri().path());
         match buffer_body(req, max_body, timeout).await {
             Ok(req) => next.run(req).await,
             Err(err) => {
@@ -331,6 +337,47 @@ pub fn with_buffered_bodies(router: Router, max_body: usize, timeout: Duration) 
     });
     // Around the whole router, as the load shedder is, so it runs before anything else.
     Router::new().fallback_service(tower::ServiceBuilder::new().layer(layer).service(router))
+}
+
+/// The largest body a request may carry: one bound, or another for the paths under one
+/// prefix (the gateway's `/admin/` routes, which pass override documents on to the limiter
+/// and so take what the limiter takes).
+#[derive(Debug, Clone, Copy)]
+pub struct BodyLimit {
+    default: usize,
+    under: Option<(&'static str, usize)>,
+}
+
+impl BodyLimit {
+    /// `bytes` for every path.
+    pub fn new(bytes: usize) -> Self {
+        Self {
+            default: bytes,
+            under: None,
+        }
+    }
+
+    /// `bytes` for the paths that start with `prefix`.
+    pub fn with_prefix(self, prefix: &'static str, bytes: usize) -> Self {
+        Self {
+            under: Some((prefix, bytes)),
+            ..self
+        }
+    }
+
+    /// The bound for a request to `path`.
+    pub fn for_path(&self, path: &str) -> usize {
+        match self.under {
+            Some((prefix, bytes)) if path.starts_with(prefix) => bytes,
+            _ => self.default,
+        }
+    }
+}
+
+impl From<usize> for BodyLimit {
+    fn from(bytes: usize) -> Self {
+        Self::new(bytes)
+    }
 }
 
 /// How far past its limit a body is still read (and thrown away) before the 413 goes out.

@@ -25,7 +25,7 @@ use crate::limiter::Limiter;
 use crate::overrides::{OverrideDoc, OverrideError};
 
 /// Largest `PUT /admin/overrides` body.
-pub const MAX_OVERRIDE_BODY_BYTES: usize = 64 * 1024;
+pub const MAX_OVERRIDE_BODY_BYTES: usize = ratelimit_domain::api::MAX_ADMIN_BODY_BYTES;
 
 /// The `/admin` routes, guarded by `token`.
 pub fn routes(limiter: Arc<Limiter>, token: Option<AdminToken>) -> Router {
