@@ -1153,7 +1153,14 @@ fn file_size_is_bounded() {
 fn long_or_control_character_strings_are_refused() {
     let long = "k".repeat(MAX_KEY_BYTES + 1);
     let ok = "k".repeat(MAX_KEY_BYTES);
-    assert!(parse(&format!("domain: d\ndescriptors:\n  - key: {ok}\n")).is_ok());
+    // A value of 256 bytes; a key is held to a request's bound (128 bytes, see
+    // `rules_no_request_can_match_are_refused_naming_the_line`).
+    assert!(
+        parse(&format!(
+            "domain: d\ndescriptors:\n  - key: k\n    value: {ok}\n"
+        ))
+        .is_ok()
+    );
     for yaml in [
         format!("domain: d\ndescriptors:\n  - key: {long}\n"),
         format!("domain: d\ndescriptors:\n  - key: k\n    value: {long}\n"),
@@ -1294,4 +1301,29 @@ fn made_names_fit_the_limit_name_bound() {
     // A short place keeps its name as before.
     let set = parse("domain: d\ndescriptors:\n  - key: k\n    rate_limit: {unit: minute, requests_per_unit: 1}\n").unwrap();
     assert_eq!(get(&set, "d", &[("k", "x")]).unwrap().limits[0].name, "d.k");
+}
+
+/// A rule that no request could ever match is a mistake, refused at load naming the line:
+/// a key longer than a request's (128 bytes), a value with a format character, a value not
+/// in NFC (requests are compared in NFC).
+#[test]
+fn rules_no_request_can_match_are_refused_naming_the_line() {
+    let rule = |key: &str, value: &str| {
+        format!(
+            "domain: d\ndescriptors:\n  - key: ok\n    rate_limit: {{unit: minute, requests_per_unit: 1}}\n  - key: \"{key}\"\n    value: \"{value}\"\n    rate_limit: {{unit: minute, requests_per_unit: 1}}\n"
+        )
+    };
+    for (key, value, says) in [
+        ("k".repeat(129), "v".to_owned(), "128"),
+        ("k".to_owned(), "a\u{200b}b".to_owned(), "format"),
+        ("k".to_owned(), "e\u{301}".to_owned(), "NFC"),
+        ("k\u{202e}".to_owned(), "v".to_owned(), "format"),
+    ] {
+        let err = refused(&rule(&key, &value)).to_string();
+        // The file, the line of the descriptors list and the descriptor's index.
+        assert!(err.contains("rules.yaml:3:3: descriptors[1]"), "{err}");
+        assert!(err.contains(says), "{err}");
+    }
+    // NFC text, and the longest key a request may carry, are fine.
+    parse(&rule(&"k".repeat(128), "\u{e9}t\u{e9}")).unwrap();
 }

@@ -139,6 +139,28 @@ pub(super) fn check_text(v: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Why no request could ever carry `text` as a descriptor's `what` (key or value): longer
+/// than a request's bound, or refused or changed by the identity rule (a format character,
+/// a text not in Unicode NFC). Such a rule would never match; it is refused at load.
+fn carried(what: &str, text: &str, max_bytes: usize) -> Result<(), String> {
+    if text.len() > max_bytes {
+        return Err(format!(
+            "{what} '{text}' is {} bytes: a request's descriptor {what} is at most {max_bytes}, so it could never match",
+            text.len()
+        ));
+    }
+    match crate::api::canonical_user_id(text.to_owned()) {
+        Ok(canonical) if canonical == text => Ok(()),
+        Ok(_) => Err(format!(
+            "{what} {text:?} is not in Unicode NFC, the form requests are compared in, so it could never match: write it in NFC"
+        )),
+        Err(e) => Err(format!(
+            "{what} {text:?}: {}, so it could never match",
+            e.detail
+        )),
+    }
+}
+
 /// A list of at most `N` items; the bound is checked per element, so a long list (or an alias
 /// of one, replayed) stops at `N + 1`.
 #[derive(Debug)]
@@ -263,6 +285,10 @@ impl TryFrom<DescriptorWire> for DescriptorNode {
             _ => return Err("descriptor has empty key: `key` is required".to_owned()),
         };
         let value = w.value.map(|Text(v)| v).filter(|v| !v.is_empty());
+        carried("key", &key, crate::api::MAX_KEY_BYTES)?;
+        if let Some(value) = &value {
+            carried("value", value, crate::api::MAX_USER_ID_BYTES)?;
+        }
         if w.quota_mode == Some(true) {
             return Err("quota_mode is not supported".to_owned());
         }
