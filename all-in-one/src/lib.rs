@@ -169,6 +169,7 @@ impl System {
                                 limiter.clone(),
                                 &config.limiter,
                                 headers,
+                                &config.serve.limits(),
                                 shutdown.clone(),
                             )
                             .await

@@ -23,6 +23,7 @@
 //! - A store that is unavailable in fail-closed mode is `UNAVAILABLE` (Envoy then follows
 //!   its `failure_mode_deny`); a client mistake is `INVALID_ARGUMENT` naming the field.
 
+mod connections;
 pub mod json;
 mod refuse_errors;
 
@@ -45,6 +46,7 @@ use ratelimit_domain::api::{
 };
 use ratelimit_domain::descriptor::{Descriptor, Entry};
 use service_kit::config::FailMode;
+use service_kit::http::ServeLimits;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ResponseHeaders;
@@ -492,11 +494,15 @@ fn proto_duration(ms: u64) -> envoy_types::pb::google::protobuf::Duration {
 }
 
 /// Serves Envoy's rate limit service and the health service on `listener` until
-/// `shutdown`, then lets the calls in flight finish (at most a few seconds).
+/// `shutdown`, then lets the calls in flight finish (at most a few seconds). Bounded as the
+/// HTTP ports are: at most `limits.max_connections` connections (more are closed on
+/// arrival), `limits.max_in_flight` calls at once (more are refused at once, and Envoy
+/// follows its `failure_mode_deny`), each at most `limits.request_timeout`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     service: RateLimitService,
     fail_mode: FailMode,
+    limits: &ServeLimits,
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -507,8 +513,15 @@ pub async fn serve(
         spawn_health(reporter, service.limiter.clone(), shutdown.clone());
     }
     tracing::info!(addr = ?listener.local_addr().ok(), "envoy rate limit service (gRPC) listening");
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let incoming = connections::bounded(
+        tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+        limits.max_connections,
+    );
     let server = tonic::transport::Server::builder()
+        .timeout(limits.request_timeout)
+        .layer(tower::ServiceBuilder::new().load_shed().layer(
+            tower::limit::GlobalConcurrencyLimitLayer::new(limits.max_in_flight.max(1)),
+        ))
         // Envoy keeps one HTTP/2 connection per worker thread open: find dead peers.
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))

@@ -196,10 +196,11 @@ pub async fn run_grpc(
     limiter: Arc<Limiter>,
     args: &LimiterArgs,
     headers: ResponseHeaders,
+    limits: &service_kit::http::ServeLimits,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let service = grpc::RateLimitService::new(limiter, headers);
-    grpc::serve(listener, service, args.fail_mode, shutdown)
+    grpc::serve(listener, service, args.fail_mode, limits, shutdown)
         .await
         .map_err(std::io::Error::other)
 }
@@ -340,6 +341,7 @@ impl Standalone {
                         self.limiter.clone(),
                         &self.args,
                         self.headers,
+                        &serve.limits(),
                         shutdown,
                     )
                     .await

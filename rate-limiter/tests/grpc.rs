@@ -605,3 +605,74 @@ async fn the_json_endpoint_speaks_their_json() {
     assert_eq!(status, 400, "{answer}");
     s.stop().await;
 }
+
+/// The gRPC port is bounded as the HTTP ports are (it was not): past MAX_CONNECTIONS a new
+/// connection is closed on arrival; past MAX_IN_FLIGHT a call is refused at once instead of
+/// queueing behind calls stuck on a frozen Redis; a call never runs past
+/// REQUEST_TIMEOUT_MS.
+#[tokio::test]
+async fn the_grpc_port_is_bounded_like_the_http_ports() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let prefix = testkit::unique("grpc");
+    let s = Service::start(&[
+        "--redis-url",
+        &url,
+        "--redis-key-prefix",
+        &prefix,
+        "--redis-timeout-ms",
+        "3000",
+        "--request-timeout-ms",
+        "1000",
+        "--max-in-flight",
+        "1",
+        "--max-connections",
+        "2",
+    ])
+    .await;
+    let one = || request(vec![descriptor(&[("api_key", "k")])], 0);
+    let mut c = s.client().await;
+    assert_eq!(call(&mut c, one()).await.overall_code, Code::Ok as i32);
+
+    // One call stuck on a frozen Redis; the next one is refused at once, not queued.
+    redis.freeze(true);
+    let mut stuck_client = c.clone();
+    let stuck = tokio::spawn(async move {
+        let started = Instant::now();
+        let answer = stuck_client.should_rate_limit(one()).await;
+        (
+            started.elapsed(),
+            answer.map(|a| a.into_inner().overall_code),
+        )
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = Instant::now();
+    let refused = c.should_rate_limit(one()).await;
+    assert!(refused.is_err(), "{refused:?}");
+    assert!(
+        started.elapsed() < Duration::from_millis(300),
+        "refused at once: {:?}",
+        started.elapsed()
+    );
+    let (took, _) = stuck.await.unwrap();
+    assert!(
+        took < Duration::from_millis(1_600),
+        "the stuck call ran past REQUEST_TIMEOUT_MS: {took:?}"
+    );
+    redis.freeze(false);
+
+    // Two connections held open; a third is closed on arrival.
+    use tokio::io::AsyncReadExt;
+    let _held = (
+        tokio::net::TcpStream::connect(s.grpc).await.unwrap(),
+        tokio::net::TcpStream::connect(s.grpc).await.unwrap(),
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut third = tokio::net::TcpStream::connect(s.grpc).await.unwrap();
+    let mut byte = [0u8; 1];
+    let read = tokio::time::timeout(Duration::from_secs(2), third.read(&mut byte))
+        .await
+        .expect("the third connection is closed at once, not left open");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    s.stop().await;
+}
