@@ -327,6 +327,18 @@ struct Evaluated {
 }
 
 fn evaluate(spec: &LimitSpec, state: Option<LimitState>, now_us: u64, cost: i64) -> Evaluated {
+    // A clock that stepped back (NTP, another store host) never reopens a window: the
+    // window of the state stands until the clock is past its start again (the token
+    // bucket clamps `now` to its last update the same way).
+    let now_us = match state {
+        Some(LimitState::Fixed {
+            window_start_us, ..
+        })
+        | Some(LimitState::Sliding {
+            window_start_us, ..
+        }) => now_us.max(window_start_us),
+        _ => now_us,
+    };
     match *spec {
         LimitSpec::TokenBucket(policy) => {
             let bucket = match state {
@@ -649,6 +661,23 @@ mod tests {
                 }
             }
             outcome
+        }
+    }
+
+    /// Defect: the windows took the window of `now` as it came, so a clock that stepped
+    /// back (NTP, a failover to another host) reopened the previous window with a zero
+    /// count; the token bucket already clamped `now` to its last update.
+    #[test]
+    fn a_clock_that_steps_back_never_reopens_a_window() {
+        for applied in [fixed(2, 10), sliding(2, 10)] {
+            let mut run = Run::new(vec![applied]);
+            assert!(run.at(25 * SEC, 1).allowed);
+            assert!(run.at(25 * SEC, 1).allowed);
+            assert!(!run.at(25 * SEC, 1).allowed);
+            // Back to the previous window (and before it): still refused.
+            for back in [19 * SEC, 5 * SEC, 0] {
+                assert!(!run.at(back, 1).allowed, "{applied:?} at {back}");
+            }
         }
     }
 

@@ -332,3 +332,89 @@ async fn a_batch_gets_a_deadline_that_fits_its_size() {
         "one decision keeps 100 ms"
     );
 }
+
+fn take(
+    key: &str,
+    algorithm: ratelimit_domain::limits::Algorithm,
+    requests: u64,
+    secs: u64,
+    cost: i64,
+) -> ratelimit_domain::store::RequestTake {
+    use ratelimit_domain::limits::{Applied, LimitSpec};
+    use ratelimit_domain::store::{LimitTake, RequestTake};
+    RequestTake {
+        limits: vec![LimitTake {
+            key: key.into(),
+            applied: Applied {
+                spec: LimitSpec::new(algorithm, requests, Duration::from_secs(secs), None).unwrap(),
+                shadow: false,
+            },
+        }],
+        cost,
+    }
+}
+
+async fn allowed(store: &RedisStore, t: ratelimit_domain::store::RequestTake) -> bool {
+    store
+        .decide_many(&[t])
+        .await
+        .unwrap()
+        .pop()
+        .unwrap()
+        .unwrap()
+        .allowed
+}
+
+/// Defect: the window scripts took the window of Redis's `TIME` as it came, so a clock that
+/// stepped back (a failover to a replica whose clock is behind) reopened the previous
+/// window with a zero count. Simulated by a window written in the future: its count stands.
+#[tokio::test]
+async fn a_clock_that_steps_back_never_reopens_a_window() {
+    use ratelimit_domain::limits::Algorithm;
+    use redis::AsyncCommands;
+    let redis = RedisServer::start();
+    let s = store(&redis, &unique("back"), Policy::new(10, 1.0).unwrap());
+    let mut c = raw(&redis).await;
+    let now_us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64;
+    let w = 10_000_000u64;
+    // The window two windows ahead of Redis's clock, already full (2 of 2).
+    let ahead = (now_us - now_us % w + 2 * w) as f64;
+    let mut fixed = Vec::new();
+    fixed.extend_from_slice(&ahead.to_le_bytes());
+    fixed.extend_from_slice(&2f64.to_le_bytes());
+    let _: () = c.set("f", fixed).await.unwrap();
+    let mut sliding = Vec::new();
+    sliding.extend_from_slice(&ahead.to_le_bytes());
+    sliding.extend_from_slice(&2f64.to_le_bytes());
+    sliding.extend_from_slice(&0f64.to_le_bytes());
+    let _: () = c.set("s", sliding).await.unwrap();
+    assert!(!allowed(&s, take("f", Algorithm::FixedWindow, 2, 10, 1)).await);
+    assert!(!allowed(&s, take("s", Algorithm::SlidingWindow, 2, 10, 1)).await);
+}
+
+/// Defect: a refused bucket kept the expiry written at the old rate; after a rule change to
+/// a slower refill its key expired early and the bucket came back full.
+#[tokio::test]
+async fn a_slower_refill_keeps_the_count() {
+    use ratelimit_domain::limits::Algorithm;
+    use redis::AsyncCommands;
+    let redis = RedisServer::start();
+    let s = store(&redis, &unique("slower"), Policy::new(10, 10.0).unwrap());
+    let mut c = raw(&redis).await;
+    // 10 a second: spent in full, the key written to expire within a second.
+    assert!(allowed(&s, take("b", Algorithm::TokenBucket, 10, 1, 10)).await);
+    let before: i64 = c.pttl("b").await.unwrap();
+    assert!(before <= 1_000, "{before}");
+    // Now 10 every 100 s: refused, and the key kept until the bucket would be full.
+    assert!(!allowed(&s, take("b", Algorithm::TokenBucket, 10, 100, 5)).await);
+    let after: i64 = c.pttl("b").await.unwrap();
+    assert!(after > 90_000, "the key still expires in {after} ms");
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    assert!(
+        !allowed(&s, take("b", Algorithm::TokenBucket, 10, 100, 5)).await,
+        "it came back full"
+    );
+}

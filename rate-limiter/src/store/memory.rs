@@ -238,15 +238,24 @@ impl MemoryStore {
             .zip(&shard_of)
             .zip(writes.into_iter().zip(&applied))
         {
+            let shard = &mut guards[guard_of(s)].1;
             if let Some(state) = write {
                 let expires_us = now.saturating_add(a.spec.keep_for_us(&state, now));
-                let shard = &mut guards[guard_of(s)].1;
                 match shard.get_mut(limit.key.as_str()) {
                     Some(slot) => *slot = Slot { state, expires_us },
                     None => {
                         shard.insert(Box::from(limit.key.as_str()), Slot { state, expires_us });
                     }
                 }
+            } else if request.cost > 0
+                && let Some(slot) = shard
+                    .get_mut(limit.key.as_str())
+                    .filter(|slot| slot.expires_us > now)
+            {
+                // Kept as it is (refused): not forgotten before it would be full at the
+                // limit in force now (a slower refill since it was written).
+                let keep = now.saturating_add(a.spec.keep_for_us(&slot.state, now));
+                slot.expires_us = slot.expires_us.max(keep);
             }
         }
         outcome
@@ -333,6 +342,52 @@ mod tests {
         assert_eq!(store.len(), 1);
         // b is still 4 tokens short: forgetting it now would hand out a free token.
         assert_eq!(store.take_now("b", 1).quota().remaining, 5);
+    }
+
+    /// Defect: a refused bucket kept the expiry written at the old rate; after a change to
+    /// a slower refill it was forgotten early and came back full.
+    #[tokio::test]
+    async fn a_slower_refill_keeps_the_count() {
+        use ratelimit_domain::limits::{Algorithm, Applied, LimitSpec};
+        use ratelimit_domain::store::{LimitTake, RequestTake};
+        let (clock, store) = store(10, 10.0);
+        let take = |per_secs: u64, cost: i64| RequestTake {
+            limits: vec![LimitTake {
+                key: "k".into(),
+                applied: Applied {
+                    spec: LimitSpec::new(
+                        Algorithm::TokenBucket,
+                        10,
+                        Duration::from_secs(per_secs),
+                        None,
+                    )
+                    .unwrap(),
+                    shadow: false,
+                },
+            }],
+            cost,
+        };
+        let decide = |t| {
+            let store = &store;
+            async move {
+                store
+                    .decide_many(&[t])
+                    .await
+                    .unwrap()
+                    .pop()
+                    .unwrap()
+                    .unwrap()
+            }
+        };
+        // 10 a second: spent in full, written to expire in 1 s.
+        assert!(decide(take(1, 10)).await.allowed);
+        // Now 10 every 100 s (0.1 a second): refused, and kept until it would be full.
+        assert!(!decide(take(100, 5)).await.allowed);
+        clock.advance_us(2_000_000);
+        store.sweep();
+        let after = decide(take(100, 5)).await;
+        assert!(!after.allowed, "it came back full: {after:?}");
+        assert_eq!(after.limits[0].quota.remaining, 0, "0.2 tokens after 2 s");
     }
 
     #[test]

@@ -76,7 +76,11 @@ local function wait(want)
 end
 local retry = -1
 if cost <= capacity then retry = wait(cost) end
-return {0, math.floor(tokens), retry, wait(capacity)}
+local full = wait(capacity)
+-- Kept as it is: it must not expire before it would be full at the rate in force now (a
+-- slower refill since it was written would make it come back full early).
+if raw then redis.call('PEXPIRE', KEYS[1], math.max(1, math.ceil(full / 1000)), 'GT') end
+return {0, math.floor(tokens), retry, full}
 "#;
 
 /// Several limits of one request, all or nothing: every limit is evaluated first, and
@@ -138,18 +142,23 @@ for i = 1, n do
       else e.retry = until_full(tokens, cost, cap, rate) end
     end
     e.kept = {math.floor(math.max(tokens, 0)), until_full(tokens, cap, cap, rate)}
+    if raw then e.keep_px = math.max(1, math.ceil(e.kept[2] / 1000)) end
     local reset = until_full(after, cap, cap, rate)
     e.spent = {math.floor(math.max(after, 0)), reset}
     e.value = struct.pack('<d<d', after, at)
     e.px = math.max(1, math.ceil(reset / 1000))
   elseif algo == 2 then
     local limit, w = a, b
+    -- A clock that stepped back never reopens a window (as decide_all).
+    local now = now
+    local ws, c
+    if raw and #raw == 16 then
+      ws, c = struct.unpack('<d<d', raw)
+      if ws > now then now = ws end
+    end
     local start = now - now % w
     local count = 0
-    if raw and #raw == 16 then
-      local ws, c = struct.unpack('<d<d', raw)
-      if ws == start then count = c end
-    end
+    if ws == start then count = c end
     local nxt
     if cost < 0 then nxt = math.max(0, count + cost) else nxt = count + cost end
     if cost <= 0 or nxt <= limit then e.admits = 1 else e.admits = 0 end
@@ -166,10 +175,15 @@ for i = 1, n do
     e.px = math.max(1, math.ceil(end_in / 1000))
   else
     local limit, w = a, b
+    local now = now
+    local ws, c, p
+    if raw and #raw == 24 then
+      ws, c, p = struct.unpack('<d<d<d', raw)
+      if ws > now then now = ws end
+    end
     local start = now - now % w
     local cur, prev = 0, 0
-    if raw and #raw == 24 then
-      local ws, c, p = struct.unpack('<d<d<d', raw)
+    if ws then
       if ws == start then cur, prev = c, p elseif ws + w == start then prev = c end
     end
     local elapsed = now - start
@@ -233,6 +247,11 @@ for i = 1, n do
   if allowed == 1 and e.admits == 1 and cost ~= 0 then
     redis.call('SET', KEYS[i], e.value, 'PX', e.px)
     q = e.spent
+  elseif e.keep_px and cost > 0 then
+    -- Not written (refused): a bucket kept as it is must not expire before it would be
+    -- full at the rate in force now (a slower refill since it was written would make it
+    -- come back full early).
+    redis.call('PEXPIRE', KEYS[i], e.keep_px, 'GT')
   end
   table.insert(out, e.admits)
   table.insert(out, q[1])
