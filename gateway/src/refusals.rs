@@ -209,8 +209,16 @@ impl GatewayRefusals {
             response: response.clone(),
             limits,
         };
+        // What the entry holds beyond itself: the answer's limits and their names.
+        let held = entry
+            .response
+            .limits
+            .iter()
+            .map(|l| std::mem::size_of_val(l) + l.name.len() + l.algorithm.len())
+            .sum::<usize>()
+            + entry.limits.iter().map(|n| n.len() + 24).sum::<usize>();
         self.entries
-            .insert(&Self::key(request), entry, until_us, self.now_us());
+            .insert(&Self::key(request), entry, held, until_us, self.now_us());
     }
 }
 

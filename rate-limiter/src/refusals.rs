@@ -19,14 +19,15 @@
 //! A request the store admits removes its entry. Shadow limits are never cached: their
 //! outcome is reported, and a cached one could be stale.
 //!
-//! Bounded: at most `capacity` entries ([`ExpiringMap`]); when it is full of refusals that
-//! still hold, a new one is simply not cached.
+//! Bounded: at most `capacity` entries and 512 bytes each on average ([`ExpiringMap`]);
+//! when it is full of refusals that still hold, a new one is simply not cached, nor is one
+//! of more than 16 KiB (a request of many long descriptors is asked of the store again).
 
 use std::borrow::Cow;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use ratelimit_domain::limits::Outcome;
+use ratelimit_domain::limits::{LimitOutcome, Outcome};
 use ratelimit_domain::store::RequestTake;
 use service_kit::expiring::ExpiringMap;
 
@@ -132,7 +133,8 @@ impl Refusals {
             generation,
             outcome: outcome.clone(),
         };
-        self.entries.insert(&key, entry, until_us, sent_us);
+        let held = entry.outcome.limits.len() * std::mem::size_of::<LimitOutcome>();
+        self.entries.insert(&key, entry, held, until_us, sent_us);
     }
 }
 
@@ -141,7 +143,7 @@ mod tests {
     use super::*;
     use ratelimit_domain::Policy;
     use ratelimit_domain::Quota;
-    use ratelimit_domain::limits::{Applied, LimitOutcome, LimitSpec};
+    use ratelimit_domain::limits::{Applied, LimitSpec};
     use ratelimit_domain::store::LimitTake;
 
     fn take(key: &str, cost: i64, shadow: bool) -> RequestTake {
