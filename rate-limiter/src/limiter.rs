@@ -389,12 +389,21 @@ impl Limiter {
             .wrapping_add(local)
     }
 
-    /// A reset or refund may have given some limit room: forget every refusal here, and
-    /// tell the other limiters (through the shared epoch).
-    async fn room_given(&self) {
+    /// The generation this limiter's own refusal cache holds entries under: rules and
+    /// overrides (a reset or a refund moves only the room slots of its limits).
+    fn cache_generation(&self) -> u64 {
+        self.rules
+            .generation()
+            .wrapping_add(self.overrides.content_generation())
+    }
+
+    /// A reset or refund may have given the limits under `keys` room: forget their refusals
+    /// here, and tell the other limiters (through Redis); the gateways, which cannot tell
+    /// limits apart, see [`Limiter::generation`] move.
+    async fn room_given(&self, keys: &[String]) {
         self.room_given.fetch_add(1, Ordering::AcqRel);
         // Told even by a limiter without a cache: the others may have one.
-        if let Err(err) = self.overrides.bump_epoch().await {
+        if let Err(err) = self.overrides.give_room(keys).await {
             tracing::warn!(error = %err, "cannot tell the other limiters of a reset or refund; their cached refusals hold until they expire");
         }
     }
@@ -513,7 +522,7 @@ impl Limiter {
         }
         let reset = self.store.reset(&keys).await;
         // Even a failed reset may have reached the store.
-        self.room_given().await;
+        self.room_given(&keys).await;
         reset.map_err(|err| {
             tracing::warn!(error = %err, "reset failed");
             LimiterError::StoreUnavailable
@@ -699,13 +708,14 @@ impl Limiter {
         let mut verdicts: Vec<Option<Verdict>> = vec![None; requests.len()];
         // Refusals that still hold are answered here; the rest go to the store.
         let sent_us = self.clock.now_us();
-        let generation = self.generation();
+        let generation = self.cache_generation();
+        let room = self.overrides.room();
         let asked: Vec<usize> = match &self.refusals {
             Some(refusals) => asked
                 .into_iter()
                 .filter(|&i| {
                     let take = &plans[i].as_ref().expect("planned").take;
-                    match refusals.lookup(take, sent_us, generation) {
+                    match refusals.lookup(take, sent_us, generation, room) {
                         Some(outcome) => {
                             verdicts[i] = Some(Verdict::Stored(outcome));
                             false
@@ -722,18 +732,20 @@ impl Limiter {
             .map(|&i| std::mem::take(&mut plans[i].as_mut().expect("planned").take))
             .collect();
         let reply = self.call_store(takes).await;
-        let mut refunded = false;
+        let mut refunded: Vec<String> = Vec::new();
         for ((&i, take), verdict) in asked.iter().zip(reply.takes).zip(reply.verdicts) {
             if let (Some(refusals), Verdict::Stored(outcome)) = (&self.refusals, &verdict) {
-                refusals.record(&take, outcome, sent_us, generation);
+                refusals.record(&take, outcome, sent_us, generation, room);
             }
-            refunded |= take.cost < 0;
+            if take.cost < 0 {
+                refunded.extend(take.limits.iter().map(|l| l.key.clone()));
+            }
             plans[i].as_mut().expect("planned").take = take;
             verdicts[i] = Some(verdict);
         }
-        if refunded {
+        if !refunded.is_empty() {
             // Asked of the store even when it failed: the refund may have landed.
-            self.room_given().await;
+            self.room_given(&refunded).await;
         }
         requests
             .iter()

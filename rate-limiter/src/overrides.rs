@@ -159,8 +159,58 @@ enum Backend {
         hash: String,
         version: String,
         epoch: String,
+        /// A hash of slot -> count of room given there (see [`RoomSlots`]).
+        slots: String,
         timeout: Duration,
     },
+}
+
+/// Slots of the limit keys, for [`RoomSlots`].
+pub const ROOM_SLOTS: usize = 1024;
+
+/// Which limits gained room other than by time (a refund or a reset), by slot: every limit
+/// key falls in one of [`ROOM_SLOTS`] slots (a stable hash), and a slot's generation moves
+/// when a limit of it gets room, here or (through Redis, polled with the overrides) at any
+/// limiter. A cached refusal holds only while the slots of its limits have not moved, so a
+/// refund or a reset forgets the refusals of about 1/1024 of the keys, not all of them.
+pub struct RoomSlots {
+    slots: Box<[AtomicU64]>,
+}
+
+impl Default for RoomSlots {
+    fn default() -> Self {
+        Self {
+            slots: (0..ROOM_SLOTS).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+}
+
+impl RoomSlots {
+    /// The slot of a limit key (FNV-1a, stable across processes and versions).
+    pub fn slot_of(key: &str) -> usize {
+        let hash = key.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+        (hash % ROOM_SLOTS as u64) as usize
+    }
+
+    /// A mark of the slots of `keys` now: it moves when any of them moves.
+    pub fn mark<'a>(&self, keys: impl Iterator<Item = &'a str>) -> u64 {
+        keys.map(|k| self.slots[Self::slot_of(k)].load(Ordering::Acquire))
+            .fold(0, u64::wrapping_add)
+    }
+
+    /// The limits in `slots` gained room.
+    pub fn move_slots(&self, slots: impl Iterator<Item = usize>) {
+        for slot in slots {
+            self.slots[slot % ROOM_SLOTS].fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Every limit may have gained room (the shared record of slots was lost).
+    pub fn move_all(&self) {
+        self.move_slots(0..ROOM_SLOTS);
+    }
 }
 
 /// The overrides in force, and where they are kept.
@@ -172,6 +222,10 @@ pub struct Overrides {
     /// Moves when the overrides change or the shared epoch moves (a reset or a refund
     /// anywhere): refusals remembered before no longer hold.
     generation: AtomicU64,
+    /// Moves of the shared epoch seen here (a reset or a refund at any limiter).
+    epoch_moves: AtomicU64,
+    /// The limits that gained room, by slot (see [`RoomSlots`]).
+    room: RoomSlots,
     backend: Backend,
 }
 
@@ -182,6 +236,8 @@ impl Overrides {
             current: RwLock::new(Arc::new(OverrideSet::default())),
             any: AtomicBool::new(false),
             generation: AtomicU64::new(0),
+            epoch_moves: AtomicU64::new(0),
+            room: RoomSlots::default(),
             backend: Backend::Memory(Mutex::new(BTreeMap::new())),
         }
     }
@@ -192,12 +248,15 @@ impl Overrides {
             current: RwLock::new(Arc::new(OverrideSet::default())),
             any: AtomicBool::new(false),
             generation: AtomicU64::new(0),
+            epoch_moves: AtomicU64::new(0),
+            room: RoomSlots::default(),
             backend: Backend::Redis {
                 conn,
                 // One hash tag for both keys: a change is one transaction, on a Cluster too.
                 hash: format!("{prefix}{{overrides}}"),
                 version: format!("{prefix}{{overrides}}:v"),
                 epoch: format!("{prefix}{{overrides}}:e"),
+                slots: format!("{prefix}{{overrides}}:s"),
                 timeout: timeout.max(Duration::from_millis(500)),
             },
         }
@@ -225,23 +284,47 @@ impl Overrides {
 
     /// How many times the overrides or the shared epoch moved, as seen here.
     pub fn generation(&self) -> u64 {
+        self.content_generation()
+            .wrapping_add(self.epoch_moves.load(Ordering::Acquire))
+    }
+
+    /// How many times the overrides themselves changed, as seen here (a reset or a refund
+    /// moves only the [`RoomSlots`] of its limits).
+    pub fn content_generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
     }
 
-    /// Tells every limiter that some limit may have room sooner than it said (a reset or a
-    /// refund): bumps the shared epoch, which the others see within a poll.
-    pub async fn bump_epoch(&self) -> Result<(), OverrideError> {
+    /// The limits that gained room, by slot.
+    pub fn room(&self) -> &RoomSlots {
+        &self.room
+    }
+
+    /// Tells this limiter and every other that the limits under `keys` may have room sooner
+    /// than they said (a reset or a refund): their slots move here at once, and through
+    /// Redis (the slots' counts and the shared epoch) at the others within a poll.
+    pub async fn give_room(&self, keys: &[String]) -> Result<(), OverrideError> {
+        let mut slots: Vec<usize> = keys.iter().map(|k| RoomSlots::slot_of(k)).collect();
+        slots.sort_unstable();
+        slots.dedup();
+        self.room.move_slots(slots.iter().copied());
         let Backend::Redis {
             conn,
             epoch,
+            slots: slots_key,
             timeout,
             ..
         } = &self.backend
         else {
             return Ok(());
         };
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for slot in &slots {
+            pipe.hincr(slots_key, *slot, 1).ignore();
+        }
+        pipe.incr(epoch, 1).ignore();
         let mut c = conn.clone();
-        let _: i64 = with_deadline(*timeout, redis::cmd("INCR").arg(epoch).query_async(&mut c))
+        let _: () = with_deadline(*timeout, pipe.query_async(&mut c))
             .await
             .map_err(|e| OverrideError::Unavailable(e.to_string()))?;
         Ok(())
@@ -385,18 +468,26 @@ impl Overrides {
             conn,
             version,
             epoch,
+            slots,
             timeout,
             ..
         } = &self.backend
         else {
             return;
         };
-        let (conn, version, epoch, timeout) =
-            (conn.clone(), version.clone(), epoch.clone(), *timeout);
+        let (conn, version, epoch, slots, timeout) = (
+            conn.clone(),
+            version.clone(),
+            epoch.clone(),
+            slots.clone(),
+            *timeout,
+        );
         let overrides = Arc::downgrade(self);
         tokio::spawn(async move {
             let mut seen: Option<Option<i64>> = None;
             let mut seen_epoch: Option<Option<i64>> = None;
+            // The slots' counts as last read (None: not read yet).
+            let mut seen_slots: Option<HashMap<u64, i64>> = None;
             let mut tick = tokio::time::interval(POLL_INTERVAL);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
@@ -423,8 +514,33 @@ impl Overrides {
                         continue;
                     }
                 };
-                if seen_epoch.is_some_and(|e| e != now_epoch) {
-                    overrides.generation.fetch_add(1, Ordering::AcqRel);
+                if seen_epoch.is_none_or(|e| e != now_epoch) {
+                    if seen_epoch.is_some() {
+                        overrides.epoch_moves.fetch_add(1, Ordering::AcqRel);
+                    }
+                    // Which limits gained room: the slots whose counts moved.
+                    match with_deadline(
+                        timeout,
+                        redis::cmd("HGETALL")
+                            .arg(&slots)
+                            .query_async::<HashMap<u64, i64>>(&mut c),
+                    )
+                    .await
+                    {
+                        Ok(now_slots) => {
+                            if let Some(before) = &seen_slots {
+                                let moved = (0..ROOM_SLOTS as u64)
+                                    .filter(|slot| before.get(slot) != now_slots.get(slot));
+                                overrides.room.move_slots(moved.map(|s| s as usize));
+                            }
+                            seen_slots = Some(now_slots);
+                        }
+                        Err(err) => {
+                            tracing::debug!(error = %err, "cannot read the room slots; every cached refusal is forgotten");
+                            overrides.room.move_all();
+                            seen_slots = None;
+                        }
+                    }
                 }
                 seen_epoch = Some(now_epoch);
                 if seen == Some(now) {

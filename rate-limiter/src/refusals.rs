@@ -13,9 +13,11 @@
 //! locally while `now < sent + r`, with no store call.
 //!
 //! Only four things give a limit room sooner: a rule change, an override change, a reset
-//! and a refund. Each bumps a generation (the rules' and the overrides' in this process, and
-//! for resets and refunds made through any limiter an epoch in Redis that every limiter
-//! polls with the overrides, every 250 ms); an entry of an older generation is never used.
+//! and a refund. A rule or override change bumps a generation; an entry of an older
+//! generation is never used. A reset or a refund moves only the room slots of its limits
+//! (see [`RoomSlots`]: one of 1,024 by a hash of the limit key; here at once, and through
+//! Redis at every limiter, polled with the overrides every 250 ms); an entry whose limits'
+//! slots moved is never used. So a refund forgets about 1/1024 of the refusals, not all.
 //! A request the store admits removes its entry. Shadow limits are never cached: their
 //! outcome is reported, and a cached one could be stale.
 //!
@@ -31,6 +33,8 @@ use ratelimit_domain::limits::{LimitOutcome, Outcome};
 use ratelimit_domain::store::RequestTake;
 use service_kit::expiring::ExpiringMap;
 
+use crate::overrides::RoomSlots;
+
 /// The end of a wait that is left to the store (see [`Refusals::record`]).
 const ROUNDING_MARGIN: Duration = Duration::from_millis(1);
 
@@ -39,6 +43,8 @@ struct Entry {
     /// When the store call that refused was sent, on this process's clock.
     sent_us: u64,
     generation: u64,
+    /// The mark of its limits' room slots when it was recorded.
+    room: u64,
     outcome: Outcome,
 }
 
@@ -84,15 +90,28 @@ impl Refusals {
         }
     }
 
+    fn room_mark(take: &RequestTake, room: &RoomSlots) -> u64 {
+        room.mark(take.limits.iter().map(|l| l.key.as_str()))
+    }
+
     /// The store's refusal of `take`, answered again, if one of this `generation` holds at
-    /// `now_us`: every limit's waits shortened by the time since.
-    pub fn lookup(&self, take: &RequestTake, now_us: u64, generation: u64) -> Option<Outcome> {
+    /// `now_us` and no limit of it gained room since (`room`): every limit's waits
+    /// shortened by the time since.
+    pub fn lookup(
+        &self,
+        take: &RequestTake,
+        now_us: u64,
+        generation: u64,
+        room: &RoomSlots,
+    ) -> Option<Outcome> {
         if take.cost <= 0 || self.is_empty() {
             return None;
         }
         let (sent_us, mut outcome) = self.entries.get(&Self::key(take), now_us, |entry| {
-            (entry.generation == generation && entry.cost == take.cost)
-                .then(|| (entry.sent_us, entry.outcome.clone()))
+            (entry.generation == generation
+                && entry.cost == take.cost
+                && entry.room == Self::room_mark(take, room))
+            .then(|| (entry.sent_us, entry.outcome.clone()))
         })?;
         let elapsed = Duration::from_micros(now_us.saturating_sub(sent_us));
         for limit in &mut outcome.limits {
@@ -105,7 +124,14 @@ impl Refusals {
 
     /// Notes what the store made of `take` (sent at `sent_us`): a refusal is remembered
     /// until it can no longer hold; an admission forgets any refusal of the same limits.
-    pub fn record(&self, take: &RequestTake, outcome: &Outcome, sent_us: u64, generation: u64) {
+    pub fn record(
+        &self,
+        take: &RequestTake,
+        outcome: &Outcome,
+        sent_us: u64,
+        generation: u64,
+        room: &RoomSlots,
+    ) {
         if take.cost <= 0 || take.limits.iter().any(|l| l.applied.shadow) {
             return;
         }
@@ -131,6 +157,7 @@ impl Refusals {
             cost: take.cost,
             sent_us,
             generation,
+            room: Self::room_mark(take, room),
             outcome: outcome.clone(),
         };
         let held = entry.outcome.limits.len() * std::mem::size_of::<LimitOutcome>();
@@ -177,65 +204,119 @@ mod tests {
     #[test]
     fn a_refusal_holds_until_its_wait_is_over_for_the_same_cost() {
         let cache = Refusals::new(100);
-        cache.record(&take("k", 2, false), &refused(1000), 1_000_000, 0);
-        let hit = cache.lookup(&take("k", 2, false), 1_400_000, 0).unwrap();
+        let room = RoomSlots::default();
+        cache.record(&take("k", 2, false), &refused(1000), 1_000_000, 0, &room);
+        let hit = cache
+            .lookup(&take("k", 2, false), 1_400_000, 0, &room)
+            .unwrap();
         assert_eq!(hit.limits[0].retry_after, Duration::from_millis(600));
-        assert!(cache.lookup(&take("k", 2, false), 1_998_999, 0).is_some());
         assert!(
-            cache.lookup(&take("k", 2, false), 1_999_000, 0).is_none(),
+            cache
+                .lookup(&take("k", 2, false), 1_998_999, 0, &room)
+                .is_some()
+        );
+        assert!(
+            cache
+                .lookup(&take("k", 2, false), 1_999_000, 0, &room)
+                .is_none(),
             "its last ms"
         );
         assert!(
-            cache.lookup(&take("k", 3, false), 1_400_000, 0).is_none(),
+            cache
+                .lookup(&take("k", 3, false), 1_400_000, 0, &room)
+                .is_none(),
             "its wait differs"
         );
         assert!(
-            cache.lookup(&take("k", 1, false), 1_400_000, 0).is_none(),
+            cache
+                .lookup(&take("k", 1, false), 1_400_000, 0, &room)
+                .is_none(),
             "a lower cost may fit"
         );
         assert!(
-            cache.lookup(&take("k", 2, false), 2_000_000, 0).is_none(),
+            cache
+                .lookup(&take("k", 2, false), 2_000_000, 0, &room)
+                .is_none(),
             "the wait is over"
         );
         assert!(
-            cache.lookup(&take("k", 2, false), 1_400_000, 1).is_none(),
+            cache
+                .lookup(&take("k", 2, false), 1_400_000, 1, &room)
+                .is_none(),
             "another generation"
         );
         assert!(
             cache
-                .lookup(&take("other", 2, false), 1_400_000, 0)
+                .lookup(&take("other", 2, false), 1_400_000, 0, &room)
                 .is_none()
         );
         assert_eq!(cache.hits(), 2);
     }
 
+    /// Defect: a refund or a reset emptied every cache of every limiter (the shared epoch
+    /// moved one generation for all); anyone who reaches the limiter's port could keep
+    /// them empty. Now only the refusals of the limits whose room slots moved are forgotten.
+    #[test]
+    fn a_refund_forgets_only_the_refusals_of_its_limits() {
+        let cache = Refusals::new(10_000);
+        let room = RoomSlots::default();
+        let keys: Vec<String> = (0..200).map(|i| format!("k{i}")).collect();
+        for key in &keys {
+            cache.record(&take(key, 1, false), &refused(60_000), 0, 0, &room);
+        }
+        room.move_slots([RoomSlots::slot_of("k7")].into_iter());
+        assert!(cache.lookup(&take("k7", 1, false), 10, 0, &room).is_none());
+        let held = keys
+            .iter()
+            .filter(|k| cache.lookup(&take(k, 1, false), 10, 0, &room).is_some())
+            .count();
+        assert!(
+            held >= 195,
+            "only {held} of 200 refusals held after one refund"
+        );
+    }
+
     #[test]
     fn an_admission_forgets_and_shadow_limits_are_never_cached() {
         let cache = Refusals::new(100);
-        cache.record(&take("k", 1, false), &refused(1000), 0, 0);
+        let room = RoomSlots::default();
+        cache.record(&take("k", 1, false), &refused(1000), 0, 0, &room);
         let admitted = Outcome {
             allowed: true,
             ..refused(0)
         };
-        cache.record(&take("k", 1, false), &admitted, 10, 0);
-        assert!(cache.lookup(&take("k", 1, false), 20, 0).is_none());
+        cache.record(&take("k", 1, false), &admitted, 10, 0, &room);
+        assert!(cache.lookup(&take("k", 1, false), 20, 0, &room).is_none());
         assert!(cache.is_empty());
-        cache.record(&take("s", 1, true), &refused(1000), 0, 0);
+        cache.record(&take("s", 1, true), &refused(1000), 0, 0, &room);
         assert!(cache.is_empty());
     }
 
     #[test]
     fn the_cache_is_bounded() {
         let cache = Refusals::new(32);
+        let room = RoomSlots::default();
         for i in 0..10_000 {
-            cache.record(&take(&format!("k{i}"), 1, false), &refused(60_000), 0, 0);
+            cache.record(
+                &take(&format!("k{i}"), 1, false),
+                &refused(60_000),
+                0,
+                0,
+                &room,
+            );
         }
         assert!(cache.len() <= 32, "{} entries", cache.len());
         // Once they expire, new refusals take their place.
-        cache.record(&take("late", 1, false), &refused(1000), 60_000_000, 0);
+        cache.record(
+            &take("late", 1, false),
+            &refused(1000),
+            60_000_000,
+            0,
+            &room,
+        );
         assert!(
             cache
-                .lookup(&take("late", 1, false), 60_000_001, 0)
+                .lookup(&take("late", 1, false), 60_000_001, 0, &room)
                 .is_some()
         );
     }

@@ -266,6 +266,24 @@ async fn refusals_cost_no_redis_call_and_a_reset_elsewhere_reaches_the_cache() {
     assert!(calls <= 1, "500 refusals made {calls} script calls");
     assert_eq!(a.refusal_cache_hits(), 500);
 
+    // B refunds someone else: A keeps mallory's refusal (once every refund anywhere
+    // emptied every cache).
+    let other = CheckRequest::user("alice", 1);
+    assert!(b.check(&other).await.unwrap().decision.is_allowed());
+    let mut refund = other.clone();
+    refund.cost = -1;
+    b.check(&refund).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let calls_before = script_calls(&redis).await;
+    for _ in 0..100 {
+        assert!(!a.check(&user).await.unwrap().decision.is_allowed());
+    }
+    let calls = script_calls(&redis).await - calls_before;
+    assert!(
+        calls <= 1,
+        "a refund of alice cost mallory's refusals {calls} script calls"
+    );
+
     // B resets mallory: within a poll (250 ms) A asks Redis again and admits.
     b.reset(&user).await.unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(1);
