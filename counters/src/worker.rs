@@ -262,6 +262,7 @@ mod tests {
                 degraded: false,
                 domain: None,
                 rules: Vec::new(),
+                stamp: None,
             }),
         }
     }

@@ -162,6 +162,7 @@ mod tests {
             degraded: false,
             domain: None,
             rules: Vec::new(),
+            stamp: None,
         };
         let size = event(0).encode().len() as u64;
         for i in 0..10_000 {
