@@ -300,4 +300,61 @@ mod tests {
         assert_eq!(stats.events.load(Ordering::Relaxed), 3);
         assert_eq!(*commits.lock().unwrap(), [(0, 2), (1, 7)]);
     }
+    fn stamped(partition: i32, offset: i64, user: &str, epoch: &str, seq: u64) -> Record {
+        let mut record = rec(partition, offset, user, true);
+        if let Ok(event) = &mut record.event {
+            event.stamp = Some(ratelimit_domain::event::Stamp {
+                epoch: epoch.into(),
+                seq,
+            });
+        }
+        record
+    }
+
+    /// Offsets are the broker's, and a recreated topic (or a reset partition) numbers from 0
+    /// again: stamped events count once by their publisher's epoch and sequence, whatever
+    /// offsets they arrive at, and a replay of them counts nothing.
+    #[tokio::test]
+    async fn stamped_events_count_once_whatever_offsets_the_broker_gives_them() {
+        let (e1, e2) = ("65000000-aa", "65000000-bb");
+        let source = Scripted {
+            batches: vec![
+                // Two publishers, one partition.
+                (0..5)
+                    .map(|i| stamped(0, 100 + i, "u", e1, i as u64))
+                    .chain([stamped(0, 105, "u", e2, 0)])
+                    .collect(),
+                // The topic recreated: offsets from 0, the publishers' sequences go on.
+                (0..3)
+                    .map(|i| stamped(0, i, "u", e1, 5 + i as u64))
+                    .chain([stamped(0, 3, "u", e2, 1)])
+                    .collect(),
+                // The group replays everything from a reset offset.
+                (0..8)
+                    .map(|i| stamped(0, 50 + i, "u", e1, i as u64))
+                    .chain([stamped(0, 58, "u", e2, 0), stamped(0, 59, "u", e2, 1)])
+                    .collect(),
+            ],
+            commits: Arc::default(),
+        };
+        let store = Arc::new(MemoryCounters::new(100, Duration::from_secs(3600)));
+        run(
+            Box::new(source),
+            store.clone(),
+            Arc::new(WorkerStats::default()),
+            100,
+            CancellationToken::new(),
+        )
+        .await;
+        let u = store.get("u").await.unwrap();
+        assert_eq!(u.allowed, 10, "{u:?}");
+        let global: u64 = store
+            .global_series(0..=0)
+            .await
+            .unwrap()
+            .iter()
+            .map(|m| m.allowed)
+            .sum();
+        assert_eq!(global, 10);
+    }
 }

@@ -177,7 +177,10 @@ mod tests {
 
     #[test]
     fn epochs_differ_and_tell_their_start() {
-        let (a, b) = (Stamp::new_epoch(1_700_000_000), Stamp::new_epoch(1_700_000_000));
+        let (a, b) = (
+            Stamp::new_epoch(1_700_000_000),
+            Stamp::new_epoch(1_700_000_000),
+        );
         assert_ne!(a, b);
         assert_eq!(Stamp::started_secs(&a), Some(1_700_000_000));
         assert_eq!(Stamp::started_secs("garbage"), None);
