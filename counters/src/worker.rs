@@ -137,7 +137,10 @@ async fn process(
     records: Vec<Record>,
     shutdown: &CancellationToken,
 ) -> bool {
-    let mut batches: BTreeMap<Option<i32>, PartitionBatch> = BTreeMap::new();
+    // One batch per partition and dedup stream: a stamped event is checked against its
+    // publisher's epoch and numbered by its sequence, an unstamped one (an earlier build's)
+    // by its offset as before, and the in-process stream's under the source's epoch.
+    let mut batches: BTreeMap<(Option<i32>, Option<String>), PartitionBatch> = BTreeMap::new();
     let mut done: BTreeMap<i32, i64> = BTreeMap::new();
     for record in records {
         if let Some(partition) = record.partition {
@@ -145,19 +148,22 @@ async fn process(
             *last = (*last).max(record.offset);
         }
         match record.event {
-            Ok(event) => batches
-                .entry(record.partition)
-                .or_insert_with(|| PartitionBatch {
-                    partition: record.partition,
-                    epoch: record
-                        .partition
-                        .is_none()
-                        .then(|| source.epoch().map(str::to_owned))
-                        .flatten(),
-                    events: Vec::new(),
-                })
-                .events
-                .push((record.offset, event)),
+            Ok(event) => {
+                let (epoch, number) = match (&event.stamp, record.partition) {
+                    (Some(stamp), _) => (Some(stamp.epoch.clone()), stamp.seq as i64),
+                    (None, Some(_)) => (None, record.offset),
+                    (None, None) => (source.epoch().map(str::to_owned), record.offset),
+                };
+                batches
+                    .entry((record.partition, epoch))
+                    .or_insert_with_key(|(partition, epoch)| PartitionBatch {
+                        partition: *partition,
+                        epoch: epoch.clone(),
+                        events: Vec::new(),
+                    })
+                    .events
+                    .push((number, event));
+            }
             Err(err) => {
                 let poison = stats.poison.fetch_add(1, Ordering::Relaxed) + 1;
                 tracing::warn!(
@@ -300,6 +306,7 @@ mod tests {
         assert_eq!(stats.events.load(Ordering::Relaxed), 3);
         assert_eq!(*commits.lock().unwrap(), [(0, 2), (1, 7)]);
     }
+
     fn stamped(partition: i32, offset: i64, user: &str, epoch: &str, seq: u64) -> Record {
         let mut record = rec(partition, offset, user, true);
         if let Ok(event) = &mut record.event {
