@@ -332,3 +332,32 @@ async fn a_batch_gets_a_deadline_that_fits_its_size() {
         "one decision keeps 100 ms"
     );
 }
+
+/// Defect: a call that timed out after Redis had in fact run it was decided again by the
+/// fallback, though its tokens were spent. The scripts remember a call's answer briefly
+/// under its request id and the store sends a timed-out batch once more: the repeat is
+/// answered from the first run, which spent the tokens once.
+#[tokio::test]
+async fn a_batch_that_timed_out_after_running_is_answered_from_that_run() {
+    let redis = RedisServer::start();
+    let s = RedisStore::new(
+        &Endpoint::single(redis.url()),
+        &unique("retry"),
+        Policy::new(3, 0.001).unwrap(),
+        Duration::from_millis(200),
+    )
+    .unwrap();
+    s.preload().await.unwrap();
+    // The call reaches a frozen Redis, which runs it only after the deadline has passed.
+    redis.freeze(true);
+    let (slow, ()) = tokio::join!(s.take("u", 1), async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        redis.freeze(false);
+    });
+    let slow = slow.expect("answered from the run that happened");
+    assert!(slow.is_allowed());
+    assert_eq!(slow.quota().remaining, 2, "{slow:?}");
+    // One token spent by it, not two.
+    let next = s.take("u", 1).await.unwrap();
+    assert_eq!((next.is_allowed(), next.quota().remaining), (true, 1));
+}
