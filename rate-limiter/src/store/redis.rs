@@ -22,6 +22,7 @@ use service_kit::redis::{
     Connection, Endpoint, Scripts, connect, describe, is_noscript, with_deadline,
 };
 
+use super::memo::{RequestIds, memoized};
 use super::{BucketStore, StoreError};
 
 const TAKE_SCRIPT: &str = r#"
@@ -249,6 +250,7 @@ pub struct RedisStore {
     scripts: Scripts,
     key_prefix: String,
     timeout: Duration,
+    ids: RequestIds,
 }
 
 impl RedisStore {
@@ -264,9 +266,10 @@ impl RedisStore {
         Ok(Self {
             policy,
             conn,
-            scripts: Scripts::new(&[TAKE_SCRIPT, MULTI_SCRIPT]),
+            scripts: Scripts::new(&[&memoized(TAKE_SCRIPT), &memoized(MULTI_SCRIPT)]),
             key_prefix: key_prefix.to_owned(),
             timeout,
+            ids: RequestIds::new(),
         })
     }
 
@@ -311,11 +314,17 @@ impl BucketStore for RedisStore {
                 pending.push(i);
             }
         }
+        // A batch that timed out may have run: it is sent once more under the same ids,
+        // and the calls that did run are answered from that run (`super::memo`).
+        let batch = self.ids.batch();
         for round in 0..2 {
             if pending.is_empty() {
                 break;
             }
-            let answers = self.run(requests, &pending).await?;
+            let answers = match self.run(requests, &pending, &batch).await {
+                Err(StoreError::Timeout) => self.run(requests, &pending, &batch).await?,
+                answers => answers?,
+            };
             let mut missing_script = Vec::new();
             for (&i, answer) in pending.iter().zip(answers) {
                 match answer {
@@ -441,8 +450,11 @@ fn outcome(request: &RequestTake, answer: &[i64]) -> Decided {
 }
 
 impl RedisStore {
-    /// Adds one request's script call to `pipe`.
-    fn invoke(&self, pipe: &mut redis::Pipeline, request: &RequestTake) {
+    /// Adds one request's script call to `pipe`, under request id `rid`.
+    fn invoke(&self, pipe: &mut redis::Pipeline, request: &RequestTake, rid: &str) {
+        // Long enough for the repeat of a batch that timed out (twice its deadline, at
+        // most 5 timeouts each), short enough that the answers take little memory.
+        let remember_ms = (self.timeout * 10).max(Duration::from_secs(1)).as_millis() as u64;
         if is_single_bucket(request) {
             let LimitSpec::TokenBucket(policy) = request.limits[0].applied.spec else {
                 unreachable!("checked by is_single_bucket");
@@ -453,7 +465,9 @@ impl RedisStore {
                 .arg(&request.limits[0].key)
                 .arg(policy.capacity())
                 .arg(policy.refill_per_sec())
-                .arg(request.cost);
+                .arg(request.cost)
+                .arg(remember_ms)
+                .arg(rid);
             return;
         }
         let cmd = pipe
@@ -482,6 +496,7 @@ impl RedisStore {
                 } => cmd.arg(3).arg(shadow).arg(requests).arg(window_us),
             };
         }
+        cmd.arg(remember_ms).arg(rid);
     }
 
     /// A request whose limits span Cluster slots: one script per slot, one after the
@@ -584,6 +599,7 @@ impl RedisStore {
         &self,
         requests: &[RequestTake],
         indices: &[usize],
+        batch: &str,
     ) -> Result<Vec<redis::RedisResult<Vec<i64>>>, StoreError> {
         let groups: Vec<Vec<usize>> = if self.conn.is_cluster() {
             let mut by_tag: Vec<Vec<usize>> = Vec::new();
@@ -604,7 +620,7 @@ impl RedisStore {
             let mut pipe = redis::pipe();
             pipe.ignore_errors();
             for &i in group {
-                self.invoke(&mut pipe, &requests[i]);
+                self.invoke(&mut pipe, &requests[i], &format!("{batch}.{i}"));
             }
             let mut conn = self.conn.clone();
             async move {
