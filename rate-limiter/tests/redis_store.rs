@@ -265,7 +265,8 @@ async fn the_widest_policy_allowed_is_decided_in_one_quick_script() {
     use ratelimit_domain::bucket::{MAX_CAPACITY, MAX_REFILL_SECS};
     let redis = RedisServer::start();
     let policy = Policy::new(MAX_CAPACITY, MAX_CAPACITY as f64 / MAX_REFILL_SECS).unwrap();
-    let s = store(&redis, &unique("widest"), policy);
+    let prefix = unique("widest");
+    let s = store(&redis, &prefix, policy);
     let started = std::time::Instant::now();
     let d = s.take("u", MAX_CAPACITY).await.unwrap();
     assert!(d.is_allowed());
@@ -279,13 +280,9 @@ async fn the_widest_policy_allowed_is_decided_in_one_quick_script() {
     assert!(d.retry_after() < Duration::from_millis(100), "{d:?}");
     assert!(started.elapsed() < Duration::from_millis(400));
     let mut conn = raw(&redis).await;
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg("*")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    // The bucket's key (beside it, the batch's remembered answers expire within seconds).
     let ttl: i64 = redis::cmd("PTTL")
-        .arg(&keys[0])
+        .arg(ratelimit_domain::keys::bucket_key(&prefix, "u"))
         .query_async(&mut conn)
         .await
         .unwrap();

@@ -3,11 +3,14 @@
 //! first one) is answered from the run that happened rather than decided twice.
 //!
 //! The decision scripts are wrapped, not edited: their body becomes a function, called
-//! only when no answer is remembered. Two arguments follow theirs (which they address from
-//! the front): how long to remember, in ms, and the request id (`''`: do not remember).
-//! The answer is kept beside the call's first key (same hash tag, so the same Cluster
-//! slot), only when the call spent something (its first answer is 1, allowed): a refusal
-//! writes nothing, so running it again decides the same way.
+//! unless a repeat finds its answer. Four arguments follow theirs (which they address from
+//! the front): the hash the batch's answers are kept in (`''`: remember nothing), the
+//! call's field in it, how long the hash lives (ms, from its first answer), and `1` on a
+//! repeat (only a repeat looks an answer up). On one Redis a batch's calls share one hash
+//! (one key a batch, not one a decision); on a Cluster each call has its own, beside its
+//! first key (same hash tag, so the same slot). An answer is kept only when the call spent
+//! something (its first number is 1, allowed): a refusal writes nothing, so running it
+//! again decides the same way.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -15,11 +18,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// wrote) made idempotent per request id.
 pub(super) fn memoized(body: &str) -> String {
     format!(
-        r#"local rid = ARGV[#ARGV]
-local memo
-if rid ~= '' then
-  memo = KEYS[1] .. ':m:' .. rid
-  local done = redis.call('GET', memo)
+        r#"local mkey, field = ARGV[#ARGV - 3], ARGV[#ARGV - 2]
+if ARGV[#ARGV] == '1' then
+  local done = redis.call('HGET', mkey, field)
   if done then
     local out = {{}}
     for n in string.gmatch(done, '[^,]+') do out[#out + 1] = tonumber(n) end
@@ -30,10 +31,11 @@ local function decide()
 {body}
 end
 local out = decide()
-if memo and out[1] == 1 then
+if mkey ~= '' and out[1] == 1 then
   local text = {{}}
   for i = 1, #out do text[i] = string.format('%d', out[i]) end
-  redis.call('SET', memo, table.concat(text, ','), 'PX', ARGV[#ARGV - 1])
+  redis.call('HSET', mkey, field, table.concat(text, ','))
+  if redis.call('HLEN', mkey) == 1 then redis.call('PEXPIRE', mkey, ARGV[#ARGV - 1]) end
 end
 return out
 "#

@@ -251,6 +251,8 @@ pub struct RedisStore {
     key_prefix: String,
     timeout: Duration,
     ids: RequestIds,
+    /// Whether a batch that timed out is sent once more, answered from its first run.
+    idempotent_retry: bool,
 }
 
 impl RedisStore {
@@ -270,7 +272,16 @@ impl RedisStore {
             key_prefix: key_prefix.to_owned(),
             timeout,
             ids: RequestIds::new(),
+            idempotent_retry: true,
         })
+    }
+
+    /// Whether a batch that timed out is sent once more under the same request ids, the
+    /// calls Redis did run answered from that run (`REDIS_IDEMPOTENT_RETRY`, on by
+    /// default); off, the scripts remember nothing and a timed-out batch fails at once.
+    pub fn with_idempotent_retry(mut self, on: bool) -> Self {
+        self.idempotent_retry = on;
+        self
     }
 
     /// Loads the script now, so the first request does not pay for it.
@@ -321,8 +332,10 @@ impl BucketStore for RedisStore {
             if pending.is_empty() {
                 break;
             }
-            let answers = match self.run(requests, &pending, &batch).await {
-                Err(StoreError::Timeout) => self.run(requests, &pending, &batch).await?,
+            let answers = match self.run(requests, &pending, &batch, false).await {
+                Err(StoreError::Timeout) if self.idempotent_retry => {
+                    self.run(requests, &pending, &batch, true).await?
+                }
                 answers => answers?,
             };
             let mut missing_script = Vec::new();
@@ -450,11 +463,14 @@ fn outcome(request: &RequestTake, answer: &[i64]) -> Decided {
 }
 
 impl RedisStore {
-    /// Adds one request's script call to `pipe`, under request id `rid`.
-    fn invoke(&self, pipe: &mut redis::Pipeline, request: &RequestTake, rid: &str) {
+    /// Adds one request's script call to `pipe`, its answer remembered under `memo`
+    /// (`super::memo`: the hash, the field, and whether this is the batch's repeat).
+    fn invoke(&self, pipe: &mut redis::Pipeline, request: &RequestTake, memo: (&str, &str, bool)) {
         // Long enough for the repeat of a batch that timed out (twice its deadline, at
         // most 5 timeouts each), short enough that the answers take little memory.
         let remember_ms = (self.timeout * 10).max(Duration::from_secs(1)).as_millis() as u64;
+        let (memo_key, field, repeat) = memo;
+        let repeat = if repeat { "1" } else { "" };
         if is_single_bucket(request) {
             let LimitSpec::TokenBucket(policy) = request.limits[0].applied.spec else {
                 unreachable!("checked by is_single_bucket");
@@ -466,8 +482,10 @@ impl RedisStore {
                 .arg(policy.capacity())
                 .arg(policy.refill_per_sec())
                 .arg(request.cost)
+                .arg(memo_key)
+                .arg(field)
                 .arg(remember_ms)
-                .arg(rid);
+                .arg(repeat);
             return;
         }
         let cmd = pipe
@@ -496,7 +514,7 @@ impl RedisStore {
                 } => cmd.arg(3).arg(shadow).arg(requests).arg(window_us),
             };
         }
-        cmd.arg(remember_ms).arg(rid);
+        cmd.arg(memo_key).arg(field).arg(remember_ms).arg(repeat);
     }
 
     /// A request whose limits span Cluster slots: one script per slot, one after the
@@ -600,6 +618,7 @@ impl RedisStore {
         requests: &[RequestTake],
         indices: &[usize],
         batch: &str,
+        repeat: bool,
     ) -> Result<Vec<redis::RedisResult<Vec<i64>>>, StoreError> {
         let groups: Vec<Vec<usize>> = if self.conn.is_cluster() {
             let mut by_tag: Vec<Vec<usize>> = Vec::new();
@@ -619,8 +638,18 @@ impl RedisStore {
         let pipelines = groups.iter().map(|group| {
             let mut pipe = redis::pipe();
             pipe.ignore_errors();
+            // On one Redis the batch's answers share a hash; on a Cluster each call keeps
+            // its own beside its first key (same slot).
+            let shared = format!("{}m:{batch}", self.key_prefix);
             for &i in group {
-                self.invoke(&mut pipe, &requests[i], &format!("{batch}.{i}"));
+                let memo_key = if !self.idempotent_retry {
+                    String::new()
+                } else if self.conn.is_cluster() {
+                    format!("{}:m:{batch}", requests[i].limits[0].key)
+                } else {
+                    shared.clone()
+                };
+                self.invoke(&mut pipe, &requests[i], (&memo_key, &i.to_string(), repeat));
             }
             let mut conn = self.conn.clone();
             async move {
