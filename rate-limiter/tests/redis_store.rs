@@ -347,8 +347,9 @@ async fn a_batch_that_timed_out_after_running_is_answered_from_that_run() {
     s.preload().await.unwrap();
     // The call reaches a frozen Redis, which runs it only after the deadline has passed.
     redis.freeze(true);
+    // Thawed 50 ms past the deadline (200 ms), within the repeat's (100 ms more).
     let (slow, ()) = tokio::join!(s.take("u", 1), async {
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        tokio::time::sleep(Duration::from_millis(250)).await;
         redis.freeze(false);
     });
     let slow = slow.expect("answered from the run that happened");
