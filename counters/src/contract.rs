@@ -28,6 +28,7 @@ pub fn batch(partition: Option<i32>, events: &[(i64, &str, bool)]) -> PartitionB
                         degraded: false,
                         domain: None,
                         rules: Vec::new(),
+                        stamp: None,
                     },
                 )
             })

@@ -188,6 +188,7 @@ mod tests {
                 degraded: false,
                 domain: None,
                 rules: Vec::new(),
+                stamp: None,
             });
         }
         let store = Arc::new(MemoryCounters::new(1_000, Duration::from_secs(3600)));

@@ -23,20 +23,37 @@ struct UserCounters {
     blocked: u64,
     /// Timestamp of the user's latest decision: the least recent go first at the cap.
     last_ms: u64,
-    /// Last offset counted, per partition.
-    applied: Vec<(i32, i64)>,
+    /// Last number counted, per partition and dedup stream (publisher epoch, or offsets),
+    /// the most recently begun last; at most [`STREAMS_KEPT`].
+    applied: Vec<(Stream, i64)>,
     /// (minute, allowed, blocked), oldest first, within the retention.
     minutes: VecDeque<(u64, u64, u64)>,
 }
 
-/// Everyone's counts over time, with the last offset applied per partition.
+/// A partition and the epoch its numbers belong to (`None`: its offsets).
+type Stream = (i32, Option<Box<str>>);
+
+/// Dedup streams remembered per user and globally: older ones are forgotten (a replay of
+/// their events would count again), so restarts do not grow the records.
+const STREAMS_KEPT: usize = 16;
+
+/// Everyone's counts over time, with the last number applied per stream.
 #[derive(Debug, Default)]
 struct Global {
-    applied: HashMap<i32, i64>,
+    applied: Vec<(Stream, i64)>,
     minutes: Minutes,
     top_minutes: BTreeMap<u64, HashMap<Box<str>, u64>>,
     top_days: BTreeMap<u64, HashMap<Box<str>, u64>>,
     rules: HashMap<String, [u64; 3]>,
+}
+
+/// Adds a stream's first number, forgetting the least recently begun stream past
+/// [`STREAMS_KEPT`].
+fn remember(applied: &mut Vec<(Stream, i64)>, stream: Stream, number: i64) {
+    if applied.len() >= STREAMS_KEPT {
+        applied.remove(0);
+    }
+    applied.push((stream, number));
 }
 
 /// Keeps exactly the `TOP_KEEP` most blocked (ties by user id) once a set has grown to
@@ -128,10 +145,19 @@ impl MemoryCounters {
                 });
             entry.last_ms = entry.last_ms.max(event.ts_ms);
             if let Some(partition) = batch.partition {
-                match entry.applied.iter_mut().find(|(p, _)| *p == partition) {
+                let epoch = batch.epoch.as_deref();
+                match entry
+                    .applied
+                    .iter_mut()
+                    .find(|((p, e), _)| *p == partition && e.as_deref() == epoch)
+                {
                     Some((_, applied)) if *applied >= *offset => continue,
                     Some((_, applied)) => *applied = *offset,
-                    None => entry.applied.push((partition, *offset)),
+                    None => remember(
+                        &mut entry.applied,
+                        (partition, epoch.map(Box::from)),
+                        *offset,
+                    ),
                 }
             }
             let minute = event.ts_ms / MINUTE_MS;
@@ -162,13 +188,31 @@ impl MemoryCounters {
         let mut global = self.global.lock().expect("global counters lock");
         let floor = batch
             .partition
-            .and_then(|p| global.applied.get(&p).copied());
+            .and_then(|p| {
+                global
+                    .applied
+                    .iter()
+                    .find(|((q, e), _)| *q == p && e.as_deref() == batch.epoch.as_deref())
+            })
+            .map(|(_, applied)| *applied);
         let tally = global_tally(&batch.events, floor);
         if tally.minutes.is_empty() {
             return;
         }
         if let Some(p) = batch.partition {
-            global.applied.insert(p, tally.last_offset);
+            let epoch = batch.epoch.as_deref();
+            match global
+                .applied
+                .iter_mut()
+                .find(|((q, e), _)| *q == p && e.as_deref() == epoch)
+            {
+                Some((_, applied)) => *applied = tally.last_offset,
+                None => remember(
+                    &mut global.applied,
+                    (p, epoch.map(Box::from)),
+                    tally.last_offset,
+                ),
+            }
         }
         for (rule, counts) in &tally.rules {
             if !global.rules.contains_key(*rule) && global.rules.len() >= MAX_COUNTED_RULES {

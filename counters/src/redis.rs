@@ -1,22 +1,33 @@
 //! Counters in Redis.
 //!
 //! Per user (hash tag = the user id, so one slot per user on Redis Cluster):
-//! - `<prefix>c{<user>}`: a hash with `allowed`, `blocked`, per partition `o:<partition>` =
-//!   the last offset already counted for this user (for the in-process stream,
-//!   `o:<epoch>`, one per process), and `e`, when (Unix seconds) its expiry was last
+//! - `<prefix>c{<user>}`: a hash with `allowed`, `blocked`, per publisher epoch
+//!   `q:<epoch>` = the last sequence number already counted for this user (stamped events,
+//!   [`ratelimit_domain::event::Stamp`]; the in-process stream's epoch numbers by its
+//!   offsets), per partition `o:<partition>` = the last offset counted of unstamped events
+//!   (an earlier build's), and `e`, when (Unix seconds) its expiry was last
 //!   pushed back: it expires once the user has been idle for the user TTL (pushed back at
 //!   most every 1 % of the TTL, at most every minute, by the TTL plus that much);
 //! - `<prefix>c{<user>}:m<minute>`: a hash with `a`, `b` (allowed, blocked in that minute),
 //!   expiring after the retention (set when the key is made).
 //!
 //! Per partition (hash tag `p<partition>`, or `local` for the in-process stream):
-//! - `<prefix>g{p3}:o`: the last offset of partition 3 counted into the global aggregates
-//!   (`<prefix>g{local}:o:<epoch>` for the in-process stream of one process, expiring);
+//! - `<prefix>g{p3}:q:<epoch>`: the last sequence number of that epoch counted from
+//!   partition 3 into the global aggregates (`g{local}:q:<epoch>` for the in-process
+//!   stream), expiring after [`DEDUP_KEEP_SECS`]; `<prefix>g{p3}:o`: the last offset of
+//!   unstamped events;
 //! - `<prefix>g{p3}:m<minute>`: everyone's `a`, `b` in that minute (expiring);
 //! - `<prefix>g{p3}:t<minute>` / `:d<day>`: sorted sets of blocked counts per user, trimmed
 //!   to the [`TOP_KEEP`] highest (expiring).
 //!
 //! and `<prefix>gparts`, the set of partition tags, so readers know which keys to sum.
+//!
+//! The epochs' records are bounded: an epoch's name tells when it began, a publisher starts
+//! a new one at least daily, and a user's `q:` fields of epochs begun more than
+//! [`DEDUP_KEEP_SECS`] ago are deleted when a new epoch first writes to the user (so a
+//! user holds about three per publisher), with the per-process `o:<epoch>` fields of
+//! earlier builds. A replay is recognised for a day past its epoch's end; a later one
+//! counts again.
 //!
 //! A Lua script checks the offsets and applies the counts atomically with them: one call
 //! for up to [`USERS_PER_CALL`] users on a single Redis (one per user on a Cluster, where a
@@ -38,6 +49,7 @@ use ratelimit_domain::analytics::{
     PartitionBatch, RuleCounts, TOP_KEEP, TOP_WINDOW_MINUTES,
 };
 use ratelimit_domain::api::UserAnalytics;
+use ratelimit_domain::event::Stamp;
 use ratelimit_domain::keys;
 use service_kit::redis::{Connection, Endpoint, Scripts};
 
@@ -51,19 +63,32 @@ use crate::tally::{
 /// `applied`); everyone else is applied or was already counted.
 ///
 /// ARGV: the offset field (`''`: no check), the all-time TTL, how often (seconds) it is
-/// refreshed, the retention, the number of users, and their numbers packed (cheaper in Lua
+/// refreshed, the retention, the number of users, their numbers packed (cheaper in Lua
 /// than an argument each, parsed): per user `<i8i8I4I4I4` first offset, last offset,
-/// allowed, blocked, number of minutes, then per minute `<I4I4` allowed, blocked. KEYS: per
-/// user its counters, then its minute keys.
+/// allowed, blocked, number of minutes, then per minute `<I4I4` allowed, blocked), and how
+/// long an epoch's `q:` fields are kept. KEYS: per user its counters, then its minute keys.
 const USERS_SCRIPT: &str = r#"
 local field, ttl, every, retention = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
 local packed = ARGV[6]
+local keep = tonumber(ARGV[7])
 local checked = field ~= ''
+local epoch_field = string.sub(field, 1, 2) == 'q:'
 local read = checked and field or 'e'
 local clock = redis.call('TIME')[1]
 local now = tonumber(clock)
 -- Numbers go to Redis as text made by `%d`: cheaper than Redis's own `%.17g` of a number.
 local format = string.format
+-- A user's first write from an epoch deletes the fields of epochs begun more than `keep`
+-- seconds ago (their names start with the start time in hex) and the per-process offset
+-- fields of earlier builds (`o:` and a non-number), so they do not grow with restarts.
+local function prune(key)
+  for _, f in ipairs(redis.call('HKEYS', key)) do
+    local start = string.match(f, '^q:(%x+)%-')
+    if (start and now - tonumber(start, 16) > keep) or string.match(f, '^o:.*%D') then
+      redis.call('HDEL', key, f)
+    end
+  end
+end
 local partial = {}
 local k, p = 1, 1
 for i = 1, tonumber(ARGV[5]) do
@@ -73,6 +98,7 @@ for i = 1, tonumber(ARGV[5]) do
   -- One read and one write per user: the counts are written whole, not incremented.
   local held = redis.call('HMGET', key, 'allowed', 'blocked', 'e', read)
   local applied = checked and tonumber(held[4] or '-1') or -1
+  if epoch_field and not held[4] and held[3] then prune(key) end
   if checked and applied >= first then
     if applied < last then
       partial[#partial + 1] = i - 1
@@ -126,8 +152,8 @@ if ARGV[1] ~= '' then
   if applied >= tonumber(ARGV[3]) then return {-1} end
   if applied >= tonumber(ARGV[2]) then return {applied} end
   if ARGV[1] == 'e' then
-    -- An in-process stream's offset lives as long as the aggregates it guards.
-    redis.call('SET', KEYS[1], ARGV[3], 'EX', ARGV[4])
+    -- An epoch's number is kept DEDUP_KEEP_SECS, as long as the day sets (ARGV[5]).
+    redis.call('SET', KEYS[1], ARGV[3], 'EX', ARGV[5])
   else
     redis.call('SET', KEYS[1], ARGV[3])
   end
@@ -216,6 +242,14 @@ if nr > 0 then
 end
 return {-2}
 "#;
+
+/// How long (seconds) the counters keep an epoch's records: its lifetime at the publisher
+/// ([`Stamp::EPOCH_LIFETIME_SECS`]) and a day in which its replays are still recognised.
+pub const DEDUP_KEEP_SECS: u64 = Stamp::EPOCH_LIFETIME_SECS + 86_400;
+
+/// The day sets' TTL, which the global script also gives an epoch's record.
+const DAY_SET_TTL_SECS: u64 = 2 * 86_400;
+const _: () = assert!(DAY_SET_TTL_SECS == DEDUP_KEEP_SECS);
 
 /// How many of each top-blocked set a read takes.
 const TOP_READ: usize = 100;
@@ -412,7 +446,8 @@ impl RedisCounters {
                 .arg(every)
                 .arg(self.retention_secs)
                 .arg(chunk.len())
-                .arg(packed.as_slice());
+                .arg(packed.as_slice())
+                .arg(DEDUP_KEEP_SECS);
             pipe.add_command(cmd);
         }
         per_call
@@ -433,11 +468,11 @@ impl RedisCounters {
         batch: &PartitionBatch,
         g: &GlobalTally<'_>,
     ) {
-        // Where the last applied offset is kept, and how it is checked: a partition's for
-        // ever (`1`), an in-process epoch's for the retention (`e`), or not at all.
+        // Where the last applied number is kept, and how it is checked: an epoch's for
+        // DEDUP_KEEP_SECS (`e`), a partition's offset for ever (`1`), or not at all.
         let (offset_key, check) = match (batch.partition, &batch.epoch) {
-            (Some(_), _) => (self.read.global_key(tag, "o"), "1"),
-            (None, Some(epoch)) => (self.read.global_key(tag, &format!("o:{epoch}")), "e"),
+            (_, Some(epoch)) => (self.read.global_key(tag, &format!("q:{epoch}")), "e"),
+            (Some(_), None) => (self.read.global_key(tag, "o"), "1"),
             (None, None) => (self.read.global_key(tag, "o"), ""),
         };
         let mut invocation = self.scripts.get(GLOBAL).key(offset_key);
@@ -446,7 +481,7 @@ impl RedisCounters {
             .arg(g.first_offset)
             .arg(g.last_offset)
             .arg(self.retention_secs)
-            .arg(2 * 86_400)
+            .arg(DAY_SET_TTL_SECS)
             .arg(TOP_KEEP)
             .arg(g.minutes.len())
             .arg(g.blocked_by_day.len());
@@ -517,10 +552,10 @@ impl RedisCounters {
 #[async_trait]
 impl CounterStore for RedisCounters {
     async fn apply(&self, batch: &PartitionBatch) -> Result<(), CounterError> {
-        // The user's field holding the last offset counted from this stream.
+        // The user's field holding the last number counted from this stream.
         let field = match (batch.partition, &batch.epoch) {
-            (Some(p), _) => format!("o:{p}"),
-            (None, Some(epoch)) => format!("o:{epoch}"),
+            (_, Some(epoch)) => format!("q:{epoch}"),
+            (Some(p), None) => format!("o:{p}"),
             (None, None) => String::new(),
         };
         let tag = Self::tag(batch.partition);

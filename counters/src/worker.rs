@@ -137,7 +137,10 @@ async fn process(
     records: Vec<Record>,
     shutdown: &CancellationToken,
 ) -> bool {
-    let mut batches: BTreeMap<Option<i32>, PartitionBatch> = BTreeMap::new();
+    // One batch per partition and dedup stream: a stamped event is checked against its
+    // publisher's epoch and numbered by its sequence, an unstamped one (an earlier build's)
+    // by its offset as before, and the in-process stream's under the source's epoch.
+    let mut batches: BTreeMap<(Option<i32>, Option<String>), PartitionBatch> = BTreeMap::new();
     let mut done: BTreeMap<i32, i64> = BTreeMap::new();
     for record in records {
         if let Some(partition) = record.partition {
@@ -145,19 +148,22 @@ async fn process(
             *last = (*last).max(record.offset);
         }
         match record.event {
-            Ok(event) => batches
-                .entry(record.partition)
-                .or_insert_with(|| PartitionBatch {
-                    partition: record.partition,
-                    epoch: record
-                        .partition
-                        .is_none()
-                        .then(|| source.epoch().map(str::to_owned))
-                        .flatten(),
-                    events: Vec::new(),
-                })
-                .events
-                .push((record.offset, event)),
+            Ok(event) => {
+                let (epoch, number) = match (&event.stamp, record.partition) {
+                    (Some(stamp), _) => (Some(stamp.epoch.clone()), stamp.seq as i64),
+                    (None, Some(_)) => (None, record.offset),
+                    (None, None) => (source.epoch().map(str::to_owned), record.offset),
+                };
+                batches
+                    .entry((record.partition, epoch))
+                    .or_insert_with_key(|(partition, epoch)| PartitionBatch {
+                        partition: *partition,
+                        epoch: epoch.clone(),
+                        events: Vec::new(),
+                    })
+                    .events
+                    .push((number, event));
+            }
             Err(err) => {
                 let poison = stats.poison.fetch_add(1, Ordering::Relaxed) + 1;
                 tracing::warn!(
@@ -262,6 +268,7 @@ mod tests {
                 degraded: false,
                 domain: None,
                 rules: Vec::new(),
+                stamp: None,
             }),
         }
     }
@@ -298,5 +305,63 @@ mod tests {
         assert_eq!(stats.poison.load(Ordering::Relaxed), 1);
         assert_eq!(stats.events.load(Ordering::Relaxed), 3);
         assert_eq!(*commits.lock().unwrap(), [(0, 2), (1, 7)]);
+    }
+
+    fn stamped(partition: i32, offset: i64, user: &str, epoch: &str, seq: u64) -> Record {
+        let mut record = rec(partition, offset, user, true);
+        if let Ok(event) = &mut record.event {
+            event.stamp = Some(ratelimit_domain::event::Stamp {
+                epoch: epoch.into(),
+                seq,
+            });
+        }
+        record
+    }
+
+    /// Offsets are the broker's, and a recreated topic (or a reset partition) numbers from 0
+    /// again: stamped events count once by their publisher's epoch and sequence, whatever
+    /// offsets they arrive at, and a replay of them counts nothing.
+    #[tokio::test]
+    async fn stamped_events_count_once_whatever_offsets_the_broker_gives_them() {
+        let (e1, e2) = ("65000000-aa", "65000000-bb");
+        let source = Scripted {
+            batches: vec![
+                // Two publishers, one partition.
+                (0..5)
+                    .map(|i| stamped(0, 100 + i, "u", e1, i as u64))
+                    .chain([stamped(0, 105, "u", e2, 0)])
+                    .collect(),
+                // The topic recreated: offsets from 0, the publishers' sequences go on.
+                (0..3)
+                    .map(|i| stamped(0, i, "u", e1, 5 + i as u64))
+                    .chain([stamped(0, 3, "u", e2, 1)])
+                    .collect(),
+                // The group replays everything from a reset offset.
+                (0..8)
+                    .map(|i| stamped(0, 50 + i, "u", e1, i as u64))
+                    .chain([stamped(0, 58, "u", e2, 0), stamped(0, 59, "u", e2, 1)])
+                    .collect(),
+            ],
+            commits: Arc::default(),
+        };
+        let store = Arc::new(MemoryCounters::new(100, Duration::from_secs(3600)));
+        run(
+            Box::new(source),
+            store.clone(),
+            Arc::new(WorkerStats::default()),
+            100,
+            CancellationToken::new(),
+        )
+        .await;
+        let u = store.get("u").await.unwrap();
+        assert_eq!(u.allowed, 10, "{u:?}");
+        let global: u64 = store
+            .global_series(0..=0)
+            .await
+            .unwrap()
+            .iter()
+            .map(|m| m.allowed)
+            .sum();
+        assert_eq!(global, 10);
     }
 }

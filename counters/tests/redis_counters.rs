@@ -400,3 +400,46 @@ async fn minute_keys_and_counters_always_have_an_expiry() {
     let c = store.get("u").await.unwrap();
     assert_eq!((c.allowed, c.blocked), (2, 2));
 }
+
+/// Defect: every process's in-process stream left a field of its own epoch in each user's
+/// counters, for as long as the user stayed active: they grew with restarts. An epoch's
+/// record is now forgotten once the epoch is older than the dedup window; only the live
+/// epochs' remain.
+#[tokio::test]
+async fn epoch_records_do_not_grow_with_restarts() {
+    let redis = RedisServer::start();
+    let prefix = unique("epochs");
+    let store = RedisCounters::new(
+        &Endpoint::single(redis.url()),
+        &prefix,
+        Duration::from_secs(2),
+        Duration::from_secs(86_400),
+        Duration::from_secs(7 * 86_400),
+    )
+    .unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    // Ten processes that began three days ago, each counting the user once, then one
+    // that began now.
+    for i in 0..10u64 {
+        let mut batch = contract::batch(None, &[(0, "u", true)]);
+        batch.epoch = Some(format!("{:x}-{i:016x}", now - 3 * 86_400));
+        store.apply(&batch).await.unwrap();
+    }
+    let mut batch = contract::batch(None, &[(0, "u", true)]);
+    batch.epoch = Some(ratelimit_domain::event::Stamp::new_epoch(now));
+    store.apply(&batch).await.unwrap();
+    assert_eq!(store.get("u").await.unwrap().allowed, 11);
+    let fields: Vec<String> = redis::cmd("HKEYS")
+        .arg(ratelimit_domain::keys::counter_key(&prefix, "u"))
+        .query_async(&mut connect(&redis).await)
+        .await
+        .unwrap();
+    let records: Vec<&String> = fields
+        .iter()
+        .filter(|f| f.starts_with("o:") || f.starts_with("q:"))
+        .collect();
+    assert_eq!(records.len(), 1, "{fields:?}");
+}

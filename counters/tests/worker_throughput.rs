@@ -77,6 +77,7 @@ fn backlog(n: u64, start_ms: u64) -> Vec<Record> {
                     degraded: false,
                     domain: None,
                     rules: Vec::new(),
+                    stamp: None,
                 }),
             }
         })

@@ -60,6 +60,7 @@ fn bench_event(c: &mut Criterion) {
         degraded: false,
         domain: None,
         rules: Vec::new(),
+        stamp: None,
     };
     let bytes = event.encode();
     let mut group = c.benchmark_group("event");

@@ -13,16 +13,20 @@ use serde::Serialize;
 use crate::RateLimitEvent;
 use crate::api::UserAnalytics;
 
-/// Events of one stream partition in offset order.
+/// Events of one dedup stream of one partition, in order: numbered by their offsets, or by
+/// their publisher's sequence under its epoch.
 #[derive(Debug, Clone, Default)]
 pub struct PartitionBatch {
-    /// The Kafka partition the offsets belong to; `None` for the in-process stream.
+    /// The Kafka partition the events came from; `None` for the in-process stream.
     pub partition: Option<i32>,
-    /// The in-process stream's identity: one per process, so that its offsets (which start
-    /// at 0 in every process) are checked like a partition's, and a batch applied again
-    /// after a timeout that had in fact applied it counts nothing twice. `None` with no
-    /// partition: applied without an offset check.
+    /// The dedup stream the numbers belong to, when not the partition's offsets: the
+    /// publisher's epoch of stamped events ([`crate::event::Stamp`]), whose numbers are its
+    /// sequence, so a topic recreated, offsets reset or a replay count each event once; or
+    /// the in-process stream's identity (one per process, its offsets starting at 0 in
+    /// every process), so a batch applied again after a timeout that had in fact applied it
+    /// counts nothing twice. `None` with no partition: applied without a check.
     pub epoch: Option<String>,
+    /// Each event with its number (offset or sequence), increasing.
     pub events: Vec<(i64, RateLimitEvent)>,
 }
 

@@ -26,6 +26,52 @@ pub struct RateLimitEvent {
     /// whose counts are the global ones): its name and outcome.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rules: Vec<RuleHit>,
+    /// Who published the event and where in its sequence: what the counters deduplicate
+    /// on, whatever the broker does to offsets. Absent from events of earlier builds (and
+    /// of the in-process stream), which are deduplicated on the stream's offsets instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stamp: Option<Stamp>,
+}
+
+/// A publisher's identity and an event's place in its sequence.
+///
+/// `epoch` is random per publishing process (a restart is a new epoch), and `seq` grows by
+/// one per event published under it, in the order the events are handed to the broker: so
+/// the events of one epoch reach any one partition (one user's always reach the same one,
+/// keyed by `user_id`) in increasing `seq`, and a counter that remembers the highest `seq`
+/// it applied per epoch recognises every replay, whatever offsets the broker gives them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stamp {
+    pub epoch: String,
+    pub seq: u64,
+}
+
+impl Stamp {
+    /// How long a publisher keeps one epoch before it starts a new one (at most): the
+    /// counters can then forget an epoch's bookkeeping once it is older than this plus
+    /// the replay window they promise ([`Stamp::started_secs`]).
+    pub const EPOCH_LIFETIME_SECS: u64 = 86_400;
+
+    /// A fresh epoch started at `now_secs` (Unix seconds): `<start, hex>-<64 random bits,
+    /// hex>`, so whoever keeps per-epoch records can tell an old epoch by its name.
+    pub fn new_epoch(now_secs: u64) -> String {
+        use std::hash::{BuildHasher, Hasher};
+        // `RandomState` is seeded from the OS's randomness once per process (and moves on
+        // for each new one); the time and pid make two processes' epochs differ even if not.
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        h.write_u128(nanos);
+        h.write_u32(std::process::id());
+        format!("{now_secs:x}-{:016x}", h.finish())
+    }
+
+    /// When an epoch made by [`Stamp::new_epoch`] started (Unix seconds).
+    pub fn started_secs(epoch: &str) -> Option<u64> {
+        u64::from_str_radix(epoch.split_once('-')?.0, 16).ok()
+    }
 }
 
 /// One limit's part in a decision, as the per-rule analytics count it.
@@ -63,6 +109,18 @@ impl RateLimitEvent {
         serde_json::to_vec(self).expect("event serializes")
     }
 
+    /// [`RateLimitEvent::encode`] of this event with `stamp` in place of its own: the
+    /// encoding is made first and the stamp appended, so a publisher can number events
+    /// under a lock without encoding under it.
+    pub fn encode_stamped(encoded: &mut Vec<u8>, stamp: &Stamp) {
+        debug_assert_eq!(encoded.last(), Some(&b'}'));
+        encoded.pop();
+        encoded.extend_from_slice(b",\"stamp\":");
+        // A struct of a string and an integer serializes.
+        serde_json::to_writer(&mut *encoded, stamp).expect("stamp serializes");
+        encoded.push(b'}');
+    }
+
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
         let event: Self = serde_json::from_slice(bytes)?;
         if event.schema_version != SCHEMA_VERSION {
@@ -91,7 +149,41 @@ mod tests {
                 rule: "api:burst".into(),
                 outcome: RuleOutcome::ShadowBlocked,
             }],
+            stamp: Some(Stamp {
+                epoch: "00ff".into(),
+                seq: 7,
+            }),
         }
+    }
+
+    #[test]
+    fn a_stamp_appended_to_an_encoding_decodes_as_the_stamped_event() {
+        let mut e = event();
+        let stamp = e.stamp.take().unwrap();
+        let mut bytes = e.encode();
+        RateLimitEvent::encode_stamped(&mut bytes, &stamp);
+        e.stamp = Some(stamp);
+        assert_eq!(RateLimitEvent::decode(&bytes).unwrap(), e);
+    }
+
+    #[test]
+    fn events_without_a_stamp_still_decode() {
+        let mut e = event();
+        e.stamp = None;
+        let bytes = e.encode();
+        assert!(!String::from_utf8_lossy(&bytes).contains("stamp"));
+        assert_eq!(RateLimitEvent::decode(&bytes).unwrap(), e);
+    }
+
+    #[test]
+    fn epochs_differ_and_tell_their_start() {
+        let (a, b) = (
+            Stamp::new_epoch(1_700_000_000),
+            Stamp::new_epoch(1_700_000_000),
+        );
+        assert_ne!(a, b);
+        assert_eq!(Stamp::started_secs(&a), Some(1_700_000_000));
+        assert_eq!(Stamp::started_secs("garbage"), None);
     }
 
     #[test]

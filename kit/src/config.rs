@@ -220,6 +220,12 @@ pub struct RedisArgs {
     #[arg(long = "redis-timeout-ms", env = "REDIS_TIMEOUT_MS", value_name = "REDIS_TIMEOUT_MS", default_value_t = 50,
           value_parser = clap::value_parser!(u64).range(1..=60_000))]
     pub timeout_ms: u64,
+    /// Send a bucket-store batch that timed out once more, answered from the first run
+    /// where Redis did run it (the scripts remember their answers briefly); costs Redis
+    /// more CPU per decision. `false`: a timed-out batch goes to the fallback at once.
+    #[arg(long = "redis-idempotent-retry", env = "REDIS_IDEMPOTENT_RETRY", value_name = "REDIS_IDEMPOTENT_RETRY",
+          default_value_t = true, action = clap::ArgAction::Set)]
+    pub idempotent_retry: bool,
     /// For rediss://: a PEM file of the CA certificates to trust instead of the system's.
     #[arg(
         long = "redis-ca-file",

@@ -118,6 +118,7 @@ mod tests {
             degraded: false,
             domain: None,
             rules: Vec::new(),
+            stamp: None,
         }
     }
 

@@ -6,13 +6,19 @@
 //! `queue.buffering.max.kbytes` from `KAFKA_PRODUCER_BUFFER_BYTES`) in which events wait while
 //! the broker is unreachable and are retried until delivered (`message.timeout.ms=0`).
 //! Enqueuing never blocks: when the queue is full the event is dropped, counted and logged.
+//!
+//! Every event is stamped with this process's random epoch and a sequence number
+//! ([`Stamp`]), numbered and enqueued under one lock so that the sequence is the order
+//! librdkafka sends in: the counters deduplicate on the stamp, not on offsets, so a topic
+//! recreated, offsets reset or a group replayed count each event once.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use ratelimit_domain::RateLimitEvent;
+use ratelimit_domain::event::Stamp;
 use rdkafka::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{DeliveryResult, Message};
@@ -49,6 +55,44 @@ pub struct KafkaPublisher {
     producer: ThreadedProducer<DeliveryCounter>,
     topic: String,
     counters: Arc<Counters>,
+    /// Held while an event is numbered and enqueued.
+    sequence: Mutex<Sequence>,
+}
+
+/// The epoch events are stamped with and the next number in it; a new epoch (from 0) at
+/// least every [`Stamp::EPOCH_LIFETIME_SECS`], so the counters can forget old ones.
+pub(crate) struct Sequence {
+    epoch: String,
+    started: std::time::Instant,
+    next: u64,
+}
+
+impl Sequence {
+    pub(crate) fn new() -> Self {
+        let now_secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        Self {
+            epoch: Stamp::new_epoch(now_secs),
+            started: std::time::Instant::now(),
+            next: 0,
+        }
+    }
+
+    /// The stamp of the next event (spent by [`Sequence::advance`]).
+    pub(crate) fn stamp(&mut self) -> Stamp {
+        if self.started.elapsed().as_secs() >= Stamp::EPOCH_LIFETIME_SECS {
+            *self = Self::new();
+        }
+        Stamp {
+            epoch: self.epoch.clone(),
+            seq: self.next,
+        }
+    }
+
+    pub(crate) fn advance(&mut self) {
+        self.next += 1;
+    }
 }
 
 impl KafkaPublisher {
@@ -84,6 +128,7 @@ impl KafkaPublisher {
             producer,
             topic: args.topic.clone(),
             counters,
+            sequence: Mutex::new(Sequence::new()),
         })
     }
 }
@@ -91,11 +136,21 @@ impl KafkaPublisher {
 #[async_trait]
 impl EventPublisher for KafkaPublisher {
     fn publish(&self, event: RateLimitEvent) {
-        let payload = event.encode();
+        let mut payload = event.encode();
+        // Numbered and enqueued under one lock: the sequence is librdkafka's send order, so
+        // one partition receives an epoch's events in increasing `seq` (the counters rely on
+        // it). A number is spent only by an enqueued event.
+        let mut sequence = self.sequence.lock().expect("sequence lock");
+        RateLimitEvent::encode_stamped(&mut payload, &sequence.stamp());
         let record: BaseRecord<'_, str, [u8]> = BaseRecord::to(&self.topic)
             .key(event.user_id.as_str())
             .payload(payload.as_slice());
-        match self.producer.send(record) {
+        let sent = self.producer.send(record);
+        if sent.is_ok() {
+            sequence.advance();
+        }
+        drop(sequence);
+        match sent {
             Ok(()) => {
                 self.counters.published.fetch_add(1, Ordering::Relaxed);
             }
@@ -162,6 +217,7 @@ mod tests {
             degraded: false,
             domain: None,
             rules: Vec::new(),
+            stamp: None,
         };
         let size = event(0).encode().len() as u64;
         for i in 0..10_000 {

@@ -75,12 +75,15 @@ pub async fn build(
     };
     let store: Arc<dyn BucketStore> = match endpoint {
         Some(endpoint) => {
-            let store = Arc::new(RedisStore::new(
-                &endpoint,
-                &redis.key_prefix,
-                policy,
-                Duration::from_millis(redis.timeout_ms),
-            )?);
+            let store = Arc::new(
+                RedisStore::new(
+                    &endpoint,
+                    &redis.key_prefix,
+                    policy,
+                    Duration::from_millis(redis.timeout_ms),
+                )?
+                .with_idempotent_retry(redis.idempotent_retry),
+            );
             // Connect and load the script before serving, so the first requests do not pay
             // for it; a Redis that is down now is not fatal (the fail mode applies). The
             // error says why: unreachable, or refusing the credentials or the certificates.

@@ -884,6 +884,7 @@ impl Limiter {
             degraded: checked.degraded,
             domain: (request.domain != DEFAULT_DOMAIN).then(|| request.domain.clone()),
             rules: rule_hits(request, plan, checked),
+            stamp: None,
         });
     }
 }

@@ -265,7 +265,8 @@ async fn the_widest_policy_allowed_is_decided_in_one_quick_script() {
     use ratelimit_domain::bucket::{MAX_CAPACITY, MAX_REFILL_SECS};
     let redis = RedisServer::start();
     let policy = Policy::new(MAX_CAPACITY, MAX_CAPACITY as f64 / MAX_REFILL_SECS).unwrap();
-    let s = store(&redis, &unique("widest"), policy);
+    let prefix = unique("widest");
+    let s = store(&redis, &prefix, policy);
     let started = std::time::Instant::now();
     let d = s.take("u", MAX_CAPACITY).await.unwrap();
     assert!(d.is_allowed());
@@ -279,13 +280,9 @@ async fn the_widest_policy_allowed_is_decided_in_one_quick_script() {
     assert!(d.retry_after() < Duration::from_millis(100), "{d:?}");
     assert!(started.elapsed() < Duration::from_millis(400));
     let mut conn = raw(&redis).await;
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg("*")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    // The bucket's key (beside it, the batch's remembered answers expire within seconds).
     let ttl: i64 = redis::cmd("PTTL")
-        .arg(&keys[0])
+        .arg(ratelimit_domain::keys::bucket_key(&prefix, "u"))
         .query_async(&mut conn)
         .await
         .unwrap();
@@ -417,4 +414,34 @@ async fn a_slower_refill_keeps_the_count() {
         !allowed(&s, take("b", Algorithm::TokenBucket, 10, 100, 5)).await,
         "it came back full"
     );
+}
+
+/// Defect: a call that timed out after Redis had in fact run it was decided again by the
+/// fallback, though its tokens were spent. The scripts remember a call's answer briefly
+/// under its request id and the store sends a timed-out batch once more: the repeat is
+/// answered from the first run, which spent the tokens once.
+#[tokio::test]
+async fn a_batch_that_timed_out_after_running_is_answered_from_that_run() {
+    let redis = RedisServer::start();
+    let s = RedisStore::new(
+        &Endpoint::single(redis.url()),
+        &unique("retry"),
+        Policy::new(3, 0.001).unwrap(),
+        Duration::from_millis(200),
+    )
+    .unwrap();
+    s.preload().await.unwrap();
+    // The call reaches a frozen Redis, which runs it only after the deadline has passed.
+    redis.freeze(true);
+    // Thawed 50 ms past the deadline (200 ms), within the repeat's (100 ms more).
+    let (slow, ()) = tokio::join!(s.take("u", 1), async {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        redis.freeze(false);
+    });
+    let slow = slow.expect("answered from the run that happened");
+    assert!(slow.is_allowed());
+    assert_eq!(slow.quota().remaining, 2, "{slow:?}");
+    // One token spent by it, not two.
+    let next = s.take("u", 1).await.unwrap();
+    assert_eq!((next.is_allowed(), next.quota().remaining), (true, 1));
 }

@@ -60,11 +60,11 @@ impl EventSource for ChannelSource {
     }
 }
 
-/// An identity no other process has had: the start time in nanoseconds and the process id.
+/// An identity no other process has had, in the form of a publisher's epoch
+/// ([`ratelimit_domain::event::Stamp::new_epoch`]) so the counters can tell when it began.
 fn new_epoch() -> String {
-    let nanos = std::time::SystemTime::now()
+    let now_secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0);
-    format!("{nanos:x}-{:x}", std::process::id())
+        .map_or(0, |d| d.as_secs());
+    ratelimit_domain::event::Stamp::new_epoch(now_secs)
 }

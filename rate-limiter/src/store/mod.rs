@@ -5,6 +5,7 @@
 
 #[cfg(any(test, feature = "testsuite"))]
 pub mod contract;
+mod memo;
 mod memory;
 mod redis;
 

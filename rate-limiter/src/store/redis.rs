@@ -22,6 +22,7 @@ use service_kit::redis::{
     Connection, Endpoint, Scripts, connect, describe, is_noscript, with_deadline,
 };
 
+use super::memo::{RequestIds, memoized};
 use super::{BucketStore, StoreError};
 
 const TAKE_SCRIPT: &str = r#"
@@ -268,6 +269,9 @@ pub struct RedisStore {
     scripts: Scripts,
     key_prefix: String,
     timeout: Duration,
+    ids: RequestIds,
+    /// Whether a batch that timed out is sent once more, answered from its first run.
+    idempotent_retry: bool,
 }
 
 impl RedisStore {
@@ -283,10 +287,20 @@ impl RedisStore {
         Ok(Self {
             policy,
             conn,
-            scripts: Scripts::new(&[TAKE_SCRIPT, MULTI_SCRIPT]),
+            scripts: Scripts::new(&[&memoized(TAKE_SCRIPT), &memoized(MULTI_SCRIPT)]),
             key_prefix: key_prefix.to_owned(),
             timeout,
+            ids: RequestIds::new(),
+            idempotent_retry: true,
         })
+    }
+
+    /// Whether a batch that timed out is sent once more under the same request ids, the
+    /// calls Redis did run answered from that run (`REDIS_IDEMPOTENT_RETRY`, on by
+    /// default); off, the scripts remember nothing and a timed-out batch fails at once.
+    pub fn with_idempotent_retry(mut self, on: bool) -> Self {
+        self.idempotent_retry = on;
+        self
     }
 
     /// Loads the script now, so the first request does not pay for it.
@@ -330,11 +344,19 @@ impl BucketStore for RedisStore {
                 pending.push(i);
             }
         }
+        // A batch that timed out may have run: it is sent once more under the same ids,
+        // and the calls that did run are answered from that run (`super::memo`).
+        let batch = self.ids.batch();
         for round in 0..2 {
             if pending.is_empty() {
                 break;
             }
-            let answers = self.run(requests, &pending).await?;
+            let answers = match self.run(requests, &pending, &batch, false).await {
+                Err(StoreError::Timeout) if self.idempotent_retry => {
+                    self.run(requests, &pending, &batch, true).await?
+                }
+                answers => answers?,
+            };
             let mut missing_script = Vec::new();
             for (&i, answer) in pending.iter().zip(answers) {
                 match answer {
@@ -460,8 +482,14 @@ fn outcome(request: &RequestTake, answer: &[i64]) -> Decided {
 }
 
 impl RedisStore {
-    /// Adds one request's script call to `pipe`.
-    fn invoke(&self, pipe: &mut redis::Pipeline, request: &RequestTake) {
+    /// Adds one request's script call to `pipe`, its answer remembered under `memo`
+    /// (`super::memo`: the hash, the field, and whether this is the batch's repeat).
+    fn invoke(&self, pipe: &mut redis::Pipeline, request: &RequestTake, memo: (&str, &str, bool)) {
+        // Long enough for the repeat of a batch that timed out (twice its deadline, at
+        // most 5 timeouts each), short enough that the answers take little memory.
+        let remember_ms = (self.timeout * 10).max(Duration::from_secs(1)).as_millis() as u64;
+        let (memo_key, field, repeat) = memo;
+        let repeat = if repeat { "1" } else { "" };
         if is_single_bucket(request) {
             let LimitSpec::TokenBucket(policy) = request.limits[0].applied.spec else {
                 unreachable!("checked by is_single_bucket");
@@ -472,7 +500,11 @@ impl RedisStore {
                 .arg(&request.limits[0].key)
                 .arg(policy.capacity())
                 .arg(policy.refill_per_sec())
-                .arg(request.cost);
+                .arg(request.cost)
+                .arg(memo_key)
+                .arg(field)
+                .arg(remember_ms)
+                .arg(repeat);
             return;
         }
         let cmd = pipe
@@ -501,6 +533,7 @@ impl RedisStore {
                 } => cmd.arg(3).arg(shadow).arg(requests).arg(window_us),
             };
         }
+        cmd.arg(memo_key).arg(field).arg(remember_ms).arg(repeat);
     }
 
     /// A request whose limits span Cluster slots: one script per slot, one after the
@@ -603,6 +636,8 @@ impl RedisStore {
         &self,
         requests: &[RequestTake],
         indices: &[usize],
+        batch: &str,
+        repeat: bool,
     ) -> Result<Vec<redis::RedisResult<Vec<i64>>>, StoreError> {
         let groups: Vec<Vec<usize>> = if self.conn.is_cluster() {
             let mut by_tag: Vec<Vec<usize>> = Vec::new();
@@ -622,8 +657,18 @@ impl RedisStore {
         let pipelines = groups.iter().map(|group| {
             let mut pipe = redis::pipe();
             pipe.ignore_errors();
+            // On one Redis the batch's answers share a hash; on a Cluster each call keeps
+            // its own beside its first key (same slot).
+            let shared = format!("{}m:{batch}", self.key_prefix);
             for &i in group {
-                self.invoke(&mut pipe, &requests[i]);
+                let memo_key = if !self.idempotent_retry {
+                    String::new()
+                } else if self.conn.is_cluster() {
+                    format!("{}:m:{batch}", requests[i].limits[0].key)
+                } else {
+                    shared.clone()
+                };
+                self.invoke(&mut pipe, &requests[i], (&memo_key, &i.to_string(), repeat));
             }
             let mut conn = self.conn.clone();
             async move {
@@ -640,11 +685,14 @@ impl RedisStore {
             }
         });
         let weight: usize = indices.iter().map(|&i| requests[i].limits.len()).sum();
-        let answered = with_deadline(
-            self.batch_timeout(weight),
-            futures::future::try_join_all(pipelines),
-        )
-        .await?;
+        // A repeat has half the deadline: Redis answers it from memory if it ran the first
+        // call, and a caller in fail-open waits at most 1.5 deadlines for its fallback.
+        let deadline = if repeat {
+            self.batch_timeout(weight) / 2
+        } else {
+            self.batch_timeout(weight)
+        };
+        let answered = with_deadline(deadline, futures::future::try_join_all(pipelines)).await?;
         let mut by_request: Vec<Option<redis::RedisResult<Vec<i64>>>> =
             requests.iter().map(|_| None).collect();
         for (i, answer) in answered.into_iter().flatten() {
