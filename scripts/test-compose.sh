@@ -115,7 +115,9 @@ compose build > "$work/build.log" 2>&1 || { tail -40 "$work/build.log"; die "doc
 note "built in $(( $(date +%s) - t0 )) s"
 # The builder stage's last RUN is the cargo build. If it ran in this build (not cached), it
 # must have compiled the workspace's crates only: path crates show their folder.
-build_out=$(awk '/^Step [0-9]+\/[0-9]+ : RUN cargo build/ { on = 1; next } /^Step / { on = 0 } on' "$work/build.log")
+# (The engine colours a RUN's stderr: the escapes are taken out first.)
+build_out=$(sed 's/\x1b\[[0-9;]*m//g' "$work/build.log" \
+  | awk '/^Step [0-9]+\/[0-9]+ : RUN cargo build/ { on = 1; next } /^Step / { on = 0 } on')
 if grep -q 'Compiling' <<<"$build_out"; then
   rebuilt=$(grep -E 'Compiling ' <<<"$build_out" | grep -v ' (/src/' || true)
   [ -z "$rebuilt" ] || die "the final cargo build recompiled dependencies (the cook layer did not serve it):
