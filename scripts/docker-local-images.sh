@@ -79,8 +79,9 @@ build_local() { # tag, dockerfile, stamp, context
   local tag=$1 file=$2 stamp=$3 context=$4
   cp "$root/deploy/local/$file" "$context/Dockerfile"
   step "building $tag"
-  docker build -q --label "drl.stamp=$stamp" -t "$tag" "$context" >/dev/null \
-    || die "building $tag failed"
+  local out
+  out=$(docker build -q --label "drl.stamp=$stamp" -t "$tag" "$context" 2>&1) \
+    || { echo "$out" >&2; die "building $tag failed"; }
 }
 staging() { local d=$cache/context-$1; rm -rf "$d"; mkdir -p "$d"; echo "$d"; }
 

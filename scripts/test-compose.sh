@@ -37,9 +37,21 @@ failed=1
 t_start=$(date +%s)
 
 die() { echo "test-compose: FAILED: $*" >&2; exit 1; }
+# A failed check of the stack's behaviour: fatal, unless COMPOSE_TEST_KEEP_GOING=1 (then
+# the next checks run too, and the test fails at the end).
+soft_failures=0
+fail() {
+  if [ "${COMPOSE_TEST_KEEP_GOING:-0}" = 1 ]; then
+    echo "test-compose: FAILED (going on): $*" >&2
+    soft_failures=$(( soft_failures + 1 ))
+  else
+    die "$@"
+  fi
+}
 step() { echo "==> [$(( $(date +%s) - t_start ))s] $*"; }
 note() { echo "    $*"; }
 now_ms() { date +%s%3N; }
+quiet() { local out; out=$("$@" 2>&1) || { echo "$out" >&2; return 1; }; }
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 ./scripts/docker-local-images.sh
@@ -53,7 +65,8 @@ compose() { docker-compose -p "$project" -f docker-compose.yml -f docker-compose
 cleanup() {
   if [ "$failed" = 1 ]; then
     echo "---- last logs (the test failed; its files are in $work) ----" >&2
-    compose --profile envoy logs --no-color --tail 30 >&2 2>/dev/null || true
+    compose --profile envoy logs --no-color -t > "$work/compose.log" 2>&1 || true
+    tail -30 "$work/compose.log" >&2
   else
     rm -rf "$work"
   fi
@@ -101,7 +114,7 @@ failures() { jq -r '.failed' "$work/load-$1.json"; }
 show_failures() { jq -r '.failures[:10][] | "      \(.t | floor) \(.user) \(.status) \(.body)"' "$work/load-$1.json"; }
 verify() { # prefix [slack]
   python3 scripts/compose-load.py verify "$gw" "$work/load-$1.json" --timeout 90 --slack "${2:-0}" \
-    | sed 's/^/    /' || die "analytics of the $1 phase are not exact"
+    | sed 's/^/    /' || fail "analytics of the $1 phase are not exact"
 }
 timeline_between() { # prefix, from (s), to (s) -> the timeline's seconds in [from, to]
   jq -c --argjson a "$2" --argjson b "$3" \
@@ -131,9 +144,9 @@ fi
 probe=$work/context
 mkdir -p "$probe"
 git ls-files -co --exclude-standard -z | tar --null -T - -cf - | tar -xf - -C "$probe"
-docker build -q --target planner -t "$project-planner:original" "$probe" > /dev/null
+quiet docker build -q --target planner -t "$project-planner:original" "$probe"
 echo "// an edit" >> "$probe/gateway/src/lib.rs"
-docker build -q --target planner -t "$project-planner:edited" "$probe" > /dev/null
+quiet docker build -q --target planner -t "$project-planner:edited" "$probe"
 recipe() { docker run --rm --entrypoint sha256sum "$1" /src/recipe.json | cut -d' ' -f1; }
 [ "$(recipe "$project-planner:original")" = "$(recipe "$project-planner:edited")" ] \
   || die "editing gateway/src/lib.rs changed recipe.json: the dependency layer would be rebuilt"
@@ -143,13 +156,13 @@ docker rmi "$project-planner:original" "$project-planner:edited" > /dev/null
 rm -rf "$probe"
 note "a code change leaves recipe.json unchanged: the cook layer is reused"
 for svc in rate-limiter analytics-worker gateway; do
-  docker run --rm --entrypoint "$svc" "${project}_$svc" --help | grep -q '^Usage:' \
-    || die "the $svc image's binary is not the real program"
+  help=$(docker run --rm --entrypoint "$svc" "${project}_$svc" --help) || true
+  grep -q '^Usage:' <<<"$help" || die "the $svc image's binary is not the real program"
 done
 note "every image's binary is the real program (--help answers)"
 # The default target, the all-in-one: built from the same cached stages, healthy as Docker
 # runs its healthcheck.
-docker build -q -t "$project-all-in-one" . > /dev/null
+quiet docker build -q -t "$project-all-in-one" .
 aio=$(docker run -d --rm -p "127.0.0.1::3000" "$project-all-in-one")
 for i in $(seq 60); do
   [ "$(docker inspect -f '{{.State.Health.Status}}' "$aio")" = healthy ] && break
@@ -203,8 +216,9 @@ for i in $(seq 5); do
   grep -qi '^retry-after: [0-9]' <<<"$headers" || die "a 429 without Retry-After: $headers"
   grep -q '"rate_limited"' "$work/body" || die "a 429 that is not rate_limited: $(cat "$work/body")"
 done
+counts() { analytics "$1" | jq -c '[.total, .allowed, .blocked]'; }
 for i in $(seq 100); do
-  [ "$(analytics seed-user1)" = '{"user_id":"seed-user1","total":15,"allowed":10,"blocked":5}' ] && break
+  [ "$(counts seed-user1)" = '[15,10,5]' ] && break
   [ "$i" -lt 100 ] || die "analytics of seed-user1: $(analytics seed-user1)"
   sleep 0.2
 done
@@ -234,11 +248,11 @@ load_stop kill
 # The first "limiter replicas" line after the kill naming 2 replicas.
 dropped=$(gateway_replicas_log | grep 'replicas=2' | while read -r ts _; do
   ms=$(date -d "$ts" +%s%3N); [ "$ms" -gt "$kill_ms" ] && { echo $(( ms - kill_ms )); break; }; done || true)
-[ -n "$dropped" ] || die "the gateway did not drop the killed limiter: $(gateway_replicas_log | tail -3)"
+[ -n "$dropped" ] || fail "the gateway did not drop the killed limiter: $(gateway_replicas_log | tail -3)"
 note "the gateway dropped the killed replica $dropped ms after the kill (LIMITER_RESOLVE_MS=$resolve_ms)"
-[ "$dropped" -le $(( resolve_ms + 1000 )) ] || die "the gateway took $dropped ms to drop the killed replica"
+[ "$dropped" -le $(( resolve_ms + 1000 )) ] || fail "the gateway took $dropped ms to drop the killed replica"
 fivexx=$(jq '[.timeline[] | to_entries[] | select(.key | test("^5")) | .value] | add // 0' "$work/load-kill.json")
-[ "$(failures kill)" = 0 ] || { show_failures kill; die "$(failures kill) requests failed ($fivexx 5xx) around the limiter kill"; }
+[ "$(failures kill)" = 0 ] || { show_failures kill; fail "$(failures kill) requests failed ($fivexx 5xx) around the limiter kill"; }
 # Known defect (issue 24): a SIGKILLed limiter loses the events still in its producer's
 # memory (linger.ms=20 and what is in flight to the broker), so the counts may be short by
 # those; a retried call that had been decided counts one more. Compared within 50.
@@ -284,20 +298,20 @@ answered=$(jq '[.[].value | ((.["200"] // 0) + (.["429"] // 0))] | add // 0' <<<
 degraded=$(jq '[.[].value.degraded // 0] | add // 0' <<<"$in_pause")
 slowest=$(jq '[.[].value.max_ms // 0] | max // 0' <<<"$in_pause")
 note "while Redis was paused: $answered answers, $degraded degraded (fail-open), slowest ${slowest} ms"
-[ "$degraded" -gt 0 ] || die "no degraded (fail-open) answer while Redis was paused"
+[ "$degraded" -gt 0 ] || fail "no degraded (fail-open) answer while Redis was paused"
 after=$(timeline_between faults $(( pause_to + 2 )) $(( pause_to + 4 )))
-[ "$(jq '[.[].value.degraded // 0] | add // 0' <<<"$after")" = 0 ] || die "still degraded 2 s after Redis came back"
+[ "$(jq '[.[].value.degraded // 0] | add // 0' <<<"$after")" = 0 ] || fail "still degraded 2 s after Redis came back"
 in_cut=$(timeline_between faults "$cut_from" $(( cut_to + 1 )))
 note "while a limiter was cut off: $(jq -c '[.[].value] | reduce .[] as $s ({}; reduce ($s | to_entries[]) as $e (.; .[$e.key] += $e.value))' <<<"$in_cut")"
 # README ("Limiter unreachable or slow"): a check whose exchange had left for the limiter
 # that was cut off gets no answer, and is a 503 once LIMITER_TIMEOUT_MS has passed, until
 # the gateway's next resolve drops that replica. No other failure is promised.
 timeout_ms=$(docker exec "$(containers gateway)" sh -c 'echo ${LIMITER_TIMEOUT_MS:-500}')
-[ "$(failures faults)" -le 200 ] || { show_failures faults; die "$(failures faults) requests failed during the faults"; }
+[ "$(failures faults)" -le 200 ] || { show_failures faults; fail "$(failures faults) requests failed during the faults"; }
 unpromised=$(jq --argjson a "$cut_from" --argjson b $(( cut_from + (resolve_ms + timeout_ms) / 1000 + 1 )) \
   '[.failures[] | select(.t < $a or .t > $b or .status != 503)] | length' "$work/load-faults.json")
 note "$(failures faults) requests failed: $(jq -c '[.failures[] | .body[:60]] | group_by(.) | map({(.[0]): length}) | add // {}' "$work/load-faults.json")"
-[ "$unpromised" = 0 ] || { show_failures faults; die "$unpromised requests failed beyond what the README promises"; }
+[ "$unpromised" = 0 ] || { show_failures faults; fail "$unpromised requests failed beyond what the README promises"; }
 verify faults
 
 # ---- rolling --------------------------------------------------------------------------------
@@ -314,7 +328,7 @@ done
 load_stop rolling
 if [ "$(failures rolling)" != 0 ]; then
   show_failures rolling
-  die "$(failures rolling) requests failed during the rolling restart"
+  fail "$(failures rolling) requests failed during the rolling restart"
 fi
 verify rolling
 
@@ -347,7 +361,7 @@ for i in $(seq 6); do
   codes+="$(curl -sS -o /dev/null -w '%{http_code}' -H "x-api-key: $key" "http://127.0.0.1:$ENVOY_HOST_PORT/healthz") "
 done
 note "through Envoy, key $key: $codes"
-[ "$codes" = "200 200 200 200 200 429 " ] || die "Envoy with rules of 5 a minute per key answered $codes"
+[ "$codes" = "200 200 200 200 200 429 " ] || fail "Envoy with rules of 5 a minute per key answered $codes"
 
 # ---- stop -----------------------------------------------------------------------------------
 step "stop: docker-compose stop under load, then start: exit codes, and no decided request lost"
@@ -361,7 +375,7 @@ note "the services stopped in $(( ($(now_ms) - t0) / 1000 )) s"
 load_stop stop
 for c in $(docker ps -aq --filter "label=com.docker.compose.project=$project" --filter status=exited); do
   code=$(docker inspect -f '{{.State.ExitCode}}' "$c")
-  [ "$code" = 0 ] || { docker logs --tail 20 "$(cname "$c")"; die "$(cname "$c") exited $code"; }
+  [ "$code" = 0 ] || { docker logs --tail 20 "$(cname "$c")"; fail "$(cname "$c") exited $code"; }
 done
 note "every service exited 0"
 compose --profile envoy start > /dev/null 2>&1
@@ -379,7 +393,7 @@ done
 note "docker-compose stop took $(( stop_all / 1000 )).$(( stop_all % 1000 / 100 )) s"
 for svc in rate-limiter analytics-worker gateway redis envoy; do
   for c in $(docker ps -aq --filter "label=com.docker.compose.project=$project" --filter "label=com.docker.compose.service=$svc"); do
-    [ "$(docker inspect -f '{{.State.ExitCode}}' "$c")" = 0 ] || die "$(cname "$c") did not exit 0"
+    [ "$(docker inspect -f '{{.State.ExitCode}}' "$c")" = 0 ] || fail "$(cname "$c") did not exit 0"
   done
 done
 compose --profile envoy down > /dev/null 2>&1
@@ -387,10 +401,11 @@ t0=$(now_ms)
 compose up -d --scale rate-limiter=3 --scale analytics-worker=2 > /dev/null 2>&1
 wait_healthy 120
 note "up again, healthy after $(( ($(now_ms) - t0) / 1000 )) s (images built)"
-[ "$(analytics seed-user1)" = '{"user_id":"seed-user1","total":0,"allowed":0,"blocked":0}' ] \
-  || die "seed-user1 survived down: $(analytics seed-user1)"
+[ "$(counts seed-user1)" = '[0,0,0]' ] \
+  || fail "seed-user1 survived down: $(analytics seed-user1)"
 [ "$(api seed-user1)" = 200 ] || die "no answer after up"
 note "seed-user1 starts again from zero, as the README says"
 
+[ "$soft_failures" = 0 ] || die "$soft_failures checks failed (see above)"
 failed=0
 step "compose test passed in $(( $(date +%s) - t_start )) s"
