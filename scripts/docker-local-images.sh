@@ -94,7 +94,8 @@ if [ "$(stamp_of rust:1-bookworm)" != "$rust_stamp" ]; then
   ctx=$(staging rust)
   mkdir -p "$ctx/rustup/toolchains" "$ctx/cargo/bin"
   # The active toolchain without its documentation (800 MB the build never reads).
-  cp -a "$rust_home/toolchains/$toolchain" "$ctx/rustup/toolchains/"
+  mkdir -p "$ctx/rustup/toolchains/$toolchain"
+  cp -a "$(readlink -f "$rust_home/toolchains/$toolchain")/." "$ctx/rustup/toolchains/$toolchain/"
   rm -rf "$ctx/rustup/toolchains/$toolchain/share/doc"
   printf 'version = "12"\ndefault_toolchain = "%s"\nprofile = "minimal"\nauto_self_update = "disable"\n\n[overrides]\n' \
     "$toolchain" > "$ctx/rustup/settings.toml"
