@@ -63,6 +63,10 @@ gw=http://127.0.0.1:$GATEWAY_HOST_PORT
 compose() { docker-compose -p "$project" -f docker-compose.yml -f docker-compose.local.yml "$@"; }
 
 cleanup() {
+  local pid
+  for pid in "$work"/load-*.pid; do
+    [ -f "$pid" ] && kill "$(cat "$pid")" 2>/dev/null || true
+  done
   if [ "$failed" = 1 ]; then
     echo "---- last logs (the test failed; its files are in $work) ----" >&2
     compose --profile envoy logs --no-color -t > "$work/compose.log" 2>&1 || true
