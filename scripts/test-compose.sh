@@ -116,7 +116,10 @@ load_start() { # prefix, rate -> starts the load generator in the background
 }
 load_stop() { # prefix -> stops it, prints its summary
   touch "$work/stop-$1"
-  wait "$(cat "$work/load-$1.pid")" || { cat "$work/load-$1.log"; die "the load generator failed"; }
+  local pid
+  pid=$(cat "$work/load-$1.pid")
+  rm -f "$work/load-$1.pid"
+  wait "$pid" || { cat "$work/load-$1.log"; die "the load generator failed"; }
   note "$(cat "$work/load-$1.log")"
 }
 failures() { jq -r '.failed' "$work/load-$1.json"; }
