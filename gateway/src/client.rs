@@ -2,10 +2,11 @@
 //! services run apart ([`HttpLimiterClient`]); the all-in-one binary brings an in-process
 //! one.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Once, RwLock};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, Once, RwLock};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use axum::body::Bytes;
@@ -204,6 +205,11 @@ struct Exchanger {
     targets: Arc<RwLock<Arc<[Target]>>>,
     next: AtomicUsize,
     refusals: Option<Arc<GatewayRefusals>>,
+    /// Replicas whose last connection attempt failed, and until when they are asked only
+    /// after the others (one resolve interval: by then the name's answer has dropped them,
+    /// or they are back).
+    unreachable: Mutex<HashMap<Arc<str>, Instant>>,
+    avoid_for: Duration,
 }
 
 /// hyper's pooled HTTP/1 client: reqwest's conveniences (redirects, URL parsing, cookies)
@@ -252,7 +258,10 @@ impl HttpLimiterClient {
         }
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(timeout));
+        // A quarter of the deadline, so that the retry on the next replica still fits: a
+        // replica whose container is gone leaves an address that answers nothing, not even
+        // a refusal, until the next resolve drops it.
+        connector.set_connect_timeout(Some(timeout / 4));
         let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
             .pool_max_idle_per_host(1024)
             // Below the limiter's HEADER_TIMEOUT_MS (5 s by default), after which the
@@ -281,6 +290,8 @@ impl HttpLimiterClient {
             targets: targets.clone(),
             next: AtomicUsize::new(0),
             refusals: refusals.clone(),
+            unreachable: Mutex::new(HashMap::new()),
+            avoid_for: resolve_every,
         });
         tokio::spawn(dispatch(exchanger, waiting, batching));
         Ok(Self {
@@ -412,13 +423,40 @@ impl Exchanger {
         }
         let attempts = targets.len().clamp(2, 3);
         let first = self.next.fetch_add(1, Ordering::Relaxed);
+        // The replicas in turn from `first`, those that could not be reached lately last.
+        let mut order: Vec<&Target> = (0..targets.len())
+            .map(|i| &targets[(first + i) % targets.len()])
+            .collect();
+        {
+            let mut unreachable = self.unreachable.lock().expect("unreachable lock");
+            if !unreachable.is_empty() {
+                let now = Instant::now();
+                unreachable.retain(|_, until| *until > now);
+                order.sort_by_key(|t| unreachable.contains_key(&t.name));
+            }
+        }
         let count = batch.checks.len();
         let body = Bytes::from(serde_json::to_vec(batch).expect("a batch serializes"));
+        let avoid = |target: &Target| {
+            self.unreachable
+                .lock()
+                .expect("unreachable lock")
+                .insert(target.name.clone(), Instant::now() + self.avoid_for);
+        };
+        // The replica being asked, for when the deadline passes first.
+        let asking = AtomicUsize::new(0);
         let exchange = async {
             let mut attempt = 0;
             loop {
-                let target = &targets[(first + attempt) % targets.len()];
-                match self.exchange(target, body.clone()).await {
+                let target = order[attempt % order.len()];
+                asking.store(attempt % order.len(), Ordering::Relaxed);
+                let result = self.exchange(target, body.clone()).await;
+                if let Err(err) = &result
+                    && err.is_connect()
+                {
+                    avoid(target);
+                }
+                match result {
                     Ok((status, body)) => return Ok((status, body, target.name.clone())),
                     Err(err) if attempt + 1 < attempts && unanswered(&err) => {
                         metrics::counter!("gateway_limiter_retries_total").increment(1);
@@ -432,9 +470,15 @@ impl Exchanger {
                 }
             }
         };
-        let (status, body, replica) = tokio::time::timeout_at(deadline, exchange)
-            .await
-            .map_err(|_| ClientError::Unreachable("timed out".into()))??;
+        let (status, body, replica) =
+            tokio::time::timeout_at(deadline, exchange)
+                .await
+                .map_err(|_| {
+                    // No answer in time: a replica cut off the network looks like this (its
+                    // connections answer nothing), as does an overloaded one.
+                    avoid(order[asking.load(Ordering::Relaxed)]);
+                    ClientError::Unreachable("timed out".into())
+                })??;
         if !status.is_success() {
             return Err(refusal(status, serde_json::from_slice(&body).ok()));
         }
