@@ -99,6 +99,32 @@ struct Group {
     indices: Vec<usize>,
 }
 
+impl Group {
+    /// Puts what `checked` says of the group's descriptors in the call's `statuses` (at
+    /// their places in the call) and its limits in the call's `decision`.
+    fn report(
+        &self,
+        checked: Checked,
+        statuses: &mut [DescriptorStatus],
+        decision: &mut CheckResponse,
+    ) {
+        for (j, &i) in self.indices.iter().enumerate() {
+            let limits: Vec<&LimitStatus> = checked
+                .limits
+                .iter()
+                .filter(|l| l.descriptor == j)
+                .collect();
+            statuses[i] = descriptor_status(&limits);
+        }
+        decision
+            .limits
+            .extend(checked.limits.into_iter().map(|mut l| {
+                l.descriptor = self.indices[l.descriptor];
+                l
+            }));
+    }
+}
+
 impl RateLimitService {
     pub fn new(limiter: Arc<Limiter>, headers: ResponseHeaders) -> Self {
         Self { limiter, headers }
@@ -193,20 +219,7 @@ impl RateLimitService {
                 spent.push(group.check.clone());
             }
             decision.degraded |= checked.degraded;
-            for (j, &i) in group.indices.iter().enumerate() {
-                let limits: Vec<&LimitStatus> = checked
-                    .limits
-                    .iter()
-                    .filter(|l| l.descriptor == j)
-                    .collect();
-                statuses[i] = descriptor_status(&limits);
-            }
-            decision
-                .limits
-                .extend(checked.limits.into_iter().map(|mut l| {
-                    l.descriptor = group.indices[l.descriptor];
-                    l
-                }));
+            group.report(checked, &mut statuses, &mut decision);
         }
         if !decision.allowed {
             self.refund(spent).await;
@@ -254,21 +267,11 @@ impl RateLimitService {
             .filter(|g| g.check.cost.unsigned_abs() > MAX_COST)
         {
             let checked = self.limiter.refuse_unhonoured(&group.check, true);
-            for (j, &i) in group.indices.iter().enumerate() {
-                let limits: Vec<&LimitStatus> = checked
-                    .limits
-                    .iter()
-                    .filter(|l| l.descriptor == j)
-                    .collect();
-                statuses[i] = descriptor_status(&limits);
+            group.report(checked, &mut statuses, &mut decision);
+            // Over the limit even where no limit applies: the cost itself is refused.
+            for &i in &group.indices {
                 statuses[i].code = Code::OverLimit as i32;
             }
-            decision
-                .limits
-                .extend(checked.limits.into_iter().map(|mut l| {
-                    l.descriptor = group.indices[l.descriptor];
-                    l
-                }));
         }
         (statuses, decision)
     }
