@@ -23,9 +23,10 @@
 //!   Envoy's share of the most restrictive one ([`division::share`] of `limit / window`);
 //!   `DENY_ALL` while any enforced limit has nothing left in its window. A rule that no
 //!   longer applies to a bucket that had one → `abandon_action` (Envoy subscribes afresh).
-//! - Every assignment lives `3 ×` the stream's reporting interval (2 s to 60 s, whole
-//!   seconds): an Envoy that loses this service keeps it that long, then follows its own
-//!   `expired_assignment_behavior`.
+//! - Every assignment lives `2 ×` the stream's reporting interval `+ 1 s` (2 s to 60 s,
+//!   whole seconds; Envoy 1.40 reports every 5 s, so 11 s): refreshed by every report,
+//!   it outlives one lost report; an Envoy that loses this service keeps it that long,
+//!   then follows its own `expired_assignment_behavior`.
 //! - What Envoy reports admitted is spent from the limits (at most what they have left),
 //!   so the fleet's admissions track the limit; allowed and denied are published as events
 //!   of the bucket's identity, one per report and outcome, with the count as `cost`.
@@ -84,6 +85,10 @@ pub const REPORT_BURST: f64 = 40.0;
 pub const MAX_REPORT_BYTES: usize = 256 * 1024;
 /// Store and board calls made at once for one report.
 const CONCURRENCY: usize = 16;
+/// How often Envoy 1.40's filter reports, whatever the bucket's `reporting_interval`
+/// says (its `filter_persistence.cc` hard-codes 5 s): the interval assumed until a stream's
+/// reports show their own.
+const ENVOY_REPORTING_SECONDS: f64 = 5.0;
 /// Shortest and longest assignment TTL, in seconds.
 const TTL_SECONDS: (u64, u64) = (2, 60);
 
@@ -364,7 +369,7 @@ impl StreamHandler {
                         request,
                         board_key,
                         demand: None,
-                        interval: 1.0,
+                        interval: ENVOY_REPORTING_SECONDS,
                         last: None,
                         held: None,
                         limited: false,
@@ -378,23 +383,28 @@ impl StreamHandler {
             let reported = usage.time_elapsed.map_or(0.0, |d| {
                 d.seconds.max(0) as f64 + f64::from(d.nanos.max(0)) / 1e9
             });
+            // Over what time `used` was spent: since this stream's last report of the
+            // bucket (our clock), else what Envoy says (whole seconds; 0 for a new bucket,
+            // whose first report is sent at once and says nothing of its demand yet).
             let elapsed = match held.last {
                 Some(last) => {
                     let seen = now.duration_since(last).as_secs_f64();
-                    held.interval = 0.5 * held.interval + 0.5 * seen.clamp(0.1, 60.0);
-                    seen
+                    // Up at once, down slowly: the TTL must outlive the longest gap.
+                    held.interval = (0.9 * held.interval + 0.1 * seen).max(seen).min(60.0);
+                    Some(seen.max(0.25))
                 }
-                None => reported,
-            }
-            .max(0.25);
-            held.last = Some(now);
-            let sample = used as f64 / elapsed;
-            let demand = match held.demand {
-                Some(d) => 0.5 * d + 0.5 * sample,
-                None => sample,
+                None => (reported >= 1.0).then_some(reported),
             };
-            held.demand = Some(demand);
-            let ttl = ((3.0 * held.interval).ceil() as u64).clamp(TTL_SECONDS.0, TTL_SECONDS.1);
+            held.last = Some(now);
+            if let Some(elapsed) = elapsed {
+                let sample = used as f64 / elapsed;
+                held.demand = Some(match held.demand {
+                    Some(d) => 0.5 * d + 0.5 * sample,
+                    None => sample,
+                });
+            }
+            let demand = held.demand.unwrap_or(0.0);
+            let ttl = ((2.0 * held.interval).ceil() as u64 + 1).clamp(TTL_SECONDS.0, TTL_SECONDS.1);
             jobs.push(Job {
                 key,
                 request: held.request.clone(),
@@ -524,7 +534,14 @@ fn quota_action(assignment: Assignment, ttl: u64) -> bucket_action::BucketAction
             tokens_per_fill: Some(envoy_types::pb::google::protobuf::UInt32Value {
                 value: bucket.tokens_per_fill,
             }),
-            fill_interval: Some(seconds(bucket.fill_seconds)),
+            // As many nanoseconds as seconds (Envoy reads whole seconds): Envoy 1.40
+            // compares a new token bucket with the one it holds by `max_tokens`,
+            // `tokens_per_fill` and the interval's *nanos* only, so an interval that
+            // changes in seconds alone would be ignored.
+            fill_interval: Some(envoy_types::pb::google::protobuf::Duration {
+                seconds: i64::try_from(bucket.fill_seconds).unwrap_or(i64::MAX),
+                nanos: i32::try_from(bucket.fill_seconds).unwrap_or(0),
+            }),
         }),
     };
     bucket_action::BucketAction::QuotaAssignmentAction(bucket_action::QuotaAssignmentAction {
