@@ -369,6 +369,107 @@ async fn three_envoys_share_one_quota() {
     service.stop().await;
 }
 
+/// The fleet's admissions per second in `[from, to)`, and each Envoy's.
+fn fleet_rate(seen: &[Vec<(Instant, bool)>], from: Instant, to: Instant) -> (f64, Vec<usize>) {
+    let each: Vec<usize> = seen.iter().map(|s| admitted(s, from, to)).collect();
+    let secs = to.duration_since(from).as_secs_f64();
+    (each.iter().sum::<usize>() as f64 / secs, each)
+}
+
+/// An Envoy leaves: its share goes to the others (its stream ends, and they hear of it at
+/// their next report), so the fleet still admits the quota. A new one joins: it admits
+/// from its first request (the floor, then its share), and the fleet still admits the
+/// quota.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoys_leave_and_join_and_the_quota_holds() {
+    let service = Service::start(SHARED_600, &[]).await;
+    let mut envoys: Vec<Envoy> = (0..3).map(|_| Envoy::start(service.grpc, OPEN)).collect();
+    let t0 = Instant::now();
+    let spawn = |e: &Envoy, rate: f64, run: Duration| tokio::spawn(drive(e.url.clone(), rate, run));
+    let stays = [
+        spawn(&envoys[0], 14.0, Duration::from_secs(56)),
+        spawn(&envoys[1], 3.0, Duration::from_secs(56)),
+    ];
+    let leaves = spawn(&envoys[2], 3.0, Duration::from_secs(20));
+    let gone = leaves.await.unwrap();
+    // The third Envoy stops at 20 s.
+    drop(envoys.pop());
+    tokio::time::sleep_until((t0 + Duration::from_secs(36)).into()).await;
+    let joined_at = Instant::now();
+    let newcomer = Envoy::start(service.grpc, OPEN);
+    let joined = drive(
+        newcomer.url.clone(),
+        3.0,
+        Duration::from_secs(56) - t0.elapsed(),
+    )
+    .await;
+    let mut seen = Vec::new();
+    for d in stays {
+        seen.push(d.await.unwrap());
+    }
+    let at = |s: u64| t0 + Duration::from_secs(s);
+    let (before, each) = fleet_rate(&[seen[0].clone(), seen[1].clone(), gone], at(12), at(20));
+    eprintln!("three envoys, 12-20 s: {before:.2}/s {each:?}");
+    let (two, each) = fleet_rate(&seen, at(26), at(36));
+    eprintln!("two envoys, 26-36 s: {two:.2}/s {each:?}");
+    let all = [seen[0].clone(), seen[1].clone(), joined.clone()];
+    let (three, each) = fleet_rate(&all, at(46), at(56));
+    eprintln!("a newcomer, 46-56 s: {three:.2}/s {each:?}");
+    let first = joined
+        .iter()
+        .find(|(_, ok)| *ok)
+        .map(|(t, _)| t.duration_since(joined_at));
+    eprintln!("the newcomer's first admission after {first:?}");
+    for (what, rate) in [("three", before), ("two", two), ("newcomer", three)] {
+        assert!(
+            (9.0..=11.0).contains(&rate),
+            "{what}: {rate:.2}/s, not 10/s ± 10 %"
+        );
+    }
+    assert!(each[2] >= 10, "the newcomer gets a share: {each:?}");
+    service.stop().await;
+}
+
+/// A rule changed live moves the assignment within 2 reporting intervals; a rule removed
+/// sends `abandon_action` (Envoy forgets the bucket, subscribes afresh, and is told
+/// ALLOW_ALL).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rule_changed_live_moves_the_assignment_and_a_rule_removed_abandons_it() {
+    let service = Service::start(SHARED_600, &[]).await;
+    let envoy = Envoy::start(service.grpc, OPEN);
+    let t0 = Instant::now();
+    let driver = tokio::spawn(drive(envoy.url.clone(), 20.0, Duration::from_secs(48)));
+    let at = |s: u64| t0 + Duration::from_secs(s);
+    tokio::time::sleep_until(at(12).into()).await;
+    std::fs::write(
+        service.rules_path(),
+        SHARED_600.replace("requests_per_unit: 600", "requests_per_unit: 120"),
+    )
+    .unwrap();
+    tokio::time::sleep_until(at(30).into()).await;
+    std::fs::write(
+        service.rules_path(),
+        SHARED_600.replace("value: shared", "value: another"),
+    )
+    .unwrap();
+    let seen = driver.await.unwrap();
+    let rate = |from, to| fleet_rate(std::slice::from_ref(&seen), at(from), at(to)).0;
+    // Within 2 reporting intervals (10 s) of each change.
+    let (alone, changed) = (rate(6, 12), rate(22, 30));
+    let refused_late = seen.iter().filter(|(t, ok)| *t >= at(40) && !ok).count();
+    eprintln!(
+        "600/min: {alone:.2}/s; 120/min from 12 s: {changed:.2}/s (22-30 s); refused after the removal at 30 s (40-48 s): {refused_late}"
+    );
+    assert!((9.0..=11.0).contains(&alone), "600/min alone: {alone:.2}/s");
+    assert!((1.8..=2.2).contains(&changed), "120/min: {changed:.2}/s");
+    assert_eq!(refused_late, 0, "no rule: everything passes");
+    assert!(
+        envoy.log().contains("abandon action"),
+        "envoy was sent abandon_action"
+    );
+    service.stop().await;
+}
+
 /// Two limiter replicas on one Redis, each holding the streams of different Envoys, divide
 /// one quota together.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -38,11 +38,13 @@ pub trait DemandBoard: Send + Sync + 'static {
     async fn leave(&self, bucket: &str, member: &str);
 }
 
+/// A bucket's members: stream → (demand, posted at in ms).
+type Members = HashMap<String, (f64, u64)>;
+
 /// The board in this process.
 #[derive(Default)]
 pub struct MemoryBoard {
-    /// bucket → member → (demand, posted at).
-    buckets: Mutex<HashMap<String, HashMap<String, (f64, u64)>>>,
+    buckets: Mutex<HashMap<String, Members>>,
 }
 
 #[async_trait::async_trait]
