@@ -228,6 +228,7 @@ impl Drop for Envoy {
 /// Our limiter with `rules` (domain `api`), gRPC and HTTP on free ports.
 struct Service {
     grpc: SocketAddr,
+    limiter: std::sync::Arc<rate_limiter::limiter::Limiter>,
     shutdown: CancellationToken,
     task: JoinHandle<()>,
     dir: PathBuf,
@@ -247,6 +248,7 @@ impl Service {
         let service = rate_limiter::Standalone::start(&config, testkit::unique("rlqs"), &shutdown)
             .await
             .unwrap();
+        let limiter = service.limiter.clone();
         let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let grpc_addr = grpc.local_addr().unwrap();
@@ -261,6 +263,7 @@ impl Service {
         };
         Self {
             grpc: grpc_addr,
+            limiter,
             shutdown,
             task,
             dir,
@@ -568,6 +571,39 @@ async fn the_service_stopped_envoy_keeps_its_assignment_until_the_ttl() {
         last_admission.is_some_and(|l| l <= Duration::from_millis(12_500)),
         "expired: DENY_ALL from then on ({last_admission:?})"
     );
+}
+
+/// What Envoy reports is counted once: the limiter's allowed and limited counts are the
+/// requests Envoy admitted and refused, and each report is published as at most one event
+/// per outcome (its count as `cost`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reports_are_counted_once() {
+    let rules = SHARED_600.replace("requests_per_unit: 600", "requests_per_unit: 120");
+    let service = Service::start(&rules, &[]).await;
+    let envoy = Envoy::start(service.grpc, OPEN);
+    let started = Instant::now();
+    let seen = drive(envoy.url.clone(), 10.0, Duration::from_secs(8)).await;
+    // Envoy reports every 5 s: wait for the report of the last requests.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let (ok, refused) = (
+        seen.iter().filter(|(_, ok)| *ok).count() as u64,
+        seen.iter().filter(|(_, ok)| !ok).count() as u64,
+    );
+    let stats = service.limiter.stats();
+    let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    let (allowed, limited) = (load(&stats.allowed), load(&stats.limited));
+    let published = service.limiter.publisher().stats().published;
+    let reports = started.elapsed().as_secs() / 5 + 2;
+    eprintln!(
+        "envoy admitted {ok} and refused {refused}; counted {allowed} allowed, {limited} limited, in {published} events"
+    );
+    assert!(refused > 0 && ok > 0, "{ok} {refused}");
+    assert_eq!((allowed, limited), (ok, refused));
+    assert!(
+        published >= 2 && published <= 2 * reports,
+        "{published} events for at most {reports} reports"
+    );
+    service.stop().await;
 }
 
 fn report(domain: &str, ids: Vec<BucketId>) -> RateLimitQuotaUsageReports {
