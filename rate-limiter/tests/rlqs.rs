@@ -796,3 +796,101 @@ async fn garbage(grpc: SocketAddr) -> (tonic::Code, String) {
         Err(status) => (status.code(), status.message().to_owned()),
     }
 }
+
+/// A stream kept open by a client of our own: send a report, read the answer.
+struct Stream {
+    tx: tokio::sync::mpsc::Sender<RateLimitQuotaUsageReports>,
+    answers: tonic::Streaming<RateLimitQuotaResponse>,
+}
+
+impl Stream {
+    async fn open(
+        client: &mut RateLimitQuotaServiceClient<tonic::transport::Channel>,
+    ) -> Result<Self, tonic::Status> {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let answers = client
+            .stream_rate_limit_quotas(futures::stream::unfold(rx, |mut rx| async move {
+                rx.recv().await.map(|r| (r, rx))
+            }))
+            .await?
+            .into_inner();
+        Ok(Self { tx, answers })
+    }
+
+    /// `allowed` requests of `id` reported; the action answered for it.
+    async fn report(&mut self, id: BucketId, allowed: u64) -> bucket_action::BucketAction {
+        let mut r = report("api", vec![id]);
+        r.bucket_quota_usages[0].num_requests_allowed = allowed;
+        self.tx.send(r).await.unwrap();
+        let answer = tokio::time::timeout(Duration::from_secs(5), self.answers.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        answer.bucket_action[0].bucket_action.clone().unwrap()
+    }
+}
+
+/// The assignments through the protocol: shadow mode is ALLOW_ALL whatever is spent; a
+/// limit is a token bucket of its rate until what Envoy reports admitted spends it, then
+/// DENY_ALL; a connection holds at most 16 streams.
+#[tokio::test]
+async fn shadow_is_allow_all_and_a_spent_limit_is_deny_all() {
+    use envoy_types::pb::envoy::r#type::v3::rate_limit_strategy::{BlanketRule, Strategy};
+    let rules = r#"
+domain: api
+descriptors:
+  - key: name
+    value: shadow
+    shadow_mode: true
+    rate_limit: {name: shadow, unit: minute, requests_per_unit: 5}
+  - key: name
+    value: small
+    rate_limit: {name: small, unit: minute, requests_per_unit: 60, algorithm: fixed_window}
+"#;
+    let service = Service::start(rules, &[]).await;
+    let mut client = RateLimitQuotaServiceClient::connect(format!("http://{}", service.grpc))
+        .await
+        .unwrap();
+    let strategy = |a: bucket_action::BucketAction| match a {
+        bucket_action::BucketAction::QuotaAssignmentAction(q) => {
+            q.rate_limit_strategy.unwrap().strategy.unwrap()
+        }
+        other => panic!("{other:?}"),
+    };
+    let mut stream = Stream::open(&mut client).await.unwrap();
+    let shadow = bucket(&[("name", "shadow")]);
+    for _ in 0..2 {
+        let s = strategy(stream.report(shadow.clone(), 100).await);
+        assert_eq!(s, Strategy::BlanketRule(BlanketRule::AllowAll as i32));
+    }
+    let small = bucket(&[("name", "small")]);
+    match strategy(stream.report(small.clone(), 10).await) {
+        // 60 a minute alone: one a second.
+        Strategy::TokenBucket(b) => {
+            assert_eq!(b.tokens_per_fill.unwrap().value, 1);
+            assert_eq!(b.fill_interval.unwrap().seconds, 1);
+        }
+        other => panic!("{other:?}"),
+    }
+    let s = strategy(stream.report(small.clone(), 50).await);
+    assert_eq!(s, Strategy::BlanketRule(BlanketRule::DenyAll as i32));
+
+    // 16 streams per connection (this client's one connection): the 17th is refused.
+    let mut held = Vec::new();
+    for _ in 1..16 {
+        held.push(Stream::open(&mut client).await.unwrap());
+    }
+    let refused = Stream::open(&mut client).await.err().expect("17th refused");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::ResourceExhausted,
+        "{refused:?}"
+    );
+    assert!(refused.message().starts_with("streams"), "{refused:?}");
+    // Closing one makes room.
+    drop(held.pop());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(Stream::open(&mut client).await.is_ok());
+    service.stop().await;
+}
