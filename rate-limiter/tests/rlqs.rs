@@ -827,7 +827,7 @@ impl Stream {
             .unwrap()
             .unwrap()
             .unwrap();
-        answer.bucket_action[0].bucket_action.clone().unwrap()
+        answer.bucket_action[0].bucket_action.unwrap()
     }
 }
 
