@@ -894,3 +894,53 @@ descriptors:
     assert!(Stream::open(&mut client).await.is_ok());
     service.stop().await;
 }
+
+/// What every demand board does: everyone's fresh demands back from a post, stale members
+/// and departed ones forgotten, buckets apart.
+async fn board_contract(board: &dyn rate_limiter::rlqs::board::DemandBoard) {
+    let stale = Duration::from_secs(3);
+    let sorted = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v
+    };
+    assert_eq!(
+        board.post("b", "1", 5.0, 10_000, stale).await.unwrap(),
+        [5.0]
+    );
+    let both = board.post("b", "2", 7.5, 11_000, stale).await.unwrap();
+    assert_eq!(sorted(both), [5.0, 7.5]);
+    assert_eq!(
+        board.post("other", "3", 1.0, 11_000, stale).await.unwrap(),
+        [1.0]
+    );
+    // "1" last posted more than 3 s ago.
+    assert_eq!(
+        board.post("b", "2", 7.5, 13_500, stale).await.unwrap(),
+        [7.5]
+    );
+    board.post("b", "1", 2.0, 13_600, stale).await.unwrap();
+    board.leave("b", "1").await;
+    assert_eq!(
+        board.post("b", "2", 7.0, 13_700, stale).await.unwrap(),
+        [7.0]
+    );
+}
+
+#[tokio::test]
+async fn the_memory_board_keeps_the_contract() {
+    board_contract(&rate_limiter::rlqs::board::MemoryBoard::default()).await;
+}
+
+#[tokio::test]
+async fn the_redis_board_keeps_the_contract() {
+    let redis = RedisServer::start();
+    let endpoint = service_kit::redis::Endpoint::single(redis.url());
+    let conn = service_kit::redis::connect(&endpoint, Duration::from_secs(1)).unwrap();
+    let prefix = testkit::unique("board:");
+    board_contract(&rate_limiter::rlqs::board::RedisBoard::new(
+        conn,
+        &prefix,
+        Duration::from_secs(1),
+    ))
+    .await;
+}

@@ -11,6 +11,7 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use service_kit::redis::{Connection, with_deadline};
@@ -45,6 +46,8 @@ type Members = HashMap<String, (f64, u64)>;
 #[derive(Default)]
 pub struct MemoryBoard {
     buckets: Mutex<HashMap<String, Members>>,
+    /// When every bucket was last swept of stale members (ms).
+    swept_ms: AtomicU64,
 }
 
 #[async_trait::async_trait]
@@ -58,14 +61,19 @@ impl DemandBoard for MemoryBoard {
         stale: Duration,
     ) -> Result<Vec<f64>, BoardError> {
         let stale_ms = stale.as_millis() as u64;
+        let fresh = |at: &u64| now_ms.saturating_sub(*at) <= stale_ms;
         let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
-        // Forget what nobody posted lately, everywhere: the map stays as small as the
-        // buckets reported now.
-        buckets.retain(|_, members| {
-            members.retain(|_, (_, at)| now_ms.saturating_sub(*at) <= stale_ms);
-            !members.is_empty()
-        });
+        // Once per staleness period, forget what nobody posted lately everywhere: the map
+        // stays as small as the buckets reported now, at a cost spread over many posts.
+        if now_ms.saturating_sub(self.swept_ms.load(Ordering::Relaxed)) >= stale_ms {
+            self.swept_ms.store(now_ms, Ordering::Relaxed);
+            buckets.retain(|_, members| {
+                members.retain(|_, (_, at)| fresh(at));
+                !members.is_empty()
+            });
+        }
         let members = buckets.entry(bucket.to_owned()).or_default();
+        members.retain(|_, (_, at)| fresh(at));
         members.insert(member.to_owned(), (demand, now_ms));
         Ok(members.values().map(|(d, _)| *d).collect())
     }
@@ -157,31 +165,5 @@ impl DemandBoard for RedisBoard {
         if let Err(err) = left {
             tracing::debug!(error = %err, "rlqs: leaving the demand board failed; the entry goes stale");
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn the_memory_board_forgets_stale_and_departed_streams() {
-        let board = MemoryBoard::default();
-        let stale = Duration::from_secs(3);
-        assert_eq!(board.post("b", "1", 5.0, 0, stale).await.unwrap(), [5.0]);
-        let mut both = board.post("b", "2", 7.0, 1_000, stale).await.unwrap();
-        both.sort_by(f64::total_cmp);
-        assert_eq!(both, [5.0, 7.0]);
-        // "1" has not posted for more than 3 s.
-        assert_eq!(
-            board.post("b", "2", 7.0, 3_500, stale).await.unwrap(),
-            [7.0]
-        );
-        board.post("b", "1", 1.0, 3_600, stale).await.unwrap();
-        board.leave("b", "1").await;
-        assert_eq!(
-            board.post("b", "2", 7.0, 3_700, stale).await.unwrap(),
-            [7.0]
-        );
     }
 }

@@ -311,12 +311,13 @@ impl StreamHandler {
                 }
             }
         }
-        for held in self.buckets.values() {
-            self.service
-                .board
-                .leave(&held.board_key, &self.member)
-                .await;
-        }
+        // Off the board at once: the others' shares grow at their next report.
+        let board = &self.service.board;
+        futures::stream::iter(self.buckets.values())
+            .for_each_concurrent(CONCURRENCY, |held| {
+                board.leave(&held.board_key, &self.member)
+            })
+            .await;
     }
 
     /// The actions answering one report, or why the stream ends.
