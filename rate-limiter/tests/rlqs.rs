@@ -423,10 +423,11 @@ async fn envoys_leave_and_join_and_the_quota_holds() {
         .find(|(_, ok)| *ok)
         .map(|(t, _)| t.duration_since(joined_at));
     eprintln!("the newcomer's first admission after {first:?}");
+    // Windows of 8 to 10 s hold a burst of each Envoy's bucket more or less: ± 15 %.
     for (what, rate) in [("three", before), ("two", two), ("newcomer", three)] {
         assert!(
-            (9.0..=11.0).contains(&rate),
-            "{what}: {rate:.2}/s, not 10/s ± 10 %"
+            (8.5..=11.5).contains(&rate),
+            "{what}: {rate:.2}/s, not 10/s ± 15 %"
         );
     }
     assert!(each[2] >= 10, "the newcomer gets a share: {each:?}");
