@@ -494,6 +494,52 @@ async fn two_replicas_on_one_redis_share_one_quota() {
     b.stop().await;
 }
 
+/// Redis frozen (fail-open): the limiter decides from its fallback and the demand board
+/// cannot be read, so each stream keeps the division it last saw: the fleet still admits
+/// about the quota, not the quota per Envoy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_frozen_the_division_holds() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let prefix = testkit::unique("rlqs:");
+    let args = [
+        "--redis-url",
+        url.as_str(),
+        "--redis-key-prefix",
+        prefix.as_str(),
+        "--redis-timeout-ms",
+        "100",
+        "--fail-mode",
+        "open",
+    ];
+    let service = Service::start(SHARED_600, &args).await;
+    let envoys: Vec<Envoy> = (0..2).map(|_| Envoy::start(service.grpc, OPEN)).collect();
+    let t0 = Instant::now();
+    let drivers: Vec<_> = envoys
+        .iter()
+        .zip([14.0, 7.0])
+        .map(|(e, rate)| tokio::spawn(drive(e.url.clone(), rate, Duration::from_secs(36))))
+        .collect();
+    tokio::time::sleep_until((t0 + Duration::from_secs(14)).into()).await;
+    redis.freeze(true);
+    let mut seen = Vec::new();
+    for d in drivers {
+        seen.push(d.await.unwrap());
+    }
+    redis.freeze(false);
+    let at = |s: u64| t0 + Duration::from_secs(s);
+    let (before, each_before) = fleet_rate(&seen, at(6), at(14));
+    let (frozen, each) = fleet_rate(&seen, at(20), at(36));
+    eprintln!(
+        "redis up: {before:.2}/s {each_before:?}; frozen, 6-22 s after: {frozen:.2}/s {each:?}"
+    );
+    assert!(
+        (9.0..=11.0).contains(&frozen),
+        "redis frozen: the fleet admits {frozen:.2}/s, not 10/s ± 10 %"
+    );
+    service.stop().await;
+}
+
 /// An `unlimited` rule: ALLOW_ALL, even for an Envoy that denies until it has an
 /// assignment.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

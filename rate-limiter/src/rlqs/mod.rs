@@ -227,6 +227,8 @@ struct Held {
     held: Option<Assignment>,
     /// An enforced or shadow limit applied when last seen (its removal abandons the bucket).
     limited: bool,
+    /// The demands on the board when last read: the division kept while it cannot be read.
+    seen: Vec<f64>,
 }
 
 /// One bucket's share of a report, decided apart from the stream's state.
@@ -240,6 +242,7 @@ struct Job {
     held: Option<Assignment>,
     limited: bool,
     ttl: u64,
+    seen: Vec<f64>,
 }
 
 /// What became of a job.
@@ -248,6 +251,7 @@ struct Done {
     action: Option<bucket_action::BucketAction>,
     held: Option<Assignment>,
     limited: bool,
+    seen: Vec<f64>,
 }
 
 /// One Envoy's stream.
@@ -374,6 +378,7 @@ impl StreamHandler {
                         last: None,
                         held: None,
                         limited: false,
+                        seen: Vec::new(),
                     },
                 );
             }
@@ -416,6 +421,7 @@ impl StreamHandler {
                 held: held.held,
                 limited: held.limited,
                 ttl,
+                seen: held.seen.clone(),
             });
         }
         let service = &self.service;
@@ -440,6 +446,7 @@ impl StreamHandler {
                 let held = self.buckets.get_mut(&done.key).expect("held");
                 held.held = done.held;
                 held.limited = done.limited;
+                held.seen = done.seen;
                 held.id.clone()
             };
             actions.push(BucketAction {
@@ -467,12 +474,14 @@ async fn decide(service: &QuotaService, member: &str, job: Job) -> Done {
                 action: None,
                 held: job.held,
                 limited: job.limited,
+                seen: job.seen,
             };
         }
     };
     limiter.count_reported(&job.request, &checked, job.allowed, job.denied);
     let limited = !checked.limits.is_empty();
     let enforced: Vec<_> = checked.limits.iter().filter(|l| !l.shadow).collect();
+    let mut seen = job.seen.clone();
     let assignment = if enforced.is_empty() {
         if job.limited && !limited {
             // The rule went away: Envoy forgets the bucket and subscribes afresh.
@@ -483,6 +492,7 @@ async fn decide(service: &QuotaService, member: &str, job: Job) -> Done {
                 )),
                 held: None,
                 limited: false,
+                seen: Vec::new(),
             };
         }
         Assignment::AllowAll
@@ -502,11 +512,18 @@ async fn decide(service: &QuotaService, member: &str, job: Job) -> Done {
             .await
         {
             Ok(all) => all,
-            Err(err) => {
+            // The division last seen (this stream alone when there is none): the shares
+            // hold while the board is away rather than each Envoy taking the whole limit.
+            Err(err) if job.seen.is_empty() => {
                 tracing::debug!(error = %err, "rlqs: demand board unavailable; dividing by this stream alone");
                 vec![job.demand]
             }
+            Err(err) => {
+                tracing::debug!(error = %err, "rlqs: demand board unavailable; keeping the last division");
+                job.seen.clone()
+            }
         };
+        seen.clone_from(&all);
         let rate = enforced
             .iter()
             .map(|l| {
@@ -521,6 +538,7 @@ async fn decide(service: &QuotaService, member: &str, job: Job) -> Done {
         action: Some(quota_action(assignment, job.ttl)),
         held: Some(assignment),
         limited,
+        seen,
     }
 }
 
