@@ -181,6 +181,7 @@ impl StreamSlot {
     ) -> Result<Self, tonic::Status> {
         let mut open = streams.entry(peer).or_insert(0);
         if *open >= MAX_STREAMS_PER_CONNECTION {
+            refused(tonic::Code::ResourceExhausted);
             return Err(tonic::Status::resource_exhausted(format!(
                 "streams: at most {MAX_STREAMS_PER_CONNECTION} open streams per connection"
             )));
@@ -200,6 +201,12 @@ impl Drop for StreamSlot {
             *open == 0
         });
     }
+}
+
+/// Counts a stream refused with `code`.
+fn refused(code: tonic::Code) {
+    metrics::counter!("ratelimit_rlqs_streams_refused_total", "code" => format!("{code:?}"))
+        .increment(1);
 }
 
 /// A random id for a stream, its field in the demand board.
@@ -283,13 +290,17 @@ impl StreamHandler {
                 Ok(Some(report)) => report,
                 Ok(None) => break,
                 Err(status) => {
-                    // Garbage, or a report above the size bound: this stream ends.
+                    // Garbage (tonic's decode error is INTERNAL), or a report above the
+                    // size bound: this stream ends. Anything else is the peer gone.
                     let code = match status.code() {
-                        tonic::Code::Internal | tonic::Code::Unknown => {
-                            tonic::Code::InvalidArgument
+                        tonic::Code::Internal => tonic::Code::InvalidArgument,
+                        code @ (tonic::Code::OutOfRange | tonic::Code::ResourceExhausted) => code,
+                        _ => {
+                            tracing::debug!(error = %status, "rlqs stream ended by its peer");
+                            break;
                         }
-                        code => code,
                     };
+                    refused(code);
                     tracing::debug!(error = %status, "rlqs stream closed: unreadable report");
                     let _ = tx
                         .send(Err(tonic::Status::new(code, status.message().to_owned())))
@@ -308,7 +319,7 @@ impl StreamHandler {
                     }
                 }
                 Err(status) => {
-                    metrics::counter!("ratelimit_rlqs_streams_refused_total", "code" => format!("{:?}", status.code())).increment(1);
+                    refused(status.code());
                     tracing::debug!(error = %status, "rlqs stream refused");
                     let _ = tx.send(Err(status)).await;
                     break;
