@@ -274,7 +274,7 @@ impl Overrides {
                 ..
             } => Some((
                 conn.clone(),
-                hash.trim_end_matches("{overrides}").to_owned(),
+                hash.strip_suffix("{overrides}").unwrap_or(hash).to_owned(),
                 *timeout,
             )),
         }
