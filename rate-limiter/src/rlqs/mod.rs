@@ -114,6 +114,7 @@ impl QuotaService {
         Self::with_board(limiter, board, shutdown)
     }
 
+    /// The service with `board` as its demand board.
     pub fn with_board(
         limiter: Arc<Limiter>,
         board: Arc<dyn DemandBoard>,
@@ -446,15 +447,20 @@ impl StreamHandler {
         for done in done {
             let Some(action) = done.action else { continue };
             let abandoned = matches!(action, bucket_action::BucketAction::AbandonAction(_));
+            // A bucket named twice in one report may be gone already (abandoned).
             let id = if abandoned {
-                let held = self.buckets.remove(&done.key).expect("held");
+                let Some(held) = self.buckets.remove(&done.key) else {
+                    continue;
+                };
                 self.service
                     .board
                     .leave(&held.board_key, &self.member)
                     .await;
                 held.id
             } else {
-                let held = self.buckets.get_mut(&done.key).expect("held");
+                let Some(held) = self.buckets.get_mut(&done.key) else {
+                    continue;
+                };
                 held.held = done.held;
                 held.limited = done.limited;
                 held.seen = done.seen;
