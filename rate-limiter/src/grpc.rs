@@ -529,6 +529,9 @@ pub async fn serve(
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(health)
+        .add_service(
+            crate::rlqs::QuotaService::new(service.limiter.clone(), shutdown.clone()).server(),
+        )
         .add_service(refuse_errors::RefuseErrors::new(
             RateLimitServiceServer::new(service)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)

@@ -7,6 +7,7 @@
 //! - [`kafka`]: the Kafka event publisher.
 //! - [`http`]: the HTTP API.
 //! - [`grpc`]: Envoy's rate limit service over gRPC (and its `POST /json` form).
+//! - [`rlqs`]: Envoy's rate limit quota service, on the same gRPC port.
 //! - [`config`]: the service's configuration.
 
 pub mod admin;
@@ -20,6 +21,7 @@ pub mod limiter;
 pub mod overrides;
 pub mod refusals;
 pub mod resilience;
+pub mod rlqs;
 pub mod rules;
 pub mod store;
 

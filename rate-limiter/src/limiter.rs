@@ -1,6 +1,8 @@
 //! The limiter: one decision per request, from the shared store or (fail-open) a local
 //! fallback bucket, and one event per decision to the analytics stream.
 
+mod reported;
+
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Once};

@@ -262,6 +262,24 @@ impl Overrides {
         }
     }
 
+    /// The Redis connection, key prefix and call timeout the overrides are shared through
+    /// (none in memory), for other state the limiters share (the RLQS demand board).
+    pub fn shared_redis(&self) -> Option<(Connection, String, Duration)> {
+        match &self.backend {
+            Backend::Memory(_) => None,
+            Backend::Redis {
+                conn,
+                hash,
+                timeout,
+                ..
+            } => Some((
+                conn.clone(),
+                hash.strip_suffix("{overrides}").unwrap_or(hash).to_owned(),
+                *timeout,
+            )),
+        }
+    }
+
     /// The overrides in force.
     pub fn current(&self) -> Arc<OverrideSet> {
         self.current
