@@ -110,6 +110,7 @@ impl Limiter {
                 degraded: checked.degraded,
                 domain: (request.domain != DEFAULT_DOMAIN).then(|| request.domain.clone()),
                 rules,
+                stamp: None,
             });
         }
     }
