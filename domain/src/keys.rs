@@ -7,6 +7,15 @@
 
 use std::fmt::Write;
 
+/// A 64-bit FNV-1a hash of `text`: stable across processes, builds and versions (std's
+/// hasher is seeded per process), for names and slots that must agree everywhere: a
+/// shortened rule name, a limit key's room slot.
+pub fn stable_hash(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
 /// The escaped form of a user id, safe inside a hash tag.
 pub fn escape_user_id(user_id: &str) -> String {
     let mut out = String::with_capacity(user_id.len() + 2);

@@ -186,12 +186,9 @@ impl Default for RoomSlots {
 }
 
 impl RoomSlots {
-    /// The slot of a limit key (FNV-1a, stable across processes and versions).
+    /// The slot of a limit key (a hash stable across processes and versions).
     pub fn slot_of(key: &str) -> usize {
-        let hash = key.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-        });
-        (hash % ROOM_SLOTS as u64) as usize
+        (ratelimit_domain::keys::stable_hash(key) % ROOM_SLOTS as u64) as usize
     }
 
     /// A mark of the slots of `keys` now: it moves when any of them moves.

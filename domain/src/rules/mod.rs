@@ -534,9 +534,7 @@ fn bounded_name(path: &str) -> String {
     if path.len() <= ROOM {
         return path.to_owned();
     }
-    let hash = path.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    });
+    let hash = crate::keys::stable_hash(path);
     let mut end = ROOM - 17;
     while !path.is_char_boundary(end) {
         end -= 1;
