@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use gateway::client::{AdminRequest, ClientError, LimiterClient};
 use gateway::status::{Decisions, Events, Health, Status, StatusSource, stream_ok};
 use rate_limiter::breaker::BreakerState;
-use rate_limiter::limiter::{Limiter, LimiterError};
+use rate_limiter::limiter::Limiter;
 use ratelimit_domain::analytics::AnalyticsReader;
 use ratelimit_domain::api::{CheckRequest, CheckResponse};
 
@@ -62,12 +62,7 @@ impl LimiterClient for InProcessClient {
         self.limiter
             .check_response(request)
             .await
-            .map_err(|err| match err {
-                LimiterError::StoreUnavailable => ClientError::StoreUnavailable,
-                LimiterError::CostAboveCapacity { capacity, .. } => {
-                    ClientError::Invalid(LimiterError::cost_field_error(capacity))
-                }
-            })
+            .map_err(ClientError::from)
     }
 }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use dashmap::DashMap;
-use ratelimit_domain::api::UserAnalytics;
+use ratelimit_domain::analytics::UserAnalytics;
 
 use ratelimit_domain::analytics::{
     AnalyticsReader, BlockedUser, CounterError, CounterStore, DAY_MS, MAX_COUNTED_RULES, MINUTE_MS,

@@ -44,11 +44,11 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use ratelimit_domain::analytics::UserAnalytics;
 use ratelimit_domain::analytics::{
     AnalyticsReader, BlockedUser, CounterError, CounterStore, MAX_COUNTED_RULES, MinuteCounts,
     PartitionBatch, RuleCounts, TOP_KEEP, TOP_WINDOW_MINUTES,
 };
-use ratelimit_domain::api::UserAnalytics;
 use ratelimit_domain::event::Stamp;
 use ratelimit_domain::keys;
 use service_kit::redis::{Connection, Endpoint, Scripts};

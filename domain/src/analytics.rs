@@ -8,10 +8,18 @@
 use std::ops::RangeInclusive;
 
 use async_trait::async_trait;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::RateLimitEvent;
-use crate::api::UserAnalytics;
+
+/// A user's all-time counters, as `GET /analytics/:user_id` shows them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserAnalytics {
+    pub user_id: String,
+    pub total: u64,
+    pub allowed: u64,
+    pub blocked: u64,
+}
 
 /// Events of one dedup stream of one partition, in order: numbered by their offsets, or by
 /// their publisher's sequence under its epoch.

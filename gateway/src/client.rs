@@ -16,7 +16,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use metrics::Unit;
 use ratelimit_domain::api::{
-    BatchRequest, BatchResponse, BatchResult, CheckRequest, CheckResponse, ErrorBody, FieldError,
+    BatchRequest, BatchResponse, BatchResult, CheckError, CheckRequest, CheckResponse, FieldError,
     MAX_BATCH, RefusedCheck,
 };
 use service_kit::http::ApiError;
@@ -40,6 +40,19 @@ pub enum ClientError {
     /// The limiter is shedding load.
     #[error("the rate limiter is overloaded")]
     Overloaded,
+}
+
+impl From<CheckError> for ClientError {
+    fn from(err: CheckError) -> Self {
+        match err {
+            CheckError::Invalid(field) => ClientError::Invalid(field),
+            CheckError::StoreUnavailable => ClientError::StoreUnavailable,
+            CheckError::Overloaded => ClientError::Overloaded,
+            CheckError::Other(body) => {
+                ClientError::Unreachable(format!("limiter answered {}", body.error))
+            }
+        }
+    }
 }
 
 impl From<ClientError> for ApiError {
@@ -496,7 +509,7 @@ impl Exchanger {
             .into_iter()
             .map(|result| match result {
                 BatchResult::Ok(decision) => Ok(decision),
-                BatchResult::Error(body) => Err(refusal(StatusCode::OK, Some(body))),
+                BatchResult::Error(err) => Err(err.into()),
             })
             .collect();
         Ok((results, replica, made_under))
@@ -706,24 +719,12 @@ impl LimiterClient for HttpLimiterClient {
     }
 }
 
-/// Why the limiter refused a check (or a whole batch), from its error body.
-fn refusal(status: StatusCode, body: Option<ErrorBody>) -> ClientError {
+/// Why the limiter refused a whole exchange: the error it sent, else what its status says.
+fn refusal(status: StatusCode, body: Option<CheckError>) -> ClientError {
     match body {
-        Some(body) if body.error == "invalid_request" => {
-            let field = body.field.unwrap_or_else(|| "body".into());
-            let detail = body
-                .detail
-                .strip_prefix(&format!("{field}: "))
-                .unwrap_or(&body.detail)
-                .to_owned();
-            ClientError::Invalid(FieldError::new(field, detail))
-        }
-        // Only the store's unavailability is reported as `unavailable` per check; the
-        // whole exchange answers it too when the limiter cannot decide at all.
-        Some(body) if body.error == "unavailable" => ClientError::StoreUnavailable,
-        Some(body) if body.error == "overloaded" => ClientError::Overloaded,
-        _ if status == StatusCode::TOO_MANY_REQUESTS => ClientError::Overloaded,
-        _ => ClientError::Unreachable(format!("limiter answered {status}")),
+        Some(err) => err.into(),
+        None if status == StatusCode::TOO_MANY_REQUESTS => ClientError::Overloaded,
+        None => ClientError::Unreachable(format!("limiter answered {status}")),
     }
 }
 

@@ -12,10 +12,10 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use ratelimit_domain::analytics::{AnalyticsReader, CounterError, DAY_MS, MINUTE_MS, MinuteCounts};
-use ratelimit_domain::api::{
-    CheckRequest, FieldError, MAX_BODY_BYTES, UserAnalytics, canonical_user_id,
+use ratelimit_domain::analytics::{
+    AnalyticsReader, CounterError, DAY_MS, MINUTE_MS, MinuteCounts, UserAnalytics,
 };
+use ratelimit_domain::api::{CheckRequest, FieldError, MAX_BODY_BYTES, canonical_user_id};
 use ratelimit_domain::{Clock, SystemClock};
 use serde::{Deserialize, Serialize};
 use serde_json::json;

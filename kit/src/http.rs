@@ -22,7 +22,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use http_body_util::BodyExt;
 
-use ratelimit_domain::api::{ErrorBody, FieldError, MAX_BODY_BYTES};
+use ratelimit_domain::api::{CheckError, ErrorBody, FieldError, MAX_BODY_BYTES};
 
 /// Everything a handler can answer besides success. Mapped to a status and a JSON
 /// [`ErrorBody`] in [`IntoResponse`] below, and nowhere else.
@@ -56,6 +56,19 @@ pub enum ApiError {
     /// The client did not send the request's body within the body timeout.
     #[error("request body timed out")]
     BodyTimeout(Duration),
+}
+
+impl From<CheckError> for ApiError {
+    fn from(err: CheckError) -> Self {
+        match err {
+            CheckError::Invalid(field) => ApiError::InvalidField(field),
+            CheckError::StoreUnavailable | CheckError::Other(_) => ApiError::Unavailable {
+                what: "rate-limit store",
+                retry_after_secs: 1,
+            },
+            CheckError::Overloaded => ApiError::Overloaded,
+        }
+    }
 }
 
 impl ApiError {

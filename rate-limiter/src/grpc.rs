@@ -41,8 +41,8 @@ use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::{
 };
 use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
 use ratelimit_domain::api::{
-    CheckRequest, CheckResponse, FieldError, LimitStatus, MAX_COST, MAX_DESCRIPTORS, MAX_ENTRIES,
-    MAX_KEY_BYTES, analytics_identity, canonical_user_id,
+    CheckError, CheckRequest, CheckResponse, FieldError, LimitStatus, MAX_COST, MAX_DESCRIPTORS,
+    MAX_ENTRIES, MAX_KEY_BYTES, analytics_identity, canonical_user_id,
 };
 use ratelimit_domain::descriptor::{Descriptor, Entry};
 use service_kit::config::FailMode;
@@ -50,7 +50,7 @@ use service_kit::http::ServeLimits;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ResponseHeaders;
-use crate::limiter::{Checked, Limiter, LimiterError};
+use crate::limiter::{Checked, Limiter};
 
 /// Largest accepted gRPC message: 16 descriptors of 16 entries of the longest keys and
 /// values fit in ~100 KiB only with every byte escaped-free and maximal; real calls are a
@@ -202,16 +202,16 @@ impl RateLimitService {
         for (group, result) in groups.iter().zip(results) {
             let checked: Checked = match result {
                 Ok(checked) => checked,
-                Err(LimiterError::StoreUnavailable) => {
+                Err(
+                    CheckError::StoreUnavailable | CheckError::Overloaded | CheckError::Other(_),
+                ) => {
                     self.refund(spent).await;
                     return Err(CallError::Unavailable);
                 }
                 // More than some limit can ever admit: over the limit (not an error, which
                 // Envoy's default failure_mode_deny=false would let through), counted and
                 // published as a refusal.
-                Err(LimiterError::CostAboveCapacity { .. }) => {
-                    self.limiter.refuse_unhonoured(&group.check, false)
-                }
+                Err(CheckError::Invalid(_)) => self.limiter.refuse_unhonoured(&group.check, false),
             };
             if !checked.decision.is_allowed() {
                 decision.allowed = false;

@@ -20,21 +20,7 @@ use service_kit::http::{ApiError, ServeLimits, ValidJson, liveness, with_guards}
 
 use crate::config::ResponseHeaders;
 use crate::grpc::{self, CallError, RateLimitService};
-use crate::limiter::{Limiter, LimiterError};
-
-impl From<LimiterError> for ApiError {
-    fn from(err: LimiterError) -> Self {
-        match err {
-            LimiterError::CostAboveCapacity { capacity, .. } => {
-                ApiError::InvalidField(LimiterError::cost_field_error(capacity))
-            }
-            LimiterError::StoreUnavailable => ApiError::Unavailable {
-                what: "rate-limit store",
-                retry_after_secs: 1,
-            },
-        }
-    }
-}
+use crate::limiter::Limiter;
 
 /// The limiter's routes, with body limits, JSON 404/405, metrics, load shedding and the
 /// slow-client guards ([`with_guards`]); `POST /json` answers with the IETF header fields.
@@ -108,7 +94,7 @@ async fn check_batch(
         .into_iter()
         .map(|result| match result {
             Ok(checked) => BatchResult::Ok(checked.to_response()),
-            Err(err) => BatchResult::Error(ApiError::from(err).body()),
+            Err(err) => BatchResult::Error(err),
         })
         .collect();
     Json(BatchResponse {

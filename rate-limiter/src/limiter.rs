@@ -9,14 +9,14 @@ use std::sync::{Arc, Once};
 use std::time::{Duration, Instant};
 
 use metrics::Unit;
-use ratelimit_domain::api::{CheckRequest, CheckResponse, LimitStatus, RefusedCheck};
+use ratelimit_domain::api::{CheckError, CheckRequest, CheckResponse, LimitStatus, RefusedCheck};
 use ratelimit_domain::descriptor::DEFAULT_DOMAIN;
 use ratelimit_domain::event::{RuleHit, RuleOutcome, SCHEMA_VERSION};
 use ratelimit_domain::keys::DEFAULT_LIMIT_NAME;
 use ratelimit_domain::keys::limit_key;
 use ratelimit_domain::limits::{Applied, LimitOutcome, Outcome};
 use ratelimit_domain::store::{LimitTake, RequestTake};
-use ratelimit_domain::{Clock, Decision, Policy, Quota, RateLimitEvent};
+use ratelimit_domain::{Clock, Decision, Quota, RateLimitEvent};
 use service_kit::config::FailMode;
 use service_kit::stream::EventPublisher;
 use tower::ServiceExt;
@@ -186,26 +186,6 @@ fn new_incarnation() -> u64 {
 /// Whole milliseconds, rounded up (a retry after the rounded time is still on time).
 pub fn duration_ms_ceil(d: std::time::Duration) -> u64 {
     u64::try_from(d.as_micros().div_ceil(1000)).unwrap_or(u64::MAX)
-}
-
-impl LimiterError {
-    /// What a client is told about a cost above the capacity.
-    pub fn cost_field_error(capacity: u64) -> ratelimit_domain::api::FieldError {
-        ratelimit_domain::api::FieldError::new(
-            "cost",
-            format!("must be at most the bucket capacity {capacity}"),
-        )
-    }
-}
-
-/// Why no decision could be made.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum LimiterError {
-    #[error("cost {cost} exceeds the bucket capacity {capacity}")]
-    CostAboveCapacity { cost: u64, capacity: u64 },
-    /// The shared store is unreachable and the fail mode is `closed`.
-    #[error("the rate-limit store is unavailable")]
-    StoreUnavailable,
 }
 
 /// Describes the limiter's metrics (help text and unit), once per process, after installing
@@ -491,7 +471,7 @@ impl Limiter {
 
     /// What every limit that applies to `request` has left, without spending anything and
     /// without an event (an admin's peek; `request.cost` is ignored).
-    pub async fn peek(&self, request: &CheckRequest) -> Result<Checked, LimiterError> {
+    pub async fn peek(&self, request: &CheckRequest) -> Result<Checked, CheckError> {
         let mut peek = request.clone();
         peek.cost = 0;
         let plan = self.plan(&peek)?;
@@ -513,7 +493,7 @@ impl Limiter {
 
     /// Resets every limit that applies to `request` (an admin's reset): they start afresh,
     /// here and in the fail-open fallback. Returns how many limits were reset.
-    pub async fn reset(&self, request: &CheckRequest) -> Result<usize, LimiterError> {
+    pub async fn reset(&self, request: &CheckRequest) -> Result<usize, CheckError> {
         let mut peek = request.clone();
         peek.cost = 0;
         let plan = self.plan(&peek)?;
@@ -527,21 +507,16 @@ impl Limiter {
         self.room_given(&keys).await;
         reset.map_err(|err| {
             tracing::warn!(error = %err, "reset failed");
-            LimiterError::StoreUnavailable
+            CheckError::StoreUnavailable
         })?;
         Ok(keys.len())
-    }
-
-    /// The built-in policy.
-    pub fn policy(&self) -> &Policy {
-        self.store.policy()
     }
 
     /// Decides `request` and answers in the wire format.
     pub async fn check_response(
         &self,
         request: &CheckRequest,
-    ) -> Result<CheckResponse, LimiterError> {
+    ) -> Result<CheckResponse, CheckError> {
         Ok(self.check(request).await?.to_response())
     }
 
@@ -568,7 +543,7 @@ impl Limiter {
     }
 
     /// Decides `request` and publishes the decision.
-    pub async fn check(&self, request: &CheckRequest) -> Result<Checked, LimiterError> {
+    pub async fn check(&self, request: &CheckRequest) -> Result<Checked, CheckError> {
         self.check_many(std::slice::from_ref(request))
             .await
             .pop()
@@ -577,7 +552,7 @@ impl Limiter {
 
     /// Resolves `request` against the rules in force: every limit that applies, keyed; an
     /// error when its cost is above what some enforced limit can ever admit.
-    fn plan(&self, request: &CheckRequest) -> Result<Plan, LimiterError> {
+    fn plan(&self, request: &CheckRequest) -> Result<Plan, CheckError> {
         let plan = self.resolve(request);
         if request.cost > 0 {
             let cost = request.cost as u64;
@@ -587,10 +562,7 @@ impl Limiter {
                 .filter(|p| !p.applied.shadow && cost > p.applied.spec.limit())
                 .min_by_key(|p| p.applied.spec.limit())
             {
-                return Err(LimiterError::CostAboveCapacity {
-                    cost,
-                    capacity: p.applied.spec.limit(),
-                });
+                return Err(CheckError::cost_above_capacity(p.applied.spec.limit()));
             }
         }
         Ok(plan)
@@ -693,12 +665,9 @@ impl Limiter {
 
     /// Decides `requests` in order, as [`Limiter::check`] would one after the other, in one
     /// call to the store, and publishes each decision.
-    pub async fn check_many(
-        &self,
-        requests: &[CheckRequest],
-    ) -> Vec<Result<Checked, LimiterError>> {
+    pub async fn check_many(&self, requests: &[CheckRequest]) -> Vec<Result<Checked, CheckError>> {
         let started = Instant::now();
-        let mut plans: Vec<Result<Plan, LimiterError>> =
+        let mut plans: Vec<Result<Plan, CheckError>> =
             requests.iter().map(|r| self.plan(r)).collect();
         // Requests that some limit applies to go to the store; the others are allowed.
         let asked: Vec<usize> = plans
@@ -828,11 +797,11 @@ impl Limiter {
 
     /// The decision of `plan` from its verdict: the store's, the fail-open fallback's
     /// (degraded), or none (fail-closed).
-    fn decided(&self, plan: &Plan, verdict: Verdict, cost: i64) -> Result<Checked, LimiterError> {
+    fn decided(&self, plan: &Plan, verdict: Verdict, cost: i64) -> Result<Checked, CheckError> {
         match verdict {
             Verdict::Stored(outcome) => Ok(Checked::new(plan, &outcome, false, cost)),
             Verdict::Fallback(outcome) => Ok(Checked::new(plan, &outcome, true, cost)),
-            Verdict::Unavailable => Err(LimiterError::StoreUnavailable),
+            Verdict::Unavailable => Err(CheckError::StoreUnavailable),
         }
     }
 
@@ -849,7 +818,7 @@ impl Limiter {
         plan: &Plan,
         verdict: Verdict,
         started: Instant,
-    ) -> Result<Checked, LimiterError> {
+    ) -> Result<Checked, CheckError> {
         let checked = self.decided(plan, verdict, request.cost).inspect_err(|_| {
             self.stats.refused.fetch_add(1, Ordering::Relaxed);
         })?;
@@ -897,6 +866,7 @@ mod tests {
     use crate::store::StoreError;
     use async_trait::async_trait;
     use ratelimit_domain::ManualClock;
+    use ratelimit_domain::Policy;
     use service_kit::stream::{NullPublisher, channel};
     use std::time::Duration;
 
@@ -994,10 +964,7 @@ mod tests {
         );
         assert_eq!(
             l.check(&req("u", 4)).await,
-            Err(LimiterError::CostAboveCapacity {
-                cost: 4,
-                capacity: 3
-            })
+            Err(CheckError::cost_above_capacity(3))
         );
     }
 
@@ -1010,7 +977,7 @@ mod tests {
         );
         assert_eq!(
             l.check(&req("u", 1)).await,
-            Err(LimiterError::StoreUnavailable)
+            Err(CheckError::StoreUnavailable)
         );
         assert!(!l.ready().await);
     }
@@ -1056,7 +1023,7 @@ mod tests {
                 req("u", 1),
             ])
             .await;
-        let got: Vec<Result<bool, LimiterError>> = results
+        let got: Vec<Result<bool, CheckError>> = results
             .into_iter()
             .map(|r| r.map(|c| c.decision.is_allowed()))
             .collect();
@@ -1064,10 +1031,7 @@ mod tests {
             got,
             [
                 Ok(true),
-                Err(LimiterError::CostAboveCapacity {
-                    cost: 3,
-                    capacity: 2
-                }),
+                Err(CheckError::cost_above_capacity(2)),
                 Ok(true),
                 Ok(true),
                 Ok(false)
@@ -1100,7 +1064,7 @@ mod tests {
         assert!(
             results
                 .iter()
-                .all(|r| r == &Err(LimiterError::StoreUnavailable))
+                .all(|r| r == &Err(CheckError::StoreUnavailable))
         );
         let open = limiter(
             Arc::new(DownStore(Policy::new(4, 0.001).unwrap())),

@@ -14,10 +14,11 @@ use std::time::Duration;
 
 use clap::Parser;
 use rate_limiter::config::LimiterConfig;
-use rate_limiter::limiter::{Limiter, LimiterError};
+use rate_limiter::limiter::Limiter;
 use rate_limiter::store::contract::{self, Advance};
 use rate_limiter::store::{BucketStore, RedisStore};
 use ratelimit_domain::Policy;
+use ratelimit_domain::api::CheckError;
 use ratelimit_domain::api::CheckRequest;
 use service_kit::report::{Reports, Role};
 use testkit::{Certificates, RedisCluster, RedisOptions, RedisServer, unique};
@@ -86,7 +87,7 @@ async fn refused(url: &str, extra: &[&str]) -> String {
     let limiter = limiter(url, &unique("refused"), extra).await.unwrap();
     assert_eq!(
         limiter.check(&req("alice")).await.unwrap_err(),
-        LimiterError::StoreUnavailable
+        CheckError::StoreUnavailable
     );
     let store = store(url, &unique("refused"), extra, Policy::new(3, 1.0).unwrap());
     store.ping().await.unwrap_err().to_string()

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use gateway::client::{HttpLimiterClient, SystemResolver};
 use rate_limiter::limiter::Limiter;
-use ratelimit_domain::api::UserAnalytics;
+use ratelimit_domain::analytics::UserAnalytics;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;

@@ -11,7 +11,9 @@ use ratelimit_domain::descriptor::DEFAULT_DOMAIN;
 use ratelimit_domain::event::{RuleHit, RuleOutcome, SCHEMA_VERSION};
 use ratelimit_domain::limits::Outcome;
 
-use super::{Checked, Limiter, LimiterError};
+use ratelimit_domain::api::CheckError;
+
+use super::{Checked, Limiter};
 use crate::resilience::Verdict;
 
 impl Limiter {
@@ -19,7 +21,7 @@ impl Limiter {
     /// applies to `request`, at most what its enforced limits have left (what was admitted
     /// beyond is lost: the limit is spent either way), without an event. Returns the limits
     /// as they stand after: none when no limit applies (no rule, `unlimited`).
-    pub async fn spend_admitted(&self, request: &CheckRequest) -> Result<Checked, LimiterError> {
+    pub async fn spend_admitted(&self, request: &CheckRequest) -> Result<Checked, CheckError> {
         let mut look = request.clone();
         look.cost = 0;
         let mut plan = self.plan(&look)?;
