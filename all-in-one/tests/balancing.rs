@@ -147,10 +147,10 @@ async fn client(dns: &Arc<FakeDns>, port: u16, resolve_every: Duration) -> HttpL
     .unwrap()
 }
 
-fn check_urls(replicas: &[&Replica]) -> Vec<String> {
+fn replica_urls(replicas: &[&Replica]) -> Vec<String> {
     let mut urls: Vec<String> = replicas
         .iter()
-        .map(|r| format!("http://{}/check/batch", r.addr))
+        .map(|r| format!("http://{}", r.addr))
         .collect();
     urls.sort();
     urls
@@ -185,7 +185,7 @@ async fn the_gateway_spreads_requests_over_every_address_of_the_limiter_name() {
     let dns = Arc::new(FakeDns::default());
     dns.answer(NAME, &[a.addr, b.addr]);
     let limiter = client(&dns, a.addr.port(), Duration::from_secs(60)).await;
-    assert_eq!(limiter.targets(), check_urls(&[&a, &b]));
+    assert_eq!(limiter.targets(), replica_urls(&[&a, &b]));
 
     // Through the gateway's own HTTP API, as a user calls it.
     let config = gateway::config::GatewayConfig::try_parse_from(["gateway"]).unwrap();
@@ -245,19 +245,19 @@ async fn replicas_added_or_removed_are_picked_up_after_the_refresh_interval() {
     let refresh = Duration::from_millis(100);
     let limiter = client(&dns, a.addr.port(), refresh).await;
 
-    assert_eq!(limiter.targets(), check_urls(&[&a]));
+    assert_eq!(limiter.targets(), replica_urls(&[&a]));
     send_checks(&limiter, 4).await;
     assert_eq!((a.decisions(), b.decisions()), (4, 0));
 
     // Scaled up: the name now answers both replicas.
     dns.answer(NAME, &[a.addr, b.addr]);
-    wait_for_targets(&limiter, &check_urls(&[&a, &b]), refresh * 20).await;
+    wait_for_targets(&limiter, &replica_urls(&[&a, &b]), refresh * 20).await;
     send_checks(&limiter, 10).await;
     assert_eq!((a.decisions(), b.decisions()), (4 + 5, 5));
 
     // Scaled down: `a` leaves the name, then stops; no request goes to it any more.
     dns.answer(NAME, &[b.addr]);
-    wait_for_targets(&limiter, &check_urls(&[&b]), refresh * 20).await;
+    wait_for_targets(&limiter, &replica_urls(&[&b]), refresh * 20).await;
     a.stop().await;
     send_checks(&limiter, 6).await;
     assert_eq!(b.decisions(), 5 + 6);
@@ -329,7 +329,7 @@ async fn a_failed_resolution_keeps_the_last_known_replicas() {
         assert!(Instant::now() < deadline, "the name is not re-resolved");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert_eq!(limiter.targets(), check_urls(&[&a, &b]));
+    assert_eq!(limiter.targets(), replica_urls(&[&a, &b]));
     send_checks(&limiter, 4).await;
     assert_eq!((a.decisions(), b.decisions()), (2, 2));
 
