@@ -13,9 +13,12 @@
 //! - [`report`]: the status reports every instance writes for a standalone gateway.
 //! - [`expiring`]: a bounded map of entries that hold until a deadline (the refusal caches).
 //! - [`runtime`]: logging set-up, the instance id and the one shutdown signal.
+//! - [`every`]: the periodic loop of every background task, until shutdown.
+//! - [`admin`]: the admin token and its constant-time check.
 
 pub mod admin;
 pub mod config;
+pub mod every;
 pub mod expiring;
 pub mod http;
 #[cfg(feature = "kafka")]

@@ -167,16 +167,10 @@ impl Reports {
         shutdown: CancellationToken,
     ) -> tokio::task::JoinHandle<()> {
         tokio::spawn(async move {
-            let mut every = tokio::time::interval(REPORT_EVERY);
-            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    _ = every.tick() => {
-                        if let Err(err) = self.write(role, &instance, report()).await {
-                            tracing::debug!(error = %err, "status report not written");
-                        }
-                    }
+            let mut every = crate::every::Every::new(REPORT_EVERY, shutdown);
+            while every.tick().await {
+                if let Err(err) = self.write(role, &instance, report()).await {
+                    tracing::debug!(error = %err, "status report not written");
                 }
             }
             let mut conn = self.conn.clone();

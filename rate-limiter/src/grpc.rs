@@ -46,6 +46,7 @@ use ratelimit_domain::api::{
 };
 use ratelimit_domain::descriptor::{Descriptor, Entry};
 use service_kit::config::FailMode;
+use service_kit::every::Every;
 use service_kit::http::ServeLimits;
 use tokio_util::sync::CancellationToken;
 
@@ -554,13 +555,8 @@ fn spawn_health(
 ) {
     tokio::spawn(async move {
         let mut serving = true;
-        let mut tick = tokio::time::interval(HEALTH_INTERVAL);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tick.tick() => {}
-            }
+        let mut every = Every::new(HEALTH_INTERVAL, shutdown);
+        while every.tick().await {
             let ready = limiter.ready().await;
             if ready == serving {
                 continue;

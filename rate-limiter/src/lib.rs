@@ -236,12 +236,8 @@ fn spawn_instance_count(
     shutdown: CancellationToken,
 ) {
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(INSTANCE_COUNT_INTERVAL);
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tick.tick() => {}
-            }
+        let mut every = service_kit::every::Every::new(INSTANCE_COUNT_INTERVAL, shutdown);
+        while every.tick().await {
             if let Ok(live) = reports.read(service_kit::report::Role::Limiter).await
                 && !live.is_empty()
             {

@@ -503,13 +503,8 @@ impl Overrides {
             let mut seen_epoch: Option<Option<i64>> = None;
             // The slots' counts as last read (None: not read yet).
             let mut seen_slots: Option<HashMap<u64, i64>> = None;
-            let mut tick = tokio::time::interval(POLL_INTERVAL);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tick.tick() => {}
-                }
+            let mut every = service_kit::every::Every::new(POLL_INTERVAL, shutdown);
+            while every.tick().await {
                 let Some(overrides) = overrides.upgrade() else {
                     return;
                 };

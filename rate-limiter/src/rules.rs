@@ -90,13 +90,8 @@ impl Rules {
         let rules = Arc::downgrade(self);
         tokio::spawn(async move {
             let mut seen = fingerprint(&path).await;
-            let mut tick = tokio::time::interval(POLL_INTERVAL);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tick.tick() => {}
-                }
+            let mut every = service_kit::every::Every::new(POLL_INTERVAL, shutdown);
+            while every.tick().await {
                 let Some(rules) = rules.upgrade() else { return };
                 let now = fingerprint(&path).await;
                 if now == seen {

@@ -8,7 +8,7 @@ use proptest::prelude::*;
 
 use super::*;
 use crate::descriptor::Entry;
-use crate::limits::Algorithm;
+use crate::limits::{Algorithm, Window};
 
 fn parse_named(file: &str, text: &str) -> Result<RuleSet, RulesError> {
     RuleSet::from_files(&[(file.to_owned(), text.to_owned())])
@@ -450,10 +450,10 @@ fn units_are_theirs_and_case_insensitive() {
         let rule = get(&set, "d", &[("k", "v")]).unwrap();
         assert_eq!(
             only_limit(&rule).spec,
-            LimitSpec::FixedWindow {
+            LimitSpec::FixedWindow(Window {
                 requests: 400,
                 window_us: secs * 1_000_000
-            },
+            }),
             "{unit}"
         );
     }
@@ -790,17 +790,17 @@ descriptors:
     assert_eq!(rule.limits[0].spec.limit(), 10);
     assert_eq!(
         rule.limits[1].spec,
-        LimitSpec::SlidingWindow {
+        LimitSpec::SlidingWindow(Window {
             requests: 100,
             window_us: 3_600_000_000
-        }
+        })
     );
     assert_eq!(
         rule.limits[2].spec,
-        LimitSpec::FixedWindow {
+        LimitSpec::FixedWindow(Window {
             requests: 1000,
             window_us: 86_400_000_000
-        }
+        })
     );
 }
 

@@ -131,11 +131,9 @@ impl Refresh {
     }
 
     pub(super) async fn every(self, interval: Duration, shutdown: CancellationToken) {
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(interval) => self.once().await,
-            }
+        let mut every = service_kit::every::Every::after(interval, shutdown);
+        while every.tick().await {
+            self.once().await;
         }
     }
 }

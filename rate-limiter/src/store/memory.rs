@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use ratelimit_domain::limits::{Applied, LimitSpec, LimitState, Outcome, decide_all};
+use ratelimit_domain::limits::{Applied, LimitSpec, LimitState, Outcome, Window, decide_all};
 use ratelimit_domain::store::{Decided, RequestTake};
 use ratelimit_domain::{Clock, Decision, Policy, keys};
 use tokio_util::sync::CancellationToken;
@@ -106,17 +106,17 @@ impl MemoryStore {
                 tokens: (left as f64).min(p.capacity() as f64),
                 updated_us: now,
             }),
-            LimitSpec::FixedWindow {
+            LimitSpec::FixedWindow(Window {
                 requests,
                 window_us,
-            } => LimitState::Fixed {
+            }) => LimitState::Fixed {
                 window_start_us: now - now % window_us,
                 count: requests.saturating_sub(left),
             },
-            LimitSpec::SlidingWindow {
+            LimitSpec::SlidingWindow(Window {
                 requests,
                 window_us,
-            } => LimitState::Sliding {
+            }) => LimitState::Sliding {
                 window_start_us: now - now % window_us,
                 count: requests.saturating_sub(left),
                 previous: 0,
@@ -179,13 +179,8 @@ impl MemoryStore {
     pub fn spawn_sweeper(self: &Arc<Self>, interval: Duration, shutdown: CancellationToken) {
         let store = Arc::downgrade(self);
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(interval);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tick.tick() => {}
-                }
+            let mut every = service_kit::every::Every::new(interval, shutdown);
+            while every.tick().await {
                 let Some(store) = store.upgrade() else { return };
                 // retain() walks a million buckets in tens of milliseconds: off the runtime.
                 let dropped = tokio::task::spawn_blocking(move || store.sweep())

@@ -15,7 +15,7 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use ratelimit_domain::limits::{LimitOutcome, LimitSpec, Outcome};
+use ratelimit_domain::limits::{LimitOutcome, LimitSpec, Outcome, Window};
 use ratelimit_domain::store::{Decided, RequestTake};
 use ratelimit_domain::{Policy, Quota};
 use service_kit::redis::{
@@ -523,14 +523,14 @@ impl RedisStore {
                     .arg(shadow)
                     .arg(p.capacity())
                     .arg(p.refill_per_sec()),
-                LimitSpec::FixedWindow {
+                LimitSpec::FixedWindow(Window {
                     requests,
                     window_us,
-                } => cmd.arg(2).arg(shadow).arg(requests).arg(window_us),
-                LimitSpec::SlidingWindow {
+                }) => cmd.arg(2).arg(shadow).arg(requests).arg(window_us),
+                LimitSpec::SlidingWindow(Window {
                     requests,
                     window_us,
-                } => cmd.arg(3).arg(shadow).arg(requests).arg(window_us),
+                }) => cmd.arg(3).arg(shadow).arg(requests).arg(window_us),
             };
         }
         cmd.arg(memo_key).arg(field).arg(remember_ms).arg(repeat);
