@@ -7,9 +7,10 @@
 //! `RateLimit-Limit/-Remaining/-Reset` trio, which many clients read, carries the same
 //! numbers as `RateLimit`.
 
-use axum::http::{HeaderMap, HeaderName, HeaderValue, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use ratelimit_domain::api::{CheckResponse, LimitStatus};
+use serde::Serialize;
 use serde_json::json;
 
 /// The problem type of the draft's quota-exceeded problem details.
@@ -66,6 +67,42 @@ pub fn wants_problem(request_headers: &HeaderMap) -> bool {
         .iter()
         .filter_map(|v| v.to_str().ok())
         .any(|v| v.to_ascii_lowercase().contains("application/problem+json"))
+}
+
+/// The 429 of a refused request, the same for `POST /api` and for a proxied path:
+/// `Retry-After` added to the rate-limit `headers`, and the body the client asked for
+/// (problem details, or the JSON body naming the policies that refused).
+pub fn limited(
+    d: &CheckResponse,
+    user_id: &str,
+    request_headers: &HeaderMap,
+    mut headers: HeaderMap,
+) -> Response {
+    headers.insert(
+        header::RETRY_AFTER,
+        HeaderValue::from(secs_ceil(d.retry_after_ms).max(1)),
+    );
+    if wants_problem(request_headers) {
+        return problem(d, headers);
+    }
+    let body = LimitedBody {
+        error: "rate_limited",
+        user_id,
+        retry_after_ms: d.retry_after_ms,
+        violated_policies: violated(d),
+    };
+    (StatusCode::TOO_MANY_REQUESTS, headers, axum::Json(body)).into_response()
+}
+
+/// The JSON body of a 429.
+#[derive(Serialize)]
+struct LimitedBody<'a> {
+    error: &'static str,
+    user_id: &'a str,
+    retry_after_ms: u64,
+    /// The enforced policies that refused the request.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    violated_policies: Vec<&'a str>,
 }
 
 /// A 429 in the draft's problem-details form.

@@ -47,21 +47,60 @@ struct Shared {
     reads: Arc<AnalyticsReads>,
 }
 
+/// The gateway's own paths. The router serves these and nothing else, and the proxy
+/// forwards every path that is not one of them ([`is_own_route`]): one list, so a route
+/// added to the gateway can never be proxied upstream as well.
+pub mod routes {
+    pub const API: &str = "/api";
+    pub const ANALYTICS: &str = "/analytics";
+    pub const USER_ANALYTICS: &str = "/analytics/{user_id}";
+    pub const STATUS: &str = "/status";
+    pub const METRICS: &str = "/metrics";
+    pub const DASHBOARD: &str = "/dashboard";
+    /// The limiter's administration, passed on.
+    pub const LIMITER_ADMIN: &str = "/admin/{*rest}";
+    /// Reserved for the gateway's administration: answered here (404), never forwarded.
+    pub const ADMIN: &str = "/admin";
+
+    /// Every route, in axum's syntax (`{name}` one segment, `{*name}` the rest).
+    pub const ALL: [&str; 10] = [
+        API,
+        ANALYTICS,
+        USER_ANALYTICS,
+        STATUS,
+        METRICS,
+        DASHBOARD,
+        LIMITER_ADMIN,
+        ADMIN,
+        service_kit::http::HEALTHZ,
+        service_kit::http::READYZ,
+    ];
+}
+
+/// Whether `path` is one of the gateway's own routes ([`routes::ALL`]), never forwarded.
+pub fn is_own_route(path: &str) -> bool {
+    routes::ALL.iter().any(|route| match route.find('{') {
+        // `/analytics/{user_id}`: `/analytics/` and anything below it.
+        Some(at) => path.starts_with(&route[..at]),
+        None => path == *route,
+    })
+}
+
 /// The gateway's routes, with body limits, JSON 404/405, metrics, load shedding and the
 /// slow-client guards ([`with_guards`]); the admin routes behind `ADMIN_TOKEN` when set.
 pub fn router(gateway: Gateway, limits: &ServeLimits) -> Router {
     let token = gateway.admin_token.clone();
     let admin = Router::new()
-        .route("/analytics", get(global_analytics))
-        .route("/analytics/{user_id}", get(analytics))
-        .route("/status", get(status))
-        .route("/metrics", get(metrics))
+        .route(routes::ANALYTICS, get(global_analytics))
+        .route(routes::USER_ANALYTICS, get(analytics))
+        .route(routes::STATUS, get(status))
+        .route(routes::METRICS, get(metrics))
         .route_layer(axum::middleware::from_fn(move |req, next| {
             crate::admin::require(token.clone(), req, next)
         }));
     let admin_token = gateway.admin_token.clone();
     let limiter_admin = Router::new()
-        .route("/admin/{*rest}", axum::routing::any(limiter_admin))
+        .route(routes::LIMITER_ADMIN, axum::routing::any(limiter_admin))
         .route_layer(axum::middleware::from_fn(move |req, next| {
             crate::admin::require_configured(admin_token.clone(), req, next)
         }));
@@ -70,10 +109,10 @@ pub fn router(gateway: Gateway, limits: &ServeLimits) -> Router {
         reads: Arc::new(AnalyticsReads::new()),
     };
     let routes = Router::new()
-        .route("/api", post(api))
+        .route(routes::API, post(api))
         .merge(admin)
         .merge(limiter_admin)
-        .route("/dashboard", get(crate::dashboard::dashboard))
+        .route(routes::DASHBOARD, get(crate::dashboard::dashboard))
         .with_state(state);
     let routes = service_kit::metrics::with_http_metrics(routes, "gateway");
     // Outside the load shedder: a gateway at its in-flight limit is busy, not dead.
@@ -83,7 +122,7 @@ pub fn router(gateway: Gateway, limits: &ServeLimits) -> Router {
     with_guards(routes, probes, bodies, limits)
 }
 
-use crate::answer::{problem, rate_limit_headers, secs_ceil, violated, wants_problem};
+use crate::answer::{limited, rate_limit_headers};
 
 async fn api(
     State(Shared { gateway, .. }): State<Shared>,
@@ -102,7 +141,7 @@ async fn api(
         .into());
     }
     let decision = gateway.limiter.check(&request).await?;
-    let mut headers = rate_limit_headers(&decision);
+    let headers = rate_limit_headers(&decision);
     if decision.allowed {
         let body = AllowedBody {
             allowed: true,
@@ -111,20 +150,12 @@ async fn api(
         };
         Ok((StatusCode::OK, headers, Json(body)).into_response())
     } else {
-        headers.insert(
-            header::RETRY_AFTER,
-            HeaderValue::from(secs_ceil(decision.retry_after_ms).max(1)),
-        );
-        if wants_problem(&request_headers) {
-            return Ok(problem(&decision, headers));
-        }
-        let body = LimitedBody {
-            error: "rate_limited",
-            user_id: &request.user_id,
-            retry_after_ms: decision.retry_after_ms,
-            violated_policies: violated(&decision),
-        };
-        Ok((StatusCode::TOO_MANY_REQUESTS, headers, Json(body)).into_response())
+        Ok(limited(
+            &decision,
+            &request.user_id,
+            &request_headers,
+            headers,
+        ))
     }
 }
 
@@ -166,17 +197,6 @@ struct AllowedBody<'a> {
     allowed: bool,
     user_id: &'a str,
     remaining: u64,
-}
-
-/// `POST /api` when over the limit.
-#[derive(Serialize)]
-struct LimitedBody<'a> {
-    error: &'static str,
-    user_id: &'a str,
-    retry_after_ms: u64,
-    /// The enforced policies that refused the request.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    violated_policies: Vec<&'a str>,
 }
 
 fn analytics_unavailable(err: CounterError) -> ApiError {

@@ -37,7 +37,6 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use ratelimit_domain::api::{CheckRequest, ErrorBody, analytics_identity};
-use serde_json::json;
 use service_kit::config::ServeArgs;
 use service_kit::http::{ApiError, ServeLimits};
 use tokio::sync::Notify;
@@ -45,7 +44,7 @@ use tokio_util::sync::CancellationToken;
 use tower::{ServiceBuilder, ServiceExt};
 
 use crate::actions::{DescriptorActions, RequestFacts};
-use crate::answer::{problem, rate_limit_headers, secs_ceil, violated, wants_problem};
+use crate::answer::{limited, rate_limit_headers};
 use crate::config::UpstreamArgs;
 use crate::http::Gateway;
 
@@ -126,23 +125,6 @@ impl Upstream {
     }
 }
 
-/// Whether `path` is one of the gateway's own routes, never forwarded (`/admin/*` is
-/// reserved for the gateway's administration).
-pub fn is_own_route(path: &str) -> bool {
-    matches!(
-        path,
-        "/api"
-            | "/analytics"
-            | "/status"
-            | "/metrics"
-            | "/dashboard"
-            | "/healthz"
-            | "/readyz"
-            | "/admin"
-    ) || path.starts_with("/analytics/")
-        || path.starts_with("/admin/")
-}
-
 /// What the proxy's handler shares.
 struct Proxy {
     gateway: Gateway,
@@ -175,7 +157,7 @@ pub fn router(gateway: Gateway, upstream: Arc<Upstream>, limits: &ServeLimits) -
     let dispatch = tower::service_fn(move |mut request: Request| {
         // One resource, one path: for the rules, the routing and the upstream alike.
         crate::path::normalize_request(&mut request);
-        let target = if is_own_route(request.uri().path()) {
+        let target = if crate::http::is_own_route(request.uri().path()) {
             own.clone()
         } else {
             proxied.clone()
@@ -232,26 +214,7 @@ impl Proxy {
             };
             limit_headers = rate_limit_headers(&decision);
             if !decision.allowed {
-                limit_headers.insert(
-                    header::RETRY_AFTER,
-                    HeaderValue::from(secs_ceil(decision.retry_after_ms).max(1)),
-                );
-                let response = if wants_problem(request.headers()) {
-                    problem(&decision, limit_headers)
-                } else {
-                    let body = json!({
-                        "error": "rate_limited",
-                        "user_id": check.user_id,
-                        "retry_after_ms": decision.retry_after_ms,
-                        "violated_policies": violated(&decision),
-                    });
-                    (
-                        StatusCode::TOO_MANY_REQUESTS,
-                        limit_headers,
-                        axum::Json(body),
-                    )
-                        .into_response()
-                };
+                let response = limited(&decision, &check.user_id, request.headers(), limit_headers);
                 drain_in_background(request, self.body_timeout);
                 return ("limited", response);
             }
@@ -662,7 +625,7 @@ mod tests {
             "/admin",
             "/admin/rules",
         ] {
-            assert!(is_own_route(own), "{own}");
+            assert!(crate::http::is_own_route(own), "{own}");
         }
         for theirs in [
             "/",
@@ -672,7 +635,7 @@ mod tests {
             "/administrator",
             "/v1/orders",
         ] {
-            assert!(!is_own_route(theirs), "{theirs}");
+            assert!(!crate::http::is_own_route(theirs), "{theirs}");
         }
     }
 }

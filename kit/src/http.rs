@@ -290,10 +290,15 @@ pub struct ServeLimits {
     pub grace: Duration,
 }
 
+/// The liveness probe's path.
+pub const HEALTHZ: &str = "/healthz";
+/// The readiness probe's path (served by the services that have one).
+pub const READYZ: &str = "/readyz";
+
 /// The liveness probe: `GET /healthz`, `200 {"status":"ok"}` while the process serves.
 pub fn liveness() -> Router {
     Router::new().route(
-        "/healthz",
+        HEALTHZ,
         axum::routing::get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }),
     )
 }
