@@ -53,9 +53,6 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Idle connections kept to the upstream, and for how long.
 const POOL_MAX_IDLE: usize = 256;
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
-/// How much of a refused request's body is read and dropped so that the client gets the
-/// 429 rather than a reset (see `service_kit::http`'s drain before a 413).
-const DRAIN_LIMIT: u64 = 8 * 1024 * 1024;
 
 /// The service behind the gateway.
 pub struct Upstream {
@@ -67,7 +64,7 @@ pub struct Upstream {
     // through as hyper bodies, frame by frame, with no conversion; headers go out exactly as
     // given (reqwest adds `Accept` and would follow redirects, which a proxy must pass
     // back); and it pools connections per host all the same.
-    client: Client<HttpConnector, Watched<Body>>,
+    client: Client<HttpConnector, IdleTimeoutBody<Body>>,
     timeout: Duration,
     actions: DescriptorActions,
     trust_forwarded_for: bool,
@@ -260,7 +257,8 @@ impl Proxy {
         // upload takes as long as it takes, as long as it never pauses past the body timeout.
         let sent = Arc::new(Notify::new());
         let mut body_done = body.is_end_stream();
-        let body = Watched::new(body, self.body_timeout, (!body_done).then(|| sent.clone()));
+        let body =
+            IdleTimeoutBody::new(body, self.body_timeout, (!body_done).then(|| sent.clone()));
         let response = upstream
             .client
             .request(axum::http::Request::from_parts(parts, body));
@@ -300,7 +298,7 @@ impl Proxy {
         for (name, value) in &limit_headers {
             parts.headers.insert(name, value.clone());
         }
-        let body = Body::new(Watched::new(body, upstream.timeout, None));
+        let body = Body::new(IdleTimeoutBody::new(body, upstream.timeout, None));
         ("forwarded", Response::from_parts(parts, body))
     }
 }
@@ -423,27 +421,18 @@ fn gateway_timeout(timeout: Duration) -> Response {
     )
 }
 
-/// Reads and drops a refused request's body (at most [`DRAIN_LIMIT`], pausing at most
-/// `timeout`) after the answer: closing a socket with unread data makes the kernel send a
-/// reset, which can destroy the 429 in flight. Not when the client waits for `100
-/// Continue`: it sends nothing until told to.
+/// Reads and drops a refused request's body after the answer, as the kit does before a
+/// 413 ([`service_kit::http::body::drain`]: at most its `DRAIN_LIMIT`, for at most
+/// `timeout`): closing a socket with unread data makes the kernel send a reset, which can
+/// destroy the 429 in flight. Not when the client waits for `100 Continue`: it sends
+/// nothing until told to.
 fn drain_in_background(request: Request, timeout: Duration) {
     if request.headers().contains_key(header::EXPECT) || request.body().is_end_stream() {
         return;
     }
     let mut body = request.into_body();
-    tokio::spawn(async move {
-        use http_body_util::BodyExt;
-        let mut seen = 0u64;
-        while seen <= DRAIN_LIMIT {
-            match tokio::time::timeout(timeout, body.frame()).await {
-                Ok(Some(Ok(frame))) => {
-                    seen += frame.data_ref().map_or(0, |d| d.len() as u64);
-                }
-                _ => return,
-            }
-        }
-    });
+    let deadline = tokio::time::Instant::now() + timeout;
+    tokio::spawn(async move { service_kit::http::body::drain(&mut body, deadline).await });
 }
 
 /// A body that did not progress within its idle timeout.
@@ -453,7 +442,7 @@ struct BodyStalled(Duration);
 
 /// A body passed through, failing with [`BodyStalled`] when it makes no progress for
 /// `idle`, and telling `ended` once it has been read to its end.
-struct Watched<B> {
+struct IdleTimeoutBody<B> {
     inner: B,
     idle: Duration,
     sleep: Pin<Box<tokio::time::Sleep>>,
@@ -461,7 +450,7 @@ struct Watched<B> {
     ended: Option<Arc<Notify>>,
 }
 
-impl<B> Watched<B> {
+impl<B> IdleTimeoutBody<B> {
     fn new(inner: B, idle: Duration, ended: Option<Arc<Notify>>) -> Self {
         Self {
             inner,
@@ -473,7 +462,7 @@ impl<B> Watched<B> {
     }
 }
 
-impl<B> hyper::body::Body for Watched<B>
+impl<B> hyper::body::Body for IdleTimeoutBody<B>
 where
     B: hyper::body::Body + Unpin,
     B::Error: Into<BoxError>,

@@ -16,7 +16,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get};
 use axum::{Json, Router};
-use ratelimit_domain::api::{CheckRequest, FieldError};
+use ratelimit_domain::api::{CheckRequest, FieldError, FromJson};
 use serde_json::json;
 use service_kit::admin::AdminToken;
 use service_kit::http::ApiError;
@@ -64,19 +64,7 @@ async fn list(State(limiter): State<Arc<Limiter>>) -> Json<serde_json::Value> {
 }
 
 async fn put(State(limiter): State<Arc<Limiter>>, body: Bytes) -> Result<Response, ApiError> {
-    if body.trim_ascii_start().first() != Some(&b'{') {
-        return Err(FieldError::new("body", "must be a JSON object").into());
-    }
-    let de = &mut serde_json::Deserializer::from_slice(&body);
-    let doc: OverrideDoc = serde_path_to_error::deserialize(de).map_err(|err| {
-        let path = err.path().to_string();
-        let field = if path == "." || path == "?" {
-            "body".to_owned()
-        } else {
-            path
-        };
-        FieldError::new(field, err.into_inner().to_string())
-    })?;
+    let doc: OverrideDoc = ratelimit_domain::api::decode(&body)?;
     let id = doc.id.clone();
     limiter.overrides().put(doc).await?;
     Ok((StatusCode::OK, Json(json!({"id": id}))).into_response())

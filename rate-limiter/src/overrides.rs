@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use ratelimit_domain::api::FieldError;
+use ratelimit_domain::api::{FieldError, FromJson};
 use ratelimit_domain::descriptor::{Descriptor, Entry};
 use ratelimit_domain::rules::{Rule, limits_from_json};
 use serde::{Deserialize, Serialize};

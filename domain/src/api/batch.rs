@@ -3,7 +3,9 @@
 use serde::{Deserialize, Serialize};
 
 use super::check::CheckRequestWire;
-use super::{CheckError, CheckRequest, CheckResponse, FieldError, MAX_DESCRIPTORS, decode};
+use super::{
+    CheckError, CheckRequest, CheckResponse, FieldError, FromJson, MAX_DESCRIPTORS, decode,
+};
 
 /// Most checks in one `POST /check/batch`.
 pub const MAX_BATCH: usize = 256;
@@ -77,10 +79,10 @@ struct RefusedCheckWire {
     limits: Option<Vec<String>>,
 }
 
-impl BatchRequest {
+impl FromJson for BatchRequest {
     /// Decodes and validates a JSON body; a bad check is named by its index
     /// (`checks[3].user_id`).
-    pub fn from_json(body: &[u8]) -> Result<Self, FieldError> {
+    fn from_json(body: &[u8]) -> Result<Self, FieldError> {
         let wire = decode::<BatchRequestWire>(body)?;
         let refused = wire.refused.unwrap_or_default();
         let checks = match wire.checks {

@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::identity::{analytics_identity, canonical_key, canonical_user_id};
-use super::{FieldError, MAX_COST, MAX_DESCRIPTORS, MAX_ENTRIES, decode};
+use super::{FieldError, FromJson, MAX_COST, MAX_DESCRIPTORS, MAX_ENTRIES, decode};
 use crate::descriptor::{DEFAULT_DOMAIN, Descriptor, Entry, USER_ID_KEY};
 
 /// `POST /check` at the limiter and `POST /api` at the gateway: a request's domain and
@@ -172,9 +172,9 @@ impl CheckRequestWire {
     }
 }
 
-impl CheckRequest {
+impl FromJson for CheckRequest {
     /// Decodes and validates a JSON body, naming the offending field on failure.
-    pub fn from_json(body: &[u8]) -> Result<Self, FieldError> {
+    fn from_json(body: &[u8]) -> Result<Self, FieldError> {
         decode::<CheckRequestWire>(body)?.validate("")
     }
 }

@@ -102,6 +102,12 @@ impl From<ErrorBody> for CheckError {
     }
 }
 
+/// A request type that decodes and validates itself from a JSON body, naming the offending
+/// field on failure (the HTTP extractor of every service takes any such type).
+pub trait FromJson: Sized {
+    fn from_json(body: &[u8]) -> Result<Self, FieldError>;
+}
+
 /// Decodes a JSON object body into `T`, naming the offending field on failure.
 pub fn decode<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, FieldError> {
     // serde would also read a struct from a JSON array; only an object is a request.

@@ -74,16 +74,7 @@ impl Number {
 
 /// Decodes a `/json` body into the protocol's request (validated later, as a gRPC call is).
 pub fn request(body: &[u8]) -> Result<RateLimitRequest, FieldError> {
-    let de = &mut serde_json::Deserializer::from_slice(body);
-    let wire: RequestWire = serde_path_to_error::deserialize(de).map_err(|err| {
-        let path = err.path().to_string();
-        let field = if err.inner().is_data() && path != "." && path != "?" {
-            path
-        } else {
-            "body".to_owned()
-        };
-        FieldError::new(field, err.into_inner().to_string())
-    })?;
+    let wire: RequestWire = ratelimit_domain::api::decode(body)?;
     let hits_addend = match &wire.hits_addend {
         Some(n) => u32::try_from(n.get("hits_addend")?)
             .map_err(|_| FieldError::new("hits_addend", "must fit in 32 bits"))?,

@@ -60,7 +60,7 @@ use envoy_types::pb::envoy::service::rate_limit_quota::v3::{
 };
 use envoy_types::pb::envoy::r#type::v3::{RateLimitStrategy, TokenBucket, rate_limit_strategy};
 use futures::{Stream, StreamExt};
-use ratelimit_domain::api::{CheckRequest, MAX_ENTRIES, analytics_identity};
+use ratelimit_domain::api::{CheckRequest, FromJson, MAX_ENTRIES, analytics_identity};
 use ratelimit_domain::{Clock, SystemClock};
 use tokio::sync::mpsc;
 use tokio::time::Instant;

@@ -1,0 +1,29 @@
+//! The HTTP side of every service: one error type mapped to HTTP in one place, a strict
+//! JSON extractor, JSON answers for unknown paths and wrong methods, and what keeps a
+//! service answering whatever its clients do:
+//!
+//! - [`with_load_shedding`]: a bound on requests in flight (past it, 429 at once) and on
+//!   how long each runs.
+//! - [`with_guards`]: the whole stack: every request's body read in full, under a deadline
+//!   and a size limit, *before* the request takes an in-flight slot (a slow sender holds a
+//!   connection, never a slot), and the liveness probe outside the load shedder.
+//! - [`serve`]: HTTP/1.1 on a listener with a header-read timeout, a send timeout, a cap
+//!   on open connections and a graceful shutdown.
+//!
+//! One file each: [`error`] (the error type), [`json`] (the extractor), [`layers`] (the
+//! router's layers and the liveness probe), [`body`] (bodies read first) and [`serve`]
+//! (the listener and each connection's handler).
+
+pub mod body;
+pub mod error;
+pub mod json;
+pub mod layers;
+pub mod serve;
+#[cfg(test)]
+mod tests;
+
+pub use body::{BodyLimit, with_buffered_bodies};
+pub use error::ApiError;
+pub use json::ValidJson;
+pub use layers::{HEALTHZ, READYZ, liveness, with_common_layers, with_guards, with_load_shedding};
+pub use serve::{ServeLimits, serve};
