@@ -3,7 +3,6 @@
 
 mod reported;
 
-use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Once};
 use std::time::{Duration, Instant};
@@ -19,15 +18,11 @@ use ratelimit_domain::store::{LimitTake, RequestTake};
 use ratelimit_domain::{Clock, Decision, Quota, RateLimitEvent};
 use service_kit::config::FailMode;
 use service_kit::stream::EventPublisher;
-use tower::ServiceExt;
-use tower::util::BoxCloneSyncService;
 
 use crate::breaker::{Breaker, BreakerState};
 use crate::overrides::Overrides;
 use crate::refusals::Refusals;
-use crate::resilience::{
-    BreakerLayer, FallbackLayer, StoreCall, StoreReply, StoreService, Verdict,
-};
+use crate::resilience::{StorePath, StoreReply, Verdict};
 use crate::rules::Rules;
 use crate::store::{BucketStore, MemoryStore};
 
@@ -282,7 +277,7 @@ pub struct Limiter {
     breaker: Arc<Breaker>,
     /// The way to the store: the fallback around the breaker around the store
     /// ([`crate::resilience`]).
-    store_calls: BoxCloneSyncService<StoreCall, StoreReply, Infallible>,
+    store_path: StorePath,
     publisher: Arc<dyn EventPublisher>,
     clock: Arc<dyn Clock>,
     instance_id: String,
@@ -308,21 +303,12 @@ impl Limiter {
         instance_id: String,
     ) -> Self {
         describe_metrics();
-        // Fail-open in front of a store that can fail: the fallback learns from the store's
-        // answers (not for the embedded memory store, whose fallback is never asked).
-        let seeds_fallback = fail_mode == FailMode::Open && store.is_remote();
         let rules = Arc::new(Rules::builtin(*store.policy()));
         let breaker = Arc::new(breaker);
-        let store_calls = BoxCloneSyncService::new(
-            tower::ServiceBuilder::new()
-                .layer(FallbackLayer::new(
-                    fallback.clone(),
-                    fail_mode,
-                    seeds_fallback,
-                ))
-                .layer(BreakerLayer::new(breaker.clone()))
-                .service(StoreService::new(store.clone())),
-        );
+        // Fail-open in front of a store that can fail: the fallback learns from the store's
+        // answers (not for the embedded memory store, whose fallback is never asked).
+        let store_path =
+            StorePath::new(store.clone(), breaker.clone(), fallback.clone(), fail_mode);
         Self {
             rules,
             overrides: Arc::new(Overrides::in_memory()),
@@ -331,7 +317,7 @@ impl Limiter {
             store,
             fallback,
             breaker,
-            store_calls,
+            store_path,
             publisher,
             clock,
             instance_id,
@@ -783,10 +769,7 @@ impl Limiter {
                 errors: 0,
             };
         }
-        let reply = match self.store_calls.clone().oneshot(StoreCall { takes }).await {
-            Ok(reply) => reply,
-            Err(never) => match never {},
-        };
+        let reply = self.store_path.decide(takes).await;
         if reply.errors > 0 {
             self.stats
                 .store_errors

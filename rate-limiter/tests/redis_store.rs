@@ -445,3 +445,17 @@ async fn a_batch_that_timed_out_after_running_is_answered_from_that_run() {
     let next = s.take("u", 1).await.unwrap();
     assert_eq!((next.is_allowed(), next.quota().remaining), (true, 1));
 }
+
+#[tokio::test]
+async fn redis_overrides_pass_the_override_store_contract() {
+    let redis = RedisServer::start();
+    let conn =
+        service_kit::redis::connect(&Endpoint::single(redis.url()), Duration::from_millis(500))
+            .unwrap();
+    let store = rate_limiter::overrides::RedisOverrides::new(
+        conn,
+        &unique("overrides"),
+        Duration::from_millis(500),
+    );
+    rate_limiter::overrides::store::contract(&store).await;
+}

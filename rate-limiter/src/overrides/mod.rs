@@ -7,9 +7,10 @@
 //! rules give it. Bucket keys depend on the descriptor and the limit's name only, so an
 //! override whose limit keeps the rule's name keeps its counter.
 //!
-//! Stored in Redis (a hash of id → JSON, and a version counter bumped on every change,
-//! which each limiter polls every 250 ms) when the limiter has Redis; in memory otherwise
-//! (the embedded form). At most [`MAX_OVERRIDES`].
+//! Kept by an [`OverrideStore`]: in Redis (a hash of id → JSON, and a version counter
+//! bumped on every change, which each limiter polls every 250 ms) when the limiter has
+//! Redis ([`RedisOverrides`]); in memory otherwise ([`MemoryOverrides`], the embedded
+//! form). Both pass one contract ([`store::contract`]). At most [`MAX_OVERRIDES`].
 //!
 //! Beside them, in Redis, an epoch that resets and refunds made through any limiter bump
 //! (`<prefix>{overrides}:e`), polled with the version: the refusal caches of every limiter
@@ -17,15 +18,19 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use ratelimit_domain::api::{FieldError, FromJson};
 use ratelimit_domain::descriptor::{Descriptor, Entry};
 use ratelimit_domain::rules::{Rule, limits_from_json};
 use serde::{Deserialize, Serialize};
-use service_kit::redis::{Connection, with_deadline};
+use service_kit::redis::Connection;
 use tokio_util::sync::CancellationToken;
+
+pub mod store;
+
+pub use store::{MemoryOverrides, OverrideStore, RedisOverrides};
 
 /// The most overrides a deployment holds.
 pub const MAX_OVERRIDES: usize = 10_000;
@@ -152,19 +157,6 @@ pub enum OverrideError {
     Unavailable(String),
 }
 
-enum Backend {
-    Memory(Mutex<BTreeMap<String, OverrideDoc>>),
-    Redis {
-        conn: Connection,
-        hash: String,
-        version: String,
-        epoch: String,
-        /// A hash of slot -> count of room given there (see [`RoomSlots`]).
-        slots: String,
-        timeout: Duration,
-    },
-}
-
 /// Slots of the limit keys, for [`RoomSlots`].
 pub const ROOM_SLOTS: usize = 1024;
 
@@ -223,58 +215,36 @@ pub struct Overrides {
     epoch_moves: AtomicU64,
     /// The limits that gained room, by slot (see [`RoomSlots`]).
     room: RoomSlots,
-    backend: Backend,
+    store: Box<dyn OverrideStore>,
 }
 
 impl Overrides {
-    /// Overrides kept in this process (the embedded form).
-    pub fn in_memory() -> Self {
+    /// Overrides kept in `store`.
+    pub fn new(store: Box<dyn OverrideStore>) -> Self {
         Self {
             current: RwLock::new(Arc::new(OverrideSet::default())),
             any: AtomicBool::new(false),
             generation: AtomicU64::new(0),
             epoch_moves: AtomicU64::new(0),
             room: RoomSlots::default(),
-            backend: Backend::Memory(Mutex::new(BTreeMap::new())),
+            store,
         }
+    }
+
+    /// Overrides kept in this process (the embedded form).
+    pub fn in_memory() -> Self {
+        Self::new(Box::new(MemoryOverrides::default()))
     }
 
     /// Overrides kept in Redis under `prefix`, shared by every limiter there.
     pub fn in_redis(conn: Connection, prefix: &str, timeout: Duration) -> Self {
-        Self {
-            current: RwLock::new(Arc::new(OverrideSet::default())),
-            any: AtomicBool::new(false),
-            generation: AtomicU64::new(0),
-            epoch_moves: AtomicU64::new(0),
-            room: RoomSlots::default(),
-            backend: Backend::Redis {
-                conn,
-                // One hash tag for both keys: a change is one transaction, on a Cluster too.
-                hash: format!("{prefix}{{overrides}}"),
-                version: format!("{prefix}{{overrides}}:v"),
-                epoch: format!("{prefix}{{overrides}}:e"),
-                slots: format!("{prefix}{{overrides}}:s"),
-                timeout: timeout.max(Duration::from_millis(500)),
-            },
-        }
+        Self::new(Box::new(RedisOverrides::new(conn, prefix, timeout)))
     }
 
     /// The Redis connection, key prefix and call timeout the overrides are shared through
     /// (none in memory), for other state the limiters share (the RLQS demand board).
     pub fn shared_redis(&self) -> Option<(Connection, String, Duration)> {
-        match &self.backend {
-            Backend::Memory(_) => None,
-            Backend::Redis {
-                conn,
-                hash,
-                timeout,
-                ..
-            } => Some((
-                conn.clone(),
-                hash.strip_suffix("{overrides}").unwrap_or(hash).to_owned(),
-                *timeout,
-            )),
-        }
+        self.store.shared_redis()
     }
 
     /// The overrides in force.
@@ -316,33 +286,13 @@ impl Overrides {
 
     /// Tells this limiter and every other that the limits under `keys` may have room sooner
     /// than they said (a reset or a refund): their slots move here at once, and through
-    /// Redis (the slots' counts and the shared epoch) at the others within a poll.
+    /// the store (at the others within a poll).
     pub async fn give_room(&self, keys: &[String]) -> Result<(), OverrideError> {
         let mut slots: Vec<usize> = keys.iter().map(|k| RoomSlots::slot_of(k)).collect();
         slots.sort_unstable();
         slots.dedup();
         self.room.move_slots(slots.iter().copied());
-        let Backend::Redis {
-            conn,
-            epoch,
-            slots: slots_key,
-            timeout,
-            ..
-        } = &self.backend
-        else {
-            return Ok(());
-        };
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        for slot in &slots {
-            pipe.hincr(slots_key, *slot, 1).ignore();
-        }
-        pipe.incr(epoch, 1).ignore();
-        let mut c = conn.clone();
-        let _: () = with_deadline(*timeout, pipe.query_async(&mut c))
-            .await
-            .map_err(|e| OverrideError::Unavailable(e.to_string()))?;
-        Ok(())
+        self.store.announce_room(&slots).await
     }
 
     /// Whether any override is in force (no lock).
@@ -358,145 +308,31 @@ impl Overrides {
     /// Adds or replaces an override; in force here at once, elsewhere within a second.
     pub async fn put(&self, doc: OverrideDoc) -> Result<(), OverrideError> {
         doc.validate()?;
-        match &self.backend {
-            Backend::Memory(docs) => {
-                let snapshot = {
-                    let mut docs = docs.lock().unwrap_or_else(|p| p.into_inner());
-                    if !docs.contains_key(&doc.id) && docs.len() >= MAX_OVERRIDES {
-                        return Err(OverrideError::Full);
-                    }
-                    docs.insert(doc.id.clone(), doc);
-                    docs.clone()
-                };
-                self.install(snapshot);
-            }
-            Backend::Redis {
-                conn,
-                hash,
-                version,
-                timeout,
-                ..
-            } => {
-                let json = serde_json::to_string(&doc).expect("serializes");
-                // Checked and written in one script: the bound holds with many admins.
-                let script = redis::Script::new(
-                    r"if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 and redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[3]) then return 0 end
-                      redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-                      redis.call('INCR', KEYS[2])
-                      return 1",
-                );
-                let mut c = conn.clone();
-                let mut invocation = script.prepare_invoke();
-                invocation
-                    .key(hash)
-                    .key(version)
-                    .arg(&doc.id)
-                    .arg(json)
-                    .arg(MAX_OVERRIDES);
-                let done: i64 = with_deadline(*timeout, invocation.invoke_async(&mut c))
-                    .await
-                    .map_err(|e| OverrideError::Unavailable(e.to_string()))?;
-                if done == 0 {
-                    return Err(OverrideError::Full);
-                }
-                self.refresh().await?;
-            }
-        }
-        Ok(())
+        self.store.put(&doc).await?;
+        self.refresh().await
     }
 
     /// Deletes an override.
     pub async fn delete(&self, id: &str) -> Result<(), OverrideError> {
-        match &self.backend {
-            Backend::Memory(docs) => {
-                let snapshot = {
-                    let mut docs = docs.lock().unwrap_or_else(|p| p.into_inner());
-                    if docs.remove(id).is_none() {
-                        return Err(OverrideError::NotFound(id.to_owned()));
-                    }
-                    docs.clone()
-                };
-                self.install(snapshot);
-            }
-            Backend::Redis {
-                conn,
-                hash,
-                version,
-                timeout,
-                ..
-            } => {
-                let mut c = conn.clone();
-                let mut pipe = redis::pipe();
-                pipe.atomic().hdel(hash, id).incr(version, 1);
-                let (removed, _): (i64, i64) = with_deadline(*timeout, pipe.query_async(&mut c))
-                    .await
-                    .map_err(|e| OverrideError::Unavailable(e.to_string()))?;
-                if removed == 0 {
-                    return Err(OverrideError::NotFound(id.to_owned()));
-                }
-                self.refresh().await?;
-            }
-        }
-        Ok(())
+        self.store.delete(id).await?;
+        self.refresh().await
     }
 
-    /// Reads every override from Redis and puts it in force (a no-op in memory).
+    /// Reads every override from the store and puts it in force.
     async fn refresh(&self) -> Result<(), OverrideError> {
-        let Backend::Redis {
-            conn,
-            hash,
-            timeout,
-            ..
-        } = &self.backend
-        else {
-            return Ok(());
-        };
-        let mut c = conn.clone();
-        let raw: HashMap<String, String> = with_deadline(
-            *timeout,
-            redis::cmd("HGETALL").arg(hash).query_async(&mut c),
-        )
-        .await
-        .map_err(|e| OverrideError::Unavailable(e.to_string()))?;
-        let docs = raw
-            .into_iter()
-            .take(MAX_OVERRIDES)
-            .filter_map(
-                |(id, json)| match serde_json::from_str::<OverrideDoc>(&json) {
-                    Ok(doc) => Some((id, doc)),
-                    Err(err) => {
-                        tracing::warn!(id, error = %err, "stored override unreadable, ignored");
-                        None
-                    }
-                },
-            )
-            .collect();
+        let docs = self.store.load().await?;
         self.install(docs);
         Ok(())
     }
 
-    /// In Redis: reads the overrides now, then polls the version and the epoch every 250 ms
-    /// and reads them again when the version moved (a change made through any limiter), or
-    /// moves the generation when the epoch did, until `shutdown`.
+    /// With a shared store: reads the overrides now, then polls its version and epoch every
+    /// 250 ms and reads them again when the version moved (a change made through any
+    /// limiter), or moves the generation when the epoch did, until `shutdown`. Nothing to
+    /// watch in memory.
     pub fn spawn_poller(self: &Arc<Self>, shutdown: CancellationToken) {
-        let Backend::Redis {
-            conn,
-            version,
-            epoch,
-            slots,
-            timeout,
-            ..
-        } = &self.backend
-        else {
+        if !self.store.is_shared() {
             return;
-        };
-        let (conn, version, epoch, slots, timeout) = (
-            conn.clone(),
-            version.clone(),
-            epoch.clone(),
-            slots.clone(),
-            *timeout,
-        );
+        }
         let overrides = Arc::downgrade(self);
         tokio::spawn(async move {
             let mut seen: Option<Option<i64>> = None;
@@ -508,16 +344,7 @@ impl Overrides {
                 let Some(overrides) = overrides.upgrade() else {
                     return;
                 };
-                let mut c = conn.clone();
-                let (now, now_epoch): (Option<i64>, Option<i64>) = match with_deadline(
-                    timeout,
-                    redis::cmd("MGET")
-                        .arg(&version)
-                        .arg(&epoch)
-                        .query_async(&mut c),
-                )
-                .await
-                {
+                let (now, now_epoch) = match overrides.store.versions().await {
                     Ok(v) => v,
                     Err(err) => {
                         tracing::debug!(error = %err, "cannot read the overrides' version");
@@ -529,14 +356,7 @@ impl Overrides {
                         overrides.epoch_moves.fetch_add(1, Ordering::AcqRel);
                     }
                     // Which limits gained room: the slots whose counts moved.
-                    match with_deadline(
-                        timeout,
-                        redis::cmd("HGETALL")
-                            .arg(&slots)
-                            .query_async::<HashMap<u64, i64>>(&mut c),
-                    )
-                    .await
-                    {
+                    match overrides.store.room_counts().await {
                         Ok(now_slots) => {
                             if let Some(before) = &seen_slots {
                                 let moved = (0..ROOM_SLOTS as u64)
