@@ -3,8 +3,8 @@
 
 use async_trait::async_trait;
 
+use crate::Policy;
 use crate::limits::{Applied, LimitSpec, Outcome};
-use crate::{Decision, Policy};
 
 /// Why a store could not decide. Being over the limit is not an error.
 #[derive(Debug, thiserror::Error)]
@@ -16,9 +16,6 @@ pub enum StoreError {
     #[error("store answered unexpectedly: {0}")]
     Protocol(String),
 }
-
-/// One request's outcome in [`BucketStore::take_many`].
-pub type Taken = Result<Decision, StoreError>;
 
 /// One limit of a request as a store sees it: the key its state lives under and its numbers.
 #[derive(Debug, Clone, PartialEq)]
@@ -63,7 +60,7 @@ pub type Decided = Result<Outcome, StoreError>;
 /// ([`crate::limits::decide_all`]), atomically; or reports why it cannot.
 #[async_trait]
 pub trait BucketStore: Send + Sync + 'static {
-    /// The built-in policy ([`BucketStore::take`]'s buckets follow it).
+    /// The built-in policy (of the rules' built-in default limit).
     fn policy(&self) -> &Policy;
 
     /// The prefix of this store's keys.
@@ -73,34 +70,6 @@ pub trait BucketStore: Send + Sync + 'static {
     /// one round trip. The outer error is a failure of the whole call (what it decided is
     /// unknown, as with a call that timed out).
     async fn decide_many(&self, requests: &[RequestTake]) -> Result<Vec<Decided>, StoreError>;
-
-    /// Decides one request of `cost` against a user's bucket of the built-in policy.
-    async fn take(&self, user_id: &str, cost: u64) -> Result<Decision, StoreError> {
-        self.take_many(&[(user_id, cost)])
-            .await?
-            .pop()
-            .unwrap_or_else(|| Err(StoreError::Protocol("no answer".into())))
-    }
-
-    /// [`BucketStore::take`] for several requests, in order, in one call.
-    async fn take_many(&self, takes: &[(&str, u64)]) -> Result<Vec<Taken>, StoreError> {
-        let requests: Vec<RequestTake> = takes
-            .iter()
-            .map(|&(user_id, cost)| {
-                RequestTake::bucket(
-                    crate::keys::bucket_key(self.key_prefix(), user_id),
-                    *self.policy(),
-                    cost,
-                )
-            })
-            .collect();
-        Ok(self
-            .decide_many(&requests)
-            .await?
-            .into_iter()
-            .map(|decided| decided.map(|outcome| outcome.single_decision()))
-            .collect())
-    }
 
     /// Forgets the state under `keys` (an admin's reset): those limits start afresh.
     async fn reset(&self, keys: &[String]) -> Result<(), StoreError>;

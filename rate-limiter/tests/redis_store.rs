@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use rate_limiter::store::contract::{self, Advance};
+use rate_limiter::store::contract::{self, Advance, TakeExt};
 use rate_limiter::store::{BucketStore, RedisStore};
 use ratelimit_domain::Policy;
 use service_kit::redis::Endpoint;
@@ -27,14 +27,14 @@ async fn raw(redis: &RedisServer) -> redis::aio::MultiplexedConnection {
         .unwrap()
 }
 
-#[tokio::test]
-async fn redis_store_passes_the_contract_suite() {
-    let redis = RedisServer::start();
-    contract::run_all(|policy| {
-        let s = store(&redis, &unique("contract"), policy);
+/// The contract suite, one test per check, each on a Redis of its own.
+mod redis_store_contract {
+    use super::*;
+
+    rate_limiter::bucket_store_contract!(RedisServer::start(), |redis, policy| {
+        let s = store(redis, &unique("contract"), policy);
         async move { (Arc::new(s) as Arc<dyn BucketStore>, Advance::Real) }
-    })
-    .await;
+    });
 }
 
 #[tokio::test]

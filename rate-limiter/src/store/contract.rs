@@ -5,10 +5,48 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ratelimit_domain::{ManualClock, Policy};
+use ratelimit_domain::{Decision, ManualClock, Policy};
 
 use ratelimit_domain::limits::{Algorithm, Applied, LimitSpec, Outcome};
-use ratelimit_domain::store::{BucketStore, LimitTake, RequestTake};
+use ratelimit_domain::store::{BucketStore, LimitTake, RequestTake, StoreError};
+
+/// A user's bucket of the store's built-in policy, the form most checks are written in:
+/// [`BucketStore::decide_many`] with one token bucket per request.
+#[async_trait::async_trait]
+pub trait TakeExt: BucketStore {
+    /// Decides one request of `cost` against `user_id`'s bucket.
+    async fn take(&self, user_id: &str, cost: u64) -> Result<Decision, StoreError> {
+        self.take_many(&[(user_id, cost)])
+            .await?
+            .pop()
+            .unwrap_or_else(|| Err(StoreError::Protocol("no answer".into())))
+    }
+
+    /// [`TakeExt::take`] for several requests, in order, in one call.
+    async fn take_many(
+        &self,
+        takes: &[(&str, u64)],
+    ) -> Result<Vec<Result<Decision, StoreError>>, StoreError> {
+        let requests: Vec<RequestTake> = takes
+            .iter()
+            .map(|&(user_id, cost)| {
+                RequestTake::bucket(
+                    ratelimit_domain::keys::bucket_key(self.key_prefix(), user_id),
+                    *self.policy(),
+                    cost,
+                )
+            })
+            .collect();
+        Ok(self
+            .decide_many(&requests)
+            .await?
+            .into_iter()
+            .map(|decided| decided.map(|outcome| outcome.single_decision()))
+            .collect())
+    }
+}
+
+impl<S: BucketStore + ?Sized> TakeExt for S {}
 
 /// How the suite lets time pass for a store.
 pub enum Advance {
@@ -27,8 +65,51 @@ impl Advance {
     }
 }
 
+/// One `#[tokio::test]` per check of the suite, so that a failure names its case and
+/// does not hide the others (quickwit's `metastore_test_suite!` is the model). `$fixture`
+/// is made anew in each test (a Redis server, a clock); `$make` makes a fresh, empty store
+/// from it (`|fixture, policy| future of (store, Advance)`).
+///
+/// ```ignore
+/// rate_limiter::bucket_store_contract!(RedisServer::start(), |redis, policy| {
+///     let store = store(redis, &unique("contract"), policy);
+///     async move { (Arc::new(store) as Arc<dyn BucketStore>, Advance::Real) }
+/// });
+/// ```
+#[macro_export]
+macro_rules! bucket_store_contract {
+    ($fixture:expr, |$f:ident, $policy:ident| $make:expr) => {
+        $crate::bucket_store_contract!(@each ($fixture) ($f, $policy, $make)
+            several_limits_are_all_or_nothing,
+            windows_count_and_refunds_give_back,
+            shadow_limits_never_refuse,
+            limits_of_several_descriptors_share_one_decision,
+            a_batch_decides_in_order_like_single_takes,
+            full_bucket_admits_capacity_then_limits,
+            users_are_independent,
+            refills_after_retry_after,
+            cost_counts_and_refusal_spends_nothing,
+            concurrent_takes_admit_exactly_capacity,
+            fractional_rates);
+    };
+    (@each ($fixture:expr) $args:tt $($check:ident),*) => {
+        $(
+            $crate::bucket_store_contract!(@one ($fixture) $args $check);
+        )*
+    };
+    (@one ($fixture:expr) ($f:ident, $policy:ident, $make:expr) $check:ident) => {
+        #[tokio::test]
+        async fn $check() {
+            let fixture = $fixture;
+            let $f = &fixture;
+            $crate::store::contract::$check(&|$policy| $make).await;
+        }
+    };
+}
+
 /// Runs every check with fresh stores made by `make` (each call must give a store with no
-/// buckets, e.g. a new key prefix).
+/// buckets, e.g. a new key prefix), in one test: for fixtures too costly to make once per
+/// check (a Redis Cluster, TLS).
 pub async fn run_all<F, Fut>(make: F)
 where
     F: Fn(Policy) -> Fut,
@@ -78,7 +159,7 @@ fn remaining(outcome: &Outcome) -> Vec<u64> {
 
 /// A burst limit and a daily quota on one key: each refuses on its own, and a refusal by
 /// either spends nothing on the other.
-async fn several_limits_are_all_or_nothing<F, Fut>(make: &F)
+pub async fn several_limits_are_all_or_nothing<F, Fut>(make: &F)
 where
     F: Fn(Policy) -> Fut,
     Fut: Future<Output = (Arc<dyn BucketStore>, Advance)>,
@@ -141,7 +222,7 @@ where
 
 /// Fixed and sliding windows count costs up to their limit; a refund gives back, never
 /// above the limit.
-async fn windows_count_and_refunds_give_back<F, Fut>(make: &F)
+pub async fn windows_count_and_refunds_give_back<F, Fut>(make: &F)
 where
     F: Fn(Policy) -> Fut,
     Fut: Future<Output = (Arc<dyn BucketStore>, Advance)>,
@@ -182,7 +263,7 @@ where
 }
 
 /// A shadow limit is decided and reported, never enforced.
-async fn shadow_limits_never_refuse<F, Fut>(make: &F)
+pub async fn shadow_limits_never_refuse<F, Fut>(make: &F)
 where
     F: Fn(Policy) -> Fut,
     Fut: Future<Output = (Arc<dyn BucketStore>, Advance)>,
@@ -219,7 +300,7 @@ where
 }
 
 /// Limits on two descriptors (two hash tags) are one decision too.
-async fn limits_of_several_descriptors_share_one_decision<F, Fut>(make: &F)
+pub async fn limits_of_several_descriptors_share_one_decision<F, Fut>(make: &F)
 where
     F: Fn(Policy) -> Fut,
     Fut: Future<Output = (Arc<dyn BucketStore>, Advance)>,
@@ -252,7 +333,7 @@ where
     assert_eq!(remaining(&decide(&store, &limits[..1], 0).await), [3]);
 }
 
-async fn a_batch_decides_in_order_like_single_takes<F, Fut>(make: &F)
+pub async fn a_batch_decides_in_order_like_single_takes<F, Fut>(make: &F)
 where
     F: Fn(Policy) -> Fut,
     Fut: Future<Output = (Arc<dyn BucketStore>, Advance)>,
@@ -290,7 +371,7 @@ where
     assert!(!store.take("dave", 1).await.unwrap().is_allowed());
 }
 
-async fn full_bucket_admits_capacity_then_limits<F, Fut>(make: &F)
+pub async fn full_bucket_admits_capacity_then_limits<F, Fut>(make: &F)
 where
     F: Fn(Policy) -> Fut,
     Fut: Future<Output = (Arc<dyn BucketStore>, Advance)>,
@@ -318,7 +399,7 @@ where
     );
 }
 
-async fn users_are_independent<F, Fut>(make: &F)
+pub async fn users_are_independent<F, Fut>(make: &F)
 where
     F: Fn(Policy) -> Fut,
     Fut: Future<Output = (Arc<dyn BucketStore>, Advance)>,
@@ -351,7 +432,7 @@ where
     }
 }
 
-async fn refills_after_retry_after<F, Fut>(make: &F)
+pub async fn refills_after_retry_after<F, Fut>(make: &F)
 where
     F: Fn(Policy) -> Fut,
     Fut: Future<Output = (Arc<dyn BucketStore>, Advance)>,
@@ -373,7 +454,7 @@ where
     assert!(d.is_allowed());
 }
 
-async fn cost_counts_and_refusal_spends_nothing<F, Fut>(make: &F)
+pub async fn cost_counts_and_refusal_spends_nothing<F, Fut>(make: &F)
 where
     F: Fn(Policy) -> Fut,
     Fut: Future<Output = (Arc<dyn BucketStore>, Advance)>,
@@ -387,7 +468,7 @@ where
     assert!(!store.take("carol", 1).await.unwrap().is_allowed());
 }
 
-async fn concurrent_takes_admit_exactly_capacity<F, Fut>(make: &F)
+pub async fn concurrent_takes_admit_exactly_capacity<F, Fut>(make: &F)
 where
     F: Fn(Policy) -> Fut,
     Fut: Future<Output = (Arc<dyn BucketStore>, Advance)>,
@@ -406,7 +487,7 @@ where
     assert_eq!(admitted, 50);
 }
 
-async fn fractional_rates<F, Fut>(make: &F)
+pub async fn fractional_rates<F, Fut>(make: &F)
 where
     F: Fn(Policy) -> Fut,
     Fut: Future<Output = (Arc<dyn BucketStore>, Advance)>,

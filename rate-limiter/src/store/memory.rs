@@ -313,17 +313,17 @@ mod tests {
         (clock, store)
     }
 
-    #[tokio::test]
-    async fn passes_the_contract_suite() {
-        let clock = Arc::new(ManualClock::new(1_000_000));
-        super::super::contract::run_all(|policy| {
+    /// The contract suite, one test per check.
+    mod contract {
+        use super::*;
+
+        crate::bucket_store_contract!(Arc::new(ManualClock::new(1_000_000)), |clock, policy| {
             let clock = clock.clone();
             async move {
                 let store: Arc<dyn BucketStore> = Arc::new(MemoryStore::new(policy, clock.clone()));
-                (store, super::super::contract::Advance::Manual(clock))
+                (store, crate::store::contract::Advance::Manual(clock))
             }
-        })
-        .await;
+        });
     }
 
     #[test]

@@ -9,7 +9,7 @@ mod memo;
 mod memory;
 mod redis;
 
-pub use ratelimit_domain::store::{BucketStore, StoreError, Taken};
+pub use ratelimit_domain::store::{BucketStore, StoreError};
 
 pub use self::memory::MemoryStore;
 pub use self::redis::RedisStore;
