@@ -46,7 +46,42 @@ pub fn timed_batch(partition: Option<i32>, events: &[(i64, &str, bool, u64)]) ->
     b
 }
 
-/// Runs every check, each with a fresh empty store made by `make`.
+/// One `#[tokio::test]` per check of the suite, so that a failure names its case and does
+/// not hide the others. `$fixture` is made anew in each test (a Redis server);
+/// `$make` makes a fresh, empty store from it (`|fixture| future of Arc<dyn CounterStore>`).
+#[macro_export]
+macro_rules! counter_store_contract {
+    ($fixture:expr, |$f:ident| $make:expr) => {
+        $crate::counter_store_contract!(@each ($fixture) ($f, $make)
+            unseen_users_read_zero,
+            counts_allowed_and_blocked,
+            replays_are_not_counted_twice,
+            partial_replays_count_only_the_new_part,
+            partitions_are_independent,
+            unordered_streams_always_count,
+            tricky_user_ids_stay_apart,
+            series_per_minute,
+            series_survive_replays,
+            most_blocked_users,
+            rules_are_counted_exactly_once);
+    };
+    (@each ($fixture:expr) $args:tt $($check:ident),*) => {
+        $(
+            $crate::counter_store_contract!(@one ($fixture) $args $check);
+        )*
+    };
+    (@one ($fixture:expr) ($f:ident, $make:expr) $check:ident) => {
+        #[tokio::test]
+        async fn $check() {
+            let fixture = $fixture;
+            let $f = &fixture;
+            $crate::contract::$check($make.await).await;
+        }
+    };
+}
+
+/// Runs every check, each with a fresh empty store made by `make`, in one test: for
+/// fixtures too costly to make once per check (a Redis Cluster).
 pub async fn run_all<F, Fut>(make: F)
 where
     F: Fn() -> Fut,
@@ -67,7 +102,7 @@ where
 
 /// Per-rule counts (allowed, blocked, shadow-blocked) follow the same exactly-once
 /// discipline as the rest: a replayed batch adds nothing.
-async fn rules_are_counted_exactly_once(store: Arc<dyn CounterStore>) {
+pub async fn rules_are_counted_exactly_once(store: Arc<dyn CounterStore>) {
     use ratelimit_domain::analytics::RuleCounts;
     use ratelimit_domain::event::{RuleHit, RuleOutcome};
     let m = now_minute();
@@ -116,7 +151,7 @@ fn now_minute() -> u64 {
         / MINUTE_MS
 }
 
-async fn series_per_minute(store: Arc<dyn CounterStore>) {
+pub async fn series_per_minute(store: Arc<dyn CounterStore>) {
     let m = now_minute();
     store
         .apply(&timed_batch(
@@ -151,7 +186,7 @@ async fn series_per_minute(store: Arc<dyn CounterStore>) {
     );
 }
 
-async fn series_survive_replays(store: Arc<dyn CounterStore>) {
+pub async fn series_survive_replays(store: Arc<dyn CounterStore>) {
     let m = now_minute();
     let first = timed_batch(Some(2), &[(10, "u", false, m), (11, "w", false, m)]);
     store.apply(&first).await.unwrap();
@@ -189,7 +224,7 @@ async fn series_survive_replays(store: Arc<dyn CounterStore>) {
     );
 }
 
-async fn most_blocked_users(store: Arc<dyn CounterStore>) {
+pub async fn most_blocked_users(store: Arc<dyn CounterStore>) {
     let m = now_minute();
     let mut events = Vec::new();
     let mut offset = 0;
@@ -233,7 +268,7 @@ async fn most_blocked_users(store: Arc<dyn CounterStore>) {
     );
 }
 
-async fn unseen_users_read_zero(store: Arc<dyn CounterStore>) {
+pub async fn unseen_users_read_zero(store: Arc<dyn CounterStore>) {
     let c = store.get("nobody").await.unwrap();
     assert_eq!(
         (c.user_id.as_str(), c.total, c.allowed, c.blocked),
@@ -241,7 +276,7 @@ async fn unseen_users_read_zero(store: Arc<dyn CounterStore>) {
     );
 }
 
-async fn counts_allowed_and_blocked(store: Arc<dyn CounterStore>) {
+pub async fn counts_allowed_and_blocked(store: Arc<dyn CounterStore>) {
     store
         .apply(&batch(
             Some(0),
@@ -259,7 +294,7 @@ async fn counts_allowed_and_blocked(store: Arc<dyn CounterStore>) {
     assert_eq!(store.get("u2").await.unwrap().total, 1);
 }
 
-async fn replays_are_not_counted_twice(store: Arc<dyn CounterStore>) {
+pub async fn replays_are_not_counted_twice(store: Arc<dyn CounterStore>) {
     let b = batch(
         Some(3),
         &[(10, "u", true), (11, "u", false), (12, "v", true)],
@@ -271,7 +306,7 @@ async fn replays_are_not_counted_twice(store: Arc<dyn CounterStore>) {
     assert_eq!(store.get("v").await.unwrap().total, 1);
 }
 
-async fn partial_replays_count_only_the_new_part(store: Arc<dyn CounterStore>) {
+pub async fn partial_replays_count_only_the_new_part(store: Arc<dyn CounterStore>) {
     store
         .apply(&batch(Some(1), &[(5, "u", true), (6, "u", true)]))
         .await
@@ -295,7 +330,7 @@ async fn partial_replays_count_only_the_new_part(store: Arc<dyn CounterStore>) {
     assert_eq!(store.get("w").await.unwrap().total, 1);
 }
 
-async fn partitions_are_independent(store: Arc<dyn CounterStore>) {
+pub async fn partitions_are_independent(store: Arc<dyn CounterStore>) {
     store
         .apply(&batch(Some(0), &[(100, "u", true)]))
         .await
@@ -308,7 +343,7 @@ async fn partitions_are_independent(store: Arc<dyn CounterStore>) {
     assert_eq!(store.get("u").await.unwrap().total, 2);
 }
 
-async fn unordered_streams_always_count(store: Arc<dyn CounterStore>) {
+pub async fn unordered_streams_always_count(store: Arc<dyn CounterStore>) {
     let b = batch(None, &[(0, "u", true), (1, "u", false)]);
     store.apply(&b).await.unwrap();
     store.apply(&b).await.unwrap();
@@ -316,7 +351,7 @@ async fn unordered_streams_always_count(store: Arc<dyn CounterStore>) {
     assert_eq!((c.total, c.allowed, c.blocked), (4, 2, 2));
 }
 
-async fn tricky_user_ids_stay_apart(store: Arc<dyn CounterStore>) {
+pub async fn tricky_user_ids_stay_apart(store: Arc<dyn CounterStore>) {
     let ids = ["a}", "{a", "a", "a%7D", "x:c", "\u{1F600}"];
     let events: Vec<(i64, &str, bool)> = ids
         .iter()

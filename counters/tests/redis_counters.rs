@@ -29,10 +29,13 @@ async fn passes_the_contract_suite(endpoint: &Endpoint) {
     .await;
 }
 
-#[tokio::test]
-async fn redis_counters_pass_the_contract_suite() {
-    let redis = RedisServer::start();
-    passes_the_contract_suite(&Endpoint::single(redis.url())).await;
+/// The contract suite, one test per check, each on a Redis of its own.
+mod redis_counters_contract {
+    use super::*;
+
+    analytics_counters::counter_store_contract!(RedisServer::start(), |redis| async {
+        Arc::new(counters(&Endpoint::single(redis.url()), "counters")) as Arc<dyn CounterStore>
+    });
 }
 
 #[tokio::test]
