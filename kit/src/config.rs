@@ -9,9 +9,7 @@ use std::collections::BTreeMap;
 
 use std::path::Path;
 
-use clap::{Args, ValueEnum};
-
-use ratelimit_domain::Policy;
+use clap::Args;
 
 use crate::redis::{Endpoint, is_tls_url};
 
@@ -88,32 +86,6 @@ impl ServeArgs {
     }
 }
 
-/// The token-bucket policy every user gets.
-#[derive(Args, Debug, Clone)]
-pub struct PolicyArgs {
-    /// Bucket capacity (the burst), in tokens.
-    #[arg(long = "rate-limit-capacity", env = "RATE_LIMIT_CAPACITY", value_name = "RATE_LIMIT_CAPACITY", default_value_t = 10,
-          value_parser = clap::value_parser!(u64).range(1..=ratelimit_domain::bucket::MAX_CAPACITY))]
-    pub capacity: u64,
-    /// Refill rate in tokens per second; fractions allowed (0.5 = one token every 2 s).
-    #[arg(long = "rate-limit-refill-per-sec", env = "RATE_LIMIT_REFILL_PER_SEC", value_name = "RATE_LIMIT_REFILL_PER_SEC",
-          default_value_t = 1.0, value_parser = positive_rate)]
-    pub refill_per_sec: f64,
-}
-
-impl PolicyArgs {
-    /// The policy, or why `RATE_LIMIT_CAPACITY` and `RATE_LIMIT_REFILL_PER_SEC` together
-    /// are not one (each is checked alone by the parser).
-    pub fn policy(&self) -> Result<Policy, String> {
-        Policy::new(self.capacity, self.refill_per_sec).map_err(|err| {
-            format!(
-                "invalid RATE_LIMIT_CAPACITY={} with RATE_LIMIT_REFILL_PER_SEC={}: {err}",
-                self.capacity, self.refill_per_sec
-            )
-        })
-    }
-}
-
 /// Parses a duration written `<n>s`, `<n>m`, `<n>h` or `<n>d` (e.g. `15m`, `24h`).
 pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     let s = s.trim();
@@ -132,17 +104,6 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
         return Err("the duration must be positive".into());
     }
     Ok(std::time::Duration::from_secs(secs))
-}
-
-fn positive_rate(s: &str) -> Result<f64, String> {
-    use ratelimit_domain::bucket::{MAX_REFILL_PER_SEC, MIN_REFILL_PER_SEC};
-    match s.parse::<f64>() {
-        Ok(v) if (MIN_REFILL_PER_SEC..=MAX_REFILL_PER_SEC).contains(&v) => Ok(v),
-        _ => Err(
-            "expected tokens per second between one a day (0.0000116) and 1000000000, e.g. 1 or 0.5"
-                .into(),
-        ),
-    }
 }
 
 /// How long the per-minute analytics are kept (read by the worker, which writes them, and
@@ -416,79 +377,10 @@ fn passthrough_from(vars: impl Iterator<Item = (String, String)>) -> BTreeMap<St
     .collect()
 }
 
-/// What the limiter does while its shared store is unreachable.
-#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FailMode {
-    /// Decide with a local in-memory bucket per instance (degraded, still limited).
-    Open,
-    /// Refuse with 503: the limiter cannot vouch for the request.
-    Closed,
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use clap::Parser;
-
-    #[derive(Parser, Debug)]
-    struct Cfg {
-        #[command(flatten)]
-        policy: PolicyArgs,
-        #[arg(
-            long,
-            env = "TEST_ONLY_FAIL_MODE",
-            value_name = "TEST_ONLY_FAIL_MODE",
-            value_enum,
-            default_value = "open"
-        )]
-        fail_mode: FailMode,
-    }
-
-    #[test]
-    fn bad_values_name_the_variable_and_choices() {
-        let err = Cfg::try_parse_from(["x", "--fail-mode", "opne"]).unwrap_err();
-        let msg = err.to_string();
-        assert!(
-            msg.contains("opne") && msg.contains("open") && msg.contains("closed"),
-            "{msg}"
-        );
-        let err = Cfg::try_parse_from(["x", "--rate-limit-capacity", "0"]).unwrap_err();
-        assert!(err.to_string().contains("RATE_LIMIT_CAPACITY"), "{err}");
-        let err = Cfg::try_parse_from(["x", "--rate-limit-refill-per-sec=-1"]).unwrap_err();
-        assert!(
-            err.to_string().contains("RATE_LIMIT_REFILL_PER_SEC"),
-            "{err}"
-        );
-    }
-
-    /// A refill rate that would make the bucket arithmetic spin (a typo such as `1e-12`),
-    /// and a policy that would take more than a year to refill, stop the service before it
-    /// serves, naming the variables.
-    #[test]
-    fn policies_outside_the_bounds_name_the_variables() {
-        for rate in ["1e-12", "0", "2e9", "NaN", "inf"] {
-            let err = Cfg::try_parse_from(["x", "--rate-limit-refill-per-sec", rate]).unwrap_err();
-            assert!(
-                err.to_string().contains("RATE_LIMIT_REFILL_PER_SEC"),
-                "{rate}: {err}"
-            );
-        }
-        let err = Cfg::try_parse_from(["x", "--rate-limit-capacity", "1000000001"]).unwrap_err();
-        assert!(err.to_string().contains("RATE_LIMIT_CAPACITY"), "{err}");
-        let cfg = Cfg::try_parse_from([
-            "x",
-            "--rate-limit-capacity",
-            "1000000",
-            "--rate-limit-refill-per-sec",
-            "0.00002",
-        ])
-        .unwrap();
-        let err = cfg.policy.policy().unwrap_err();
-        assert!(
-            err.contains("RATE_LIMIT_CAPACITY") && err.contains("RATE_LIMIT_REFILL_PER_SEC"),
-            "{err}"
-        );
-    }
 
     #[derive(Parser, Debug)]
     struct Serve {
@@ -515,12 +407,6 @@ mod tests {
                 assert!(err.to_string().contains(variable), "{flag} {bad}: {err}");
             }
         }
-    }
-
-    #[test]
-    fn fractional_rates_are_accepted() {
-        let cfg = Cfg::try_parse_from(["x", "--rate-limit-refill-per-sec", "0.5"]).unwrap();
-        assert_eq!(cfg.policy.policy().unwrap().refill_per_sec(), 0.5);
     }
 
     #[test]

@@ -30,6 +30,7 @@ mod refuse_errors;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::config::FailMode;
 use envoy_types::pb::envoy::config::core::v3::HeaderValue;
 use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::rate_limit::Unit;
@@ -45,7 +46,6 @@ use ratelimit_domain::api::{
     MAX_ENTRIES, MAX_KEY_BYTES, analytics_identity, canonical_user_id,
 };
 use ratelimit_domain::descriptor::{Descriptor, Entry};
-use service_kit::config::FailMode;
 use service_kit::every::Every;
 use service_kit::http::ServeLimits;
 use tokio_util::sync::CancellationToken;

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Once};
 use std::time::{Duration, Instant};
 
+use crate::config::FailMode;
 use metrics::Unit;
 use ratelimit_domain::api::{CheckError, CheckRequest, CheckResponse, LimitStatus, RefusedCheck};
 use ratelimit_domain::descriptor::DEFAULT_DOMAIN;
@@ -16,7 +17,6 @@ use ratelimit_domain::keys::limit_key;
 use ratelimit_domain::limits::{Applied, LimitOutcome, Outcome};
 use ratelimit_domain::store::{LimitTake, RequestTake};
 use ratelimit_domain::{Clock, Decision, Quota, RateLimitEvent};
-use service_kit::config::FailMode;
 use service_kit::stream::EventPublisher;
 
 use crate::breaker::{Breaker, BreakerState};

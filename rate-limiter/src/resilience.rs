@@ -18,9 +18,9 @@
 
 use std::sync::Arc;
 
+use crate::config::FailMode;
 use ratelimit_domain::limits::Outcome;
 use ratelimit_domain::store::RequestTake;
-use service_kit::config::FailMode;
 
 use crate::breaker::Breaker;
 use crate::store::{BucketStore, MemoryStore};

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rate_limiter::breaker::Breaker;
+use rate_limiter::config::FailMode;
 use rate_limiter::limiter::{Checked, Limiter};
 use rate_limiter::overrides::{OverrideDoc, Overrides};
 use rate_limiter::rules::Rules;
@@ -17,7 +18,6 @@ use ratelimit_domain::api::CheckRequest;
 use ratelimit_domain::descriptor::{Descriptor, Entry};
 use ratelimit_domain::rules::RuleSet;
 use ratelimit_domain::{Clock, ManualClock, Policy};
-use service_kit::config::FailMode;
 use service_kit::redis::Endpoint;
 use service_kit::stream::NullPublisher;
 
