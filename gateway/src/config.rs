@@ -30,7 +30,7 @@ pub struct GatewayArgs {
 #[derive(Parser, Debug, Clone)]
 #[command(
     name = "gateway",
-    about = "Public API: POST /api and GET /analytics/{user_id}",
+    about = "Public gateway: POST /api, GET /analytics/{user_id}, the dashboard, and the proxy in front of UPSTREAM_URL",
     version
 )]
 pub struct GatewayConfig {

@@ -1,12 +1,18 @@
 //! The gateway: the public face of the system. `POST /api` asks the limiter and answers
 //! 200 or 429 with rate-limit headers; `GET /analytics/{user_id}` reads the counters.
 //!
-//! - [`client`]: the limiter-client trait, and its HTTP form with replica balancing.
-//! - [`http`]: the routes and the mapping of decisions to HTTP.
-//! - [`config`]: the gateway's configuration.
+//! - [`client`]: the limiter-client trait, and its HTTP form: batches, replica discovery
+//!   and balancing.
+//! - [`refusals`]: the refusal cache in front of the client: refusals that still hold,
+//!   answered without an exchange (and sent along later to be counted).
+//! - [`http`]: the gateway's own routes (one list, [`http::routes`]); [`answer`], how a
+//!   decision becomes headers and a 429.
 //! - [`proxy`]: the gateway in front of a real service (`UPSTREAM_URL`), and [`actions`],
 //!   which descriptors a proxied request produces; [`path`], the one normal form of a
 //!   path that the rules, the routing and the upstream all see.
+//! - [`analytics_reads`]: what bounds the cost of the analytics reads; [`status`], the
+//!   deployment-wide `/status`; [`dashboard`], the page.
+//! - [`config`]: the gateway's configuration.
 
 pub mod actions;
 /// The admin token's guard (shared with the limiter's `/admin` routes).

@@ -1,8 +1,9 @@
 //! The service kit: what every service of the distributed rate limiter runs on, apart from
 //! the domain itself (`ratelimit-domain`).
 //!
-//! - [`http`]: axum pieces shared by the HTTP services (strict JSON extractor, error
-//!   bodies, load shedding, graceful serve).
+//! - [`http`]: the HTTP side shared by the services: one error type, the strict JSON
+//!   extractor, the router's layers (load shedding, bodies read first, the liveness
+//!   probe), and the server (a listener and a handler per connection).
 //! - [`metrics`]: the Prometheus recorder, `/metrics` rendering, HTTP request metrics.
 //! - [`config`]: configuration sections read from `.env` and the environment.
 //! - [`redis`]: where Redis is ([`redis::Endpoint`]: single or Cluster, AUTH in the URL,

@@ -38,26 +38,27 @@ pub struct Breaker {
 pub struct Permit {
     breaker: Arc<Breaker>,
     probe: bool,
-    settled: bool,
+    /// Its verdict was given (success or failure); else dropping it gives one.
+    reported: bool,
 }
 
 impl Permit {
     /// The store answered.
     pub fn success(mut self) {
-        self.settled = true;
+        self.reported = true;
         self.breaker.on_success();
     }
 
     /// The store failed (or timed out).
     pub fn failure(mut self) {
-        self.settled = true;
+        self.reported = true;
         self.breaker.on_failure(self.probe);
     }
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        if !self.settled && self.probe {
+        if !self.reported && self.probe {
             tracing::debug!("circuit breaker probe abandoned; counted as a failure");
             self.breaker.on_failure(true);
         }
@@ -101,7 +102,7 @@ impl Breaker {
         Some(Permit {
             breaker: self.clone(),
             probe,
-            settled: false,
+            reported: false,
         })
     }
 

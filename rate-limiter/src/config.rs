@@ -109,7 +109,7 @@ pub struct GrpcArgs {
 #[derive(Parser, Debug, Clone)]
 #[command(
     name = "rate-limiter",
-    about = "Token-bucket rate limiter: POST /check, and Envoy's rate limit service over gRPC",
+    about = "Rate limiter: POST /check and /check/batch, and Envoy's rate limit and quota services over gRPC",
     version
 )]
 pub struct LimiterConfig {
