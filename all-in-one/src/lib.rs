@@ -112,15 +112,22 @@ impl System {
         let limiter_addr = limiter_listener.local_addr()?;
         // First: a bad descriptors file stops the start before anything runs.
         let upstream = gateway::proxy::Upstream::from_args(&config.upstream)?.map(Arc::new);
+        let redis = config.redis.resolve().map_err(anyhow::Error::msg)?;
         let (limiter, events) = rate_limiter::build(
             &config.limiter,
-            &config.redis,
+            &redis,
             &config.kafka,
             service_kit::runtime::instance_id(),
             &shutdown,
         )
         .await?;
-        let counters = analytics_counters::counter_store(&config.redis, &config.worker)?;
+        let counters = analytics_counters::counter_store(&redis, &config.worker)?;
+        // What was built, as the status page names it.
+        let stream_kind = if events.is_some() {
+            "in-process"
+        } else {
+            "kafka"
+        };
         let batch_max = config.worker.batch_max as usize;
         let worker = match (events, config.kafka.brokers()) {
             (Some(events), _) => SpawnedWorker::in_process(events, counters.clone(), batch_max),
@@ -136,16 +143,12 @@ impl System {
             limiter: limiter.clone(),
             worker: worker_stats.clone(),
             counters: counters.clone(),
-            store_kind: if config.redis.url().is_some() {
+            store_kind: if limiter.store_is_remote() {
                 "redis"
             } else {
                 "memory"
             },
-            stream_kind: if config.kafka.brokers().is_some() {
-                "kafka"
-            } else {
-                "in-process"
-            },
+            stream_kind,
         };
         let admin_token =
             gateway::admin::AdminToken::from_setting(config.gateway.admin_token.as_deref());
@@ -161,6 +164,7 @@ impl System {
             let shutdown = shutdown.clone();
             tokio::spawn(async move {
                 let headers = config.grpc.response_headers;
+                let limits = config.serve.limits();
                 let grpc = async {
                     match grpc_listener {
                         Some(listener) => {
@@ -169,7 +173,7 @@ impl System {
                                 limiter.clone(),
                                 &config.limiter,
                                 headers,
-                                &config.serve.limits(),
+                                &limits,
                                 shutdown.clone(),
                             )
                             .await
@@ -182,13 +186,13 @@ impl System {
                         gateway_listener,
                         gateway,
                         upstream,
-                        &config.serve,
+                        &limits,
                         shutdown.clone()
                     ),
                     rate_limiter::run_with(
                         limiter_listener,
                         limiter.clone(),
-                        &config.serve,
+                        &limits,
                         admin_token,
                         headers,
                         shutdown.clone()

@@ -47,7 +47,7 @@ impl Replica {
         let shutdown = CancellationToken::new();
         let (limiter, events) = rate_limiter::build(
             &config.limiter,
-            &config.redis,
+            &config.redis.resolve().unwrap(),
             &config.kafka,
             format!("replica-{}", listener.local_addr().unwrap()),
             &shutdown,
@@ -58,7 +58,7 @@ impl Replica {
         let task = {
             let (limiter, shutdown) = (limiter.clone(), shutdown.clone());
             tokio::spawn(async move {
-                rate_limiter::run(listener, limiter, &config.serve, None, shutdown)
+                rate_limiter::run(listener, limiter, &config.serve.limits(), None, shutdown)
                     .await
                     .unwrap();
             })
@@ -214,7 +214,7 @@ async fn the_gateway_spreads_requests_over_every_address_of_the_limiter_name() {
     let shutdown = CancellationToken::new();
     let server = tokio::spawn({
         let shutdown = shutdown.clone();
-        async move { gateway::run(listener, gw, &config.serve, shutdown).await }
+        async move { gateway::run(listener, gw, &config.serve.limits(), shutdown).await }
     });
 
     let http = reqwest::Client::new();

@@ -44,7 +44,7 @@ async fn checks_are_batched_under_load_and_sent_alone_when_idle() {
     let shutdown = CancellationToken::new();
     let (limiter, _events) = rate_limiter::build(
         &config.limiter,
-        &config.redis,
+        &config.redis.resolve().unwrap(),
         &config.kafka,
         "batching".into(),
         &shutdown,
@@ -56,7 +56,7 @@ async fn checks_are_batched_under_load_and_sent_alone_when_idle() {
     let server = {
         let (limiter, shutdown) = (limiter.clone(), shutdown.clone());
         tokio::spawn(async move {
-            rate_limiter::run(listener, limiter, &config.serve, None, shutdown)
+            rate_limiter::run(listener, limiter, &config.serve.limits(), None, shutdown)
                 .await
                 .unwrap();
         })

@@ -202,7 +202,7 @@ impl Rls {
             let shutdown = shutdown.clone();
             tokio::spawn(async move {
                 service
-                    .serve_all(http, Some(grpc), &config.serve, shutdown)
+                    .serve_all(http, Some(grpc), &config.serve.limits(), shutdown)
                     .await
                     .unwrap();
             })

@@ -77,12 +77,13 @@ pub async fn run(
     let brokers = config.kafka.brokers().ok_or_else(|| {
         anyhow::anyhow!("KAFKA_BROKERS is required: the standalone worker consumes the Kafka topic (the embedded default runs its worker in-process)")
     })?;
-    if config.redis.analytics_url().is_none() {
+    let redis = config.redis.resolve().map_err(anyhow::Error::msg)?;
+    if redis.analytics.is_none() {
         anyhow::bail!(
             "REDIS_URL is required: the standalone worker keeps its counters in Redis, where the gateway reads them"
         );
     }
-    let store = counter_store(&config.redis, &config.worker)?;
+    let store = counter_store(&redis, &config.worker)?;
     let worker = SpawnedWorker::kafka(
         &config.kafka,
         brokers,
@@ -90,7 +91,7 @@ pub async fn run(
         config.worker.batch_max as usize,
     )?;
     // For a standalone gateway's /status: this worker's events and consumer lag.
-    if let Some(reports) = service_kit::report::Reports::from_args(&config.redis)? {
+    if let Some(reports) = service_kit::report::Reports::from_settings(&redis)? {
         let stats = worker.stats.clone();
         reports.spawn_writer(
             service_kit::report::Role::Worker,

@@ -22,51 +22,46 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ratelimit_domain::analytics::{AnalyticsReader, CounterStore};
-use service_kit::config::{RedisArgs, WorkerArgs};
+use service_kit::config::{RedisSettings, WorkerArgs};
+use service_kit::redis::Endpoint;
 
 pub use self::memory::MemoryCounters;
 pub use self::redis::{RedisAnalytics, RedisCounters};
 use self::worker::WorkerStats;
 
 /// Batches are bigger than one decision: they get more than a decision's deadline.
-fn batch_timeout(redis: &RedisArgs) -> Duration {
-    Duration::from_millis(redis.timeout_ms).max(Duration::from_secs(2))
-}
+const BATCH_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// The counter store the configuration asks for: Redis when `REDIS_URL` is set, else memory.
-/// `max_users` bounds the in-memory counters; `retention` is how long the per-minute
-/// series are kept.
+/// The counter store the settings ask for: in the analytics Redis when there is one, else
+/// in memory. `max_users` bounds the in-memory counters; `retention` is how long the
+/// per-minute series are kept.
 pub fn counter_store(
-    redis: &RedisArgs,
+    redis: &RedisSettings,
     worker: &WorkerArgs,
 ) -> anyhow::Result<Arc<dyn CounterStore>> {
     let retention = worker.retention.retention;
-    Ok(
-        match redis.analytics_endpoint().map_err(anyhow::Error::msg)? {
-            Some(endpoint) => Arc::new(RedisCounters::new(
-                &endpoint,
-                &redis.key_prefix,
-                batch_timeout(redis),
-                retention,
-                worker.user_ttl,
-            )?),
-            None => Arc::new(MemoryCounters::new(worker.max_users as usize, retention)),
-        },
-    )
+    Ok(match &redis.analytics {
+        Some(endpoint) => Arc::new(RedisCounters::new(
+            endpoint,
+            &redis.key_prefix,
+            redis.slow_timeout(BATCH_TIMEOUT),
+            retention,
+            worker.user_ttl,
+        )?),
+        None => Arc::new(MemoryCounters::new(worker.max_users as usize, retention)),
+    })
 }
 
-/// The read side of the counters in Redis at `REDIS_URL`, for a standalone gateway.
-pub fn redis_reader(redis: &RedisArgs) -> anyhow::Result<Option<Arc<dyn AnalyticsReader>>> {
-    Ok(
-        match redis.analytics_endpoint().map_err(anyhow::Error::msg)? {
-            Some(endpoint) => Some(Arc::new(RedisAnalytics::new(
-                &endpoint,
-                &redis.key_prefix,
-                batch_timeout(redis),
-            )?)),
-            None => None,
-        },
-    )
+/// The read side of the counters in Redis at `endpoint`, for a standalone gateway.
+pub fn redis_reader(
+    endpoint: &Endpoint,
+    redis: &RedisSettings,
+) -> anyhow::Result<Arc<dyn AnalyticsReader>> {
+    Ok(Arc::new(RedisAnalytics::new(
+        endpoint,
+        &redis.key_prefix,
+        redis.slow_timeout(BATCH_TIMEOUT),
+    )?))
 }
 
 /// A worker running in the background of this process.

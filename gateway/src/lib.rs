@@ -30,8 +30,9 @@ pub mod refusals;
 pub mod status;
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use service_kit::config::ServeArgs;
+use service_kit::http::ServeLimits;
 use tokio_util::sync::CancellationToken;
 
 pub use crate::http::{Gateway, router};
@@ -41,12 +42,11 @@ pub use crate::http::{Gateway, router};
 pub async fn run(
     listener: tokio::net::TcpListener,
     gateway: Gateway,
-    serve: &ServeArgs,
+    limits: &ServeLimits,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     tracing::info!(addr = %listener.local_addr()?, "gateway listening");
-    let limits = serve.limits();
-    service_kit::http::serve(listener, router(gateway, &limits), shutdown, &limits).await
+    service_kit::http::serve(listener, router(gateway, limits), shutdown, limits).await
 }
 
 /// Builds the standalone gateway from its configuration: the limiter over HTTP, the
@@ -55,13 +55,18 @@ pub async fn from_config(
     config: &config::GatewayConfig,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Gateway> {
-    if config.redis.analytics_url().is_none() {
+    let redis = config.redis.resolve().map_err(anyhow::Error::msg)?;
+    let Some(endpoint) = &redis.analytics else {
         anyhow::bail!(
             "REDIS_URL is required: the standalone gateway reads analytics from Redis (run the all-in-one binary for the embedded mode)"
         );
-    }
-    let analytics =
-        analytics_counters::redis_reader(&config.redis)?.expect("REDIS_URL is checked above");
+    };
+    let analytics = analytics_counters::redis_reader(endpoint, &redis)?;
+    let reports = service_kit::report::Reports::new(
+        endpoint,
+        &redis.key_prefix,
+        redis.slow_timeout(Duration::from_millis(500)),
+    )?;
     let limiter = client::HttpLimiterClient::new(
         &config.limiter_url,
         config.limiter_timeout(),
@@ -76,8 +81,7 @@ pub async fn from_config(
         status: Arc::new(status::RemoteStatus::new(
             &config.limiter_url,
             analytics.clone(),
-            service_kit::report::Reports::from_args(&config.redis)?
-                .expect("REDIS_URL is checked above"),
+            reports,
         )),
         analytics,
         admin_token: admin::AdminToken::from_setting(config.gateway.admin_token.as_deref()),

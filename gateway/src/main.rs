@@ -17,6 +17,13 @@ async fn main() -> anyhow::Result<()> {
     let upstream = gateway::proxy::Upstream::from_args(&config.upstream)?.map(std::sync::Arc::new);
     let listener =
         tokio::net::TcpListener::bind((config.serve.bind_addr, config.gateway.port)).await?;
-    gateway::proxy::run(listener, gateway, upstream, &config.serve, shutdown).await?;
+    gateway::proxy::run(
+        listener,
+        gateway,
+        upstream,
+        &config.serve.limits(),
+        shutdown,
+    )
+    .await?;
     Ok(())
 }

@@ -37,7 +37,6 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use ratelimit_domain::api::{CheckRequest, ErrorBody, analytics_identity};
-use service_kit::config::ServeArgs;
 use service_kit::http::{ApiError, ServeLimits};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -515,23 +514,22 @@ pub async fn run(
     listener: tokio::net::TcpListener,
     gateway: Gateway,
     upstream: Option<Arc<Upstream>>,
-    serve: &ServeArgs,
+    limits: &ServeLimits,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let Some(upstream) = upstream else {
-        return crate::run(listener, gateway, serve, shutdown).await;
+        return crate::run(listener, gateway, limits, shutdown).await;
     };
     tracing::info!(
         addr = %listener.local_addr()?,
         upstream = %format!("{}://{}{}", upstream.scheme, upstream.authority, upstream.prefix),
         "gateway listening in front of the upstream"
     );
-    let limits = serve.limits();
     service_kit::http::serve(
         listener,
-        router(gateway, upstream, &limits),
+        router(gateway, upstream, limits),
         shutdown,
-        &limits,
+        limits,
     )
     .await
 }

@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 
 use std::path::Path;
+use std::time::Duration;
 
 use clap::Args;
 
@@ -220,7 +221,43 @@ fn file(setting: &Option<String>) -> Option<&Path> {
         .map(Path::new)
 }
 
+/// The Redis settings, resolved once at start-up ([`RedisArgs::resolve`]) and passed down
+/// as they are: where the buckets and where the counters live (the TLS files read), the
+/// key prefix and the call deadline.
+#[derive(Clone)]
+pub struct RedisSettings {
+    /// `REDIS_URL`: the buckets (none: in memory).
+    pub buckets: Option<Endpoint>,
+    /// `ANALYTICS_REDIS_URL`, else `REDIS_URL`: the counters and the status reports (none:
+    /// in memory).
+    pub analytics: Option<Endpoint>,
+    pub key_prefix: String,
+    /// The deadline of a decision's call.
+    pub timeout: Duration,
+    pub idempotent_retry: bool,
+}
+
+impl RedisSettings {
+    /// The deadline of a call that is not a decision (a report, a batch of counts): it can
+    /// wait longer.
+    pub fn slow_timeout(&self, at_least: Duration) -> Duration {
+        self.timeout.max(at_least)
+    }
+}
+
 impl RedisArgs {
+    /// Every Redis setting checked and resolved, or why they cannot be used (see
+    /// [`RedisArgs::endpoint`]).
+    pub fn resolve(&self) -> Result<RedisSettings, String> {
+        Ok(RedisSettings {
+            buckets: self.endpoint()?,
+            analytics: self.analytics_endpoint()?,
+            key_prefix: self.key_prefix.clone(),
+            timeout: Duration::from_millis(self.timeout_ms),
+            idempotent_retry: self.idempotent_retry,
+        })
+    }
+
     /// The Redis URL, if one is configured (an empty value counts as unset).
     pub fn url(&self) -> Option<&str> {
         self.url.as_deref().map(str::trim).filter(|u| !u.is_empty())

@@ -96,14 +96,16 @@ impl Reports {
         })
     }
 
-    /// Reports in the analytics Redis `redis` configures, if it configures one.
-    pub fn from_args(redis: &crate::config::RedisArgs) -> Result<Option<Self>, RedisCallError> {
-        let Some(endpoint) = redis.analytics_endpoint().map_err(RedisCallError::Config)? else {
+    /// Reports in the analytics Redis of `redis`, if there is one.
+    pub fn from_settings(
+        redis: &crate::config::RedisSettings,
+    ) -> Result<Option<Self>, RedisCallError> {
+        let Some(endpoint) = &redis.analytics else {
             return Ok(None);
         };
         // A report is not a decision: it can wait longer than a bucket call.
-        let timeout = Duration::from_millis(redis.timeout_ms).max(Duration::from_millis(500));
-        Self::new(&endpoint, &redis.key_prefix, timeout).map(Some)
+        let timeout = redis.slow_timeout(Duration::from_millis(500));
+        Self::new(endpoint, &redis.key_prefix, timeout).map(Some)
     }
 
     /// Writes `report` as `instance`'s, stamped now.

@@ -29,7 +29,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ratelimit_domain::{Clock, SystemClock};
-use service_kit::config::{KafkaArgs, RedisArgs, ServeArgs};
+use service_kit::config::{KafkaArgs, RedisSettings};
+use service_kit::http::ServeLimits;
 use service_kit::stream::{self, ChannelReceiver, EventPublisher};
 use tokio_util::sync::CancellationToken;
 
@@ -52,17 +53,16 @@ const FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
 /// channel whose receiving end is returned for an in-process worker.
 pub async fn build(
     args: &LimiterArgs,
-    redis: &RedisArgs,
+    redis: &RedisSettings,
     kafka: &KafkaArgs,
     instance_id: String,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<(Arc<Limiter>, Option<ChannelReceiver>)> {
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let policy = args.policy.policy().map_err(anyhow::Error::msg)?;
-    let endpoint = redis.endpoint().map_err(anyhow::Error::msg)?;
-    let overrides = match &endpoint {
+    let overrides = match &redis.buckets {
         Some(endpoint) => {
-            let timeout = Duration::from_millis(redis.timeout_ms);
+            let timeout = redis.timeout;
             let conn =
                 service_kit::redis::connect(endpoint, timeout.max(Duration::from_millis(500)))?;
             let overrides = Arc::new(overrides::Overrides::in_redis(
@@ -75,16 +75,11 @@ pub async fn build(
         }
         None => Arc::new(overrides::Overrides::in_memory()),
     };
-    let store: Arc<dyn BucketStore> = match endpoint {
+    let store: Arc<dyn BucketStore> = match &redis.buckets {
         Some(endpoint) => {
             let store = Arc::new(
-                RedisStore::new(
-                    &endpoint,
-                    &redis.key_prefix,
-                    policy,
-                    Duration::from_millis(redis.timeout_ms),
-                )?
-                .with_idempotent_retry(redis.idempotent_retry),
+                RedisStore::new(endpoint, &redis.key_prefix, policy, redis.timeout)?
+                    .with_idempotent_retry(redis.idempotent_retry),
             );
             // Connect and load the script before serving, so the first requests do not pay
             // for it; a Redis that is down now is not fatal (the fail mode applies). The
@@ -152,14 +147,14 @@ pub async fn build(
 pub async fn run(
     listener: tokio::net::TcpListener,
     limiter: Arc<Limiter>,
-    serve: &ServeArgs,
+    limits: &ServeLimits,
     admin_token: Option<service_kit::admin::AdminToken>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     run_with(
         listener,
         limiter,
-        serve,
+        limits,
         admin_token,
         ResponseHeaders::default(),
         shutdown,
@@ -171,13 +166,15 @@ pub async fn run(
 pub async fn run_with(
     listener: tokio::net::TcpListener,
     limiter: Arc<Limiter>,
-    serve: &ServeArgs,
+    limits: &ServeLimits,
     admin_token: Option<service_kit::admin::AdminToken>,
     headers: ResponseHeaders,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let mut limits = serve.limits();
-    limits.grace = answer_grace(&limits);
+    let limits = ServeLimits {
+        grace: answer_grace(limits),
+        ..*limits
+    };
     let router = http::router_with(limiter.clone(), &limits, admin_token, headers);
     tracing::info!(addr = %listener.local_addr()?, "rate limiter listening");
     service_kit::http::serve(listener, router, shutdown, &limits).await
@@ -189,7 +186,7 @@ pub async fn run_with(
 /// request the limiter has read is always answered before the connection closes: a
 /// gateway retries only a request that got no answer at all, and that one was never
 /// decided here.
-fn answer_grace(limits: &service_kit::http::ServeLimits) -> Duration {
+fn answer_grace(limits: &ServeLimits) -> Duration {
     limits
         .grace
         .max(limits.body_timeout + limits.request_timeout + Duration::from_millis(250))
@@ -201,7 +198,7 @@ pub async fn run_grpc(
     limiter: Arc<Limiter>,
     args: &LimiterArgs,
     headers: ResponseHeaders,
-    limits: &service_kit::http::ServeLimits,
+    limits: &ServeLimits,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let service = grpc::RateLimitService::new(limiter, headers);
@@ -264,16 +261,17 @@ impl Standalone {
         instance_id: String,
         shutdown: &CancellationToken,
     ) -> anyhow::Result<Self> {
+        let redis = config.redis.resolve().map_err(anyhow::Error::msg)?;
         let (limiter, events) = build(
             &config.limiter,
-            &config.redis,
+            &redis,
             &config.kafka,
             instance_id.clone(),
             shutdown,
         )
         .await?;
         // For a standalone gateway's /status: this instance's decisions and events.
-        if let Some(reports) = service_kit::report::Reports::from_args(&config.redis)? {
+        if let Some(reports) = service_kit::report::Reports::from_settings(&redis)? {
             if config.limiter.fail_open_instances.is_none() {
                 spawn_instance_count(reports.clone(), limiter.clone(), shutdown.clone());
             }
@@ -287,7 +285,7 @@ impl Standalone {
         }
         let worker = match events {
             Some(events) => {
-                let store = analytics_counters::counter_store(&config.redis, &config.worker)?;
+                let store = analytics_counters::counter_store(&redis, &config.worker)?;
                 Some(analytics_counters::SpawnedWorker::in_process(
                     events,
                     store,
@@ -312,10 +310,10 @@ impl Standalone {
     pub async fn serve(
         self,
         listener: tokio::net::TcpListener,
-        serve: &ServeArgs,
+        limits: &ServeLimits,
         shutdown: CancellationToken,
     ) -> std::io::Result<()> {
-        self.serve_all(listener, None, serve, shutdown).await
+        self.serve_all(listener, None, limits, shutdown).await
     }
 
     /// [`Standalone::serve`], with Envoy's rate limit service on `grpc` when given.
@@ -323,13 +321,13 @@ impl Standalone {
         self,
         listener: tokio::net::TcpListener,
         grpc: Option<tokio::net::TcpListener>,
-        serve: &ServeArgs,
+        limits: &ServeLimits,
         shutdown: CancellationToken,
     ) -> std::io::Result<()> {
         let http = run_with(
             listener,
             self.limiter.clone(),
-            serve,
+            limits,
             self.admin_token.clone(),
             self.headers,
             shutdown.clone(),
@@ -342,7 +340,7 @@ impl Standalone {
                         self.limiter.clone(),
                         &self.args,
                         self.headers,
-                        &serve.limits(),
+                        limits,
                         shutdown,
                     )
                     .await

@@ -380,6 +380,11 @@ impl Limiter {
         &self.publisher
     }
 
+    /// Whether the buckets live outside this process (in Redis).
+    pub fn store_is_remote(&self) -> bool {
+        self.store.is_remote()
+    }
+
     pub fn breaker_state(&self) -> BreakerState {
         self.breaker.state()
     }

@@ -20,7 +20,7 @@ async fn main() -> anyhow::Result<()> {
     let grpc =
         tokio::net::TcpListener::bind((config.serve.bind_addr, config.grpc.grpc_port)).await?;
     service
-        .serve_all(listener, Some(grpc), &config.serve, shutdown)
+        .serve_all(listener, Some(grpc), &config.serve.limits(), shutdown)
         .await?;
     Ok(())
 }

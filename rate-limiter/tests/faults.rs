@@ -25,7 +25,7 @@ async fn limiter(redis: &RedisServer, extra: &[&str]) -> Arc<Limiter> {
     let config = LimiterConfig::try_parse_from(argv).unwrap();
     let (limiter, _events) = rate_limiter::build(
         &config.limiter,
-        &config.redis,
+        &config.redis.resolve().unwrap(),
         &config.kafka,
         "faults".into(),
         &CancellationToken::new(),

@@ -66,7 +66,7 @@ impl Service {
             let shutdown = shutdown.clone();
             tokio::spawn(async move {
                 service
-                    .serve_all(http, Some(grpc), &config.serve, shutdown)
+                    .serve_all(http, Some(grpc), &config.serve.limits(), shutdown)
                     .await
                     .unwrap();
             })

@@ -30,7 +30,7 @@ async fn limiter(url: &str, prefix: &str, extra: &[&str]) -> anyhow::Result<Arc<
     let config = config(url, prefix, extra)?;
     let (limiter, _events) = rate_limiter::build(
         &config.limiter,
-        &config.redis,
+        &config.redis.resolve().unwrap(),
         &config.kafka,
         "tls".into(),
         &CancellationToken::new(),
@@ -250,7 +250,7 @@ async fn over_tls_the_standalone_limiter_counts_and_reports_in_redis() {
         .unwrap();
     let limiter = service.limiter.clone();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let serve = config.serve.clone();
+    let serve = config.serve.limits();
     let serving = tokio::spawn({
         let shutdown = shutdown.clone();
         async move { service.serve(listener, &serve, shutdown).await }
@@ -259,7 +259,8 @@ async fn over_tls_the_standalone_limiter_counts_and_reports_in_redis() {
         four_checks(&limiter, "alice").await,
         [true, true, true, false]
     );
-    let reports = Reports::from_args(&config.redis).unwrap().unwrap();
+    let redis = config.redis.resolve().unwrap();
+    let reports = Reports::from_settings(&redis).unwrap().unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     while reports.read(Role::Limiter).await.unwrap().is_empty() {
         assert!(tokio::time::Instant::now() < deadline, "no report in redis");
@@ -268,9 +269,8 @@ async fn over_tls_the_standalone_limiter_counts_and_reports_in_redis() {
     // Stopping counts what is left.
     shutdown.cancel();
     serving.await.unwrap().unwrap();
-    let counters = analytics_counters::redis_reader(&config.redis)
-        .unwrap()
-        .unwrap();
+    let counters =
+        analytics_counters::redis_reader(redis.analytics.as_ref().unwrap(), &redis).unwrap();
     let alice = counters.get("alice").await.unwrap();
     assert_eq!((alice.total, alice.allowed, alice.blocked), (4, 3, 1));
 }

@@ -70,7 +70,7 @@ impl LimiterInstance {
             let shutdown = shutdown.clone();
             tokio::spawn(async move {
                 service
-                    .serve(listener, &config.serve, shutdown)
+                    .serve(listener, &config.serve.limits(), shutdown)
                     .await
                     .unwrap();
             })
@@ -120,7 +120,7 @@ impl GatewayInstance {
         let task = {
             let shutdown = shutdown.clone();
             tokio::spawn(async move {
-                gateway::run(listener, gw, &config.serve, shutdown)
+                gateway::run(listener, gw, &config.serve.limits(), shutdown)
                     .await
                     .unwrap();
             })
