@@ -28,9 +28,10 @@ use tokio_util::sync::CancellationToken;
 /// prefix `prefix` and `extra`: capacity 3, refilling too slowly to matter, fail-closed.
 async fn limiter(url: &str, prefix: &str, extra: &[&str]) -> anyhow::Result<Arc<Limiter>> {
     let config = config(url, prefix, extra)?;
+    let redis = config.redis.resolve().map_err(anyhow::Error::msg)?;
     let (limiter, _events) = rate_limiter::build(
         &config.limiter,
-        &config.redis.resolve().unwrap(),
+        &redis,
         &config.kafka,
         "tls".into(),
         &CancellationToken::new(),
