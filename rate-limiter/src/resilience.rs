@@ -20,6 +20,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use ratelimit_domain::event::EventTemplate;
 use ratelimit_domain::limits::Outcome;
 use ratelimit_domain::store::RequestTake;
 use service_kit::config::FailMode;
@@ -31,6 +32,9 @@ use crate::store::{BucketStore, MemoryStore};
 /// One call to the store: the requests of a batch, moved in and handed back with the reply.
 pub struct StoreCall {
     pub takes: Vec<RequestTake>,
+    /// The decisions' events, for a store that records them with the decision (the Redis
+    /// outbox); same positions as `takes`, shorter means none for the rest.
+    pub events: Vec<Option<EventTemplate>>,
 }
 
 /// What became of one request.
@@ -50,6 +54,16 @@ pub struct StoreReply {
     pub takes: Vec<RequestTake>,
     pub verdicts: Vec<Verdict>,
     pub errors: u64,
+    /// Per request, whether the store recorded its event (same positions; shorter means
+    /// not for the rest): the limiter then publishes nothing for it.
+    pub recorded: Vec<bool>,
+}
+
+impl StoreReply {
+    /// Whether the store recorded request `i`'s event.
+    pub fn recorded(&self, i: usize) -> bool {
+        self.recorded.get(i).copied().unwrap_or(false)
+    }
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = Result<T, Infallible>> + Send + 'static>>;
@@ -79,16 +93,20 @@ impl Service<StoreCall> for StoreService {
         let store = self.store.clone();
         Box::pin(async move {
             let takes = call.takes;
-            let (verdicts, errors) = match store.decide_many(&takes).await {
+            let mut recorded = Vec::new();
+            let (verdicts, errors) = match store.decide_recorded(&takes, &call.events).await {
                 Ok(decided) => {
                     let mut errors = 0;
                     let verdicts = decided
                         .into_iter()
-                        .map(|d| match d {
-                            Ok(outcome) => Verdict::Stored(outcome),
-                            Err(_) => {
-                                errors += 1;
-                                Verdict::Unavailable
+                        .map(|(d, was_recorded)| {
+                            recorded.push(was_recorded);
+                            match d {
+                                Ok(outcome) => Verdict::Stored(outcome),
+                                Err(_) => {
+                                    errors += 1;
+                                    Verdict::Unavailable
+                                }
                             }
                         })
                         .collect();
@@ -103,6 +121,7 @@ impl Service<StoreCall> for StoreService {
                 takes,
                 verdicts,
                 errors,
+                recorded,
             })
         })
     }
@@ -164,6 +183,7 @@ where
                 takes: call.takes,
                 verdicts,
                 errors: 0,
+                recorded: Vec::new(),
             })));
         };
         let reply = self.inner.call(call);
