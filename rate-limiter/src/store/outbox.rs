@@ -160,8 +160,10 @@ impl Entry {
 
     /// The event, stamped from Redis: the epoch names the stream and the day of the entry
     /// (a new epoch a day, as publishers do, so the counters can forget old ones), the
-    /// sequence is the entry id packed as `ms · 2^20 + n`. Entry ids only grow in a
-    /// stream, so whoever relays it, a repeat carries the stamp it had the first time.
+    /// sequence is the entry id packed as `(ms since the day began) · 2^20 + n`: under
+    /// 2^47, so exact in the counters' Lua, whose numbers are doubles (an id's whole `ms ·
+    /// 2^20` is not). Entry ids only grow in a stream, so whoever relays it, a repeat
+    /// carries the stamp it had the first time.
     pub fn event(&self, stream: usize) -> Result<ratelimit_domain::RateLimitEvent, EntryError> {
         let (ms, n) = self.id_parts()?;
         let template: EventTemplate = serde_json::from_str(&self.template)
@@ -175,7 +177,7 @@ impl Entry {
         let day = secs - secs % ratelimit_domain::event::Stamp::EPOCH_LIFETIME_SECS;
         event.stamp = Some(ratelimit_domain::event::Stamp {
             epoch: format!("{day:x}-ob{stream}"),
-            seq: (ms << 20) | n.min((1 << 20) - 1),
+            seq: ((ms - day * 1000) << 20) | n.min((1 << 20) - 1),
         });
         Ok(event)
     }
@@ -221,7 +223,12 @@ mod tests {
         assert_eq!(event.user_id, "u1");
         assert_eq!(event.rules[1].outcome, RuleOutcome::ShadowBlocked);
         let stamp = event.stamp.unwrap();
-        assert_eq!(stamp.seq, (1_700_000_000_123 << 20) | 7);
+        assert_eq!(
+            stamp.seq,
+            ((1_700_000_000_123 - 1_699_920_000_000) << 20) | 7
+        );
+        // Exact as a double, as the counters' Lua reads it.
+        assert!(stamp.seq < 1 << 53);
         assert_eq!(Stamp::started_secs(&stamp.epoch), Some(1_699_920_000));
         assert!(stamp.epoch.ends_with("-ob3"));
         assert_eq!(entry.next_id().unwrap(), "1700000000123-8");
