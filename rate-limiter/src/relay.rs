@@ -63,6 +63,15 @@ end
 return trimmed
 "#;
 
+/// Reads up to ARGV[2] entries of the stream KEYS[2] from its start, if this relay still
+/// holds its lease KEYS[1] (else nil): a relay that lost its lease unawares (Redis
+/// restarted empty, another relay took the stream) does not send what the new holder sends,
+/// which could put the same event twice in one of the worker's batches.
+const READ_SCRIPT: &str = r#"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return false end
+return redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', ARGV[2])
+"#;
+
 /// Gives the lease back if this relay holds it.
 const RELEASE_SCRIPT: &str = r#"
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
@@ -156,7 +165,7 @@ impl Relay {
             ),
             lease,
             timeout: timeout.max(Duration::from_millis(500)),
-            scripts: Scripts::new(&[LEASE_SCRIPT, TRIM_SCRIPT, RELEASE_SCRIPT]),
+            scripts: Scripts::new(&[LEASE_SCRIPT, TRIM_SCRIPT, RELEASE_SCRIPT, READ_SCRIPT]),
             stats: Arc::default(),
         }
     }
@@ -186,7 +195,7 @@ impl Relay {
                 self.observe().await;
                 next_look = Instant::now() + OBSERVE_EVERY;
             }
-            let read = self.read(&held).await;
+            let read = self.read(&mut held).await;
             let oldest = read
                 .iter()
                 .filter_map(|(_, entries)| entries.first())
@@ -284,33 +293,43 @@ impl Relay {
         }
     }
 
-    /// The first entries of every stream held, in one round trip.
-    async fn read(&self, held: &[bool; STREAMS]) -> Vec<(usize, Vec<Entry>)> {
+    /// The first entries of every stream held, in one round trip; a stream whose lease
+    /// turns out lost is held no more.
+    async fn read(&self, held: &mut [bool; STREAMS]) -> Vec<(usize, Vec<Entry>)> {
         let streams: Vec<usize> = (0..STREAMS).filter(|&n| held[n]).collect();
         if streams.is_empty() {
             return Vec::new();
         }
         let mut pipe = redis::pipe();
         for &n in &streams {
-            pipe.cmd("XRANGE")
+            pipe.cmd("EVALSHA")
+                .arg(self.scripts.hash(3))
+                .arg(2)
+                .arg(self.keys.lease(n))
                 .arg(self.keys.stream(n))
-                .arg("-")
-                .arg("+")
-                .arg("COUNT")
+                .arg(&self.me)
                 .arg(BATCH);
         }
-        let mut conn = self.conn.clone();
-        type Range = Vec<(String, Vec<String>)>;
-        match with_deadline(self.timeout, pipe.query_async::<Vec<Range>>(&mut conn)).await {
+        type Range = Option<Vec<(String, Vec<String>)>>;
+        match self
+            .scripts
+            .query_idempotent::<Vec<Range>>(&self.conn, &pipe, self.timeout)
+            .await
+        {
             Ok(ranges) => streams
                 .into_iter()
                 .zip(ranges)
-                .map(|(n, range)| {
+                .filter_map(|(n, range)| {
+                    let Some(range) = range else {
+                        tracing::info!(stream = n, "outbox lease lost");
+                        held[n] = false;
+                        return None;
+                    };
                     let entries = range
                         .into_iter()
                         .map(|(id, fields)| entry(id, fields))
                         .collect();
-                    (n, entries)
+                    Some((n, entries))
                 })
                 .collect(),
             Err(err) => {

@@ -3,13 +3,10 @@
 //! first one) is answered from the run that happened rather than decided twice.
 //!
 //! The decision scripts are wrapped, not edited: their body becomes a function, called
-//! unless the call finds its answer. Four arguments follow theirs (which they address from
+//! unless a repeat finds its answer. Four arguments follow theirs (which they address from
 //! the front): the hash the batch's answers are kept in (`''`: remember nothing), the
 //! call's field in it, how long the hash lives (ms, from its first answer), and `1` on a
-//! repeat. Every call looks its answer up, the first one included: a first call held in a
-//! connection that was reconnecting can reach Redis after its repeat did, and must then be
-//! answered from the repeat's run, not decide again (seen with Redis restarted under load:
-//! a bucket spent twice, and with the outbox an event appended twice). On one Redis a batch's calls share one hash
+//! repeat (only a repeat looks an answer up). On one Redis a batch's calls share one hash
 //! (one key a batch, not one a decision); on a Cluster each call has its own, beside its
 //! first key (same hash tag, so the same slot). An answer is kept only when the call spent
 //! something (its first number is 1, allowed), or when the script says it wrote
@@ -23,7 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub(super) fn memoized(body: &str) -> String {
     format!(
         r#"local mkey, field = ARGV[#ARGV - 3], ARGV[#ARGV - 2]
-if mkey ~= '' then
+if ARGV[#ARGV] == '1' then
   local done = redis.call('HGET', mkey, field)
   if done then
     local out = {{}}
