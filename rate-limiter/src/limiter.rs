@@ -291,6 +291,9 @@ pub struct LimiterStats {
     pub shadow_refused: AtomicU64,
     /// Refusals a gateway answered from its own refusal cache, counted here.
     pub gateway_refused: AtomicU64,
+    /// Events the store took with their decision, into the outbox (or dropped there past
+    /// its bound): published, as far as this limiter is concerned.
+    pub outboxed: AtomicU64,
 }
 
 pub struct Limiter {
@@ -469,7 +472,7 @@ impl Limiter {
             degraded: load(&s.degraded),
             store_errors: load(&s.store_errors),
             breaker_closed: self.breaker.state() == BreakerState::Closed,
-            published: p.published,
+            published: p.published + load(&s.outboxed),
             dropped: p.dropped,
             buffered: p.buffered,
             ..Default::default()
@@ -764,7 +767,7 @@ impl Limiter {
                 .collect(),
             None => asked,
         };
-        // Moved out for the store call, and back after: no copy of the keys.
+        // With the outbox, each decision's event rides in the store's call.
         let events: Vec<Option<EventTemplate>> = if self.outbox {
             asked
                 .iter()
@@ -773,6 +776,7 @@ impl Limiter {
         } else {
             Vec::new()
         };
+        // Moved out for the store call, and back after: no copy of the keys.
         let takes: Vec<RequestTake> = asked
             .iter()
             .map(|&i| std::mem::take(&mut plans[i].as_mut().expect("planned").take))
@@ -951,6 +955,7 @@ impl Limiter {
             self.stats.shadow_refused.fetch_add(1, Ordering::Relaxed);
         }
         if recorded {
+            self.stats.outboxed.fetch_add(1, Ordering::Relaxed);
             return;
         }
         self.publisher.publish(RateLimitEvent {
