@@ -94,6 +94,67 @@ pub enum RuleOutcome {
     ShadowBlocked,
 }
 
+/// What a decision's event will say, known before the decision is made: for a store that
+/// records the event in the same atomic step as the decision (the Redis outbox), which
+/// fills in the outcome ([`EventTemplate::event`]). Short field names: it is stored with
+/// every outboxed decision.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventTemplate {
+    #[serde(rename = "u")]
+    pub user_id: String,
+    #[serde(rename = "c")]
+    pub cost: u64,
+    #[serde(rename = "l")]
+    pub limiter_id: String,
+    #[serde(rename = "d", default, skip_serializing_if = "Option::is_none")]
+    pub domain: Option<String>,
+    /// Per limit of the request, in the store's order: its rule (`<domain>:<limit name>`)
+    /// and whether it is a shadow limit. Empty when the event lists no rules (the built-in
+    /// rule alone).
+    #[serde(rename = "r", default, skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<(String, bool)>,
+}
+
+impl EventTemplate {
+    /// The event of the decision: `allowed`, and per limit whether it admitted the cost
+    /// (in the order of [`EventTemplate::rules`]), decided at `ts_ms`. Each rule's outcome
+    /// is what the limiter reports for the same answer: a refusing shadow limit is
+    /// `shadow_blocked`, an admitting one of an admitted request `allowed`, a refusing
+    /// enforced one `blocked`; an admitting limit of a refused request is left out.
+    pub fn event(&self, allowed: bool, admits: &[bool], ts_ms: u64) -> RateLimitEvent {
+        let rules = self
+            .rules
+            .iter()
+            .zip(admits.iter().copied().chain(std::iter::repeat(allowed)))
+            .filter_map(|((rule, shadow), admits)| {
+                let refused = self.cost > 0 && !admits;
+                let outcome = match (*shadow, refused, allowed) {
+                    (true, true, _) => RuleOutcome::ShadowBlocked,
+                    (_, false, true) => RuleOutcome::Allowed,
+                    (false, true, _) => RuleOutcome::Blocked,
+                    (_, false, false) => return None,
+                };
+                Some(RuleHit {
+                    rule: rule.clone(),
+                    outcome,
+                })
+            })
+            .collect();
+        RateLimitEvent {
+            schema_version: SCHEMA_VERSION,
+            user_id: self.user_id.clone(),
+            allowed,
+            cost: self.cost,
+            ts_ms,
+            limiter_id: self.limiter_id.clone(),
+            degraded: false,
+            domain: self.domain.clone(),
+            rules,
+            stamp: None,
+        }
+    }
+}
+
 /// Why bytes on the stream are not a usable event.
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {
@@ -184,6 +245,44 @@ mod tests {
         assert_ne!(a, b);
         assert_eq!(Stamp::started_secs(&a), Some(1_700_000_000));
         assert_eq!(Stamp::started_secs("garbage"), None);
+    }
+
+    #[test]
+    fn a_template_fills_in_each_rules_outcome() {
+        let t = EventTemplate {
+            user_id: "u".into(),
+            cost: 2,
+            limiter_id: "l".into(),
+            domain: Some("api".into()),
+            rules: vec![
+                ("api:burst".into(), false),
+                ("api:trial".into(), true),
+                ("api:daily".into(), false),
+            ],
+        };
+        let hits = |allowed, admits: &[bool]| -> Vec<(String, RuleOutcome)> {
+            t.event(allowed, admits, 5)
+                .rules
+                .into_iter()
+                .map(|h| (h.rule, h.outcome))
+                .collect()
+        };
+        assert_eq!(
+            hits(true, &[true, false, true]),
+            vec![
+                ("api:burst".into(), RuleOutcome::Allowed),
+                ("api:trial".into(), RuleOutcome::ShadowBlocked),
+                ("api:daily".into(), RuleOutcome::Allowed),
+            ]
+        );
+        assert_eq!(
+            hits(false, &[true, true, false]),
+            vec![("api:daily".into(), RuleOutcome::Blocked)]
+        );
+        let e = t.event(false, &[true, true, false], 5);
+        assert_eq!((e.user_id.as_str(), e.cost, e.ts_ms), ("u", 2, 5));
+        let encoded = serde_json::to_string(&t).unwrap();
+        assert_eq!(serde_json::from_str::<EventTemplate>(&encoded).unwrap(), t);
     }
 
     #[test]

@@ -4,6 +4,7 @@
 use async_trait::async_trait;
 
 use crate::Policy;
+use crate::event::EventTemplate;
 use crate::limits::{Applied, LimitSpec, Outcome};
 
 /// Why a store could not decide. Being over the limit is not an error.
@@ -70,6 +71,25 @@ pub trait BucketStore: Send + Sync + 'static {
     /// one round trip. The outer error is a failure of the whole call (what it decided is
     /// unknown, as with a call that timed out).
     async fn decide_many(&self, requests: &[RequestTake]) -> Result<Vec<Decided>, StoreError>;
+
+    /// [`BucketStore::decide_many`], and for each request with an event template in
+    /// `events` (same positions; shorter means none for the rest), the decision's event
+    /// recorded in the same atomic step, when the store keeps an outbox. Each answer says
+    /// whether its event was recorded (or dropped past the outbox's bound: either way the
+    /// caller must not publish it). A store without an outbox records nothing.
+    async fn decide_recorded(
+        &self,
+        requests: &[RequestTake],
+        events: &[Option<EventTemplate>],
+    ) -> Result<Vec<(Decided, bool)>, StoreError> {
+        let _ = events;
+        Ok(self
+            .decide_many(requests)
+            .await?
+            .into_iter()
+            .map(|d| (d, false))
+            .collect())
+    }
 
     /// Forgets the state under `keys` (an admin's reset): those limits start afresh.
     async fn reset(&self, keys: &[String]) -> Result<(), StoreError>;

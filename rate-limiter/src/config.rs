@@ -58,6 +58,24 @@ pub struct LimiterArgs {
     #[arg(long = "refusal-cache-entries", env = "REFUSAL_CACHE_ENTRIES", value_name = "REFUSAL_CACHE_ENTRIES",
           default_value_t = 65_536, value_parser = clap::value_parser!(u64).range(0..=10_000_000))]
     pub refusal_cache_entries: u64,
+    /// With Redis (not Cluster) and Kafka: each decision's event is appended to a Redis
+    /// stream (the outbox) by the script that decides, and relayed to Kafka by the
+    /// limiters, so that no answered decision goes uncounted when a limiter dies. Off:
+    /// events go from each limiter's memory to Kafka (lost if it dies before delivery).
+    #[arg(long = "events-outbox", env = "EVENTS_OUTBOX", value_name = "EVENTS_OUTBOX",
+          default_value_t = true, action = clap::ArgAction::Set)]
+    pub events_outbox: bool,
+    /// The outbox's bound in bytes (all its streams): past it, decisions stand and their
+    /// events are dropped and counted (`ratelimit_outbox_dropped_total`).
+    #[arg(long = "outbox-max-bytes", env = "OUTBOX_MAX_BYTES", value_name = "OUTBOX_MAX_BYTES",
+          default_value_t = 256 * 1024 * 1024,
+          value_parser = clap::value_parser!(u64).range(65_536..=68_719_476_736))]
+    pub outbox_max_bytes: u64,
+    /// How long an outbox stream's relay lease lasts without renewal: how soon the
+    /// streams of a limiter that died are relayed by another, in milliseconds.
+    #[arg(long = "outbox-lease-ms", env = "OUTBOX_LEASE_MS", value_name = "OUTBOX_LEASE_MS",
+          default_value_t = 3_000, value_parser = clap::value_parser!(u64).range(300..=600_000))]
+    pub outbox_lease_ms: u64,
 }
 
 impl LimiterArgs {

@@ -95,34 +95,65 @@ impl Sequence {
     }
 }
 
+/// The producer settings of the publisher, shared with the outbox relay
+/// ([`crate::relay`]), which changes a few.
+pub(crate) fn producer_config(args: &KafkaArgs, brokers: &str) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", brokers)
+        .set("client.id", "rate-limiter")
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        // 20 ms rather than 5: at 5,000 events/s it cuts the broker's CPU per event by
+        // 44 % (fewer, larger produce requests; measured with tansu, BENCHMARKS.md) for
+        // 15 ms more analytics lag. RDKAFKA_LINGER_MS overrides it.
+        .set("linger.ms", "20")
+        .set("batch.num.messages", "10000")
+        .set("compression.type", "lz4")
+        .set("message.timeout.ms", "0")
+        .set(
+            "queue.buffering.max.messages",
+            args.producer_buffer.to_string(),
+        )
+        .set(
+            "queue.buffering.max.kbytes",
+            (args.producer_buffer_bytes / 1024).max(1).to_string(),
+        );
+    // Operator settings (SASL/TLS, tuning) win over the defaults above.
+    for (key, value) in args.passthrough() {
+        config.set(key, value);
+    }
+    config
+}
+
+/// The outbox relay's producer: the publisher's settings, with a queue that holds a
+/// batch of every outbox stream, and a shorter linger (its batches are already whole).
+pub(crate) fn relay_producer(
+    args: &KafkaArgs,
+    brokers: &str,
+) -> Result<rdkafka::producer::FutureProducer, KafkaError> {
+    let mut config = producer_config(args, brokers);
+    let queue = (crate::relay::BATCH * crate::store::outbox::STREAMS) as u64;
+    config
+        .set("client.id", "rate-limiter-relay")
+        .set(
+            "queue.buffering.max.messages",
+            args.producer_buffer.max(queue).to_string(),
+        )
+        .set(
+            "queue.buffering.max.kbytes",
+            (args.producer_buffer_bytes / 1024).max(queue).to_string(),
+        );
+    if !args.passthrough().contains_key("linger.ms") {
+        config.set("linger.ms", "5");
+    }
+    config.create()
+}
+
 impl KafkaPublisher {
     pub fn new(args: &KafkaArgs, brokers: &str) -> Result<Self, KafkaError> {
         let counters = Arc::new(Counters::default());
-        let mut config = ClientConfig::new();
-        config
-            .set("bootstrap.servers", brokers)
-            .set("client.id", "rate-limiter")
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            // 20 ms rather than 5: at 5,000 events/s it cuts the broker's CPU per event by
-            // 44 % (fewer, larger produce requests; measured with tansu, BENCHMARKS.md) for
-            // 15 ms more analytics lag. RDKAFKA_LINGER_MS overrides it.
-            .set("linger.ms", "20")
-            .set("batch.num.messages", "10000")
-            .set("compression.type", "lz4")
-            .set("message.timeout.ms", "0")
-            .set(
-                "queue.buffering.max.messages",
-                args.producer_buffer.to_string(),
-            )
-            .set(
-                "queue.buffering.max.kbytes",
-                (args.producer_buffer_bytes / 1024).max(1).to_string(),
-            );
-        // Operator settings (SASL/TLS, tuning) win over the defaults above.
-        for (key, value) in args.passthrough() {
-            config.set(key, value);
-        }
+        let config = producer_config(args, brokers);
         let producer = config.create_with_context(DeliveryCounter(counters.clone()))?;
         Ok(Self {
             producer,

@@ -5,6 +5,7 @@
 //! - [`limiter`]: the decision path, fail-open/fail-closed, event publishing.
 //! - [`breaker`]: the circuit breaker in front of the shared store.
 //! - [`kafka`]: the Kafka event publisher.
+//! - [`relay`]: the outbox relay (Redis outbox to Kafka, `EVENTS_OUTBOX`).
 //! - [`http`]: the HTTP API.
 //! - [`grpc`]: Envoy's rate limit service over gRPC (and its `POST /json` form).
 //! - [`rlqs`]: Envoy's rate limit quota service, on the same gRPC port.
@@ -20,6 +21,8 @@ pub mod kafka;
 pub mod limiter;
 pub mod overrides;
 pub mod refusals;
+#[cfg(feature = "kafka")]
+pub mod relay;
 pub mod resilience;
 pub mod rlqs;
 pub mod rules;
@@ -75,12 +78,13 @@ pub async fn build(
         }
         None => Arc::new(overrides::Overrides::in_memory()),
     };
+    let mut outbox = false;
     let store: Arc<dyn BucketStore> = match &redis.buckets {
         Some(endpoint) => {
-            let store = Arc::new(
-                RedisStore::new(endpoint, &redis.key_prefix, policy, redis.timeout)?
-                    .with_idempotent_retry(redis.idempotent_retry),
-            );
+            let store = RedisStore::new(endpoint, &redis.key_prefix, policy, redis.timeout)?
+                .with_idempotent_retry(redis.idempotent_retry);
+            let store = Arc::new(outboxed(store, args, redis, kafka, &instance_id, shutdown)?);
+            outbox = store.outbox().is_some();
             // Connect and load the script before serving, so the first requests do not pay
             // for it; a Redis that is down now is not fatal (the fail mode applies). The
             // error says why: unreachable, or refusing the credentials or the certificates.
@@ -138,8 +142,50 @@ pub async fn build(
     )
     .with_rules(rules)
     .with_overrides(overrides)
-    .with_refusal_cache(refusal_cache);
+    .with_refusal_cache(refusal_cache)
+    .with_outbox(outbox);
     Ok((Arc::new(limiter), events))
+}
+
+/// `store` with the events outbox and its relay running, when the settings ask for it
+/// (`EVENTS_OUTBOX`, with Kafka, on one Redis); else `store` as it is, saying why.
+#[cfg_attr(not(feature = "kafka"), allow(unused_variables))]
+fn outboxed(
+    store: RedisStore,
+    args: &LimiterArgs,
+    redis: &RedisSettings,
+    kafka: &KafkaArgs,
+    instance_id: &str,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<RedisStore> {
+    if !args.events_outbox {
+        return Ok(store);
+    }
+    #[cfg(feature = "kafka")]
+    if let Some(brokers) = kafka.brokers() {
+        if store.connection().is_cluster() {
+            tracing::warn!(
+                "EVENTS_OUTBOX: not available on Redis Cluster; events go from this limiter's memory to Kafka"
+            );
+            return Ok(store);
+        }
+        let keys = store::outbox::OutboxKeys::new(&redis.key_prefix, args.outbox_max_bytes);
+        let store = store.with_outbox(keys.clone())?;
+        relay::describe_metrics();
+        relay::Relay::new(
+            store.connection().clone(),
+            keys,
+            kafka::relay_producer(kafka, brokers)?,
+            &kafka.topic,
+            instance_id,
+            Duration::from_millis(args.outbox_lease_ms),
+            redis.timeout,
+        )
+        .spawn(shutdown.clone());
+        tracing::info!("events outbox on: decisions' events ride in Redis, relayed to Kafka");
+        return Ok(store);
+    }
+    Ok(store)
 }
 
 /// Serves the limiter's API on `listener` until `shutdown`, then finishes in-flight

@@ -11,7 +11,7 @@ use crate::config::FailMode;
 use metrics::Unit;
 use ratelimit_domain::api::{CheckError, CheckRequest, CheckResponse, LimitStatus, RefusedCheck};
 use ratelimit_domain::descriptor::DEFAULT_DOMAIN;
-use ratelimit_domain::event::{RuleHit, RuleOutcome, SCHEMA_VERSION};
+use ratelimit_domain::event::{EventTemplate, RuleHit, RuleOutcome, SCHEMA_VERSION};
 use ratelimit_domain::keys::DEFAULT_LIMIT_NAME;
 use ratelimit_domain::keys::limit_key;
 use ratelimit_domain::limits::{Applied, LimitOutcome, Outcome};
@@ -266,6 +266,9 @@ pub struct LimiterStats {
     pub shadow_refused: AtomicU64,
     /// Refusals a gateway answered from its own refusal cache, counted here.
     pub gateway_refused: AtomicU64,
+    /// Events the store took with their decision, into the outbox (or dropped there past
+    /// its bound): published, as far as this limiter is concerned.
+    pub outboxed: AtomicU64,
 }
 
 pub struct Limiter {
@@ -290,6 +293,9 @@ pub struct Limiter {
     room_given: AtomicU64,
     /// This process's life (see [`Limiter::incarnation`]).
     incarnation: u64,
+    /// Whether the store is asked to record each decision's event with the decision (the
+    /// Redis outbox, [`crate::store::outbox`]); the ones it records are not published here.
+    outbox: bool,
 }
 
 impl Limiter {
@@ -324,7 +330,40 @@ impl Limiter {
             refusals: None,
             room_given: AtomicU64::new(0),
             incarnation: new_incarnation(),
+            outbox: false,
         }
+    }
+
+    /// Asks the store to record each decision's event in the step that decides (a store
+    /// with an outbox does; see [`crate::relay`]), publishing here only the events it did
+    /// not record (refusals answered from a cache, fail-open decisions).
+    pub fn with_outbox(mut self, on: bool) -> Self {
+        self.outbox = on;
+        self
+    }
+
+    /// The event template of a decision the store may record: none for a refund or a peek
+    /// (no event).
+    fn template(&self, request: &CheckRequest, plan: &Plan) -> Option<EventTemplate> {
+        if !self.outbox || request.cost <= 0 {
+            return None;
+        }
+        let builtin_only = request.domain == DEFAULT_DOMAIN
+            && matches!(plan.limits.as_slice(), [only] if &*only.name == DEFAULT_LIMIT_NAME);
+        Some(EventTemplate {
+            user_id: request.user_id.clone(),
+            cost: request.cost.unsigned_abs(),
+            limiter_id: self.instance_id.clone(),
+            domain: (request.domain != DEFAULT_DOMAIN).then(|| request.domain.clone()),
+            rules: if builtin_only {
+                Vec::new()
+            } else {
+                plan.limits
+                    .iter()
+                    .map(|l| (format!("{}:{}", request.domain, l.name), l.applied.shadow))
+                    .collect()
+            },
+        })
     }
 
     /// Which life of this limiter is answering: its start time in milliseconds since the
@@ -404,7 +443,7 @@ impl Limiter {
             degraded: load(&s.degraded),
             store_errors: load(&s.store_errors),
             breaker_closed: self.breaker.state() == BreakerState::Closed,
-            published: p.published,
+            published: p.published + load(&s.outboxed),
             dropped: p.dropped,
             buffered: p.buffered,
             ..Default::default()
@@ -603,7 +642,7 @@ impl Limiter {
                 retry_after: Duration::ZERO,
             };
         }
-        self.count(request, &plan, &checked, Instant::now());
+        self.count(request, &plan, &checked, Instant::now(), false);
         checked
     }
 
@@ -688,12 +727,25 @@ impl Limiter {
                 .collect(),
             None => asked,
         };
+        // With the outbox, each decision's event rides in the store's call.
+        let events: Vec<Option<EventTemplate>> = if self.outbox {
+            asked
+                .iter()
+                .map(|&i| self.template(&requests[i], plans[i].as_ref().expect("planned")))
+                .collect()
+        } else {
+            Vec::new()
+        };
         // Moved out for the store call, and back after: no copy of the keys.
         let takes: Vec<RequestTake> = asked
             .iter()
             .map(|&i| std::mem::take(&mut plans[i].as_mut().expect("planned").take))
             .collect();
-        let reply = self.call_store(takes).await;
+        let reply = self.call_store_recording(takes, events).await;
+        let mut recorded = vec![false; requests.len()];
+        for (n, &i) in asked.iter().enumerate() {
+            recorded[i] = reply.recorded(n);
+        }
         let mut refunded: Vec<String> = Vec::new();
         for ((&i, take), verdict) in asked.iter().zip(reply.takes).zip(reply.verdicts) {
             if let (Some(refusals), Verdict::Stored(outcome)) = (&self.refusals, &verdict) {
@@ -713,7 +765,8 @@ impl Limiter {
             .iter()
             .zip(plans)
             .zip(verdicts)
-            .map(|((request, plan), verdict)| {
+            .zip(recorded)
+            .map(|(((request, plan), verdict), recorded)| {
                 let plan = plan?;
                 let verdict = match verdict {
                     Some(verdict) => verdict,
@@ -723,7 +776,7 @@ impl Limiter {
                         limits: Vec::new(),
                     }),
                 };
-                self.settle(request, &plan, verdict, started)
+                self.settle(request, &plan, verdict, started, recorded)
             })
             .collect()
     }
@@ -759,22 +812,38 @@ impl Limiter {
                 limits,
             };
             self.stats.gateway_refused.fetch_add(1, Ordering::Relaxed);
-            let _ = self.settle(request, &plan, Verdict::Stored(outcome), Instant::now());
+            let _ = self.settle(
+                request,
+                &plan,
+                Verdict::Stored(outcome),
+                Instant::now(),
+                false,
+            );
         }
     }
 
     /// One call down the store stack (fallback, breaker, store) for `takes`, which come
     /// back with the reply.
     async fn call_store(&self, takes: Vec<RequestTake>) -> StoreReply {
+        self.call_store_recording(takes, Vec::new()).await
+    }
+
+    /// [`Limiter::call_store`], the store asked to record `events` with the decisions.
+    async fn call_store_recording(
+        &self,
+        takes: Vec<RequestTake>,
+        events: Vec<Option<EventTemplate>>,
+    ) -> StoreReply {
         if takes.is_empty() {
             // All answered already (no limit applied, or refusals that still hold).
             return StoreReply {
                 takes,
                 verdicts: Vec::new(),
                 errors: 0,
+                recorded: Vec::new(),
             };
         }
-        let reply = self.store_path.decide(takes).await;
+        let reply = self.store_path.decide(takes, events).await;
         if reply.errors > 0 {
             self.stats
                 .store_errors
@@ -799,24 +868,32 @@ impl Limiter {
     }
 
     /// Completes a decision from its verdict (an error when nobody decided: fail-closed with
-    /// the store away), counts it and publishes it.
+    /// the store away), counts it and publishes it (unless the store `recorded` its event).
     fn settle(
         &self,
         request: &CheckRequest,
         plan: &Plan,
         verdict: Verdict,
         started: Instant,
+        recorded: bool,
     ) -> Result<Checked, CheckError> {
         let checked = self.decided(plan, verdict, request.cost).inspect_err(|_| {
             self.stats.refused.fetch_add(1, Ordering::Relaxed);
         })?;
-        self.count(request, plan, &checked, started);
+        self.count(request, plan, &checked, started, recorded);
         Ok(checked)
     }
 
     /// Counts a decision and publishes its event (nothing for a refund, which is not a
-    /// decision).
-    fn count(&self, request: &CheckRequest, plan: &Plan, checked: &Checked, started: Instant) {
+    /// decision; nothing either when the store `recorded` the event with the decision).
+    fn count(
+        &self,
+        request: &CheckRequest,
+        plan: &Plan,
+        checked: &Checked,
+        started: Instant,
+        recorded: bool,
+    ) {
         self.latency.record(started.elapsed().as_secs_f64());
         if request.cost < 0 {
             return;
@@ -832,6 +909,10 @@ impl Limiter {
         }
         if checked.shadow_refused {
             self.stats.shadow_refused.fetch_add(1, Ordering::Relaxed);
+        }
+        if recorded {
+            self.stats.outboxed.fetch_add(1, Ordering::Relaxed);
+            return;
         }
         self.publisher.publish(RateLimitEvent {
             schema_version: SCHEMA_VERSION,

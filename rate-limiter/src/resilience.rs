@@ -19,6 +19,7 @@
 use std::sync::Arc;
 
 use crate::config::FailMode;
+use ratelimit_domain::event::EventTemplate;
 use ratelimit_domain::limits::Outcome;
 use ratelimit_domain::store::RequestTake;
 
@@ -42,6 +43,16 @@ pub struct StoreReply {
     pub takes: Vec<RequestTake>,
     pub verdicts: Vec<Verdict>,
     pub errors: u64,
+    /// Per request, whether the store recorded its event (same positions; shorter means
+    /// not for the rest): the limiter then publishes nothing for it.
+    pub recorded: Vec<bool>,
+}
+
+impl StoreReply {
+    /// Whether the store recorded request `i`'s event.
+    pub fn recorded(&self, i: usize) -> bool {
+        self.recorded.get(i).copied().unwrap_or(false)
+    }
 }
 
 /// The store, the breaker in front of it and the fail mode around both.
@@ -73,16 +84,26 @@ impl StorePath {
     }
 
     /// Decides `takes`: through the breaker to the store, then, where the store made no
-    /// decision, by the fail mode.
-    pub async fn decide(&self, takes: Vec<RequestTake>) -> StoreReply {
-        let reply = self.through_breaker(takes).await;
+    /// decision, by the fail mode. `events` are the decisions' events, for a store that
+    /// records them with the decision (the Redis outbox); same positions as `takes`,
+    /// shorter means none for the rest.
+    pub async fn decide(
+        &self,
+        takes: Vec<RequestTake>,
+        events: Vec<Option<EventTemplate>>,
+    ) -> StoreReply {
+        let reply = self.through_breaker(takes, events).await;
         self.apply_fail_mode(reply)
     }
 
     /// A call goes through with a permit, or is answered `Unavailable` at once while the
     /// breaker is open. One verdict per call, however many requests it carried: a failing
     /// batch counts one failure, not one per request.
-    async fn through_breaker(&self, takes: Vec<RequestTake>) -> StoreReply {
+    async fn through_breaker(
+        &self,
+        takes: Vec<RequestTake>,
+        events: Vec<Option<EventTemplate>>,
+    ) -> StoreReply {
         let permit = if takes.is_empty() {
             None
         } else {
@@ -94,10 +115,11 @@ impl StorePath {
                 takes,
                 verdicts,
                 errors: 0,
+                recorded: Vec::new(),
             };
         };
         // The permit lives in this future: dropped with it, it gives its slot back.
-        let reply = decide_in(&*self.store, takes).await;
+        let reply = decide_in(&*self.store, takes, &events).await;
         if reply.errors == 0 {
             permit.success();
         } else {
@@ -138,18 +160,26 @@ impl StorePath {
     }
 }
 
-/// One `decide_many` of the store: a verdict per request.
-async fn decide_in(store: &dyn BucketStore, takes: Vec<RequestTake>) -> StoreReply {
-    let (verdicts, errors) = match store.decide_many(&takes).await {
+/// One call of the store: a verdict per request, and whether it recorded its event.
+async fn decide_in(
+    store: &dyn BucketStore,
+    takes: Vec<RequestTake>,
+    events: &[Option<EventTemplate>],
+) -> StoreReply {
+    let mut recorded = Vec::new();
+    let (verdicts, errors) = match store.decide_recorded(&takes, events).await {
         Ok(decided) => {
             let mut errors = 0;
             let verdicts = decided
                 .into_iter()
-                .map(|d| match d {
-                    Ok(outcome) => Verdict::Stored(outcome),
-                    Err(_) => {
-                        errors += 1;
-                        Verdict::Unavailable
+                .map(|(d, was_recorded)| {
+                    recorded.push(was_recorded);
+                    match d {
+                        Ok(outcome) => Verdict::Stored(outcome),
+                        Err(_) => {
+                            errors += 1;
+                            Verdict::Unavailable
+                        }
                     }
                 })
                 .collect();
@@ -164,5 +194,6 @@ async fn decide_in(store: &dyn BucketStore, takes: Vec<RequestTake>) -> StoreRep
         takes,
         verdicts,
         errors,
+        recorded,
     }
 }

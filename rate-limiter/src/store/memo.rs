@@ -9,8 +9,9 @@
 //! repeat (only a repeat looks an answer up). On one Redis a batch's calls share one hash
 //! (one key a batch, not one a decision); on a Cluster each call has its own, beside its
 //! first key (same hash tag, so the same slot). An answer is kept only when the call spent
-//! something (its first number is 1, allowed): a refusal writes nothing, so running it
-//! again decides the same way.
+//! something (its first number is 1, allowed), or when the script says it wrote
+//! (`out.wrote`: an event appended to the outbox, `super::outbox`, refusals included): a
+//! refusal otherwise writes nothing, so running it again decides the same way.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -31,7 +32,7 @@ local function decide()
 {body}
 end
 local out = decide()
-if mkey ~= '' and out[1] == 1 then
+if mkey ~= '' and (out[1] == 1 or out.wrote) then
   local text = {{}}
   for i = 1, #out do text[i] = string.format('%d', out[i]) end
   redis.call('HSET', mkey, field, table.concat(text, ','))

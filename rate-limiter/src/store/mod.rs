@@ -1,12 +1,14 @@
 //! Bucket stores: where token-bucket state lives. One trait
 //! ([`ratelimit_domain::store::BucketStore`]), two implementations (memory for the
 //! embedded default, Redis for shared state), one contract suite (`contract`, behind the
-//! `testsuite` feature) that both must pass.
+//! `testsuite` feature) that both must pass. On Redis, the decisions' events can ride in
+//! the deciding script, to an outbox stream ([`outbox`]).
 
 #[cfg(any(test, feature = "testsuite"))]
 pub mod contract;
 mod memo;
 mod memory;
+pub mod outbox;
 mod redis;
 
 pub use ratelimit_domain::store::{BucketStore, StoreError};

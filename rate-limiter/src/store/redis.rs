@@ -15,6 +15,7 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
+use ratelimit_domain::event::EventTemplate;
 use ratelimit_domain::limits::{LimitOutcome, LimitSpec, Outcome, Window};
 use ratelimit_domain::store::{Decided, RequestTake};
 use ratelimit_domain::{Policy, Quota};
@@ -23,6 +24,7 @@ use service_kit::redis::{
 };
 
 use super::memo::{RequestIds, memoized};
+use super::outbox::{OutboxKeys, outboxed};
 use super::{BucketStore, StoreError};
 
 const TAKE_SCRIPT: &str = r#"
@@ -272,6 +274,8 @@ pub struct RedisStore {
     ids: RequestIds,
     /// Whether a batch that timed out is sent once more, answered from its first run.
     idempotent_retry: bool,
+    /// Where decisions' events are appended, when they are (`super::outbox`).
+    outbox: Option<OutboxKeys>,
 }
 
 impl RedisStore {
@@ -292,7 +296,36 @@ impl RedisStore {
             timeout,
             ids: RequestIds::new(),
             idempotent_retry: true,
+            outbox: None,
         })
+    }
+
+    /// Appends each decision's event to the outbox (`super::outbox`) in the script that
+    /// decides, for the calls of [`BucketStore::decide_recorded`] that carry a template.
+    /// Not on a Cluster (a script's keys share a slot, and the outbox's streams are not
+    /// laid out per slot): there it is refused.
+    pub fn with_outbox(mut self, outbox: OutboxKeys) -> Result<Self, StoreError> {
+        if self.conn.is_cluster() {
+            return Err(StoreError::Unavailable(
+                "the events outbox is not available on Redis Cluster".into(),
+            ));
+        }
+        self.scripts = Scripts::new(&[
+            &memoized(&outboxed(TAKE_SCRIPT)),
+            &memoized(&outboxed(MULTI_SCRIPT)),
+        ]);
+        self.outbox = Some(outbox);
+        Ok(self)
+    }
+
+    /// Where the outbox lives, when decisions are appended to it.
+    pub fn outbox(&self) -> Option<&OutboxKeys> {
+        self.outbox.as_ref()
+    }
+
+    /// The connection, shared with the outbox's relay.
+    pub fn connection(&self) -> &Connection {
+        &self.conn
     }
 
     /// Whether a batch that timed out is sent once more under the same request ids, the
@@ -330,6 +363,22 @@ impl BucketStore for RedisStore {
     /// On a Cluster, a request whose limits live in more than one slot (several descriptors)
     /// cannot be one script: see [`RedisStore::decide_across_slots`].
     async fn decide_many(&self, requests: &[RequestTake]) -> Result<Vec<Decided>, StoreError> {
+        Ok(self
+            .decide_recorded(requests, &[])
+            .await?
+            .into_iter()
+            .map(|(d, _)| d)
+            .collect())
+    }
+
+    /// [`BucketStore::decide_many`], each event of `events` appended to the outbox by the
+    /// script that decides (when this store has one: [`RedisStore::with_outbox`]).
+    async fn decide_recorded(
+        &self,
+        requests: &[RequestTake],
+        events: &[Option<EventTemplate>],
+    ) -> Result<Vec<(Decided, bool)>, StoreError> {
+        let mut recorded = vec![false; requests.len()];
         let mut decided: Vec<Option<Decided>> = requests.iter().map(|_| None).collect();
         let mut pending: Vec<usize> = Vec::with_capacity(requests.len());
         for (i, request) in requests.iter().enumerate() {
@@ -351,16 +400,23 @@ impl BucketStore for RedisStore {
             if pending.is_empty() {
                 break;
             }
-            let answers = match self.run(requests, &pending, &batch, false).await {
+            let answers = match self.run(requests, events, &pending, &batch, false).await {
                 Err(StoreError::Timeout) if self.idempotent_retry => {
-                    self.run(requests, &pending, &batch, true).await?
+                    self.run(requests, events, &pending, &batch, true).await?
                 }
                 answers => answers?,
             };
             let mut missing_script = Vec::new();
             for (&i, answer) in pending.iter().zip(answers) {
                 match answer {
-                    Ok(answer) => decided[i] = Some(outcome(&requests[i], &answer)),
+                    Ok(mut answer) => {
+                        // With an outbox every call answers one more number: whether it
+                        // appended (1) or dropped (2) the event.
+                        if self.outbox.is_some() {
+                            recorded[i] = answer.pop().is_some_and(|flag| flag > 0);
+                        }
+                        decided[i] = Some(outcome(&requests[i], &answer));
+                    }
                     Err(err) if round == 0 && is_noscript(&err) => missing_script.push(i),
                     Err(err) => decided[i] = Some(Err(StoreError::Unavailable(describe(&err)))),
                 }
@@ -374,6 +430,7 @@ impl BucketStore for RedisStore {
         Ok(decided
             .into_iter()
             .map(|d| d.unwrap_or_else(|| Err(StoreError::Protocol("no answer".into()))))
+            .zip(recorded)
             .collect())
     }
 
@@ -484,7 +541,15 @@ fn outcome(request: &RequestTake, answer: &[i64]) -> Decided {
 impl RedisStore {
     /// Adds one request's script call to `pipe`, its answer remembered under `memo`
     /// (`super::memo`: the hash, the field, and whether this is the batch's repeat).
-    fn invoke(&self, pipe: &mut redis::Pipeline, request: &RequestTake, memo: (&str, &str, bool)) {
+    fn invoke(
+        &self,
+        pipe: &mut redis::Pipeline,
+        request: &RequestTake,
+        event: Option<&EventTemplate>,
+        memo: (&str, &str, bool),
+    ) {
+        // The outbox's arguments go between the script's own and the memo's.
+        let outbox = self.outbox.as_ref().map(|o| o.args(event));
         // Long enough for the repeat of a batch that timed out (twice its deadline, at
         // most 5 timeouts each), short enough that the answers take little memory.
         let remember_ms = (self.timeout * 10).max(Duration::from_secs(1)).as_millis() as u64;
@@ -501,6 +566,7 @@ impl RedisStore {
                 .arg(policy.capacity())
                 .arg(policy.refill_per_sec())
                 .arg(request.cost)
+                .arg(outbox.as_ref().map(|a| &a[..]).unwrap_or_default())
                 .arg(memo_key)
                 .arg(field)
                 .arg(remember_ms)
@@ -533,7 +599,11 @@ impl RedisStore {
                 }) => cmd.arg(3).arg(shadow).arg(requests).arg(window_us),
             };
         }
-        cmd.arg(memo_key).arg(field).arg(remember_ms).arg(repeat);
+        cmd.arg(outbox.as_ref().map(|a| &a[..]).unwrap_or_default())
+            .arg(memo_key)
+            .arg(field)
+            .arg(remember_ms)
+            .arg(repeat);
     }
 
     /// A request whose limits span Cluster slots: one script per slot, one after the
@@ -635,6 +705,7 @@ impl RedisStore {
     async fn run(
         &self,
         requests: &[RequestTake],
+        events: &[Option<EventTemplate>],
         indices: &[usize],
         batch: &str,
         repeat: bool,
@@ -668,7 +739,13 @@ impl RedisStore {
                 } else {
                     shared.clone()
                 };
-                self.invoke(&mut pipe, &requests[i], (&memo_key, &i.to_string(), repeat));
+                let event = events.get(i).and_then(Option::as_ref);
+                self.invoke(
+                    &mut pipe,
+                    &requests[i],
+                    event,
+                    (&memo_key, &i.to_string(), repeat),
+                );
             }
             let mut conn = self.conn.clone();
             async move {
