@@ -63,7 +63,8 @@ macro_rules! counter_store_contract {
             series_per_minute,
             series_survive_replays,
             most_blocked_users,
-            rules_are_counted_exactly_once);
+            rules_are_counted_exactly_once,
+            numbers_repeated_in_one_batch_count_once);
     };
     (@each ($fixture:expr) $args:tt $($check:ident),*) => {
         $(
@@ -98,6 +99,7 @@ where
     series_survive_replays(make().await).await;
     most_blocked_users(make().await).await;
     rules_are_counted_exactly_once(make().await).await;
+    numbers_repeated_in_one_batch_count_once(make().await).await;
 }
 
 /// Per-rule counts (allowed, blocked, shadow-blocked) follow the same exactly-once
@@ -266,6 +268,28 @@ pub async fn most_blocked_users(store: Arc<dyn CounterStore>) {
             .unwrap()
             .is_empty()
     );
+}
+
+/// The same numbers twice in one batch of an epoch (two relays that sent one stretch of an
+/// outbox): each number counts once.
+pub async fn numbers_repeated_in_one_batch_count_once(store: Arc<dyn CounterStore>) {
+    let mut b = batch(
+        Some(2),
+        &[
+            (0, "u", true),
+            (1, "u", false),
+            (2, "v", true),
+            (0, "u", true),
+            (1, "u", false),
+            (2, "v", true),
+            (3, "u", true),
+        ],
+    );
+    b.epoch = Some("20261205-ob3".into());
+    store.apply(&b).await.unwrap();
+    let u = store.get("u").await.unwrap();
+    assert_eq!((u.total, u.allowed, u.blocked), (3, 2, 1));
+    assert_eq!(store.get("v").await.unwrap().total, 1);
 }
 
 pub async fn unseen_users_read_zero(store: Arc<dyn CounterStore>) {

@@ -559,8 +559,9 @@ impl CounterStore for RedisCounters {
             (None, None) => String::new(),
         };
         let tag = Self::tag(batch.partition);
-        let mut users: Vec<(&str, Tally)> = tally(&batch.events, |_| None);
-        let mut global = Some(global_tally(&batch.events, None)).filter(|g| !g.minutes.is_empty());
+        let forward = batch.forward();
+        let mut users: Vec<(&str, Tally)> = tally(forward.iter(), |_| None);
+        let mut global = Some(global_tally(&forward, None)).filter(|g| !g.minutes.is_empty());
         if global.is_some() {
             self.register(&tag).await?;
         }
@@ -591,16 +592,14 @@ impl CounterStore for RedisCounters {
             users = if floors.is_empty() {
                 Vec::new()
             } else {
-                let events = batch
-                    .events
+                let events = forward
                     .iter()
                     .filter(|(_, e)| floors.contains_key(e.user_id.as_str()));
                 tally(events, |user| floors.get(user).copied())
             };
             global = match answers.get(calls).and_then(|a| a.first()) {
                 Some(&applied) if global.is_some() && applied >= 0 => {
-                    Some(global_tally(&batch.events, Some(applied)))
-                        .filter(|g| !g.minutes.is_empty())
+                    Some(global_tally(&forward, Some(applied))).filter(|g| !g.minutes.is_empty())
                 }
                 _ => None,
             };

@@ -318,6 +318,34 @@ mod tests {
         record
     }
 
+    /// Two relays that both sent a stretch of an outbox (one whose lease ran out while it
+    /// was sending) put the same stamped events twice in one batch: each counts once.
+    #[tokio::test]
+    async fn a_batch_that_holds_stamped_events_twice_counts_them_once() {
+        let e1 = "20261205-ob3";
+        let source = Scripted {
+            batches: vec![
+                (0..5)
+                    .map(|i| stamped(0, i, "u", e1, i as u64))
+                    .chain((0..5).map(|i| stamped(0, 5 + i, "u", e1, i as u64)))
+                    .chain([stamped(0, 10, "u", e1, 5)])
+                    .collect(),
+            ],
+            commits: Arc::default(),
+        };
+        let store = Arc::new(MemoryCounters::new(100, Duration::from_secs(3600)));
+        run(
+            Box::new(source),
+            store.clone(),
+            Arc::new(WorkerStats::default()),
+            100,
+            CancellationToken::new(),
+        )
+        .await;
+        let u = store.get("u").await.unwrap();
+        assert_eq!(u.allowed, 6, "{u:?}");
+    }
+
     /// Offsets are the broker's, and a recreated topic (or a reset partition) numbers from 0
     /// again: stamped events count once by their publisher's epoch and sequence, whatever
     /// offsets they arrive at, and a replay of them counts nothing.

@@ -38,6 +38,29 @@ pub struct PartitionBatch {
     pub events: Vec<(i64, RateLimitEvent)>,
 }
 
+impl PartitionBatch {
+    /// The events whose numbers move forward: a number met again in the batch (two relays
+    /// that both sent one stretch of an outbox) is left out, so that it counts once. The
+    /// batch itself when its numbers only increase, as they do but in that case.
+    pub fn forward(&self) -> std::borrow::Cow<'_, [(i64, RateLimitEvent)]> {
+        if self.events.windows(2).all(|w| w[0].0 < w[1].0) {
+            return std::borrow::Cow::Borrowed(&self.events);
+        }
+        let mut last = i64::MIN;
+        std::borrow::Cow::Owned(
+            self.events
+                .iter()
+                .filter(|(number, _)| {
+                    let forward = *number > last;
+                    last = last.max(*number);
+                    forward
+                })
+                .cloned()
+                .collect(),
+        )
+    }
+}
+
 /// Why counters could not be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum CounterError {
