@@ -39,7 +39,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::breaker::Breaker;
 use crate::config::{LimiterArgs, ResponseHeaders};
-use crate::limiter::Limiter;
+use crate::limiter::{Limiter, Parts};
 use crate::store::{BucketStore, MemoryStore, RedisStore};
 
 /// Why a build without the `kafka` feature refuses `KAFKA_BROKERS`.
@@ -131,15 +131,15 @@ pub async fn build(
     } else {
         0
     };
-    let limiter = Limiter::new(
+    let limiter = Limiter::new(Parts {
         store,
         fallback,
-        args.fail_mode,
-        Breaker::new(args.breaker_failures, args.breaker_open(), clock.clone()),
+        fail_mode: args.fail_mode,
+        breaker: Breaker::new(args.breaker_failures, args.breaker_open(), clock.clone()),
         publisher,
         clock,
         instance_id,
-    )
+    })
     .with_rules(rules)
     .with_overrides(overrides)
     .with_refusal_cache(refusal_cache)

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use rate_limiter::breaker::Breaker;
 use rate_limiter::config::FailMode;
-use rate_limiter::limiter::{Checked, Limiter};
+use rate_limiter::limiter::{Checked, Limiter, Parts};
 use rate_limiter::overrides::{OverrideDoc, Overrides};
 use rate_limiter::rules::Rules;
 use rate_limiter::store::{BucketStore, MemoryStore, RedisStore};
@@ -99,15 +99,15 @@ fn built(
     mode: FailMode,
     clock: Arc<dyn Clock>,
 ) -> Limiter {
-    Limiter::new(
+    Limiter::new(Parts {
         store,
-        Arc::new(MemoryStore::new(policy, clock.clone())),
-        mode,
-        Breaker::new(3, Duration::from_millis(200), clock.clone()),
-        Arc::new(NullPublisher),
+        fallback: Arc::new(MemoryStore::new(policy, clock.clone())),
+        fail_mode: mode,
+        breaker: Breaker::new(3, Duration::from_millis(200), clock.clone()),
+        publisher: Arc::new(NullPublisher),
         clock,
-        "test".into(),
-    )
+        instance_id: "test".into(),
+    })
 }
 
 fn request(rng: &mut Rng) -> CheckRequest {
