@@ -8,7 +8,7 @@ use analytics_counters::worker::WorkerStats;
 use async_trait::async_trait;
 use gateway::client::{AdminRequest, ClientError, LimiterClient};
 use gateway::status::{Decisions, Events, Health, Status, StatusSource, stream_ok};
-use rate_limiter::breaker::BreakerState;
+use rate_limiter::back::breaker::BreakerState;
 use rate_limiter::limiter::Limiter;
 use ratelimit_domain::analytics::AnalyticsReader;
 use ratelimit_domain::api::{CheckRequest, CheckResponse};
@@ -22,7 +22,7 @@ pub struct InProcessClient {
 impl InProcessClient {
     pub fn new(limiter: Arc<Limiter>, admin_token: Option<service_kit::admin::AdminToken>) -> Self {
         Self {
-            admin: rate_limiter::admin::routes(limiter.clone(), admin_token),
+            admin: rate_limiter::front::admin::routes(limiter.clone(), admin_token),
             limiter,
         }
     }

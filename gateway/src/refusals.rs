@@ -2,7 +2,7 @@
 //! exchange, while it still holds; the refusal is then sent to the limiter in a later batch
 //! to be counted (it publishes its event without asking Redis), so analytics stay exact.
 //!
-//! Why it is exact: the same argument as the limiter's (`rate_limiter::refusals`): a check
+//! Why it is exact: the same argument as the limiter's (`rate_limiter::back::refusals`): a check
 //! of cost `c` refused with a wait `w` cannot be admitted before the wait is over unless a
 //! limit gained room other than by time. The wait travels in whole milliseconds rounded up,
 //! so an entry holds until `sent + retry_after_ms - 2 ms` (the rounding, and the stores'

@@ -1,32 +1,23 @@
-//! The rate-limiter service: `POST /check` decides one request against the user's token
-//! bucket and publishes one event per decision, without waiting for it.
+//! The rate-limiter service: decides each request against the limits its rules (or an
+//! override) give it, in memory or in Redis, and publishes one event per decision.
 //!
-//! - [`store`]: where buckets live (the `BucketStore` trait; memory and Redis).
-//! - [`limiter`]: the decision path, fail-open/fail-closed, event publishing.
-//! - [`breaker`]: the circuit breaker in front of the shared store.
-//! - [`kafka`]: the Kafka event publisher.
-//! - [`relay`]: the outbox relay (Redis outbox to Kafka, `EVENTS_OUTBOX`).
-//! - [`http`]: the HTTP API.
-//! - [`grpc`]: Envoy's rate limit service over gRPC (and its `POST /json` form).
-//! - [`rlqs`]: Envoy's rate limit quota service, on the same gRPC port.
-//! - [`config`]: the service's configuration.
+//! Three parts, as limitador-server groups its servers:
+//! - [`front`]: the doors requests come in by: the HTTP API (`POST /check`,
+//!   `/check/batch`, `/json`), the admin routes, Envoy's rate limit service and its quota
+//!   service over gRPC.
+//! - [`limiter`]: the decision itself, between the two: planning, the refusal cache, one
+//!   store call per batch, counting and publishing.
+//! - [`back`]: what the decision stands on: the bucket stores, the way to them (breaker,
+//!   fail mode), the refusal cache, the rules and overrides in force, and the events'
+//!   way out (Kafka, the outbox and its relay).
+//!
+//! This file wires them from the configuration ([`config`]): [`build`] makes the limiter,
+//! [`run`] and [`run_grpc`] serve it, [`Standalone`] is the `rate-limiter` binary.
 
-pub mod admin;
-pub mod breaker;
+pub mod back;
 pub mod config;
-pub mod grpc;
-pub mod http;
-#[cfg(feature = "kafka")]
-pub mod kafka;
+pub mod front;
 pub mod limiter;
-pub mod overrides;
-pub mod refusals;
-#[cfg(feature = "kafka")]
-pub mod relay;
-pub mod resilience;
-pub mod rlqs;
-pub mod rules;
-pub mod store;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,10 +28,10 @@ use service_kit::http::ServeLimits;
 use service_kit::stream::{self, ChannelReceiver, EventPublisher};
 use tokio_util::sync::CancellationToken;
 
-use crate::breaker::Breaker;
+use crate::back::breaker::Breaker;
+use crate::back::store::{BucketStore, MemoryStore, RedisStore};
 use crate::config::{LimiterArgs, ResponseHeaders};
 use crate::limiter::{Limiter, Parts};
-use crate::store::{BucketStore, MemoryStore, RedisStore};
 
 /// Why a build without the `kafka` feature refuses `KAFKA_BROKERS`.
 pub const NO_KAFKA: &str = "KAFKA_BROKERS is set, but this binary was built without Kafka support: \
@@ -68,7 +59,7 @@ pub async fn build(
             let timeout = redis.timeout;
             let conn =
                 service_kit::redis::connect(endpoint, timeout.max(Duration::from_millis(500)))?;
-            let overrides = Arc::new(overrides::Overrides::in_redis(
+            let overrides = Arc::new(back::overrides::Overrides::in_redis(
                 conn,
                 &redis.key_prefix,
                 timeout,
@@ -76,7 +67,7 @@ pub async fn build(
             overrides.spawn_poller(shutdown.clone());
             overrides
         }
-        None => Arc::new(overrides::Overrides::in_memory()),
+        None => Arc::new(back::overrides::Overrides::in_memory()),
     };
     let mut outbox = false;
     let store: Arc<dyn BucketStore> = match &redis.buckets {
@@ -108,7 +99,10 @@ pub async fn build(
         #[cfg(feature = "kafka")]
         Some(brokers) => {
             service_kit::kafka::ensure_topic(kafka, brokers, shutdown.clone());
-            (Arc::new(kafka::KafkaPublisher::new(kafka, brokers)?), None)
+            (
+                Arc::new(back::kafka::KafkaPublisher::new(kafka, brokers)?),
+                None,
+            )
         }
         #[cfg(not(feature = "kafka"))]
         Some(_) => anyhow::bail!("{NO_KAFKA}"),
@@ -119,12 +113,16 @@ pub async fn build(
     };
     let rules = match &args.rules_path {
         Some(path) => {
-            let rules = Arc::new(rules::Rules::load(path, policy, args.rules_allow_empty)?);
+            let rules = Arc::new(back::rules::Rules::load(
+                path,
+                policy,
+                args.rules_allow_empty,
+            )?);
             rules.spawn_watcher(path.clone(), shutdown.clone());
             tracing::info!(path = %path.display(), "rules loaded");
             rules
         }
-        None => Arc::new(rules::Rules::builtin(policy)),
+        None => Arc::new(back::rules::Rules::builtin(policy)),
     };
     let refusal_cache = if store.is_remote() {
         args.refusal_cache_entries as usize
@@ -169,13 +167,13 @@ fn outboxed(
             );
             return Ok(store);
         }
-        let keys = store::outbox::OutboxKeys::new(&redis.key_prefix, args.outbox_max_bytes);
+        let keys = back::store::outbox::OutboxKeys::new(&redis.key_prefix, args.outbox_max_bytes);
         let store = store.with_outbox(keys.clone())?;
-        relay::describe_metrics();
-        relay::Relay::new(
+        back::relay::describe_metrics();
+        back::relay::Relay::new(
             store.connection().clone(),
             keys,
-            kafka::relay_producer(kafka, brokers)?,
+            back::kafka::relay_producer(kafka, brokers)?,
             &kafka.topic,
             instance_id,
             Duration::from_millis(args.outbox_lease_ms),
@@ -221,7 +219,7 @@ pub async fn run_with(
         grace: answer_grace(limits),
         ..*limits
     };
-    let router = http::router_with(limiter.clone(), &limits, admin_token, headers);
+    let router = front::http::router_with(limiter.clone(), &limits, admin_token, headers);
     tracing::info!(addr = %listener.local_addr()?, "rate limiter listening");
     service_kit::http::serve(listener, router, shutdown, &limits).await
 }
@@ -247,8 +245,8 @@ pub async fn run_grpc(
     limits: &ServeLimits,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let service = grpc::RateLimitService::new(limiter, headers);
-    grpc::serve(listener, service, args.fail_mode, limits, shutdown)
+    let service = front::grpc::RateLimitService::new(limiter, headers);
+    front::grpc::serve(listener, service, args.fail_mode, limits, shutdown)
         .await
         .map_err(std::io::Error::other)
 }

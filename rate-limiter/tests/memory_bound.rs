@@ -5,7 +5,7 @@
 use std::alloc::System;
 use std::sync::Arc;
 
-use rate_limiter::store::MemoryStore;
+use rate_limiter::back::store::MemoryStore;
 use ratelimit_domain::{ManualClock, Policy};
 use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
 

@@ -148,7 +148,7 @@ impl Rig {
             .await
             .unwrap();
         let (mut entries, mut bytes) = (0, 0);
-        for n in 0..rate_limiter::store::outbox::STREAMS {
+        for n in 0..rate_limiter::back::store::outbox::STREAMS {
             let len: u64 = redis::cmd("XLEN")
                 .arg(format!("{}ob:{n}", self.prefix))
                 .query_async(&mut conn)

@@ -3,8 +3,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use rate_limiter::store::contract::{self, Advance, TakeExt};
-use rate_limiter::store::{BucketStore, RedisStore};
+use rate_limiter::back::store::contract::{self, Advance, TakeExt};
+use rate_limiter::back::store::{BucketStore, RedisStore};
 use ratelimit_domain::Policy;
 use service_kit::redis::Endpoint;
 use testkit::{RedisCluster, RedisServer, unique};
@@ -452,10 +452,10 @@ async fn redis_overrides_pass_the_override_store_contract() {
     let conn =
         service_kit::redis::connect(&Endpoint::single(redis.url()), Duration::from_millis(500))
             .unwrap();
-    let store = rate_limiter::overrides::RedisOverrides::new(
+    let store = rate_limiter::back::overrides::RedisOverrides::new(
         conn,
         &unique("overrides"),
         Duration::from_millis(500),
     );
-    rate_limiter::overrides::store::contract(&store).await;
+    rate_limiter::back::overrides::store::contract(&store).await;
 }

@@ -13,10 +13,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
+use rate_limiter::back::store::contract::{self, Advance};
+use rate_limiter::back::store::{BucketStore, RedisStore};
 use rate_limiter::config::LimiterConfig;
 use rate_limiter::limiter::Limiter;
-use rate_limiter::store::contract::{self, Advance};
-use rate_limiter::store::{BucketStore, RedisStore};
 use ratelimit_domain::Policy;
 use ratelimit_domain::api::CheckError;
 use ratelimit_domain::api::CheckRequest;

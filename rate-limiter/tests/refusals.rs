@@ -8,12 +8,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use rate_limiter::breaker::Breaker;
+use rate_limiter::back::breaker::Breaker;
+use rate_limiter::back::overrides::{OverrideDoc, Overrides};
+use rate_limiter::back::rules::Rules;
+use rate_limiter::back::store::{BucketStore, MemoryStore, RedisStore};
 use rate_limiter::config::FailMode;
 use rate_limiter::limiter::{Checked, Limiter, Parts};
-use rate_limiter::overrides::{OverrideDoc, Overrides};
-use rate_limiter::rules::Rules;
-use rate_limiter::store::{BucketStore, MemoryStore, RedisStore};
 use ratelimit_domain::api::CheckRequest;
 use ratelimit_domain::descriptor::{Descriptor, Entry};
 use ratelimit_domain::rules::RuleSet;

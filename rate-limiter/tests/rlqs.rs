@@ -888,7 +888,7 @@ descriptors:
 
 /// What every demand board does: everyone's fresh demands back from a post, stale members
 /// and departed ones forgotten, buckets apart.
-async fn board_contract(board: &dyn rate_limiter::rlqs::board::DemandBoard) {
+async fn board_contract(board: &dyn rate_limiter::front::rlqs::board::DemandBoard) {
     let stale = Duration::from_secs(3);
     let sorted = |mut v: Vec<f64>| {
         v.sort_by(f64::total_cmp);
@@ -919,7 +919,7 @@ async fn board_contract(board: &dyn rate_limiter::rlqs::board::DemandBoard) {
 
 #[tokio::test]
 async fn the_memory_board_keeps_the_contract() {
-    board_contract(&rate_limiter::rlqs::board::MemoryBoard::default()).await;
+    board_contract(&rate_limiter::front::rlqs::board::MemoryBoard::default()).await;
 }
 
 #[tokio::test]
@@ -928,7 +928,7 @@ async fn the_redis_board_keeps_the_contract() {
     let endpoint = service_kit::redis::Endpoint::single(redis.url());
     let conn = service_kit::redis::connect(&endpoint, Duration::from_secs(1)).unwrap();
     let prefix = testkit::unique("board:");
-    board_contract(&rate_limiter::rlqs::board::RedisBoard::new(
+    board_contract(&rate_limiter::front::rlqs::board::RedisBoard::new(
         conn,
         &prefix,
         Duration::from_secs(1),

@@ -8,7 +8,7 @@
 //!
 //! One batch, [`Limiter::check_many`]: each request is planned; the refusals that still
 //! hold are answered from the refusal cache; the rest go to the store in one call
-//! ([`crate::resilience::StorePath`]); each answer is counted and its event published
+//! ([`crate::back::resilience::StorePath`]); each answer is counted and its event published
 //! (or, with the Redis outbox, recorded by the store in the same step).
 
 mod checked;
@@ -32,12 +32,12 @@ use ratelimit_domain::store::RequestTake;
 use ratelimit_domain::{Clock, Quota, RateLimitEvent};
 use service_kit::stream::EventPublisher;
 
-use crate::breaker::{Breaker, BreakerState};
-use crate::overrides::Overrides;
-use crate::refusals::Refusals;
-use crate::resilience::{StorePath, StoreReply, Verdict};
-use crate::rules::Rules;
-use crate::store::{BucketStore, MemoryStore};
+use crate::back::breaker::{Breaker, BreakerState};
+use crate::back::overrides::Overrides;
+use crate::back::refusals::Refusals;
+use crate::back::resilience::{StorePath, StoreReply, Verdict};
+use crate::back::rules::Rules;
+use crate::back::store::{BucketStore, MemoryStore};
 
 use checked::rule_hits;
 pub use checked::{Checked, duration_ms_ceil};
@@ -64,7 +64,7 @@ pub struct Limiter {
     fallback: Arc<MemoryStore>,
     breaker: Arc<Breaker>,
     /// The way to the store: the fallback around the breaker around the store
-    /// ([`crate::resilience`]).
+    /// ([`crate::back::resilience`]).
     store_path: StorePath,
     publisher: Arc<dyn EventPublisher>,
     clock: Arc<dyn Clock>,
@@ -79,7 +79,7 @@ pub struct Limiter {
     /// This process's life (see [`Limiter::incarnation`]).
     incarnation: u64,
     /// Whether the store is asked to record each decision's event with the decision (the
-    /// Redis outbox, [`crate::store::outbox`]); the ones it records are not published here.
+    /// Redis outbox, [`crate::back::store::outbox`]); the ones it records are not published here.
     outbox: bool,
 }
 
@@ -154,7 +154,7 @@ impl Limiter {
     }
 
     /// Asks the store to record each decision's event in the step that decides (a store
-    /// with an outbox does; see [`crate::relay`]), publishing here only the events it did
+    /// with an outbox does; see [`crate::back::relay`]), publishing here only the events it did
     /// not record (refusals answered from a cache, fail-open decisions).
     pub fn with_outbox(mut self, on: bool) -> Self {
         self.outbox = on;
@@ -194,7 +194,7 @@ impl Limiter {
     }
 
     /// Answers refusals of the store again locally while they hold, keeping at most
-    /// `capacity` of them (0: no cache). See [`crate::refusals`].
+    /// `capacity` of them (0: no cache). See [`crate::back::refusals`].
     pub fn with_refusal_cache(mut self, capacity: usize) -> Self {
         self.refusals = (capacity > 0).then(|| Refusals::new(capacity));
         self

@@ -1,5 +1,5 @@
 //! Requests decided elsewhere and reported here: Envoy's rate limit quota filter admits and
-//! denies on its own, from the assignment the limiter sent ([`crate::rlqs`]), and reports
+//! denies on its own, from the assignment the limiter sent ([`crate::front::rlqs`]), and reports
 //! how many. What it admitted is spent from the same limits as any request, and counted
 //! and published as the limiter's own decisions are.
 
@@ -14,7 +14,7 @@ use ratelimit_domain::limits::Outcome;
 use ratelimit_domain::api::CheckError;
 
 use super::{Checked, Limiter};
-use crate::resilience::Verdict;
+use crate::back::resilience::Verdict;
 
 impl Limiter {
     /// Spends `request.cost` requests already admitted elsewhere from every limit that

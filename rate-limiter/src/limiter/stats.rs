@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use metrics::Unit;
 
-use crate::breaker::BreakerState;
+use crate::back::breaker::BreakerState;
 
 use super::Limiter;
 

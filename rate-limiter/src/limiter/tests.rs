@@ -1,5 +1,5 @@
 use super::*;
-use crate::store::StoreError;
+use crate::back::store::StoreError;
 use async_trait::async_trait;
 use ratelimit_domain::ManualClock;
 use ratelimit_domain::Policy;

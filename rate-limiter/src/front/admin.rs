@@ -2,7 +2,7 @@
 //! unset; a 401 for a missing or wrong token):
 //!
 //! - `GET /admin/overrides`: every override.
-//! - `PUT /admin/overrides`: adds or replaces one (see [`crate::overrides`]).
+//! - `PUT /admin/overrides`: adds or replaces one (see [`crate::back::overrides`]).
 //! - `DELETE /admin/overrides/{id}`.
 //! - `GET /admin/buckets?domain=api&entry=plan=free&entry=user_id=u1` (or `?user_id=u1` for
 //!   the built-in descriptor): what every limit that applies has left, without spending.
@@ -21,8 +21,8 @@ use serde_json::json;
 use service_kit::admin::AdminToken;
 use service_kit::http::ApiError;
 
+use crate::back::overrides::{OverrideDoc, OverrideError};
 use crate::limiter::Limiter;
-use crate::overrides::{OverrideDoc, OverrideError};
 
 /// Largest `PUT /admin/overrides` body.
 pub const MAX_OVERRIDE_BODY_BYTES: usize = ratelimit_domain::api::MAX_ADMIN_BODY_BYTES;

@@ -1,4 +1,4 @@
-//! The outbox relay: moves the Redis outbox's streams ([`crate::store::outbox`]) to Kafka,
+//! The outbox relay: moves the Redis outbox's streams ([`crate::back::store::outbox`]) to Kafka,
 //! and trims what the broker acknowledged.
 //!
 //! Every limiter runs one. A stream has **one relay at a time**, by lease (`SET NX PX`,
@@ -22,7 +22,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use service_kit::redis::{Connection, Scripts, with_deadline};
 use tokio_util::sync::CancellationToken;
 
-use crate::store::outbox::{Entry, OutboxKeys, STREAMS};
+use crate::back::store::outbox::{Entry, OutboxKeys, STREAMS};
 
 /// Entries read from one stream at a time.
 pub const BATCH: usize = 5_000;

@@ -1,6 +1,6 @@
 //! The Redis outbox: a decision's event appended to a Redis stream by the very script that
 //! decides, so that an answered decision and its event are one atomic fact, whatever
-//! becomes of the limiter after Redis ran the script ([`crate::relay`] moves the streams
+//! becomes of the limiter after Redis ran the script ([`crate::back::relay`] moves the streams
 //! to Kafka).
 //!
 //! - [`outboxed`] wraps a decision script (as `super::memo` does, without editing its

@@ -96,7 +96,7 @@ impl Sequence {
 }
 
 /// The producer settings of the publisher, shared with the outbox relay
-/// ([`crate::relay`]), which changes a few.
+/// ([`crate::back::relay`]), which changes a few.
 pub(crate) fn producer_config(args: &KafkaArgs, brokers: &str) -> ClientConfig {
     let mut config = ClientConfig::new();
     config
@@ -133,7 +133,7 @@ pub(crate) fn relay_producer(
     brokers: &str,
 ) -> Result<rdkafka::producer::FutureProducer, KafkaError> {
     let mut config = producer_config(args, brokers);
-    let queue = (crate::relay::BATCH * crate::store::outbox::STREAMS) as u64;
+    let queue = (crate::back::relay::BATCH * crate::back::store::outbox::STREAMS) as u64;
     config
         .set("client.id", "rate-limiter-relay")
         .set(

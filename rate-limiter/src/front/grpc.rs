@@ -531,7 +531,8 @@ pub async fn serve(
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(health)
         .add_service(
-            crate::rlqs::QuotaService::new(service.limiter.clone(), shutdown.clone()).server(),
+            crate::front::rlqs::QuotaService::new(service.limiter.clone(), shutdown.clone())
+                .server(),
         )
         .add_service(refuse_errors::RefuseErrors::new(
             RateLimitServiceServer::new(service)

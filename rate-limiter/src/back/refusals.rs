@@ -33,7 +33,7 @@ use ratelimit_domain::limits::{LimitOutcome, Outcome};
 use ratelimit_domain::store::RequestTake;
 use service_kit::expiring::ExpiringMap;
 
-use crate::overrides::RoomSlots;
+use crate::back::overrides::RoomSlots;
 
 /// The end of a wait that is left to the store (see [`Refusals::record`]).
 const ROUNDING_MARGIN: Duration = Duration::from_millis(1);

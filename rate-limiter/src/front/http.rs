@@ -1,5 +1,5 @@
 //! The limiter's HTTP API: `POST /check`, `POST /check/batch`, `GET /healthz`, `GET /readyz`,
-//! `GET /metrics`, and envoyproxy/ratelimit's `POST /json` ([`crate::grpc::json`]).
+//! `GET /metrics`, and envoyproxy/ratelimit's `POST /json` ([`crate::front::grpc::json`]).
 
 use std::sync::Arc;
 
@@ -19,7 +19,7 @@ use serde_json::json;
 use service_kit::http::{ApiError, ServeLimits, ValidJson, liveness, with_guards};
 
 use crate::config::ResponseHeaders;
-use crate::grpc::{self, CallError, RateLimitService};
+use crate::front::grpc::{self, CallError, RateLimitService};
 use crate::limiter::Limiter;
 
 /// The limiter's routes, with body limits, JSON 404/405, metrics, load shedding and the
@@ -39,7 +39,7 @@ pub fn router_with(
     admin_token: Option<service_kit::admin::AdminToken>,
     headers: ResponseHeaders,
 ) -> Router {
-    let admin = crate::admin::routes(limiter.clone(), admin_token);
+    let admin = crate::front::admin::routes(limiter.clone(), admin_token);
     let envoy = Router::new()
         .route(
             "/json",

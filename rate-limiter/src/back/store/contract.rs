@@ -102,7 +102,7 @@ macro_rules! bucket_store_contract {
         async fn $check() {
             let fixture = $fixture;
             let $f = &fixture;
-            $crate::store::contract::$check(&|$policy| $make).await;
+            $crate::back::store::contract::$check(&|$policy| $make).await;
         }
     };
 }

@@ -14,7 +14,7 @@
 //!
 //! Beside them, in Redis, an epoch that resets and refunds made through any limiter bump
 //! (`<prefix>{overrides}:e`), polled with the version: the refusal caches of every limiter
-//! forget what they hold within a poll (see [`crate::refusals`]).
+//! forget what they hold within a poll (see [`crate::back::refusals`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

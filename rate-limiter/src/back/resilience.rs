@@ -13,7 +13,7 @@
 //!
 //! State that a call takes lives in guards, so a call whose future is dropped (a client
 //! that went away, a deadline) gives it back: the breaker's permit counts an abandoned
-//! probe as failed ([`crate::breaker::Permit`]). The fallback holds nothing across the
+//! probe as failed ([`crate::back::breaker::Permit`]). The fallback holds nothing across the
 //! call.
 
 use std::sync::Arc;
@@ -23,8 +23,8 @@ use ratelimit_domain::event::EventTemplate;
 use ratelimit_domain::limits::Outcome;
 use ratelimit_domain::store::RequestTake;
 
-use crate::breaker::Breaker;
-use crate::store::{BucketStore, MemoryStore};
+use crate::back::breaker::Breaker;
+use crate::back::store::{BucketStore, MemoryStore};
 
 /// What became of one request.
 #[derive(Debug, Clone)]

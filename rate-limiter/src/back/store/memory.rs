@@ -321,7 +321,7 @@ mod tests {
             let clock = clock.clone();
             async move {
                 let store: Arc<dyn BucketStore> = Arc::new(MemoryStore::new(policy, clock.clone()));
-                (store, crate::store::contract::Advance::Manual(clock))
+                (store, crate::back::store::contract::Advance::Manual(clock))
             }
         });
     }
