@@ -76,6 +76,6 @@ echo "==> cargo test"
 cargo test --workspace --all-targets "$@"
 # The workspace build turns the kit's `tls` feature on everywhere; its unit tests without
 # it check that a rediss:// URL is refused by a build without TLS support.
-cargo test -p service-kit --lib "$@"
+cargo test -p kit --lib "$@"
 echo "==> the compose test: docker-compose build and up on a Docker engine, scaled and faulted"
 ./scripts/test-compose.sh

@@ -14,13 +14,13 @@ use std::sync::Arc;
 
 pub mod local;
 
-use analytics_counters::SpawnedWorker;
-use analytics_counters::worker::WorkerStats;
 use clap::Parser;
+use counters::SpawnedWorker;
+use counters::worker::WorkerStats;
 use gateway::config::GatewayArgs;
+use kit::config::{KafkaArgs, RedisArgs, ServeArgs, WorkerArgs};
 use rate_limiter::config::{GrpcArgs, LimiterArgs};
 use rate_limiter::limiter::Limiter;
-use service_kit::config::{KafkaArgs, RedisArgs, ServeArgs, WorkerArgs};
 
 use crate::local::{InProcessClient, LocalStatus};
 use tokio::net::TcpListener;
@@ -117,11 +117,11 @@ impl System {
             &config.limiter,
             &redis,
             &config.kafka,
-            service_kit::runtime::instance_id(),
+            kit::runtime::instance_id(),
             &shutdown,
         )
         .await?;
-        let counters = analytics_counters::counter_store(&redis, &config.worker)?;
+        let counters = counters::counter_store(&redis, &config.worker)?;
         // What was built, as the status page names it.
         let stream_kind = if events.is_some() {
             "in-process"

@@ -4,14 +4,14 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use analytics_counters::worker::WorkerStats;
 use async_trait::async_trait;
+use counters::worker::WorkerStats;
+use domain::analytics::AnalyticsReader;
+use domain::api::{CheckRequest, CheckResponse};
 use gateway::client::{AdminRequest, ClientError, LimiterClient};
 use gateway::status::{Decisions, Events, Health, Status, StatusSource, stream_ok};
 use rate_limiter::back::breaker::BreakerState;
 use rate_limiter::limiter::Limiter;
-use ratelimit_domain::analytics::AnalyticsReader;
-use ratelimit_domain::api::{CheckRequest, CheckResponse};
 
 /// The limiter in the same process, and its `/admin` routes.
 pub struct InProcessClient {
@@ -20,7 +20,7 @@ pub struct InProcessClient {
 }
 
 impl InProcessClient {
-    pub fn new(limiter: Arc<Limiter>, admin_token: Option<service_kit::admin::AdminToken>) -> Self {
+    pub fn new(limiter: Arc<Limiter>, admin_token: Option<kit::admin::AdminToken>) -> Self {
         Self {
             admin: rate_limiter::front::admin::routes(limiter.clone(), admin_token),
             limiter,

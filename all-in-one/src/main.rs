@@ -2,7 +2,7 @@
 //! one process: `cargo run --release` with nothing else installed.
 
 use clap::Parser;
-use service_kit::runtime;
+use kit::runtime;
 
 // mimalloc: the allocator was ~15 % of CPU with glibc malloc (BENCHMARKS.md).
 #[global_allocator]

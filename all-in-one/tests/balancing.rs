@@ -14,10 +14,10 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use clap::Parser;
+use domain::api::CheckRequest;
 use gateway::client::{HttpLimiterClient, LimiterClient, Resolve};
+use kit::stream::ChannelReceiver;
 use rate_limiter::limiter::Limiter;
-use ratelimit_domain::api::CheckRequest;
-use service_kit::stream::ChannelReceiver;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -189,8 +189,8 @@ async fn the_gateway_spreads_requests_over_every_address_of_the_limiter_name() {
 
     // Through the gateway's own HTTP API, as a user calls it.
     let config = gateway::config::GatewayConfig::try_parse_from(["gateway"]).unwrap();
-    let counters: Arc<dyn ratelimit_domain::analytics::AnalyticsReader> = Arc::new(
-        analytics_counters::MemoryCounters::new(1000, Duration::from_secs(3600)),
+    let counters: Arc<dyn domain::analytics::AnalyticsReader> = Arc::new(
+        counters::MemoryCounters::new(1000, Duration::from_secs(3600)),
     );
     let gw = gateway::Gateway {
         limiter: Arc::new(limiter),
@@ -198,8 +198,8 @@ async fn the_gateway_spreads_requests_over_every_address_of_the_limiter_name() {
         status: Arc::new(gateway::status::RemoteStatus::new(
             &format!("http://{}", a.addr),
             counters.clone(),
-            service_kit::report::Reports::new(
-                &service_kit::redis::Endpoint::single("redis://127.0.0.1:1"),
+            kit::report::Reports::new(
+                &kit::redis::Endpoint::single("redis://127.0.0.1:1"),
                 "rl:",
                 Duration::from_millis(50),
             )

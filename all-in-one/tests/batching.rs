@@ -9,14 +9,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
+use domain::api::{CheckRequest, FieldError};
 use gateway::client::{Batching, ClientError, HttpLimiterClient, LimiterClient, SystemResolver};
-use ratelimit_domain::api::{CheckRequest, FieldError};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 /// `POST /check/batch` exchanges the limiter has answered so far.
 fn exchanges() -> u64 {
-    let handle = service_kit::metrics::handle();
+    let handle = kit::metrics::handle();
     handle.run_upkeep();
     handle
         .render()

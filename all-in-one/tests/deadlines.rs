@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::LimiterInstance;
+use domain::api::CheckRequest;
 use gateway::client::{Batching, ClientError, HttpLimiterClient, LimiterClient, SystemResolver};
-use ratelimit_domain::api::CheckRequest;
 use testkit::{RedisServer, unique};
 use tokio_util::sync::CancellationToken;
 

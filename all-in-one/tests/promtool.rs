@@ -9,8 +9,8 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use common::*;
+use domain::api::CheckRequest;
 use gateway::client::LimiterClient;
-use ratelimit_domain::api::CheckRequest;
 use testkit::unique;
 use tower::ServiceExt;
 
@@ -94,7 +94,7 @@ async fn every_metrics_page_passes_promtool() {
     let limiter_page = scrape(system.limiter_addr).await;
     // The analytics worker's own router, as the standalone worker serves it.
     let worker_router = analytics_worker::router(
-        std::sync::Arc::new(analytics_counters::MemoryCounters::new(
+        std::sync::Arc::new(counters::MemoryCounters::new(
             1_000,
             Duration::from_secs(3600),
         )),

@@ -9,8 +9,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::LimiterInstance;
+use domain::api::CheckRequest;
 use gateway::client::LimiterClient;
-use ratelimit_domain::api::CheckRequest;
 use std::sync::atomic::Ordering;
 use testkit::{RedisServer, unique};
 

@@ -8,7 +8,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{LimiterInstance, RulesFile};
-use ratelimit_domain::api::CheckResponse;
+use domain::api::CheckResponse;
 use serde_json::{Value, json};
 use testkit::RedisServer;
 

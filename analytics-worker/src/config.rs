@@ -1,7 +1,7 @@
 //! The analytics worker's configuration.
 
 use clap::Parser;
-use service_kit::config::{KafkaArgs, RedisArgs, ServeArgs, WorkerArgs};
+use kit::config::{KafkaArgs, RedisArgs, ServeArgs, WorkerArgs};
 
 /// The standalone `analytics-worker` binary: Kafka in, Redis out.
 #[derive(Parser, Debug, Clone)]

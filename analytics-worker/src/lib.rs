@@ -2,7 +2,7 @@
 //! counters in Redis, with its health and stats endpoints.
 //!
 //! The counting itself (stores, sources, the batch-count-commit loop) is the
-//! `analytics-counters` library, which a rate limiter without Kafka also runs in-process.
+//! `counters` library, which a rate limiter without Kafka also runs in-process.
 //!
 //! - [`router`]: `/healthz`, `/readyz`, `/stats`, `/metrics`.
 //! - [`run`]: the standalone service.
@@ -19,10 +19,10 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use serde_json::json;
 
-use analytics_counters::worker::WorkerStats;
+use counters::worker::WorkerStats;
 #[cfg(feature = "kafka")]
-use analytics_counters::{SpawnedWorker, counter_store};
-use ratelimit_domain::analytics::CounterStore;
+use counters::{SpawnedWorker, counter_store};
+use domain::analytics::CounterStore;
 
 /// The worker's own HTTP endpoints: `/healthz`, `/readyz` (counter store reachable), `/stats`.
 pub fn router(store: Arc<dyn CounterStore>, stats: Arc<WorkerStats>) -> Router {
@@ -58,12 +58,12 @@ pub fn router(store: Arc<dyn CounterStore>, stats: Arc<WorkerStats>) -> Router {
             "/metrics",
             get(|State((_, stats)): State<(Arc<dyn CounterStore>, Arc<WorkerStats>)>| async move {
                 stats.export_metrics();
-                service_kit::metrics::render()
+                kit::metrics::render()
             }),
         )
         .with_state((store, stats));
-    let routes = service_kit::metrics::with_http_metrics(routes, "analytics-worker");
-    service_kit::http::with_common_layers(routes)
+    let routes = kit::metrics::with_http_metrics(routes, "analytics-worker");
+    kit::http::with_common_layers(routes)
 }
 
 #[cfg(feature = "kafka")]
@@ -91,12 +91,12 @@ pub async fn run(
         config.worker.batch_max as usize,
     )?;
     // For a standalone gateway's /status: this worker's events and consumer lag.
-    if let Some(reports) = service_kit::report::Reports::from_settings(&redis)? {
+    if let Some(reports) = kit::report::Reports::from_settings(&redis)? {
         let stats = worker.stats.clone();
         reports.spawn_writer(
-            service_kit::report::Role::Worker,
-            service_kit::runtime::instance_id(),
-            move || service_kit::report::Report {
+            kit::report::Role::Worker,
+            kit::runtime::instance_id(),
+            move || kit::report::Report {
                 events: stats.events.load(std::sync::atomic::Ordering::Relaxed),
                 consumer_lag: stats.total_lag(),
                 ..Default::default()
@@ -105,7 +105,7 @@ pub async fn run(
         );
     }
     tracing::info!(addr = %listener.local_addr()?, "analytics worker health endpoints listening");
-    service_kit::http::serve(
+    kit::http::serve(
         listener,
         router(store, worker.stats.clone()),
         shutdown,

@@ -1,7 +1,7 @@
 //! `analytics-worker`: consumes decision events from Kafka and counts them into Redis.
 
 use clap::Parser;
-use service_kit::runtime;
+use kit::runtime;
 
 // mimalloc: the allocator was ~15 % of CPU with glibc malloc (BENCHMARKS.md).
 #[global_allocator]

@@ -3,10 +3,10 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use ratelimit_domain::RateLimitEvent;
-use ratelimit_domain::event::SCHEMA_VERSION;
+use domain::RateLimitEvent;
+use domain::event::SCHEMA_VERSION;
 
-use ratelimit_domain::analytics::{BlockedUser, CounterStore, DAY_MS, MINUTE_MS, PartitionBatch};
+use domain::analytics::{BlockedUser, CounterStore, DAY_MS, MINUTE_MS, PartitionBatch};
 
 /// A batch from `(offset, user, allowed)` triples.
 pub fn batch(partition: Option<i32>, events: &[(i64, &str, bool)]) -> PartitionBatch {
@@ -105,8 +105,8 @@ where
 /// Per-rule counts (allowed, blocked, shadow-blocked) follow the same exactly-once
 /// discipline as the rest: a replayed batch adds nothing.
 pub async fn rules_are_counted_exactly_once(store: Arc<dyn CounterStore>) {
-    use ratelimit_domain::analytics::RuleCounts;
-    use ratelimit_domain::event::{RuleHit, RuleOutcome};
+    use domain::analytics::RuleCounts;
+    use domain::event::{RuleHit, RuleOutcome};
     let m = now_minute();
     let mut b = timed_batch(
         Some(0),

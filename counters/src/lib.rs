@@ -3,7 +3,7 @@
 //! the read side the gateway uses.
 //!
 //! - [`MemoryCounters`] and [`RedisCounters`]: the two implementations of
-//!   [`ratelimit_domain::analytics::CounterStore`]; [`RedisAnalytics`] is the read-only
+//!   [`domain::analytics::CounterStore`]; [`RedisAnalytics`] is the read-only
 //!   side of the Redis one (no Lua script), what a standalone gateway links.
 //! - [`source`]: where events come from (the in-process channel; a Kafka consumer group
 //!   with the `kafka` feature).
@@ -21,9 +21,9 @@ pub mod worker;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ratelimit_domain::analytics::{AnalyticsReader, CounterStore};
-use service_kit::config::{RedisSettings, WorkerArgs};
-use service_kit::redis::Endpoint;
+use domain::analytics::{AnalyticsReader, CounterStore};
+use kit::config::{RedisSettings, WorkerArgs};
+use kit::redis::Endpoint;
 
 pub use self::memory::MemoryCounters;
 pub use self::redis::{RedisAnalytics, RedisCounters};
@@ -107,7 +107,7 @@ impl SpawnedWorker {
 
     /// Counts the in-process stream of a limiter in the same process.
     pub fn in_process(
-        events: service_kit::stream::ChannelReceiver,
+        events: kit::stream::ChannelReceiver,
         store: Arc<dyn CounterStore>,
         batch_max: usize,
     ) -> Self {
@@ -121,17 +121,13 @@ impl SpawnedWorker {
     #[cfg(feature = "kafka")]
     /// Joins the Kafka consumer group and counts the topic.
     pub fn kafka(
-        kafka: &service_kit::config::KafkaArgs,
+        kafka: &kit::config::KafkaArgs,
         brokers: &str,
         store: Arc<dyn CounterStore>,
         batch_max: usize,
     ) -> anyhow::Result<Self> {
         // The limiter creates the topic too; whoever starts first does it.
-        service_kit::kafka::ensure_topic(
-            kafka,
-            brokers,
-            tokio_util::sync::CancellationToken::new(),
-        );
+        kit::kafka::ensure_topic(kafka, brokers, tokio_util::sync::CancellationToken::new());
         let source = source::KafkaSource::new(kafka, brokers)?;
         tracing::info!(
             topic = kafka.topic,
@@ -162,16 +158,16 @@ impl SpawnedWorker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ratelimit_domain::RateLimitEvent;
-    use ratelimit_domain::event::SCHEMA_VERSION;
-    use service_kit::stream::EventPublisher;
+    use domain::RateLimitEvent;
+    use domain::event::SCHEMA_VERSION;
+    use kit::stream::EventPublisher;
     use std::sync::atomic::Ordering;
 
     /// The in-memory counters take at most `MEMORY_BATCH_MAX` events a batch, whatever the
     /// worker's own limit: 12,000 waiting events are counted in at least three batches.
     #[tokio::test]
     async fn the_memory_store_caps_the_batch() {
-        let (tx, rx) = service_kit::stream::channel(20_000);
+        let (tx, rx) = kit::stream::channel(20_000);
         for i in 0..12_000 {
             tx.publish(RateLimitEvent {
                 schema_version: SCHEMA_VERSION,

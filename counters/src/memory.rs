@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use dashmap::DashMap;
-use ratelimit_domain::analytics::UserAnalytics;
+use domain::analytics::UserAnalytics;
 
-use ratelimit_domain::analytics::{
+use domain::analytics::{
     AnalyticsReader, BlockedUser, CounterError, CounterStore, DAY_MS, MAX_COUNTED_RULES, MINUTE_MS,
     MinuteCounts, PartitionBatch, RuleCounts, TOP_KEEP, TOP_WINDOW_MINUTES,
 };

@@ -3,7 +3,7 @@
 //! Per user (hash tag = the user id, so one slot per user on Redis Cluster):
 //! - `<prefix>c{<user>}`: a hash with `allowed`, `blocked`, per publisher epoch
 //!   `q:<epoch>` = the last sequence number already counted for this user (stamped events,
-//!   [`ratelimit_domain::event::Stamp`]; the in-process stream's epoch numbers by its
+//!   [`domain::event::Stamp`]; the in-process stream's epoch numbers by its
 //!   offsets), per partition `o:<partition>` = the last offset counted of unstamped events
 //!   (an earlier build's), and `e`, when (Unix seconds) its expiry was last
 //!   pushed back: it expires once the user has been idle for the user TTL (pushed back at
@@ -44,14 +44,14 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use ratelimit_domain::analytics::UserAnalytics;
-use ratelimit_domain::analytics::{
+use domain::analytics::UserAnalytics;
+use domain::analytics::{
     AnalyticsReader, BlockedUser, CounterError, CounterStore, MAX_COUNTED_RULES, MinuteCounts,
     PartitionBatch, RuleCounts, TOP_KEEP, TOP_WINDOW_MINUTES,
 };
-use ratelimit_domain::event::Stamp;
-use ratelimit_domain::keys;
-use service_kit::redis::{Connection, Endpoint, Scripts};
+use domain::event::Stamp;
+use domain::keys;
+use kit::redis::{Connection, Endpoint, Scripts};
 
 use crate::tally::{
     GlobalTally, Minutes, Tally, fill_series, global_tally, sorted_rules, tally, top_n,
@@ -283,7 +283,7 @@ impl RedisAnalytics {
         timeout: Duration,
     ) -> Result<Self, CounterError> {
         Ok(Self {
-            conn: service_kit::redis::connect(endpoint, timeout)?,
+            conn: kit::redis::connect(endpoint, timeout)?,
             key_prefix: key_prefix.to_owned(),
             timeout,
         })
@@ -293,7 +293,7 @@ impl RedisAnalytics {
         &self,
         call: impl Future<Output = redis::RedisResult<T>>,
     ) -> Result<T, CounterError> {
-        Ok(service_kit::redis::with_deadline(self.timeout, call).await?)
+        Ok(kit::redis::with_deadline(self.timeout, call).await?)
     }
 
     fn global_key(&self, tag: &str, suffix: &str) -> String {
@@ -771,8 +771,8 @@ impl AnalyticsReader for RedisCounters {
 mod tests {
     #[test]
     fn minute_keys_follow_the_user_hash_tag() {
-        let key = ratelimit_domain::keys::counter_minute_key("rl:", "a}b", 7);
+        let key = domain::keys::counter_minute_key("rl:", "a}b", 7);
         assert_eq!(key, "rl:c{a%7Db}:m7");
-        assert_eq!(ratelimit_domain::analytics::MINUTE_MS, 60_000);
+        assert_eq!(domain::analytics::MINUTE_MS, 60_000);
     }
 }

@@ -15,9 +15,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::ops::RangeInclusive;
 
-use ratelimit_domain::RateLimitEvent;
-use ratelimit_domain::analytics::{BlockedUser, DAY_MS, MINUTE_MS, MinuteCounts, RuleCounts};
-use ratelimit_domain::event::RuleOutcome;
+use domain::RateLimitEvent;
+use domain::analytics::{BlockedUser, DAY_MS, MINUTE_MS, MinuteCounts, RuleCounts};
+use domain::event::RuleOutcome;
 
 /// Per-minute counts, keyed by minute number (ms / 60,000).
 pub(crate) type Minutes = BTreeMap<u64, (u64, u64)>;

@@ -9,14 +9,14 @@ use metrics::Unit;
 use tokio_util::sync::CancellationToken;
 
 use crate::source::{EventSource, Record};
-use ratelimit_domain::analytics::{CounterStore, PartitionBatch};
+use domain::analytics::{CounterStore, PartitionBatch};
 
 /// Describes the worker's metrics (help text and unit), once per process, after installing
 /// the recorder. [`WorkerStats::export_metrics`], which records them, calls it first.
 pub fn describe_metrics() {
     static DESCRIBED: Once = Once::new();
     DESCRIBED.call_once(|| {
-        service_kit::metrics::handle();
+        kit::metrics::handle();
         metrics::describe_counter!(
             "analytics_events_applied_total",
             Unit::Count,
@@ -227,9 +227,9 @@ mod tests {
     use super::*;
     use crate::MemoryCounters;
     use async_trait::async_trait;
-    use ratelimit_domain::RateLimitEvent;
-    use ratelimit_domain::analytics::AnalyticsReader;
-    use ratelimit_domain::event::SCHEMA_VERSION;
+    use domain::RateLimitEvent;
+    use domain::analytics::AnalyticsReader;
+    use domain::event::SCHEMA_VERSION;
 
     /// A scripted source: fixed batches, then the end; records commits.
     struct Scripted {
@@ -310,7 +310,7 @@ mod tests {
     fn stamped(partition: i32, offset: i64, user: &str, epoch: &str, seq: u64) -> Record {
         let mut record = rec(partition, offset, user, true);
         if let Ok(event) = &mut record.event {
-            event.stamp = Some(ratelimit_domain::event::Stamp {
+            event.stamp = Some(domain::event::Stamp {
                 epoch: epoch.into(),
                 seq,
             });

@@ -3,10 +3,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use analytics_counters::RedisCounters;
-use analytics_counters::contract;
-use ratelimit_domain::analytics::{AnalyticsReader, CounterStore};
-use service_kit::redis::Endpoint;
+use counters::RedisCounters;
+use counters::contract;
+use domain::analytics::{AnalyticsReader, CounterStore};
+use kit::redis::Endpoint;
 use testkit::{RedisCluster, RedisServer, unique};
 
 /// Counters at `endpoint` under a fresh key prefix.
@@ -33,7 +33,7 @@ async fn passes_the_contract_suite(endpoint: &Endpoint) {
 mod redis_counters_contract {
     use super::*;
 
-    analytics_counters::counter_store_contract!(RedisServer::start(), |redis| async {
+    counters::counter_store_contract!(RedisServer::start(), |redis| async {
         Arc::new(counters(&Endpoint::single(redis.url()), "counters")) as Arc<dyn CounterStore>
     });
 }
@@ -221,7 +221,7 @@ async fn connect(redis: &RedisServer) -> redis::aio::MultiplexedConnection {
 /// the bottom and more than 1,000 users in one batch.
 #[tokio::test]
 async fn top_sets_are_the_same_as_with_a_zincrby_per_user() {
-    use ratelimit_domain::analytics::TOP_KEEP;
+    use domain::analytics::TOP_KEEP;
     let redis = RedisServer::start();
     let prefix = unique("top");
     let store = RedisCounters::new(
@@ -237,7 +237,7 @@ async fn top_sets_are_the_same_as_with_a_zincrby_per_user() {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis() as u64
-        / ratelimit_domain::analytics::MINUTE_MS;
+        / domain::analytics::MINUTE_MS;
     let mut offset = 0i64;
     let mut seed = 7u64;
     for round in 0..6 {
@@ -359,8 +359,8 @@ async fn minute_keys_and_counters_always_have_an_expiry() {
     )
     .unwrap();
     let mut conn = connect(&redis).await;
-    let minute_key = ratelimit_domain::keys::counter_minute_key(&prefix, "u", 0);
-    let counters_key = ratelimit_domain::keys::counter_key(&prefix, "u");
+    let minute_key = domain::keys::counter_minute_key(&prefix, "u", 0);
+    let counters_key = domain::keys::counter_key(&prefix, "u");
     let ttl_conn = conn.clone();
     let ttl = |key: String| {
         let mut conn = ttl_conn.clone();
@@ -432,11 +432,11 @@ async fn epoch_records_do_not_grow_with_restarts() {
         store.apply(&batch).await.unwrap();
     }
     let mut batch = contract::batch(None, &[(0, "u", true)]);
-    batch.epoch = Some(ratelimit_domain::event::Stamp::new_epoch(now));
+    batch.epoch = Some(domain::event::Stamp::new_epoch(now));
     store.apply(&batch).await.unwrap();
     assert_eq!(store.get("u").await.unwrap().allowed, 11);
     let fields: Vec<String> = redis::cmd("HKEYS")
-        .arg(ratelimit_domain::keys::counter_key(&prefix, "u"))
+        .arg(domain::keys::counter_key(&prefix, "u"))
         .query_async(&mut connect(&redis).await)
         .await
         .unwrap();

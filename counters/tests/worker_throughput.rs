@@ -1,7 +1,7 @@
 //! The worker's rate into Redis, and what it costs Redis: a benchmark, ignored by default.
 //!
 //! ```text
-//! CARGO_TARGET_DIR=... cargo test -p analytics-counters --release --test worker_throughput \
+//! CARGO_TARGET_DIR=... cargo test -p counters --release --test worker_throughput \
 //!     -- --ignored --nocapture
 //! ```
 //!
@@ -18,14 +18,14 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use analytics_counters::RedisCounters;
-use analytics_counters::source::{EventSource, Record};
-use analytics_counters::worker::{self, WorkerStats};
 use async_trait::async_trait;
-use ratelimit_domain::RateLimitEvent;
-use ratelimit_domain::analytics::CounterStore;
-use ratelimit_domain::event::SCHEMA_VERSION;
-use service_kit::redis::Endpoint;
+use counters::RedisCounters;
+use counters::source::{EventSource, Record};
+use counters::worker::{self, WorkerStats};
+use domain::RateLimitEvent;
+use domain::analytics::CounterStore;
+use domain::event::SCHEMA_VERSION;
+use kit::redis::Endpoint;
 use testkit::{RedisServer, unique};
 use tokio_util::sync::CancellationToken;
 

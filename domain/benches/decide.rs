@@ -1,14 +1,14 @@
 //! Micro-benchmarks of the pure hot-path pieces of the domain: the token-bucket decision
 //! and the JSON encoding of the event every decision emits.
 //!
-//! `cargo bench -p ratelimit-domain --bench decide`; under `cargo test` each runs once.
+//! `cargo bench -p domain --bench decide`; under `cargo test` each runs once.
 
 use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use ratelimit_domain::bucket::decide;
-use ratelimit_domain::event::SCHEMA_VERSION;
-use ratelimit_domain::{BucketState, Policy, RateLimitEvent};
+use domain::bucket::decide;
+use domain::event::SCHEMA_VERSION;
+use domain::{BucketState, Policy, RateLimitEvent};
 
 const NOW_US: u64 = 1_700_000_000_000_000;
 

@@ -3,7 +3,7 @@
 //! [`CounterStore`] counts decision events exactly once (the analytics worker, and a
 //! limiter that counts in-process); [`AnalyticsReader`] is its narrow read-only side, all
 //! the gateway needs. The memory and Redis implementations live in the
-//! `analytics-counters` crate.
+//! `counters` crate.
 
 use std::ops::RangeInclusive;
 

@@ -21,10 +21,10 @@ use std::net::IpAddr;
 use std::path::Path;
 
 use axum::http::{HeaderMap, HeaderName, Method};
-use ratelimit_domain::api::{
+use domain::api::{
     FieldError, MAX_DESCRIPTORS, MAX_ENTRIES, MAX_KEY_BYTES, MAX_USER_ID_BYTES, canonical_user_id,
 };
-use ratelimit_domain::descriptor::{DEFAULT_DOMAIN, Descriptor, Entry, USER_ID_KEY};
+use domain::descriptor::{DEFAULT_DOMAIN, Descriptor, Entry, USER_ID_KEY};
 use serde::Deserialize;
 use serde::de::IgnoredAny;
 
@@ -213,8 +213,8 @@ impl DescriptorActions {
     /// Parses and validates a descriptors file's text; `file` names it in errors.
     pub fn from_yaml(file: &str, text: &str) -> Result<Self, ActionsError> {
         let de = serde_yaml_ng::Deserializer::from_str(text);
-        let wire: FileWire = serde_path_to_error::deserialize(de)
-            .map_err(|e| ratelimit_domain::rules::yaml_error(file, e))?;
+        let wire: FileWire =
+            serde_path_to_error::deserialize(de).map_err(|e| domain::rules::yaml_error(file, e))?;
         Ok(Self {
             domain: wire
                 .domain
@@ -227,7 +227,7 @@ impl DescriptorActions {
 
 /// Why the descriptors file was refused: where, which field, and what is wrong (the same
 /// error, and the same positions, as a rules file's).
-pub type ActionsError = ratelimit_domain::rules::RulesError;
+pub type ActionsError = domain::rules::RulesError;
 
 // The file's wire form. Each checked type validates itself as it is read, so that an
 // error carries the position of the value at fault.

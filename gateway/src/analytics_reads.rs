@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use ratelimit_domain::analytics::CounterError;
+use domain::analytics::CounterError;
 use tokio::sync::{OnceCell, OwnedSemaphorePermit, Semaphore};
 
 /// Most per-user window reads in flight at once.

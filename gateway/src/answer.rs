@@ -9,14 +9,14 @@
 
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use ratelimit_domain::api::{CheckResponse, LimitStatus};
+use domain::api::{CheckResponse, LimitStatus};
 use serde::Serialize;
 use serde_json::json;
 
 /// The problem type of the draft's quota-exceeded problem details.
 pub const QUOTA_EXCEEDED: &str = "https://iana.org/assignments/http-problem-types#quota-exceeded";
 
-pub use ratelimit_domain::headers::secs_ceil;
+pub use domain::headers::secs_ceil;
 
 /// The enforced policies that refused the request.
 pub fn violated(d: &CheckResponse) -> Vec<&str> {
@@ -27,11 +27,11 @@ pub fn violated(d: &CheckResponse) -> Vec<&str> {
         .collect()
 }
 
-/// The rate-limit headers of an answer ([`ratelimit_domain::headers`]: the IETF fields and
+/// The rate-limit headers of an answer ([`domain::headers`]: the IETF fields and
 /// the older trio, with the same numbers). None when no limit applied (an unlimited
 /// descriptor), except the degraded marker.
 pub fn rate_limit_headers(d: &CheckResponse) -> HeaderMap {
-    use ratelimit_domain::headers::{DEGRADED, ietf, trio};
+    use domain::headers::{DEGRADED, ietf, trio};
     let mut h = HeaderMap::with_capacity(6);
     let mut fields = ietf(d);
     fields.extend(trio(d).into_iter().filter(|(name, _)| *name != DEGRADED));

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use clap::{Args, Parser};
-use service_kit::config::{RedisArgs, ServeArgs};
+use kit::config::{RedisArgs, ServeArgs};
 
 /// What the gateway itself needs, shared by the standalone binary and the all-in-one one.
 #[derive(Args, Debug, Clone)]
@@ -54,7 +54,7 @@ pub struct GatewayConfig {
     pub limiter_resolve_ms: u64,
     /// Most checks sent to the limiter in one exchange (`POST /check/batch`).
     #[arg(long = "limiter-max-batch", env = "LIMITER_MAX_BATCH", value_name = "LIMITER_MAX_BATCH",
-          default_value_t = 128, value_parser = clap::value_parser!(u64).range(1..=ratelimit_domain::api::MAX_BATCH as u64))]
+          default_value_t = 128, value_parser = clap::value_parser!(u64).range(1..=domain::api::MAX_BATCH as u64))]
     pub limiter_max_batch: u64,
     /// Most exchanges with the limiter outstanding at once; checks arriving while all are
     /// busy go together in the next one.
@@ -72,7 +72,7 @@ pub struct GatewayConfig {
     #[command(flatten)]
     pub redis: RedisArgs,
     #[command(flatten)]
-    pub retention: service_kit::config::RetentionArgs,
+    pub retention: kit::config::RetentionArgs,
     /// The gateway in front of a real service (`UPSTREAM_URL`).
     #[command(flatten)]
     pub upstream: UpstreamArgs,

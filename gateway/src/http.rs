@@ -12,14 +12,14 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use ratelimit_domain::analytics::{
+use domain::analytics::{
     AnalyticsReader, CounterError, DAY_MS, MINUTE_MS, MinuteCounts, UserAnalytics,
 };
-use ratelimit_domain::api::{CheckRequest, FieldError, MAX_BODY_BYTES, canonical_user_id};
-use ratelimit_domain::{Clock, SystemClock};
+use domain::api::{CheckRequest, FieldError, MAX_BODY_BYTES, canonical_user_id};
+use domain::{Clock, SystemClock};
+use kit::http::{ApiError, ServeLimits, ValidJson, liveness, with_guards};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use service_kit::http::{ApiError, ServeLimits, ValidJson, liveness, with_guards};
 
 use crate::admin::AdminToken;
 use crate::analytics_reads::AnalyticsReads;
@@ -72,8 +72,8 @@ pub mod routes {
         DASHBOARD,
         LIMITER_ADMIN,
         ADMIN,
-        service_kit::http::HEALTHZ,
-        service_kit::http::READYZ,
+        kit::http::HEALTHZ,
+        kit::http::READYZ,
     ];
 }
 
@@ -114,11 +114,11 @@ pub fn router(gateway: Gateway, limits: &ServeLimits) -> Router {
         .merge(limiter_admin)
         .route(routes::DASHBOARD, get(crate::dashboard::dashboard))
         .with_state(state);
-    let routes = service_kit::metrics::with_http_metrics(routes, "gateway");
+    let routes = kit::metrics::with_http_metrics(routes, "gateway");
     // Outside the load shedder: a gateway at its in-flight limit is busy, not dead.
-    let probes = service_kit::metrics::with_http_metrics(liveness(), "gateway");
-    let bodies = service_kit::http::BodyLimit::new(MAX_BODY_BYTES)
-        .with_prefix("/admin/", ratelimit_domain::api::MAX_ADMIN_BODY_BYTES);
+    let probes = kit::metrics::with_http_metrics(liveness(), "gateway");
+    let bodies = kit::http::BodyLimit::new(MAX_BODY_BYTES)
+        .with_prefix("/admin/", domain::api::MAX_ADMIN_BODY_BYTES);
     with_guards(routes, probes, bodies, limits)
 }
 
@@ -133,10 +133,7 @@ async fn api(
         // Refunds are for the services behind the limiter, never for its clients.
         return Err(FieldError::new(
             "cost",
-            format!(
-                "must be an integer from 1 to {}",
-                ratelimit_domain::api::MAX_COST
-            ),
+            format!("must be an integer from 1 to {}", domain::api::MAX_COST),
         )
         .into());
     }
@@ -166,7 +163,7 @@ async fn limiter_admin(
     request: axum::extract::Request,
 ) -> Result<Response, ApiError> {
     let (parts, body) = request.into_parts();
-    let body = axum::body::to_bytes(body, ratelimit_domain::api::MAX_ADMIN_BODY_BYTES)
+    let body = axum::body::to_bytes(body, domain::api::MAX_ADMIN_BODY_BYTES)
         .await
         .map_err(|_| ApiError::PayloadTooLarge)?;
     let forwarded = crate::client::AdminRequest {
@@ -218,8 +215,7 @@ fn window_minutes(
     window: &str,
     retention: Duration,
 ) -> Result<(RangeInclusive<u64>, u64), ApiError> {
-    let d =
-        service_kit::config::parse_duration(window).map_err(|e| FieldError::new("window", e))?;
+    let d = kit::config::parse_duration(window).map_err(|e| FieldError::new("window", e))?;
     if d > retention {
         return Err(FieldError::new(
             "window",
@@ -330,5 +326,5 @@ async fn status(State(Shared { gateway, .. }): State<Shared>) -> Json<Status> {
 
 async fn metrics(State(Shared { gateway, .. }): State<Shared>) -> Response {
     gateway.status.export_metrics();
-    service_kit::metrics::render()
+    kit::metrics::render()
 }

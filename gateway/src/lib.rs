@@ -16,7 +16,7 @@
 
 pub mod actions;
 /// The admin token's guard (shared with the limiter's `/admin` routes).
-pub use service_kit::admin;
+pub use kit::admin;
 pub mod analytics_reads;
 pub mod answer;
 pub mod client;
@@ -32,7 +32,7 @@ pub mod status;
 use std::sync::Arc;
 use std::time::Duration;
 
-use service_kit::http::ServeLimits;
+use kit::http::ServeLimits;
 use tokio_util::sync::CancellationToken;
 
 pub use crate::http::{Gateway, router};
@@ -46,7 +46,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     tracing::info!(addr = %listener.local_addr()?, "gateway listening");
-    service_kit::http::serve(listener, router(gateway, limits), shutdown, limits).await
+    kit::http::serve(listener, router(gateway, limits), shutdown, limits).await
 }
 
 /// Builds the standalone gateway from its configuration: the limiter over HTTP, the
@@ -61,8 +61,8 @@ pub async fn from_config(
             "REDIS_URL is required: the standalone gateway reads analytics from Redis (run the all-in-one binary for the embedded mode)"
         );
     };
-    let analytics = analytics_counters::redis_reader(endpoint, &redis)?;
-    let reports = service_kit::report::Reports::new(
+    let analytics = counters::redis_reader(endpoint, &redis)?;
+    let reports = kit::report::Reports::new(
         endpoint,
         &redis.key_prefix,
         redis.slow_timeout(Duration::from_millis(500)),

@@ -1,7 +1,7 @@
 //! `gateway`: the public API in front of the rate limiter.
 
 use clap::Parser;
-use service_kit::runtime;
+use kit::runtime;
 
 // mimalloc: the allocator was ~15 % of CPU with glibc malloc (BENCHMARKS.md).
 #[global_allocator]

@@ -32,12 +32,12 @@ use axum::extract::{ConnectInfo, Request, State};
 use axum::http::uri::{Authority, PathAndQuery, Scheme};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri, Version, header};
 use axum::response::{IntoResponse, Response};
+use domain::api::{CheckRequest, ErrorBody, analytics_identity};
 use hyper::body::{Body as _, Frame, SizeHint};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use ratelimit_domain::api::{CheckRequest, ErrorBody, analytics_identity};
-use service_kit::http::{ApiError, ServeLimits};
+use kit::http::{ApiError, ServeLimits};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tower::{ServiceBuilder, ServiceExt};
@@ -231,11 +231,8 @@ impl Proxy {
         let Ok(path) = PathAndQuery::try_from(format!("{}{path}", upstream.prefix)) else {
             return (
                 "invalid",
-                ApiError::from(ratelimit_domain::api::FieldError::new(
-                    "path",
-                    "is not valid",
-                ))
-                .into_response(),
+                ApiError::from(domain::api::FieldError::new("path", "is not valid"))
+                    .into_response(),
             );
         };
         parts.uri = Uri::from_parts({
@@ -421,7 +418,7 @@ fn gateway_timeout(timeout: Duration) -> Response {
 }
 
 /// Reads and drops a refused request's body after the answer, as the kit does before a
-/// 413 ([`service_kit::http::body::drain`]: at most its `DRAIN_LIMIT`, for at most
+/// 413 ([`kit::http::body::drain`]: at most its `DRAIN_LIMIT`, for at most
 /// `timeout`): closing a socket with unread data makes the kernel send a reset, which can
 /// destroy the 429 in flight. Not when the client waits for `100 Continue`: it sends
 /// nothing until told to.
@@ -431,7 +428,7 @@ fn drain_in_background(request: Request, timeout: Duration) {
     }
     let mut body = request.into_body();
     let deadline = tokio::time::Instant::now() + timeout;
-    tokio::spawn(async move { service_kit::http::body::drain(&mut body, deadline).await });
+    tokio::spawn(async move { kit::http::body::drain(&mut body, deadline).await });
 }
 
 /// A body that did not progress within its idle timeout.
@@ -525,7 +522,7 @@ pub async fn run(
         upstream = %format!("{}://{}{}", upstream.scheme, upstream.authority, upstream.prefix),
         "gateway listening in front of the upstream"
     );
-    service_kit::http::serve(
+    kit::http::serve(
         listener,
         router(gateway, upstream, limits),
         shutdown,

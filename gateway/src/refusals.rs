@@ -21,8 +21,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use ratelimit_domain::api::{CheckRequest, CheckResponse, Generation};
-use service_kit::expiring::ExpiringMap;
+use domain::api::{CheckRequest, CheckResponse, Generation};
+use kit::expiring::ExpiringMap;
 
 /// How recently the refusing replica must have answered for its refusals to be used.
 pub const FRESH: Duration = Duration::from_secs(1);
@@ -225,7 +225,7 @@ impl GatewayRefusals {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ratelimit_domain::api::LimitStatus;
+    use domain::api::LimitStatus;
 
     fn refused(retry_after_ms: u64) -> CheckResponse {
         CheckResponse {

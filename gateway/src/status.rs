@@ -3,15 +3,15 @@
 //! The all-in-one process, where everything is in reach, brings its own [`StatusSource`];
 //! a standalone gateway ([`RemoteStatus`]) asks the limiter's readiness, pings the counter store, and
 //! sums the reports every limiter and worker writes to Redis each second
-//! ([`service_kit::report`]).
+//! ([`kit::report`]).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use ratelimit_domain::analytics::AnalyticsReader;
+use domain::analytics::AnalyticsReader;
+use kit::report::{self, Reports, Role};
 use serde::Serialize;
-use service_kit::report::{self, Reports, Role};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Health {

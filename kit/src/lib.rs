@@ -1,5 +1,5 @@
 //! The service kit: what every service of the distributed rate limiter runs on, apart from
-//! the domain itself (`ratelimit-domain`).
+//! the domain itself (`domain`).
 //!
 //! - [`http`]: the HTTP side shared by the services: one error type, the strict JSON
 //!   extractor, the router's layers (load shedding, bodies read first, the liveness

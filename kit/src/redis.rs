@@ -325,7 +325,7 @@ pub fn describe(err: &redis::RedisError) -> String {
     }
 }
 
-impl From<RedisCallError> for ratelimit_domain::store::StoreError {
+impl From<RedisCallError> for domain::store::StoreError {
     fn from(err: RedisCallError) -> Self {
         match err {
             RedisCallError::Timeout => Self::Timeout,
@@ -334,7 +334,7 @@ impl From<RedisCallError> for ratelimit_domain::store::StoreError {
     }
 }
 
-impl From<RedisCallError> for ratelimit_domain::analytics::CounterError {
+impl From<RedisCallError> for domain::analytics::CounterError {
     fn from(err: RedisCallError) -> Self {
         match err {
             RedisCallError::Timeout => Self::Timeout,

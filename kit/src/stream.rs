@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use ratelimit_domain::RateLimitEvent;
-pub use ratelimit_domain::stream::{EventPublisher, PublisherStats};
+use domain::RateLimitEvent;
+pub use domain::stream::{EventPublisher, PublisherStats};
 use tokio::sync::mpsc;
 
 /// Counts dropped events and logs the first drop and then every 1,000th, so a flood of
@@ -105,7 +105,7 @@ impl EventPublisher for NullPublisher {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ratelimit_domain::event::SCHEMA_VERSION;
+    use domain::event::SCHEMA_VERSION;
 
     fn event(user: &str) -> RateLimitEvent {
         RateLimitEvent {

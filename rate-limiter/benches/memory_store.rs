@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
+use domain::{Policy, SystemClock};
 use rate_limiter::back::store::MemoryStore;
-use ratelimit_domain::{Policy, SystemClock};
 
 /// Threads in the contended benchmarks (the benchmark machines have 2 cores; more threads
 /// than cores measures the shard locks under preemption too).

@@ -4,8 +4,8 @@ use std::time::Duration;
 
 use clap::ValueEnum;
 use clap::{Args, Parser};
-use ratelimit_domain::Policy;
-use service_kit::config::{KafkaArgs, RedisArgs, ServeArgs};
+use domain::Policy;
+use kit::config::{KafkaArgs, RedisArgs, ServeArgs};
 
 /// What the limiter itself needs, shared by the standalone binary and the all-in-one one.
 #[derive(Args, Debug, Clone)]
@@ -150,7 +150,7 @@ pub struct LimiterConfig {
     pub kafka: KafkaArgs,
     /// Used when `KAFKA_BROKERS` is unset: decisions are then counted in-process.
     #[command(flatten)]
-    pub worker: service_kit::config::WorkerArgs,
+    pub worker: kit::config::WorkerArgs,
     /// Enables the `/admin` routes (overrides, bucket peeks and resets), which then need
     /// `Authorization: Bearer <token>`; unset, they answer 404.
     #[arg(
@@ -167,7 +167,7 @@ pub struct LimiterConfig {
 pub struct PolicyArgs {
     /// Bucket capacity (the burst), in tokens.
     #[arg(long = "rate-limit-capacity", env = "RATE_LIMIT_CAPACITY", value_name = "RATE_LIMIT_CAPACITY", default_value_t = 10,
-          value_parser = clap::value_parser!(u64).range(1..=ratelimit_domain::bucket::MAX_CAPACITY))]
+          value_parser = clap::value_parser!(u64).range(1..=domain::bucket::MAX_CAPACITY))]
     pub capacity: u64,
     /// Refill rate in tokens per second; fractions allowed (0.5 = one token every 2 s).
     #[arg(long = "rate-limit-refill-per-sec", env = "RATE_LIMIT_REFILL_PER_SEC", value_name = "RATE_LIMIT_REFILL_PER_SEC",
@@ -189,7 +189,7 @@ impl PolicyArgs {
 }
 
 fn positive_rate(s: &str) -> Result<f64, String> {
-    use ratelimit_domain::bucket::{MAX_REFILL_PER_SEC, MIN_REFILL_PER_SEC};
+    use domain::bucket::{MAX_REFILL_PER_SEC, MIN_REFILL_PER_SEC};
     match s.parse::<f64>() {
         Ok(v) if (MIN_REFILL_PER_SEC..=MAX_REFILL_PER_SEC).contains(&v) => Ok(v),
         _ => Err(

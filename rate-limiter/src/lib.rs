@@ -22,10 +22,10 @@ pub mod limiter;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ratelimit_domain::{Clock, SystemClock};
-use service_kit::config::{KafkaArgs, RedisSettings};
-use service_kit::http::ServeLimits;
-use service_kit::stream::{self, ChannelReceiver, EventPublisher};
+use domain::{Clock, SystemClock};
+use kit::config::{KafkaArgs, RedisSettings};
+use kit::http::ServeLimits;
+use kit::stream::{self, ChannelReceiver, EventPublisher};
 use tokio_util::sync::CancellationToken;
 
 use crate::back::breaker::Breaker;
@@ -57,8 +57,7 @@ pub async fn build(
     let overrides = match &redis.buckets {
         Some(endpoint) => {
             let timeout = redis.timeout;
-            let conn =
-                service_kit::redis::connect(endpoint, timeout.max(Duration::from_millis(500)))?;
+            let conn = kit::redis::connect(endpoint, timeout.max(Duration::from_millis(500)))?;
             let overrides = Arc::new(back::overrides::Overrides::in_redis(
                 conn,
                 &redis.key_prefix,
@@ -98,7 +97,7 @@ pub async fn build(
     let (publisher, events): (Arc<dyn EventPublisher>, _) = match kafka.brokers() {
         #[cfg(feature = "kafka")]
         Some(brokers) => {
-            service_kit::kafka::ensure_topic(kafka, brokers, shutdown.clone());
+            kit::kafka::ensure_topic(kafka, brokers, shutdown.clone());
             (
                 Arc::new(back::kafka::KafkaPublisher::new(kafka, brokers)?),
                 None,
@@ -192,7 +191,7 @@ pub async fn run(
     listener: tokio::net::TcpListener,
     limiter: Arc<Limiter>,
     limits: &ServeLimits,
-    admin_token: Option<service_kit::admin::AdminToken>,
+    admin_token: Option<kit::admin::AdminToken>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     run_with(
@@ -211,7 +210,7 @@ pub async fn run_with(
     listener: tokio::net::TcpListener,
     limiter: Arc<Limiter>,
     limits: &ServeLimits,
-    admin_token: Option<service_kit::admin::AdminToken>,
+    admin_token: Option<kit::admin::AdminToken>,
     headers: ResponseHeaders,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
@@ -221,7 +220,7 @@ pub async fn run_with(
     };
     let router = front::http::router_with(limiter.clone(), &limits, admin_token, headers);
     tracing::info!(addr = %listener.local_addr()?, "rate limiter listening");
-    service_kit::http::serve(listener, router, shutdown, &limits).await
+    kit::http::serve(listener, router, shutdown, &limits).await
 }
 
 /// How long a stopping limiter lets in-flight requests finish: the configured grace, but
@@ -272,14 +271,14 @@ const INSTANCE_COUNT_INTERVAL: Duration = Duration::from_secs(2);
 /// limiter writes each second. While Redis is away the reports cannot be read and the last
 /// count stands: the outage is when it matters.
 fn spawn_instance_count(
-    reports: service_kit::report::Reports,
+    reports: kit::report::Reports,
     limiter: Arc<Limiter>,
     shutdown: CancellationToken,
 ) {
     tokio::spawn(async move {
-        let mut every = service_kit::every::Every::new(INSTANCE_COUNT_INTERVAL, shutdown);
+        let mut every = kit::every::Every::new(INSTANCE_COUNT_INTERVAL, shutdown);
         while every.tick().await {
-            if let Ok(live) = reports.read(service_kit::report::Role::Limiter).await
+            if let Ok(live) = reports.read(kit::report::Role::Limiter).await
                 && !live.is_empty()
             {
                 limiter.set_fallback_parts(live.len() as u64);
@@ -292,8 +291,8 @@ fn spawn_instance_count(
 /// counts its decisions in-process into the configured counter store.
 pub struct Standalone {
     pub limiter: Arc<Limiter>,
-    worker: Option<analytics_counters::SpawnedWorker>,
-    admin_token: Option<service_kit::admin::AdminToken>,
+    worker: Option<counters::SpawnedWorker>,
+    admin_token: Option<kit::admin::AdminToken>,
     args: LimiterArgs,
     headers: ResponseHeaders,
 }
@@ -315,13 +314,13 @@ impl Standalone {
         )
         .await?;
         // For a standalone gateway's /status: this instance's decisions and events.
-        if let Some(reports) = service_kit::report::Reports::from_settings(&redis)? {
+        if let Some(reports) = kit::report::Reports::from_settings(&redis)? {
             if config.limiter.fail_open_instances.is_none() {
                 spawn_instance_count(reports.clone(), limiter.clone(), shutdown.clone());
             }
             let limiter = limiter.clone();
             reports.spawn_writer(
-                service_kit::report::Role::Limiter,
+                kit::report::Role::Limiter,
                 instance_id,
                 move || limiter.report(),
                 shutdown.clone(),
@@ -329,8 +328,8 @@ impl Standalone {
         }
         let worker = match events {
             Some(events) => {
-                let store = analytics_counters::counter_store(&redis, &config.worker)?;
-                Some(analytics_counters::SpawnedWorker::in_process(
+                let store = counters::counter_store(&redis, &config.worker)?;
+                Some(counters::SpawnedWorker::in_process(
                     events,
                     store,
                     config.worker.batch_max as usize,
@@ -341,9 +340,7 @@ impl Standalone {
         Ok(Self {
             limiter,
             worker,
-            admin_token: service_kit::admin::AdminToken::from_setting(
-                config.admin_token.as_deref(),
-            ),
+            admin_token: kit::admin::AdminToken::from_setting(config.admin_token.as_deref()),
             args: config.limiter.clone(),
             headers: config.grpc.response_headers,
         })

@@ -2,7 +2,7 @@
 //! limit service over gRPC on `GRPC_PORT`.
 
 use clap::Parser;
-use service_kit::runtime;
+use kit::runtime;
 
 // mimalloc: the allocator was ~15 % of CPU with glibc malloc (BENCHMARKS.md).
 #[global_allocator]

@@ -5,9 +5,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use domain::api::CheckRequest;
 use rate_limiter::config::LimiterConfig;
 use rate_limiter::limiter::Limiter;
-use ratelimit_domain::api::CheckRequest;
 use testkit::{RedisServer, unique};
 use tokio_util::sync::CancellationToken;
 

@@ -310,7 +310,7 @@ async fn mistakes_are_over_the_limit_never_errors() {
 }
 
 /// A cost the service will not honour is over the limit for its descriptor, and the call
-/// spends nothing anywhere: above [`ratelimit_domain::api::MAX_COST`] (once an error that
+/// spends nothing anywhere: above [`domain::api::MAX_COST`] (once an error that
 /// Envoy let through), above a rule's capacity, and above an override's capacity on a
 /// descriptor no rule covers (once `OK`: the capacity was checked against the rules only).
 #[tokio::test]

@@ -5,8 +5,8 @@
 use std::alloc::System;
 use std::sync::Arc;
 
+use domain::{ManualClock, Policy};
 use rate_limiter::back::store::MemoryStore;
-use ratelimit_domain::{ManualClock, Policy};
 use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
 
 #[global_allocator]

@@ -14,10 +14,10 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use analytics_counters::SpawnedWorker;
 use clap::Parser;
-use ratelimit_domain::analytics::AnalyticsReader;
-use service_kit::config::{KafkaArgs, RedisArgs, WorkerArgs};
+use counters::SpawnedWorker;
+use domain::analytics::AnalyticsReader;
+use kit::config::{KafkaArgs, RedisArgs, WorkerArgs};
 use testkit::{KafkaBroker, RedisServer, Service, unique};
 use tokio_util::sync::CancellationToken;
 
@@ -129,10 +129,9 @@ impl Rig {
         ])
         .unwrap();
         let redis = config.redis.resolve().unwrap();
-        let store = analytics_counters::counter_store(&redis, &config.worker).unwrap();
+        let store = counters::counter_store(&redis, &config.worker).unwrap();
         let worker = SpawnedWorker::kafka(&config.kafka, &brokers, store, 5_000).unwrap();
-        let reader =
-            analytics_counters::redis_reader(redis.analytics.as_ref().unwrap(), &redis).unwrap();
+        let reader = counters::redis_reader(redis.analytics.as_ref().unwrap(), &redis).unwrap();
         (worker, reader)
     }
 

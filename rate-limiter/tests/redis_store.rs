@@ -3,10 +3,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use domain::Policy;
+use kit::redis::Endpoint;
 use rate_limiter::back::store::contract::{self, Advance, TakeExt};
 use rate_limiter::back::store::{BucketStore, RedisStore};
-use ratelimit_domain::Policy;
-use service_kit::redis::Endpoint;
 use testkit::{RedisCluster, RedisServer, unique};
 
 fn store(redis: &RedisServer, prefix: &str, policy: Policy) -> RedisStore {
@@ -95,7 +95,7 @@ async fn bucket_key_expires_when_the_bucket_would_be_full() {
     let prefix = unique("ttl");
     let s = store(&redis, &prefix, Policy::new(4, 10.0).unwrap());
     s.take("u{1}", 2).await.unwrap();
-    let key = ratelimit_domain::keys::bucket_key(&prefix, "u{1}");
+    let key = domain::keys::bucket_key(&prefix, "u{1}");
     let mut conn = raw(&redis).await;
     let ttl: i64 = redis::cmd("PTTL")
         .arg(&key)
@@ -123,7 +123,7 @@ async fn a_bucket_is_16_bytes_and_the_earlier_text_form_is_still_read() {
     s.take("new", 3).await.unwrap();
     let mut conn = raw(&redis).await;
     let len: usize = redis::cmd("STRLEN")
-        .arg(ratelimit_domain::keys::bucket_key(&prefix, "new"))
+        .arg(domain::keys::bucket_key(&prefix, "new"))
         .query_async(&mut conn)
         .await
         .unwrap();
@@ -131,7 +131,7 @@ async fn a_bucket_is_16_bytes_and_the_earlier_text_form_is_still_read() {
     // A bucket written by an earlier version: 5 tokens, updated now (Redis's clock).
     let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(&mut conn).await.unwrap();
     let _: () = redis::cmd("SET")
-        .arg(ratelimit_domain::keys::bucket_key(&prefix, "old"))
+        .arg(domain::keys::bucket_key(&prefix, "old"))
         .arg(format!("5 {}", secs * 1_000_000 + micros))
         .arg("PX")
         .arg(60_000)
@@ -152,7 +152,7 @@ async fn a_refused_take_writes_nothing_and_its_retry_after_is_exact() {
     let prefix = unique("refused");
     // 3 tokens per second: waits are fractions of a millisecond that do not divide evenly.
     let s = store(&redis, &prefix, Policy::new(2, 3.0).unwrap());
-    let key = ratelimit_domain::keys::bucket_key(&prefix, "u");
+    let key = domain::keys::bucket_key(&prefix, "u");
     let mut conn = raw(&redis).await;
     for round in 0..5 {
         while s.take("u", 1).await.unwrap().is_allowed() {}
@@ -262,7 +262,7 @@ async fn calls_fail_fast_while_redis_is_down() {
 /// answers at once, its `PX` expiry is an integer Redis takes, and the waits are exact.
 #[tokio::test]
 async fn the_widest_policy_allowed_is_decided_in_one_quick_script() {
-    use ratelimit_domain::bucket::{MAX_CAPACITY, MAX_REFILL_SECS};
+    use domain::bucket::{MAX_CAPACITY, MAX_REFILL_SECS};
     let redis = RedisServer::start();
     let policy = Policy::new(MAX_CAPACITY, MAX_CAPACITY as f64 / MAX_REFILL_SECS).unwrap();
     let prefix = unique("widest");
@@ -282,7 +282,7 @@ async fn the_widest_policy_allowed_is_decided_in_one_quick_script() {
     let mut conn = raw(&redis).await;
     // The bucket's key (beside it, the batch's remembered answers expire within seconds).
     let ttl: i64 = redis::cmd("PTTL")
-        .arg(ratelimit_domain::keys::bucket_key(&prefix, "u"))
+        .arg(domain::keys::bucket_key(&prefix, "u"))
         .query_async(&mut conn)
         .await
         .unwrap();
@@ -332,13 +332,13 @@ async fn a_batch_gets_a_deadline_that_fits_its_size() {
 
 fn take(
     key: &str,
-    algorithm: ratelimit_domain::limits::Algorithm,
+    algorithm: domain::limits::Algorithm,
     requests: u64,
     secs: u64,
     cost: i64,
-) -> ratelimit_domain::store::RequestTake {
-    use ratelimit_domain::limits::{Applied, LimitSpec};
-    use ratelimit_domain::store::{LimitTake, RequestTake};
+) -> domain::store::RequestTake {
+    use domain::limits::{Applied, LimitSpec};
+    use domain::store::{LimitTake, RequestTake};
     RequestTake {
         limits: vec![LimitTake {
             key: key.into(),
@@ -351,7 +351,7 @@ fn take(
     }
 }
 
-async fn allowed(store: &RedisStore, t: ratelimit_domain::store::RequestTake) -> bool {
+async fn allowed(store: &RedisStore, t: domain::store::RequestTake) -> bool {
     store
         .decide_many(&[t])
         .await
@@ -367,7 +367,7 @@ async fn allowed(store: &RedisStore, t: ratelimit_domain::store::RequestTake) ->
 /// window with a zero count. Simulated by a window written in the future: its count stands.
 #[tokio::test]
 async fn a_clock_that_steps_back_never_reopens_a_window() {
-    use ratelimit_domain::limits::Algorithm;
+    use domain::limits::Algorithm;
     use redis::AsyncCommands;
     let redis = RedisServer::start();
     let s = store(&redis, &unique("back"), Policy::new(10, 1.0).unwrap());
@@ -396,7 +396,7 @@ async fn a_clock_that_steps_back_never_reopens_a_window() {
 /// a slower refill its key expired early and the bucket came back full.
 #[tokio::test]
 async fn a_slower_refill_keeps_the_count() {
-    use ratelimit_domain::limits::Algorithm;
+    use domain::limits::Algorithm;
     use redis::AsyncCommands;
     let redis = RedisServer::start();
     let s = store(&redis, &unique("slower"), Policy::new(10, 10.0).unwrap());
@@ -450,8 +450,7 @@ async fn a_batch_that_timed_out_after_running_is_answered_from_that_run() {
 async fn redis_overrides_pass_the_override_store_contract() {
     let redis = RedisServer::start();
     let conn =
-        service_kit::redis::connect(&Endpoint::single(redis.url()), Duration::from_millis(500))
-            .unwrap();
+        kit::redis::connect(&Endpoint::single(redis.url()), Duration::from_millis(500)).unwrap();
     let store = rate_limiter::back::overrides::RedisOverrides::new(
         conn,
         &unique("overrides"),

@@ -13,14 +13,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
+use domain::Policy;
+use domain::api::CheckError;
+use domain::api::CheckRequest;
+use kit::report::{Reports, Role};
 use rate_limiter::back::store::contract::{self, Advance};
 use rate_limiter::back::store::{BucketStore, RedisStore};
 use rate_limiter::config::LimiterConfig;
 use rate_limiter::limiter::Limiter;
-use ratelimit_domain::Policy;
-use ratelimit_domain::api::CheckError;
-use ratelimit_domain::api::CheckRequest;
-use service_kit::report::{Reports, Role};
 use testkit::{Certificates, RedisCluster, RedisOptions, RedisServer, unique};
 use tokio_util::sync::CancellationToken;
 
@@ -270,8 +270,7 @@ async fn over_tls_the_standalone_limiter_counts_and_reports_in_redis() {
     // Stopping counts what is left.
     shutdown.cancel();
     serving.await.unwrap().unwrap();
-    let counters =
-        analytics_counters::redis_reader(redis.analytics.as_ref().unwrap(), &redis).unwrap();
+    let counters = counters::redis_reader(redis.analytics.as_ref().unwrap(), &redis).unwrap();
     let alice = counters.get("alice").await.unwrap();
     assert_eq!((alice.total, alice.allowed, alice.blocked), (4, 3, 1));
 }

@@ -8,18 +8,18 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use domain::api::CheckRequest;
+use domain::descriptor::{Descriptor, Entry};
+use domain::rules::RuleSet;
+use domain::{Clock, ManualClock, Policy};
+use kit::redis::Endpoint;
+use kit::stream::NullPublisher;
 use rate_limiter::back::breaker::Breaker;
 use rate_limiter::back::overrides::{OverrideDoc, Overrides};
 use rate_limiter::back::rules::Rules;
 use rate_limiter::back::store::{BucketStore, MemoryStore, RedisStore};
 use rate_limiter::config::FailMode;
 use rate_limiter::limiter::{Checked, Limiter, Parts};
-use ratelimit_domain::api::CheckRequest;
-use ratelimit_domain::descriptor::{Descriptor, Entry};
-use ratelimit_domain::rules::RuleSet;
-use ratelimit_domain::{Clock, ManualClock, Policy};
-use service_kit::redis::Endpoint;
-use service_kit::stream::NullPublisher;
 
 const RULES_A: &str = r#"
 domain: api
@@ -231,12 +231,12 @@ async fn refusals_cost_no_redis_call_and_a_reset_elsewhere_reaches_the_cache() {
         let endpoint = Endpoint::single(redis.url());
         let prefix = prefix.clone();
         async move {
-            let clock: Arc<dyn Clock> = Arc::new(ratelimit_domain::SystemClock);
+            let clock: Arc<dyn Clock> = Arc::new(domain::SystemClock);
             let store = Arc::new(
                 RedisStore::new(&endpoint, &prefix, policy, Duration::from_secs(1)).unwrap(),
             );
             let overrides = Arc::new(Overrides::in_redis(
-                service_kit::redis::connect(&endpoint, Duration::from_secs(1)).unwrap(),
+                kit::redis::connect(&endpoint, Duration::from_secs(1)).unwrap(),
                 &prefix,
                 Duration::from_secs(1),
             ));

@@ -925,8 +925,8 @@ async fn the_memory_board_keeps_the_contract() {
 #[tokio::test]
 async fn the_redis_board_keeps_the_contract() {
     let redis = RedisServer::start();
-    let endpoint = service_kit::redis::Endpoint::single(redis.url());
-    let conn = service_kit::redis::connect(&endpoint, Duration::from_secs(1)).unwrap();
+    let endpoint = kit::redis::Endpoint::single(redis.url());
+    let conn = kit::redis::connect(&endpoint, Duration::from_secs(1)).unwrap();
     let prefix = testkit::unique("board:");
     board_contract(&rate_limiter::front::rlqs::board::RedisBoard::new(
         conn,

@@ -10,9 +10,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use domain::analytics::UserAnalytics;
 use gateway::client::{HttpLimiterClient, SystemResolver};
 use rate_limiter::limiter::Limiter;
-use ratelimit_domain::analytics::UserAnalytics;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;

@@ -1,7 +1,7 @@
 //! The in-process stream: events from a limiter in the same process.
 
 use async_trait::async_trait;
-use service_kit::stream::ChannelReceiver;
+use kit::stream::ChannelReceiver;
 
 use super::{EventSource, Record};
 
@@ -22,7 +22,7 @@ impl ChannelSource {
         }
     }
 
-    fn record(&mut self, event: ratelimit_domain::RateLimitEvent) -> Record {
+    fn record(&mut self, event: domain::RateLimitEvent) -> Record {
         let offset = self.next_offset;
         self.next_offset += 1;
         Record {
@@ -61,10 +61,10 @@ impl EventSource for ChannelSource {
 }
 
 /// An identity no other process has had, in the form of a publisher's epoch
-/// ([`ratelimit_domain::event::Stamp::new_epoch`]) so the counters can tell when it began.
+/// ([`domain::event::Stamp::new_epoch`]) so the counters can tell when it began.
 fn new_epoch() -> String {
     let now_secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    ratelimit_domain::event::Stamp::new_epoch(now_secs)
+    domain::event::Stamp::new_epoch(now_secs)
 }

@@ -5,14 +5,14 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
+use domain::RateLimitEvent;
 use futures::FutureExt;
-use ratelimit_domain::RateLimitEvent;
+use kit::config::KafkaArgs;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
 use rdkafka::error::KafkaError;
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
-use service_kit::config::KafkaArgs;
 
 use super::{Assignment, EventSource, Lag, Record};
 

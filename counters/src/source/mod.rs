@@ -6,8 +6,8 @@ mod channel;
 pub mod kafka;
 
 use async_trait::async_trait;
-use ratelimit_domain::RateLimitEvent;
-use ratelimit_domain::event::DecodeError;
+use domain::RateLimitEvent;
+use domain::event::DecodeError;
 
 pub use self::channel::ChannelSource;
 #[cfg(feature = "kafka")]

@@ -9,12 +9,12 @@ use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::http::{Request, StatusCode, header};
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::connect::HttpConnector;
-use ratelimit_domain::api::{
+use domain::api::{
     BatchRequest, BatchResponse, BatchResult, CheckError, CheckRequest, CheckResponse, Generation,
     MAX_BATCH, RefusedCheck,
 };
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use super::ClientError;

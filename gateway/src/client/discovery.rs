@@ -131,7 +131,7 @@ impl Refresh {
     }
 
     pub(super) async fn every(self, interval: Duration, shutdown: CancellationToken) {
-        let mut every = service_kit::every::Every::after(interval, shutdown);
+        let mut every = kit::every::Every::after(interval, shutdown);
         while every.tick().await {
             self.once().await;
         }

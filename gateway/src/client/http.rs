@@ -8,11 +8,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 use axum::body::Bytes;
 use axum::http::{Request, StatusCode, Uri, header};
+use domain::api::{CheckRequest, CheckResponse, RefusedCheck};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use metrics::Unit;
-use ratelimit_domain::api::{CheckRequest, CheckResponse, RefusedCheck};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -26,7 +26,7 @@ use crate::refusals::GatewayRefusals;
 pub fn describe_metrics() {
     static DESCRIBED: Once = Once::new();
     DESCRIBED.call_once(|| {
-        service_kit::metrics::handle();
+        kit::metrics::handle();
         metrics::describe_histogram!(
             "gateway_limiter_batch_size",
             Unit::Count,

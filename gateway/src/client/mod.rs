@@ -15,9 +15,9 @@ use async_trait::async_trait;
 use axum::body::Bytes;
 use axum::http::StatusCode;
 pub use discovery::{Resolve, SystemResolver};
+use domain::api::{CheckError, CheckRequest, CheckResponse, FieldError};
 pub use http::{Batching, HttpLimiterClient, describe_metrics};
-use ratelimit_domain::api::{CheckError, CheckRequest, CheckResponse, FieldError};
-use service_kit::http::ApiError;
+use kit::http::ApiError;
 
 /// Why the limiter gave no decision.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]

@@ -9,8 +9,8 @@ use axum::extract::Request;
 use axum::http::{HeaderValue, header};
 use axum::middleware::Next;
 use axum::response::IntoResponse;
+use domain::api::FieldError;
 use http_body_util::BodyExt;
-use ratelimit_domain::api::FieldError;
 
 use super::ApiError;
 

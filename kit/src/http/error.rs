@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use ratelimit_domain::api::{CheckError, ErrorBody, FieldError, MAX_BODY_BYTES};
+use domain::api::{CheckError, ErrorBody, FieldError, MAX_BODY_BYTES};
 
 /// Everything a handler can answer besides success. Mapped to a status and a JSON
 /// [`ErrorBody`] in [`IntoResponse`] below, and nowhere else.

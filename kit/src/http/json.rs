@@ -4,7 +4,7 @@
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
 use axum::http::{HeaderMap, StatusCode, header};
-use ratelimit_domain::api::{FieldError, FromJson};
+use domain::api::{FieldError, FromJson};
 
 use super::ApiError;
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::error_handling::HandleErrorLayer;
 use axum::extract::DefaultBodyLimit;
-use ratelimit_domain::api::MAX_BODY_BYTES;
+use domain::api::MAX_BODY_BYTES;
 
 use super::body::{BodyLimit, with_buffered_bodies};
 use super::{ApiError, ServeLimits};

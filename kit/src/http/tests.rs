@@ -7,7 +7,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::Response;
 use http_body_util::BodyExt;
 
-use ratelimit_domain::api::FieldError;
+use domain::api::FieldError;
 
 use super::json::is_json;
 use super::*;

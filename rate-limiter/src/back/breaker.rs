@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
-use ratelimit_domain::Clock;
+use domain::Clock;
 
 /// Where the breaker stands, for `/readyz` and metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -142,7 +142,7 @@ impl Breaker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ratelimit_domain::ManualClock;
+    use domain::ManualClock;
 
     const MS: u64 = 1_000;
 

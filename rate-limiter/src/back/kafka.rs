@@ -17,14 +17,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use ratelimit_domain::RateLimitEvent;
-use ratelimit_domain::event::Stamp;
+use domain::RateLimitEvent;
+use domain::event::Stamp;
+use kit::config::KafkaArgs;
+use kit::stream::{DropCounter, EventPublisher, PublisherStats};
 use rdkafka::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{DeliveryResult, Message};
 use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
-use service_kit::config::KafkaArgs;
-use service_kit::stream::{DropCounter, EventPublisher, PublisherStats};
 
 #[derive(Default)]
 struct Counters {
@@ -216,7 +216,7 @@ impl EventPublisher for KafkaPublisher {
 mod tests {
     use super::*;
     use clap::Parser;
-    use ratelimit_domain::event::SCHEMA_VERSION;
+    use domain::event::SCHEMA_VERSION;
 
     #[derive(Parser)]
     struct Cfg {

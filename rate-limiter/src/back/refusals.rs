@@ -29,9 +29,9 @@ use std::borrow::Cow;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use ratelimit_domain::limits::{LimitOutcome, Outcome};
-use ratelimit_domain::store::RequestTake;
-use service_kit::expiring::ExpiringMap;
+use domain::limits::{LimitOutcome, Outcome};
+use domain::store::RequestTake;
+use kit::expiring::ExpiringMap;
 
 use crate::back::overrides::RoomSlots;
 
@@ -168,10 +168,10 @@ impl Refusals {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ratelimit_domain::Policy;
-    use ratelimit_domain::Quota;
-    use ratelimit_domain::limits::{Applied, LimitSpec};
-    use ratelimit_domain::store::LimitTake;
+    use domain::Policy;
+    use domain::Quota;
+    use domain::limits::{Applied, LimitSpec};
+    use domain::store::LimitTake;
 
     fn take(key: &str, cost: i64, shadow: bool) -> RequestTake {
         RequestTake {

@@ -18,8 +18,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use kit::redis::{Connection, Scripts, with_deadline};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use service_kit::redis::{Connection, Scripts, with_deadline};
 use tokio_util::sync::CancellationToken;
 
 use crate::back::store::outbox::{Entry, OutboxKeys, STREAMS};
@@ -159,10 +159,7 @@ impl Relay {
             keys,
             producer,
             topic: topic.to_owned(),
-            me: format!(
-                "{instance_id}/{}",
-                ratelimit_domain::event::Stamp::new_epoch(now)
-            ),
+            me: format!("{instance_id}/{}", domain::event::Stamp::new_epoch(now)),
             lease,
             timeout: timeout.max(Duration::from_millis(500)),
             scripts: Scripts::new(&[LEASE_SCRIPT, TRIM_SCRIPT, RELEASE_SCRIPT, READ_SCRIPT]),

@@ -19,9 +19,9 @@
 use std::sync::Arc;
 
 use crate::config::FailMode;
-use ratelimit_domain::event::EventTemplate;
-use ratelimit_domain::limits::Outcome;
-use ratelimit_domain::store::RequestTake;
+use domain::event::EventTemplate;
+use domain::limits::Outcome;
+use domain::store::RequestTake;
 
 use crate::back::breaker::Breaker;
 use crate::back::store::{BucketStore, MemoryStore};

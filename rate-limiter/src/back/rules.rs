@@ -18,8 +18,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use ratelimit_domain::Policy;
-use ratelimit_domain::rules::{MAX_RULES_FILE_BYTES, RuleSet};
+use domain::Policy;
+use domain::rules::{MAX_RULES_FILE_BYTES, RuleSet};
 use tokio_util::sync::CancellationToken;
 
 /// How often the watcher looks at the rules files.
@@ -90,7 +90,7 @@ impl Rules {
         let rules = Arc::downgrade(self);
         tokio::spawn(async move {
             let mut seen = fingerprint(&path).await;
-            let mut every = service_kit::every::Every::new(POLL_INTERVAL, shutdown);
+            let mut every = kit::every::Every::new(POLL_INTERVAL, shutdown);
             while every.tick().await {
                 let Some(rules) = rules.upgrade() else { return };
                 let now = fingerprint(&path).await;

@@ -16,16 +16,16 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get};
 use axum::{Json, Router};
-use ratelimit_domain::api::{CheckRequest, FieldError, FromJson};
+use domain::api::{CheckRequest, FieldError, FromJson};
+use kit::admin::AdminToken;
+use kit::http::ApiError;
 use serde_json::json;
-use service_kit::admin::AdminToken;
-use service_kit::http::ApiError;
 
 use crate::back::overrides::{OverrideDoc, OverrideError};
 use crate::limiter::Limiter;
 
 /// Largest `PUT /admin/overrides` body.
-pub const MAX_OVERRIDE_BODY_BYTES: usize = ratelimit_domain::api::MAX_ADMIN_BODY_BYTES;
+pub const MAX_OVERRIDE_BODY_BYTES: usize = domain::api::MAX_ADMIN_BODY_BYTES;
 
 /// The `/admin` routes, guarded by `token`.
 pub fn routes(limiter: Arc<Limiter>, token: Option<AdminToken>) -> Router {
@@ -34,7 +34,7 @@ pub fn routes(limiter: Arc<Limiter>, token: Option<AdminToken>) -> Router {
         .route("/admin/overrides/{id}", delete(remove))
         .route("/admin/buckets", get(peek).delete(reset))
         .route_layer(axum::middleware::from_fn(move |req, next| {
-            service_kit::admin::require_configured(token.clone(), req, next)
+            kit::admin::require_configured(token.clone(), req, next)
         }))
         .layer(axum::extract::DefaultBodyLimit::max(
             MAX_OVERRIDE_BODY_BYTES,
@@ -64,7 +64,7 @@ async fn list(State(limiter): State<Arc<Limiter>>) -> Json<serde_json::Value> {
 }
 
 async fn put(State(limiter): State<Arc<Limiter>>, body: Bytes) -> Result<Response, ApiError> {
-    let doc: OverrideDoc = ratelimit_domain::api::decode(&body)?;
+    let doc: OverrideDoc = domain::api::decode(&body)?;
     let id = doc.id.clone();
     limiter.overrides().put(doc).await?;
     Ok((StatusCode::OK, Json(json!({"id": id}))).into_response())

@@ -31,6 +31,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::FailMode;
+use domain::api::{
+    CheckError, CheckRequest, CheckResponse, FieldError, LimitStatus, MAX_COST, MAX_DESCRIPTORS,
+    MAX_ENTRIES, MAX_KEY_BYTES, analytics_identity, canonical_user_id,
+};
+use domain::descriptor::{Descriptor, Entry};
 use envoy_types::pb::envoy::config::core::v3::HeaderValue;
 use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::rate_limit::Unit;
@@ -41,13 +46,8 @@ use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::{
     RateLimitService as RateLimitServiceGrpc, RateLimitServiceServer,
 };
 use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
-use ratelimit_domain::api::{
-    CheckError, CheckRequest, CheckResponse, FieldError, LimitStatus, MAX_COST, MAX_DESCRIPTORS,
-    MAX_ENTRIES, MAX_KEY_BYTES, analytics_identity, canonical_user_id,
-};
-use ratelimit_domain::descriptor::{Descriptor, Entry};
-use service_kit::every::Every;
-use service_kit::http::ServeLimits;
+use kit::every::Every;
+use kit::http::ServeLimits;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ResponseHeaders;
@@ -145,8 +145,8 @@ impl RateLimitService {
             Code::Ok
         };
         let fields = match self.headers {
-            ResponseHeaders::Ietf => ratelimit_domain::headers::ietf(&decision),
-            ResponseHeaders::Envoy => ratelimit_domain::headers::trio(&decision),
+            ResponseHeaders::Ietf => domain::headers::ietf(&decision),
+            ResponseHeaders::Envoy => domain::headers::trio(&decision),
             ResponseHeaders::Off => Vec::new(),
         };
         Ok(RateLimitResponse {

@@ -11,12 +11,12 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use ratelimit_domain::api::{
+use domain::api::{
     BatchRequest, BatchResponse, BatchResult, CheckRequest, CheckResponse, FieldError,
     MAX_BATCH_BODY_BYTES,
 };
+use kit::http::{ApiError, ServeLimits, ValidJson, liveness, with_guards};
 use serde_json::json;
-use service_kit::http::{ApiError, ServeLimits, ValidJson, liveness, with_guards};
 
 use crate::config::ResponseHeaders;
 use crate::front::grpc::{self, CallError, RateLimitService};
@@ -27,7 +27,7 @@ use crate::limiter::Limiter;
 pub fn router(
     limiter: Arc<Limiter>,
     limits: &ServeLimits,
-    admin_token: Option<service_kit::admin::AdminToken>,
+    admin_token: Option<kit::admin::AdminToken>,
 ) -> Router {
     router_with(limiter, limits, admin_token, ResponseHeaders::default())
 }
@@ -36,7 +36,7 @@ pub fn router(
 pub fn router_with(
     limiter: Arc<Limiter>,
     limits: &ServeLimits,
-    admin_token: Option<service_kit::admin::AdminToken>,
+    admin_token: Option<kit::admin::AdminToken>,
     headers: ResponseHeaders,
 ) -> Router {
     let admin = crate::front::admin::routes(limiter.clone(), admin_token);
@@ -57,9 +57,9 @@ pub fn router_with(
         .with_state(limiter)
         .merge(admin)
         .merge(envoy);
-    let routes = service_kit::metrics::with_http_metrics(routes, "rate-limiter");
+    let routes = kit::metrics::with_http_metrics(routes, "rate-limiter");
     // Outside the load shedder: a limiter at its in-flight limit is busy, not dead.
-    let probes = service_kit::metrics::with_http_metrics(liveness(), "rate-limiter");
+    let probes = kit::metrics::with_http_metrics(liveness(), "rate-limiter");
     with_guards(routes, probes, MAX_BATCH_BODY_BYTES, limits)
 }
 
@@ -139,7 +139,7 @@ async fn envoy_json(
 
 async fn metrics(State(limiter): State<Arc<Limiter>>) -> axum::response::Response {
     limiter.export_metrics();
-    service_kit::metrics::render()
+    kit::metrics::render()
 }
 
 async fn ready(State(limiter): State<Arc<Limiter>>) -> (StatusCode, Json<serde_json::Value>) {

@@ -1,11 +1,11 @@
 //! The decision as the limiter answers and publishes it.
 
-use ratelimit_domain::api::{CheckRequest, CheckResponse, LimitStatus};
-use ratelimit_domain::descriptor::DEFAULT_DOMAIN;
-use ratelimit_domain::event::{RuleHit, RuleOutcome};
-use ratelimit_domain::keys::DEFAULT_LIMIT_NAME;
-use ratelimit_domain::limits::Outcome;
-use ratelimit_domain::{Decision, Quota};
+use domain::api::{CheckRequest, CheckResponse, LimitStatus};
+use domain::descriptor::DEFAULT_DOMAIN;
+use domain::event::{RuleHit, RuleOutcome};
+use domain::keys::DEFAULT_LIMIT_NAME;
+use domain::limits::Outcome;
+use domain::{Decision, Quota};
 
 use super::plan::Plan;
 

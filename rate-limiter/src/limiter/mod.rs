@@ -23,14 +23,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use ratelimit_domain::api::{CheckError, CheckRequest, CheckResponse, RefusedCheck};
-use ratelimit_domain::descriptor::DEFAULT_DOMAIN;
-use ratelimit_domain::event::{EventTemplate, SCHEMA_VERSION};
-use ratelimit_domain::keys::DEFAULT_LIMIT_NAME;
-use ratelimit_domain::limits::{LimitOutcome, Outcome};
-use ratelimit_domain::store::RequestTake;
-use ratelimit_domain::{Clock, Quota, RateLimitEvent};
-use service_kit::stream::EventPublisher;
+use domain::api::{CheckError, CheckRequest, CheckResponse, RefusedCheck};
+use domain::descriptor::DEFAULT_DOMAIN;
+use domain::event::{EventTemplate, SCHEMA_VERSION};
+use domain::keys::DEFAULT_LIMIT_NAME;
+use domain::limits::{LimitOutcome, Outcome};
+use domain::store::RequestTake;
+use domain::{Clock, Quota, RateLimitEvent};
+use kit::stream::EventPublisher;
 
 use crate::back::breaker::{Breaker, BreakerState};
 use crate::back::overrides::Overrides;

@@ -4,11 +4,11 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ratelimit_domain::api::{CheckError, CheckRequest};
-use ratelimit_domain::keys::limit_key;
-use ratelimit_domain::limits::{Applied, LimitOutcome, Outcome};
-use ratelimit_domain::store::{LimitTake, RequestTake};
-use ratelimit_domain::{Decision, Quota};
+use domain::api::{CheckError, CheckRequest};
+use domain::keys::limit_key;
+use domain::limits::{Applied, LimitOutcome, Outcome};
+use domain::store::{LimitTake, RequestTake};
+use domain::{Decision, Quota};
 
 use super::{Checked, Limiter};
 
@@ -48,7 +48,7 @@ impl Limiter {
 
     /// Refuses `request` without asking the store, because its cost is one the service
     /// will not honour: above what some enforced limit (rules and overrides alike) can
-    /// ever admit, or above [`ratelimit_domain::api::MAX_COST`] (`never` is then true). Counted and published as
+    /// ever admit, or above [`domain::api::MAX_COST`] (`never` is then true). Counted and published as
     /// any refusal; every limit whose capacity is below the cost is refused, with a wait of
     /// its window; the others are reported as spent, with nothing taken. Callers that must
     /// not let an error through (Envoy's default `failure_mode_deny: false`) answer this

@@ -5,13 +5,13 @@
 
 use std::sync::atomic::Ordering;
 
-use ratelimit_domain::RateLimitEvent;
-use ratelimit_domain::api::CheckRequest;
-use ratelimit_domain::descriptor::DEFAULT_DOMAIN;
-use ratelimit_domain::event::{RuleHit, RuleOutcome, SCHEMA_VERSION};
-use ratelimit_domain::limits::Outcome;
+use domain::RateLimitEvent;
+use domain::api::CheckRequest;
+use domain::descriptor::DEFAULT_DOMAIN;
+use domain::event::{RuleHit, RuleOutcome, SCHEMA_VERSION};
+use domain::limits::Outcome;
 
-use ratelimit_domain::api::CheckError;
+use domain::api::CheckError;
 
 use super::{Checked, Limiter};
 use crate::back::resilience::Verdict;

@@ -15,7 +15,7 @@ use super::Limiter;
 pub fn describe_metrics() {
     static DESCRIBED: Once = Once::new();
     DESCRIBED.call_once(|| {
-        service_kit::metrics::handle();
+        kit::metrics::handle();
         metrics::describe_counter!(
             "ratelimit_decisions_total",
             Unit::Count,
@@ -104,11 +104,11 @@ impl Limiter {
     }
 
     /// This instance's numbers, for the deployment-wide `/status` of a standalone gateway.
-    pub fn report(&self) -> service_kit::report::Report {
+    pub fn report(&self) -> kit::report::Report {
         let s = &self.stats;
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let p = self.publisher.stats();
-        service_kit::report::Report {
+        kit::report::Report {
             allowed: load(&s.allowed),
             limited: load(&s.limited),
             degraded: load(&s.degraded),

@@ -1,9 +1,9 @@
 use super::*;
 use crate::back::store::StoreError;
 use async_trait::async_trait;
-use ratelimit_domain::ManualClock;
-use ratelimit_domain::Policy;
-use service_kit::stream::{NullPublisher, channel};
+use domain::ManualClock;
+use domain::Policy;
+use kit::stream::{NullPublisher, channel};
 use std::time::Duration;
 
 /// A store that is down, to exercise the fail modes without a network.
@@ -20,7 +20,7 @@ impl BucketStore for DownStore {
     async fn decide_many(
         &self,
         requests: &[RequestTake],
-    ) -> Result<Vec<ratelimit_domain::store::Decided>, StoreError> {
+    ) -> Result<Vec<domain::store::Decided>, StoreError> {
         Ok(requests
             .iter()
             .map(|_| Err(StoreError::Unavailable("down".into())))

@@ -21,11 +21,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use ratelimit_domain::api::{FieldError, FromJson};
-use ratelimit_domain::descriptor::{Descriptor, Entry};
-use ratelimit_domain::rules::{Rule, limits_from_json};
+use domain::api::{FieldError, FromJson};
+use domain::descriptor::{Descriptor, Entry};
+use domain::rules::{Rule, limits_from_json};
+use kit::redis::Connection;
 use serde::{Deserialize, Serialize};
-use service_kit::redis::Connection;
 use tokio_util::sync::CancellationToken;
 
 pub mod store;
@@ -58,7 +58,7 @@ pub struct OverrideDoc {
 }
 
 fn default_domain() -> String {
-    ratelimit_domain::descriptor::DEFAULT_DOMAIN.to_owned()
+    domain::descriptor::DEFAULT_DOMAIN.to_owned()
 }
 
 impl OverrideDoc {
@@ -81,9 +81,8 @@ impl OverrideDoc {
             "descriptors": [{"entries": self.entries}],
         });
         // The same checks as a request's descriptor (lengths, the identity rule).
-        let checked =
-            ratelimit_domain::api::CheckRequest::from_json(request.to_string().as_bytes())
-                .map_err(|e| FieldError::new(e.field.replace("descriptors[0].", ""), e.detail))?;
+        let checked = domain::api::CheckRequest::from_json(request.to_string().as_bytes())
+            .map_err(|e| FieldError::new(e.field.replace("descriptors[0].", ""), e.detail))?;
         if checked.domain != self.domain || checked.descriptors[0].entries != self.entries {
             return Err(FieldError::new(
                 "entries",
@@ -180,7 +179,7 @@ impl Default for RoomSlots {
 impl RoomSlots {
     /// The slot of a limit key (a hash stable across processes and versions).
     pub fn slot_of(key: &str) -> usize {
-        (ratelimit_domain::keys::stable_hash(key) % ROOM_SLOTS as u64) as usize
+        (domain::keys::stable_hash(key) % ROOM_SLOTS as u64) as usize
     }
 
     /// A mark of the slots of `keys` now: it moves when any of them moves.
@@ -339,7 +338,7 @@ impl Overrides {
             let mut seen_epoch: Option<Option<i64>> = None;
             // The slots' counts as last read (None: not read yet).
             let mut seen_slots: Option<HashMap<u64, i64>> = None;
-            let mut every = service_kit::every::Every::new(POLL_INTERVAL, shutdown);
+            let mut every = kit::every::Every::new(POLL_INTERVAL, shutdown);
             while every.tick().await {
                 let Some(overrides) = overrides.upgrade() else {
                     return;

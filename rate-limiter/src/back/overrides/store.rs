@@ -7,7 +7,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use service_kit::redis::{Connection, with_deadline};
+use kit::redis::{Connection, with_deadline};
 
 use super::{MAX_OVERRIDES, OverrideDoc, OverrideError};
 
@@ -241,7 +241,7 @@ pub async fn contract(store: &dyn OverrideStore) {
     let doc = |id: &str, value: &str| OverrideDoc {
         id: id.to_owned(),
         domain: "default".to_owned(),
-        entries: vec![ratelimit_domain::descriptor::Entry {
+        entries: vec![domain::descriptor::Entry {
             key: "api_key".to_owned(),
             value: value.to_owned(),
         }],

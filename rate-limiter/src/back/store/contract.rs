@@ -5,10 +5,10 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ratelimit_domain::{Decision, ManualClock, Policy};
+use domain::{Decision, ManualClock, Policy};
 
-use ratelimit_domain::limits::{Algorithm, Applied, LimitSpec, Outcome};
-use ratelimit_domain::store::{BucketStore, LimitTake, RequestTake, StoreError};
+use domain::limits::{Algorithm, Applied, LimitSpec, Outcome};
+use domain::store::{BucketStore, LimitTake, RequestTake, StoreError};
 
 /// A user's bucket of the store's built-in policy, the form most checks are written in:
 /// [`BucketStore::decide_many`] with one token bucket per request.
@@ -31,7 +31,7 @@ pub trait TakeExt: BucketStore {
             .iter()
             .map(|&(user_id, cost)| {
                 RequestTake::bucket(
-                    ratelimit_domain::keys::bucket_key(self.key_prefix(), user_id),
+                    domain::keys::bucket_key(self.key_prefix(), user_id),
                     *self.policy(),
                     cost,
                 )

@@ -14,9 +14,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use ratelimit_domain::limits::{Applied, LimitSpec, LimitState, Outcome, Window, decide_all};
-use ratelimit_domain::store::{Decided, RequestTake};
-use ratelimit_domain::{Clock, Decision, Policy, keys};
+use domain::limits::{Applied, LimitSpec, LimitState, Outcome, Window, decide_all};
+use domain::store::{Decided, RequestTake};
+use domain::{Clock, Decision, Policy, keys};
 use tokio_util::sync::CancellationToken;
 
 use super::{BucketStore, StoreError};
@@ -102,7 +102,7 @@ impl MemoryStore {
         let now = self.clock.now_us();
         let left = remaining / parts;
         let seeded = match share {
-            LimitSpec::TokenBucket(p) => LimitState::Bucket(ratelimit_domain::BucketState {
+            LimitSpec::TokenBucket(p) => LimitState::Bucket(domain::BucketState {
                 tokens: (left as f64).min(p.capacity() as f64),
                 updated_us: now,
             }),
@@ -179,7 +179,7 @@ impl MemoryStore {
     pub fn spawn_sweeper(self: &Arc<Self>, interval: Duration, shutdown: CancellationToken) {
         let store = Arc::downgrade(self);
         tokio::spawn(async move {
-            let mut every = service_kit::every::Every::new(interval, shutdown);
+            let mut every = kit::every::Every::new(interval, shutdown);
             while every.tick().await {
                 let Some(store) = store.upgrade() else { return };
                 // retain() walks a million buckets in tens of milliseconds: off the runtime.
@@ -305,7 +305,7 @@ impl BucketStore for MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ratelimit_domain::ManualClock;
+    use domain::ManualClock;
 
     fn store(capacity: u64, rate: f64) -> (Arc<ManualClock>, MemoryStore) {
         let clock = Arc::new(ManualClock::new(1_000_000));
@@ -343,8 +343,8 @@ mod tests {
     /// a slower refill it was forgotten early and came back full.
     #[tokio::test]
     async fn a_slower_refill_keeps_the_count() {
-        use ratelimit_domain::limits::{Algorithm, Applied, LimitSpec};
-        use ratelimit_domain::store::{LimitTake, RequestTake};
+        use domain::limits::{Algorithm, Applied, LimitSpec};
+        use domain::store::{LimitTake, RequestTake};
         let (clock, store) = store(10, 10.0);
         let take = |per_secs: u64, cost: i64| RequestTake {
             limits: vec![LimitTake {
@@ -408,8 +408,8 @@ mod tests {
     /// admits, and no deadlock.
     #[test]
     fn concurrent_multi_limit_requests_stay_all_or_nothing() {
-        use ratelimit_domain::limits::Algorithm;
-        use ratelimit_domain::store::LimitTake;
+        use domain::limits::Algorithm;
+        use domain::store::LimitTake;
         let (_clock, store) = store(10, 1.0);
         let store = Arc::new(store);
         let limit = |key: &str, requests: u64| LimitTake {

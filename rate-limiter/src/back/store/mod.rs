@@ -1,5 +1,5 @@
 //! Bucket stores: where token-bucket state lives. One trait
-//! ([`ratelimit_domain::store::BucketStore`]), two implementations (memory for the
+//! ([`domain::store::BucketStore`]), two implementations (memory for the
 //! embedded default, Redis for shared state), one contract suite (`contract`, behind the
 //! `testsuite` feature) that both must pass. On Redis, the decisions' events can ride in
 //! the deciding script, to an outbox stream ([`outbox`]).
@@ -11,7 +11,7 @@ mod memory;
 pub mod outbox;
 mod redis;
 
-pub use ratelimit_domain::store::{BucketStore, StoreError};
+pub use domain::store::{BucketStore, StoreError};
 
 pub use self::memory::MemoryStore;
 pub use self::redis::RedisStore;

@@ -16,7 +16,7 @@
 //! decision stands, as it does past the Kafka producer's buffer). The relay subtracts what
 //! it trims.
 
-use ratelimit_domain::event::EventTemplate;
+use domain::event::EventTemplate;
 
 /// How many streams the outbox spreads over: each has one relay at a time, so this is
 /// how many limiters can share the relaying.
@@ -62,7 +62,7 @@ impl OutboxKeys {
 
     /// The stream a user's events go to.
     pub fn stream_of(user_id: &str) -> usize {
-        (ratelimit_domain::keys::stable_hash(user_id) % STREAMS as u64) as usize
+        (domain::keys::stable_hash(user_id) % STREAMS as u64) as usize
     }
 
     pub fn max_stream_bytes(&self) -> u64 {
@@ -166,7 +166,7 @@ impl Entry {
     /// 2^47, so exact in the counters' Lua, whose numbers are doubles (an id's whole `ms ·
     /// 2^20` is not). Entry ids only grow in a stream, so whoever relays it, a repeat
     /// carries the stamp it had the first time.
-    pub fn event(&self, stream: usize) -> Result<ratelimit_domain::RateLimitEvent, EntryError> {
+    pub fn event(&self, stream: usize) -> Result<domain::RateLimitEvent, EntryError> {
         let (ms, n) = self.id_parts()?;
         let template: EventTemplate = serde_json::from_str(&self.template)
             .map_err(|e| EntryError::Malformed(self.id.clone(), e.to_string()))?;
@@ -176,8 +176,8 @@ impl Entry {
         };
         let mut event = template.event(allowed, admits, ms);
         let secs = ms / 1000;
-        let day = secs - secs % ratelimit_domain::event::Stamp::EPOCH_LIFETIME_SECS;
-        event.stamp = Some(ratelimit_domain::event::Stamp {
+        let day = secs - secs % domain::event::Stamp::EPOCH_LIFETIME_SECS;
+        event.stamp = Some(domain::event::Stamp {
             epoch: format!("{day:x}-ob{stream}"),
             seq: ((ms - day * 1000) << 20) | n.min((1 << 20) - 1),
         });
@@ -199,7 +199,7 @@ impl Entry {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ratelimit_domain::event::{RuleOutcome, Stamp};
+    use domain::event::{RuleOutcome, Stamp};
 
     fn template(user: &str) -> EventTemplate {
         EventTemplate {

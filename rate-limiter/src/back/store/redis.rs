@@ -1,27 +1,25 @@
 //! The shared bucket store: one atomic round trip to Redis per decision.
 //!
 //! The decision runs inside Redis as a Lua script (loaded once, called with EVALSHA and
-//! reloaded on NOSCRIPT through `service_kit::redis::Scripts`), using Redis's own `TIME` so that every limiter
-//! host agrees on the clock. The arithmetic mirrors [`ratelimit_domain::bucket::decide`]
+//! reloaded on NOSCRIPT through `kit::redis::Scripts`), using Redis's own `TIME` so that every limiter
+//! host agrees on the clock. The arithmetic mirrors [`domain::bucket::decide`]
 //! operation for operation, except that a refused request writes nothing (a write is a
 //! Redis call, replicated; the refill it would record is recomputed from the stored state
 //! next time). A bucket is 16 bytes, the tokens and the µs of the last update as two
 //! little-endian doubles (`struct.pack`, cheaper in Lua than formatting and parsing text;
 //! the earlier text form is still read), that expires when it would be full again, and its
-//! key carries the user id as a hash tag ([`ratelimit_domain::keys`]) so the script is legal
+//! key carries the user id as a hash tag ([`domain::keys`]) so the script is legal
 //! on Redis Cluster. Every request shares one multiplexed connection (pipelined), never a
 //! connection per request.
 
 use std::time::Duration;
 
 use async_trait::async_trait;
-use ratelimit_domain::event::EventTemplate;
-use ratelimit_domain::limits::{LimitOutcome, LimitSpec, Outcome, Window};
-use ratelimit_domain::store::{Decided, RequestTake};
-use ratelimit_domain::{Policy, Quota};
-use service_kit::redis::{
-    Connection, Endpoint, Scripts, connect, describe, is_noscript, with_deadline,
-};
+use domain::event::EventTemplate;
+use domain::limits::{LimitOutcome, LimitSpec, Outcome, Window};
+use domain::store::{Decided, RequestTake};
+use domain::{Policy, Quota};
+use kit::redis::{Connection, Endpoint, Scripts, connect, describe, is_noscript, with_deadline};
 
 use super::memo::{RequestIds, memoized};
 use super::outbox::{OutboxKeys, outboxed};
@@ -88,7 +86,7 @@ return {0, math.floor(tokens), retry, full}
 
 /// Several limits of one request, all or nothing: every limit is evaluated first, and
 /// only when every enforced one admits the cost is it spent (on every limit that admits
-/// it). It mirrors [`ratelimit_domain::limits::decide_all`] operation for operation.
+/// it). It mirrors [`domain::limits::decide_all`] operation for operation.
 ///
 /// ARGV: the cost (negative: a refund; 0: a peek), then four per key: the algorithm
 /// (1 token bucket, 2 fixed window, 3 sliding window), shadow (0/1), and two numbers

@@ -9,6 +9,7 @@
 //! body naming the field (theirs: a bare 400), and a store that is unavailable in
 //! fail-closed mode is a 503 (theirs: 400).
 
+use domain::api::FieldError;
 use envoy_types::pb::envoy::extensions::common::ratelimit::v3::{
     RateLimitDescriptor, rate_limit_descriptor,
 };
@@ -16,7 +17,6 @@ use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::rate_li
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::{Code, DescriptorStatus};
 use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
 use envoy_types::pb::google::protobuf::UInt64Value;
-use ratelimit_domain::api::FieldError;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
@@ -74,7 +74,7 @@ impl Number {
 
 /// Decodes a `/json` body into the protocol's request (validated later, as a gRPC call is).
 pub fn request(body: &[u8]) -> Result<RateLimitRequest, FieldError> {
-    let wire: RequestWire = ratelimit_domain::api::decode(body)?;
+    let wire: RequestWire = domain::api::decode(body)?;
     let hits_addend = match &wire.hits_addend {
         Some(n) => u32::try_from(n.get("hits_addend")?)
             .map_err(|_| FieldError::new("hits_addend", "must fit in 32 bits"))?,

@@ -14,7 +14,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use service_kit::redis::{Connection, with_deadline};
+use kit::redis::{Connection, with_deadline};
 
 /// Why the board could not be read or written.
 #[derive(Debug, thiserror::Error)]

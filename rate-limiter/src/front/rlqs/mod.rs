@@ -49,6 +49,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dashmap::DashMap;
+use domain::api::{CheckRequest, FromJson, MAX_ENTRIES, analytics_identity};
+use domain::{Clock, SystemClock};
 use envoy_types::pb::envoy::service::rate_limit_quota::v3::rate_limit_quota_response::{
     BucketAction, bucket_action,
 };
@@ -60,8 +62,6 @@ use envoy_types::pb::envoy::service::rate_limit_quota::v3::{
 };
 use envoy_types::pb::envoy::r#type::v3::{RateLimitStrategy, TokenBucket, rate_limit_strategy};
 use futures::{Stream, StreamExt};
-use ratelimit_domain::api::{CheckRequest, FromJson, MAX_ENTRIES, analytics_identity};
-use ratelimit_domain::{Clock, SystemClock};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
