@@ -49,6 +49,11 @@ pub struct Checked {
 
 impl Checked {
     pub fn to_response(&self) -> CheckResponse {
+        self.clone().into_response()
+    }
+
+    /// [`Checked::to_response`], without copying the limits.
+    pub fn into_response(self) -> CheckResponse {
         let quota = self.decision.quota();
         CheckResponse {
             allowed: self.decision.is_allowed(),
@@ -58,7 +63,7 @@ impl Checked {
             reset_after_ms: duration_ms_ceil(quota.reset_after),
             window_ms: duration_ms_ceil(self.window),
             degraded: self.degraded,
-            limits: self.limits.clone(),
+            limits: self.limits,
         }
     }
 
@@ -542,7 +547,7 @@ impl Limiter {
         &self,
         request: &CheckRequest,
     ) -> Result<CheckResponse, LimiterError> {
-        Ok(self.check(request).await?.to_response())
+        Ok(self.check(request).await?.into_response())
     }
 
     /// Whether the shared store answers and the breaker is closed. While the breaker is
