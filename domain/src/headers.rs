@@ -13,6 +13,8 @@
 //! Shadow limits are never shown (they are not the client's business), and a decision no
 //! enforced limit applied to has no field.
 
+use std::fmt::Write as _;
+
 use crate::api::{CheckResponse, LimitStatus};
 
 pub const RATELIMIT_POLICY: &str = "ratelimit-policy";
@@ -81,17 +83,21 @@ pub fn ietf(d: &CheckResponse) -> Vec<Field> {
     let Some(closest) = closest(d) else {
         return fields;
     };
-    let policies: Vec<String> = enforced(d)
-        .map(|l| {
-            format!(
-                "{};q={};w={}",
-                sf_string(&l.name),
-                l.limit,
-                secs_ceil(l.window_ms).max(1)
-            )
-        })
-        .collect();
-    fields.push((RATELIMIT_POLICY, policies.join(", ")));
+    // One string, written in place (this runs for every decision that answers headers).
+    let mut policies = String::new();
+    for (i, l) in enforced(d).enumerate() {
+        if i > 0 {
+            policies.push_str(", ");
+        }
+        let _ = write!(
+            policies,
+            "{};q={};w={}",
+            sf_string(&l.name),
+            l.limit,
+            secs_ceil(l.window_ms).max(1)
+        );
+    }
+    fields.push((RATELIMIT_POLICY, policies));
     fields.push((
         RATELIMIT,
         format!(
