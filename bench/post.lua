@@ -29,6 +29,9 @@ local three = os.getenv("BODY_MODE") == "three"
 -- BODY_MODE=envoy: the body as usual, and the user also in an `x-user` header (what the
 -- Envoy scenario's rate_limits action turns into a descriptor).
 local envoy = os.getenv("BODY_MODE") == "envoy"
+-- BODY_MODE=throttle: throttlecrab-server's POST /throttle body for the same user, with a
+-- limit no run reaches (the peer row of bench/run.sh).
+local throttle = os.getenv("BODY_MODE") == "throttle"
 
 local function configure(args)
   local p = (args and args[1]) or os.getenv("POPULATION")
@@ -69,6 +72,10 @@ function request()
   if envoy then
     return wrk.format("POST", nil, { ["Content-Type"] = "application/json", ["x-user"] = "user-" .. n },
       '{"user_id":"user-' .. n .. '"}')
+  end
+  if throttle then
+    return wrk.format("POST", nil, headers, '{"key":"user-' .. n
+      .. '","max_burst":1000000000,"count_per_period":1000000000,"period":1,"quantity":1}')
   end
   if three then
     return wrk.format("POST", nil, headers,

@@ -35,6 +35,12 @@ pub fn secs_ceil(ms: u64) -> u64 {
 /// must never break).
 pub fn sf_string(name: &str) -> String {
     let mut out = String::with_capacity(name.len() + 2);
+    push_sf_string(&mut out, name);
+    out
+}
+
+/// [`sf_string`], appended to `out`.
+fn push_sf_string(out: &mut String, name: &str) {
     out.push('"');
     for c in name.chars() {
         match c {
@@ -47,6 +53,27 @@ pub fn sf_string(name: &str) -> String {
         }
     }
     out.push('"');
+}
+
+/// `n` in decimal, appended to `out` (what `write!(out, "{n}")` writes, without the
+/// formatting machinery: these fields are written for every decision).
+fn push_u64(out: &mut String, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend(digits[at..].iter().map(|&d| char::from(d)));
+}
+
+fn u64_string(n: u64) -> String {
+    let mut out = String::with_capacity(20);
+    push_u64(&mut out, n);
     out
 }
 
@@ -81,26 +108,27 @@ pub fn ietf(d: &CheckResponse) -> Vec<Field> {
     let Some(closest) = closest(d) else {
         return fields;
     };
-    let policies: Vec<String> = enforced(d)
-        .map(|l| {
-            format!(
-                "{};q={};w={}",
-                sf_string(&l.name),
-                l.limit,
-                secs_ceil(l.window_ms).max(1)
-            )
-        })
-        .collect();
-    fields.push((RATELIMIT_POLICY, policies.join(", ")));
-    fields.push((
-        RATELIMIT,
-        format!(
-            "{};r={};t={}",
-            sf_string(&closest.name),
-            closest.remaining,
-            secs_ceil(closest.reset_after_ms)
-        ),
-    ));
+    // Written in place (this runs for every decision that answers headers):
+    // `"name";q=<limit>;w=<window s>, ...` and `"name";r=<remaining>;t=<reset s>`.
+    let mut policies = String::new();
+    for (i, l) in enforced(d).enumerate() {
+        if i > 0 {
+            policies.push_str(", ");
+        }
+        push_sf_string(&mut policies, &l.name);
+        policies.push_str(";q=");
+        push_u64(&mut policies, l.limit);
+        policies.push_str(";w=");
+        push_u64(&mut policies, secs_ceil(l.window_ms).max(1));
+    }
+    fields.push((RATELIMIT_POLICY, policies));
+    let mut current = String::with_capacity(closest.name.len() + 32);
+    push_sf_string(&mut current, &closest.name);
+    current.push_str(";r=");
+    push_u64(&mut current, closest.remaining);
+    current.push_str(";t=");
+    push_u64(&mut current, secs_ceil(closest.reset_after_ms));
+    fields.push((RATELIMIT, current));
     fields
 }
 
@@ -110,11 +138,11 @@ pub fn trio(d: &CheckResponse) -> Vec<Field> {
     let Some(closest) = closest(d) else {
         return fields;
     };
-    fields.push((RATELIMIT_LIMIT, closest.limit.to_string()));
-    fields.push((RATELIMIT_REMAINING, closest.remaining.to_string()));
+    fields.push((RATELIMIT_LIMIT, u64_string(closest.limit)));
+    fields.push((RATELIMIT_REMAINING, u64_string(closest.remaining)));
     fields.push((
         RATELIMIT_RESET,
-        secs_ceil(closest.reset_after_ms).to_string(),
+        u64_string(secs_ceil(closest.reset_after_ms)),
     ));
     fields
 }

@@ -37,7 +37,13 @@ fn escape_into(out: &mut String, text: &str, also: &[char]) {
 
 /// The key of a user's token bucket: `<prefix>b{<escaped id>}`.
 pub fn bucket_key(prefix: &str, user_id: &str) -> String {
-    format!("{prefix}b{{{}}}", escape_user_id(user_id))
+    // Built in place: one allocation, no formatting machinery (one call per decision).
+    let mut key = String::with_capacity(prefix.len() + user_id.len() + 4);
+    key.push_str(prefix);
+    key.push_str("b{");
+    escape_into(&mut key, user_id, &[]);
+    key.push('}');
+    key
 }
 
 /// The key of a user's all-time counters: `<prefix>c{<escaped id>}`.

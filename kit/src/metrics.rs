@@ -6,7 +6,8 @@
 //! recorder is installed: [`handle`] describes the HTTP metrics recorded here, and each
 //! service's `describe_metrics` its own. `promtool check metrics` accepts every page.
 
-use std::sync::OnceLock;
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Instant;
 
 use axum::Router;
@@ -84,19 +85,87 @@ pub fn render() -> Response {
 /// `http_request_duration_seconds{service,route}` for every request through `router`.
 pub fn with_http_metrics(router: Router, service: &'static str) -> Router {
     handle();
-    router.layer(axum::middleware::from_fn(move |req: Request, next: Next| async move {
-        let route = req
-            .extensions()
-            .get::<MatchedPath>()
-            .map(|p| p.as_str().to_owned())
-            .unwrap_or_else(|| "unmatched".to_owned());
-        let started = Instant::now();
-        let response = next.run(req).await;
-        let status = response.status().as_u16().to_string();
-        metrics::counter!("http_requests_total", "service" => service, "route" => route.clone(), "status" => status)
-            .increment(1);
-        metrics::histogram!("http_request_duration_seconds", "service" => service, "route" => route)
-            .record(started.elapsed().as_secs_f64());
-        response
-    }))
+    let handles = Arc::new(HttpHandles::new(service));
+    router.layer(axum::middleware::from_fn(
+        move |req: Request, next: Next| {
+            let handles = handles.clone();
+            async move {
+                let route = handles.route(
+                    req.extensions()
+                        .get::<MatchedPath>()
+                        .map_or("unmatched", MatchedPath::as_str),
+                );
+                let started = Instant::now();
+                let response = next.run(req).await;
+                route.requests(response.status().as_u16()).increment(1);
+                route.duration.record(started.elapsed().as_secs_f64());
+                response
+            }
+        },
+    ))
+}
+
+/// The HTTP metric handles of one service, registered once per route and status: a request
+/// records through them instead of building its label set and looking it up in the
+/// registry, which allocates and hashes on every request. Bounded as the labels are: by the
+/// router's route templates and the status codes.
+struct HttpHandles {
+    service: &'static str,
+    routes: RwLock<HashMap<String, Arc<RouteHandles>>>,
+}
+
+struct RouteHandles {
+    service: &'static str,
+    route: String,
+    duration: metrics::Histogram,
+    by_status: RwLock<Vec<(u16, metrics::Counter)>>,
+}
+
+impl HttpHandles {
+    fn new(service: &'static str) -> Self {
+        Self {
+            service,
+            routes: RwLock::default(),
+        }
+    }
+
+    fn route(&self, route: &str) -> Arc<RouteHandles> {
+        if let Some(handles) = self.routes.read().expect("not poisoned").get(route) {
+            return handles.clone();
+        }
+        let service = self.service;
+        self.routes
+            .write()
+            .expect("not poisoned")
+            .entry(route.to_owned())
+            .or_insert_with(|| {
+                Arc::new(RouteHandles {
+                    service,
+                    route: route.to_owned(),
+                    duration: metrics::histogram!("http_request_duration_seconds", "service" => service, "route" => route.to_owned()),
+                    by_status: RwLock::default(),
+                })
+            })
+            .clone()
+    }
+}
+
+impl RouteHandles {
+    fn requests(&self, status: u16) -> metrics::Counter {
+        let found = |all: &[(u16, metrics::Counter)]| {
+            all.iter()
+                .find(|(s, _)| *s == status)
+                .map(|(_, c)| c.clone())
+        };
+        if let Some(counter) = found(&self.by_status.read().expect("not poisoned")) {
+            return counter;
+        }
+        let mut all = self.by_status.write().expect("not poisoned");
+        if let Some(counter) = found(&all) {
+            return counter;
+        }
+        let counter = metrics::counter!("http_requests_total", "service" => self.service, "route" => self.route.clone(), "status" => status.to_string());
+        all.push((status, counter.clone()));
+        counter
+    }
 }

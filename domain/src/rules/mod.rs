@@ -278,7 +278,11 @@ impl Node {
         let mut node = self;
         let last = descriptor.entries.len().checked_sub(1)?;
         for (i, entry) in descriptor.entries.iter().enumerate() {
-            let composite = format!("{}_{}", entry.key, entry.value);
+            // `key_value`, built in place (once per entry of every decision).
+            let mut composite = String::with_capacity(entry.key.len() + entry.value.len() + 1);
+            composite.push_str(&entry.key);
+            composite.push('_');
+            composite.push_str(&entry.value);
             let next = node
                 .children
                 .get(&composite)

@@ -298,14 +298,15 @@ impl RateLimitServiceGrpc for RateLimitService {
 }
 
 /// A domain or descriptor key: 1 to [`MAX_KEY_BYTES`] bytes, the identity rule of ids.
-fn key(field: String, raw: &str) -> Result<String, FieldError> {
+/// `field` names it in the error (made only then: a valid call formats no field names).
+fn key(field: impl FnOnce() -> String, raw: &str) -> Result<String, FieldError> {
     if raw.is_empty() || raw.len() > MAX_KEY_BYTES {
         return Err(FieldError::new(
-            field,
+            field(),
             format!("must be 1 to {MAX_KEY_BYTES} bytes of UTF-8"),
         ));
     }
-    canonical_user_id(raw.to_owned()).map_err(|e| FieldError::new(field, e.detail))
+    canonical_user_id(raw.to_owned()).map_err(|e| FieldError::new(field(), e.detail))
 }
 
 /// The cost of a descriptor: its own `hits_addend`, else the request's; 0 means 1;
@@ -359,7 +360,7 @@ fn groups(request: &RateLimitRequest) -> Result<Vec<Group>, FieldError> {
     if request.domain.is_empty() {
         return Err(FieldError::new("domain", "must not be empty"));
     }
-    let domain = key("domain".to_owned(), &request.domain)?;
+    let domain = key(|| "domain".to_owned(), &request.domain)?;
     if request.descriptors.is_empty() || request.descriptors.len() > MAX_DESCRIPTORS {
         return Err(FieldError::new(
             "descriptors",
@@ -369,10 +370,10 @@ fn groups(request: &RateLimitRequest) -> Result<Vec<Group>, FieldError> {
     let mut descriptors = Vec::with_capacity(request.descriptors.len());
     let mut costs = Vec::with_capacity(request.descriptors.len());
     for (i, d) in request.descriptors.iter().enumerate() {
-        let field = format!("descriptors[{i}].entries");
+        let field = || format!("descriptors[{i}].entries");
         if d.entries.is_empty() || d.entries.len() > MAX_ENTRIES {
             return Err(FieldError::new(
-                field,
+                field(),
                 format!("must hold 1 to {MAX_ENTRIES} entries"),
             ));
         }
@@ -387,9 +388,10 @@ fn groups(request: &RateLimitRequest) -> Result<Vec<Group>, FieldError> {
             .iter()
             .enumerate()
             .map(|(j, e)| {
-                let key = key(format!("{field}[{j}].key"), &e.key)?;
-                let value = canonical_user_id(e.value.clone())
-                    .map_err(|err| FieldError::new(format!("{field}[{j}].value"), err.detail))?;
+                let key = key(|| format!("{}[{j}].key", field()), &e.key)?;
+                let value = canonical_user_id(e.value.clone()).map_err(|err| {
+                    FieldError::new(format!("{}[{j}].value", field()), err.detail)
+                })?;
                 Ok(Entry { key, value })
             })
             .collect::<Result<Vec<_>, FieldError>>()?;

@@ -27,6 +27,11 @@ pub struct Checked {
 
 impl Checked {
     pub fn to_response(&self) -> CheckResponse {
+        self.clone().into_response()
+    }
+
+    /// [`Checked::to_response`], without copying the limits.
+    pub fn into_response(self) -> CheckResponse {
         let quota = self.decision.quota();
         CheckResponse {
             allowed: self.decision.is_allowed(),
@@ -36,7 +41,7 @@ impl Checked {
             reset_after_ms: duration_ms_ceil(quota.reset_after),
             window_ms: duration_ms_ceil(self.window),
             degraded: self.degraded,
-            limits: self.limits.clone(),
+            limits: self.limits,
         }
     }
 
@@ -126,10 +131,12 @@ pub(super) fn rule_hits(request: &CheckRequest, plan: &Plan, checked: &Checked) 
                 (false, true, _) => RuleOutcome::Blocked,
                 (_, false, false) => return None,
             };
-            Some(RuleHit {
-                rule: format!("{}:{}", request.domain, l.name),
-                outcome,
-            })
+            // `domain:name`, built in place (once per limit of every decision).
+            let mut rule = String::with_capacity(request.domain.len() + l.name.len() + 1);
+            rule.push_str(&request.domain);
+            rule.push(':');
+            rule.push_str(&l.name);
+            Some(RuleHit { rule, outcome })
         })
         .collect()
 }

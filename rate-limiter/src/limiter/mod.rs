@@ -317,7 +317,7 @@ impl Limiter {
         &self,
         request: &CheckRequest,
     ) -> Result<CheckResponse, CheckError> {
-        Ok(self.check(request).await?.to_response())
+        Ok(self.check(request).await?.into_response())
     }
 
     /// Whether the shared store answers and the breaker is closed. While the breaker is
