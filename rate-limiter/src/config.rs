@@ -62,8 +62,10 @@ pub struct LimiterArgs {
     /// stream (the outbox) by the script that decides, and relayed to Kafka by the
     /// limiters, so that no answered decision goes uncounted when a limiter dies. Off:
     /// events go from each limiter's memory to Kafka (lost if it dies before delivery).
+    /// Off by default until a fail-open answer whose Redis call ran after all is no longer
+    /// counted twice (see the README's "The events outbox").
     #[arg(long = "events-outbox", env = "EVENTS_OUTBOX", value_name = "EVENTS_OUTBOX",
-          default_value_t = true, action = clap::ArgAction::Set)]
+          default_value_t = false, action = clap::ArgAction::Set)]
     pub events_outbox: bool,
     /// The outbox's bound in bytes (all its streams): past it, decisions stand and their
     /// events are dropped and counted (`ratelimit_outbox_dropped_total`).

@@ -294,16 +294,23 @@ impl Exchanger {
             .body(Full::new(body))
             .expect("a valid request");
         let response = self.client.request(request).await?;
-        let status = response.status();
-        // A body that breaks off mid-way reads as empty, which fails to parse below.
-        let body = response
-            .into_body()
-            .collect()
-            .await
-            .map(|b| b.to_bytes())
-            .unwrap_or_default();
-        Ok((status, body))
+        Ok(status_and_body(response).await)
     }
+}
+
+/// A response's status and whole body. A body that breaks off mid-way reads as empty (which
+/// then fails to parse as an answer).
+pub(super) async fn status_and_body(
+    response: axum::http::Response<hyper::body::Incoming>,
+) -> (StatusCode, Bytes) {
+    let status = response.status();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    (status, body)
 }
 
 /// Why the limiter refused a whole exchange: the error it sent, else what its status says.

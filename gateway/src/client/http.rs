@@ -9,14 +9,16 @@ use async_trait::async_trait;
 use axum::body::Bytes;
 use axum::http::{Request, StatusCode, Uri, header};
 use domain::api::{CheckRequest, CheckResponse, RefusedCheck};
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use metrics::Unit;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use super::batch::{Exchanger, HttpClient, Pending, QUEUE_CAPACITY, Queued, dispatch};
+use super::batch::{
+    Exchanger, HttpClient, Pending, QUEUE_CAPACITY, Queued, dispatch, status_and_body,
+};
 use super::discovery::{Endpoint, Refresh, Replicas, Resolve};
 use super::{AdminRequest, ClientError, LimiterClient};
 use crate::refusals::GatewayRefusals;
@@ -216,14 +218,7 @@ impl LimiterClient for HttpLimiterClient {
         .await
         .map_err(|_| ClientError::Unreachable("the limiter did not answer in time".into()))?
         .map_err(|e| ClientError::Unreachable(e.to_string()))?;
-        let status = response.status();
-        let body = response
-            .into_body()
-            .collect()
-            .await
-            .map(|b| b.to_bytes())
-            .unwrap_or_default();
-        Ok((status, body))
+        Ok(status_and_body(response).await)
     }
 
     async fn check(&self, request: &CheckRequest) -> Result<CheckResponse, ClientError> {
