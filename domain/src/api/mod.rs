@@ -1,11 +1,11 @@
 //! The JSON wire types of the public API and of the gateway-to-limiter hop, and the
 //! validation of what clients send.
 //!
-//! - [`check`]: one check (`POST /check`, `POST /api`) and its answer.
-//! - [`batch`]: `POST /check/batch`, the gateway's exchange with a limiter: checks, the
+//! - `check`: one check (`POST /check`, `POST /api`) and its answer.
+//! - `batch`: `POST /check/batch`, the gateway's exchange with a limiter: checks, the
 //!   refusal notices, and the answers with the limiter's generation.
-//! - [`identity`]: the identity rule of user ids, domains and descriptor entries.
-//! - [`error`]: a client's mistake in one field, the error body every service answers with,
+//! - `identity`: the identity rule of user ids, domains and descriptor entries.
+//! - `error`: a client's mistake in one field, the error body every service answers with,
 //!   and [`CheckError`], the typed reason a check got no decision, the same on both sides of
 //!   the hop.
 

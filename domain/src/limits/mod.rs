@@ -7,8 +7,8 @@
 //! suite checks that both agree).
 //!
 //! One file per algorithm, each with its arithmetic over its own state:
-//! [`token_bucket`] (over [`crate::bucket`], the bucket's own math), [`fixed_window`] and
-//! [`sliding_window`], both counting over a [`Window`].
+//! `token_bucket` (over [`crate::bucket`], the bucket's own math), `fixed_window` and
+//! `sliding_window`, both counting over a [`Window`].
 
 use std::time::Duration;
 

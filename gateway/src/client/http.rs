@@ -76,7 +76,7 @@ pub struct HttpLimiterClient {
 /// How the client batches its checks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Batching {
-    /// Most checks in one exchange (at most [`MAX_BATCH`]).
+    /// Most checks in one exchange (at most [`domain::api::MAX_BATCH`]).
     pub max_batch: usize,
     /// Most exchanges outstanding at once, over all replicas.
     pub in_flight: usize,

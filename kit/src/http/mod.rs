@@ -7,11 +7,11 @@
 //! - [`with_guards`]: the whole stack: every request's body read in full, under a deadline
 //!   and a size limit, *before* the request takes an in-flight slot (a slow sender holds a
 //!   connection, never a slot), and the liveness probe outside the load shedder.
-//! - [`serve`]: HTTP/1.1 on a listener with a header-read timeout, a send timeout, a cap
+//! - [`serve()`]: HTTP/1.1 on a listener with a header-read timeout, a send timeout, a cap
 //!   on open connections and a graceful shutdown.
 //!
 //! One file each: [`error`] (the error type), [`json`] (the extractor), [`layers`] (the
-//! router's layers and the liveness probe), [`body`] (bodies read first) and [`serve`]
+//! router's layers and the liveness probe), [`body`] (bodies read first) and [`serve`](mod@serve)
 //! (the listener and each connection's handler).
 
 pub mod body;

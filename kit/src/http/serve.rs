@@ -1,6 +1,6 @@
 //! The server: HTTP/1.1 on a listener, each connection held to [`ServeLimits`], and a
-//! graceful shutdown. Two roles, as mini-redis names them: the [`Listener`] accepts
-//! connections under the cap; a [`Handler`] serves one connection until it closes or the
+//! graceful shutdown. Two roles, as mini-redis names them: the `Listener` accepts
+//! connections under the cap; a `Handler` serves one connection until it closes or the
 //! grace period ends.
 
 use std::sync::Arc;

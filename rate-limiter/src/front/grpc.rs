@@ -14,7 +14,7 @@
 //! - A descriptor's own `hits_addend` overrides the request's. Descriptors whose addends
 //!   differ are decided as one group per addend, in one store call; when any group is
 //!   over the limit, the groups that passed are refunded, so nothing is spent unless the
-//!   whole call passes (see [`RateLimitService::decide`]). `is_negative_hits` gives the
+//!   whole call passes (see `RateLimitService::decide`). `is_negative_hits` gives the
 //!   hits back (a refund).
 //! - One status per descriptor, in order: `OVER_LIMIT` when one of its enforced limits
 //!   refuses; `current_limit`, `limit_remaining` and `duration_until_reset` are those of

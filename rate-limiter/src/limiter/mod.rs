@@ -1,9 +1,9 @@
 //! The limiter: one decision per request, from the shared store or (fail-open) a local
 //! fallback bucket, and one event per decision to the analytics stream.
 //!
-//! - [`plan`]: which limits a request meets (rules, overrides), and what a store is asked.
-//! - [`checked`]: the decision as the limiter answers and publishes it ([`Checked`]).
-//! - [`stats`]: the limiter's counts ([`LimiterStats`]), as metrics and as a status report.
+//! - `plan`: which limits a request meets (rules, overrides), and what a store is asked.
+//! - `checked`: the decision as the limiter answers and publishes it ([`Checked`]).
+//! - `stats`: the limiter's counts ([`LimiterStats`]), as metrics and as a status report.
 //! - `reported`: the usage Envoys report over RLQS, decided as the limiter decides.
 //!
 //! One batch, [`Limiter::check_many`]: each request is planned; the refusals that still

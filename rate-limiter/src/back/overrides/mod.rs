@@ -10,7 +10,7 @@
 //! Kept by an [`OverrideStore`]: in Redis (a hash of id → JSON, and a version counter
 //! bumped on every change, which each limiter polls every 250 ms) when the limiter has
 //! Redis ([`RedisOverrides`]); in memory otherwise ([`MemoryOverrides`], the embedded
-//! form). Both pass one contract ([`store::contract`]). At most [`MAX_OVERRIDES`].
+//! form). Both pass one contract (`store::contract`). At most [`MAX_OVERRIDES`].
 //!
 //! Beside them, in Redis, an epoch that resets and refunds made through any limiter bump
 //! (`<prefix>{overrides}:e`), polled with the version: the refusal caches of every limiter

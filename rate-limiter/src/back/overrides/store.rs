@@ -1,6 +1,6 @@
 //! Where the overrides are kept: the [`OverrideStore`] seam, in this process
 //! ([`MemoryOverrides`]) or in Redis, shared by every limiter there ([`RedisOverrides`]).
-//! Both pass one contract ([`contract`]).
+//! Both pass one contract (`contract`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;

@@ -307,7 +307,7 @@ impl MemoryStore {
         }
     }
 
-    /// A user's bucket of the built-in policy: [`BucketStore::take`] without the future.
+    /// A user's bucket of the built-in policy: the test suite's `TakeExt::take` without the future.
     pub fn take_now(&self, user_id: &str, cost: u64) -> Decision {
         self.decide_now(&RequestTake::bucket(
             keys::bucket_key("", user_id),

@@ -3,7 +3,7 @@
 //! becomes of the limiter after Redis ran the script ([`crate::back::relay`] moves the streams
 //! to Kafka).
 //!
-//! - [`outboxed`] wraps a decision script (as `super::memo` does, without editing its
+//! - `outboxed` wraps a decision script (as `super::memo` does, without editing its
 //!   body): after the decision, when the call carries an event template, it appends
 //!   `XADD <stream> * e <template> o <outcome>` and answers one more number: 1 appended,
 //!   2 dropped (the stream is at its bound), 0 nothing to append (a peek, a refund).
@@ -69,7 +69,7 @@ impl OutboxKeys {
         self.max_stream_bytes
     }
 
-    /// The four arguments [`outboxed`] reads for a call with `template` (none: a call
+    /// The four arguments `outboxed` reads for a call with `template` (none: a call
     /// that appends nothing), in the order they go before the memo's.
     pub fn args(&self, template: Option<&EventTemplate>) -> [String; 4] {
         match template {

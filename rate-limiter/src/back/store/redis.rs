@@ -359,7 +359,7 @@ impl BucketStore for RedisStore {
     /// sent again once the scripts are loaded.
     ///
     /// On a Cluster, a request whose limits live in more than one slot (several descriptors)
-    /// cannot be one script: see [`RedisStore::decide_across_slots`].
+    /// cannot be one script: see `RedisStore::decide_across_slots`.
     async fn decide_many(&self, requests: &[RequestTake]) -> Result<Vec<Decided>, StoreError> {
         Ok(self
             .decide_recorded(requests, &[])
