@@ -290,6 +290,11 @@ pub async fn numbers_repeated_in_one_batch_count_once(store: Arc<dyn CounterStor
     let u = store.get("u").await.unwrap();
     assert_eq!((u.total, u.allowed, u.blocked), (3, 2, 1));
     assert_eq!(store.get("v").await.unwrap().total, 1);
+    let minutes = store.global_series(0..=0).await.unwrap();
+    let global: (u64, u64) = minutes
+        .iter()
+        .fold((0, 0), |(a, b), m| (a + m.allowed, b + m.blocked));
+    assert_eq!(global, (3, 1));
 }
 
 pub async fn unseen_users_read_zero(store: Arc<dyn CounterStore>) {

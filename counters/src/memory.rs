@@ -195,7 +195,9 @@ impl MemoryCounters {
                     .find(|((q, e), _)| *q == p && e.as_deref() == batch.epoch.as_deref())
             })
             .map(|(_, applied)| *applied);
-        let tally = global_tally(&batch.events, floor);
+        // A number met again in the batch (two relays that sent one stretch) counts once.
+        let forward = batch.forward();
+        let tally = global_tally(&forward, floor);
         if tally.minutes.is_empty() {
             return;
         }
