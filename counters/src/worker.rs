@@ -307,6 +307,24 @@ mod tests {
         assert_eq!(*commits.lock().unwrap(), [(0, 2), (1, 7)]);
     }
 
+    /// Runs the worker over `batches` into fresh memory counters, until the source ends.
+    async fn counted_in_memory(batches: Vec<Vec<Record>>) -> Arc<MemoryCounters> {
+        let source = Scripted {
+            batches,
+            commits: Arc::default(),
+        };
+        let store = Arc::new(MemoryCounters::new(100, Duration::from_secs(3600)));
+        run(
+            Box::new(source),
+            store.clone(),
+            Arc::new(WorkerStats::default()),
+            100,
+            CancellationToken::new(),
+        )
+        .await;
+        store
+    }
+
     fn stamped(partition: i32, offset: i64, user: &str, epoch: &str, seq: u64) -> Record {
         let mut record = rec(partition, offset, user, true);
         if let Ok(event) = &mut record.event {
@@ -323,24 +341,13 @@ mod tests {
     #[tokio::test]
     async fn a_batch_that_holds_stamped_events_twice_counts_them_once() {
         let e1 = "20261205-ob3";
-        let source = Scripted {
-            batches: vec![
-                (0..5)
-                    .map(|i| stamped(0, i, "u", e1, i as u64))
-                    .chain((0..5).map(|i| stamped(0, 5 + i, "u", e1, i as u64)))
-                    .chain([stamped(0, 10, "u", e1, 5)])
-                    .collect(),
-            ],
-            commits: Arc::default(),
-        };
-        let store = Arc::new(MemoryCounters::new(100, Duration::from_secs(3600)));
-        run(
-            Box::new(source),
-            store.clone(),
-            Arc::new(WorkerStats::default()),
-            100,
-            CancellationToken::new(),
-        )
+        let store = counted_in_memory(vec![
+            (0..5)
+                .map(|i| stamped(0, i, "u", e1, i as u64))
+                .chain((0..5).map(|i| stamped(0, 5 + i, "u", e1, i as u64)))
+                .chain([stamped(0, 10, "u", e1, 5)])
+                .collect(),
+        ])
         .await;
         let u = store.get("u").await.unwrap();
         assert_eq!(u.allowed, 6, "{u:?}");
@@ -352,34 +359,23 @@ mod tests {
     #[tokio::test]
     async fn stamped_events_count_once_whatever_offsets_the_broker_gives_them() {
         let (e1, e2) = ("65000000-aa", "65000000-bb");
-        let source = Scripted {
-            batches: vec![
-                // Two publishers, one partition.
-                (0..5)
-                    .map(|i| stamped(0, 100 + i, "u", e1, i as u64))
-                    .chain([stamped(0, 105, "u", e2, 0)])
-                    .collect(),
-                // The topic recreated: offsets from 0, the publishers' sequences go on.
-                (0..3)
-                    .map(|i| stamped(0, i, "u", e1, 5 + i as u64))
-                    .chain([stamped(0, 3, "u", e2, 1)])
-                    .collect(),
-                // The group replays everything from a reset offset.
-                (0..8)
-                    .map(|i| stamped(0, 50 + i, "u", e1, i as u64))
-                    .chain([stamped(0, 58, "u", e2, 0), stamped(0, 59, "u", e2, 1)])
-                    .collect(),
-            ],
-            commits: Arc::default(),
-        };
-        let store = Arc::new(MemoryCounters::new(100, Duration::from_secs(3600)));
-        run(
-            Box::new(source),
-            store.clone(),
-            Arc::new(WorkerStats::default()),
-            100,
-            CancellationToken::new(),
-        )
+        let store = counted_in_memory(vec![
+            // Two publishers, one partition.
+            (0..5)
+                .map(|i| stamped(0, 100 + i, "u", e1, i as u64))
+                .chain([stamped(0, 105, "u", e2, 0)])
+                .collect(),
+            // The topic recreated: offsets from 0, the publishers' sequences go on.
+            (0..3)
+                .map(|i| stamped(0, i, "u", e1, 5 + i as u64))
+                .chain([stamped(0, 3, "u", e2, 1)])
+                .collect(),
+            // The group replays everything from a reset offset.
+            (0..8)
+                .map(|i| stamped(0, 50 + i, "u", e1, i as u64))
+                .chain([stamped(0, 58, "u", e2, 0), stamped(0, 59, "u", e2, 1)])
+                .collect(),
+        ])
         .await;
         let u = store.get("u").await.unwrap();
         assert_eq!(u.allowed, 10, "{u:?}");
