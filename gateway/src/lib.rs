@@ -30,7 +30,6 @@ pub mod refusals;
 pub mod status;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use kit::http::ServeLimits;
 use tokio_util::sync::CancellationToken;
@@ -62,11 +61,7 @@ pub async fn from_config(
         );
     };
     let analytics = counters::redis_reader(endpoint, &redis)?;
-    let reports = kit::report::Reports::new(
-        endpoint,
-        &redis.key_prefix,
-        redis.slow_timeout(Duration::from_millis(500)),
-    )?;
+    let reports = kit::report::Reports::at(endpoint, &redis)?;
     let limiter = client::HttpLimiterClient::new(
         &config.limiter_url,
         config.limiter_timeout(),

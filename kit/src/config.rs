@@ -247,7 +247,7 @@ impl RedisSettings {
 
 impl RedisArgs {
     /// Every Redis setting checked and resolved, or why they cannot be used (see
-    /// [`RedisArgs::endpoint`]).
+    /// `RedisArgs::endpoint`).
     pub fn resolve(&self) -> Result<RedisSettings, String> {
         Ok(RedisSettings {
             buckets: self.endpoint()?,
@@ -265,7 +265,7 @@ impl RedisArgs {
 
     /// Where the counters and the status reports live: `ANALYTICS_REDIS_URL`, else
     /// `REDIS_URL` (the same Redis as the buckets), else none (memory).
-    pub fn analytics_url(&self) -> Option<&str> {
+    fn analytics_url(&self) -> Option<&str> {
         self.analytics_url
             .as_deref()
             .map(str::trim)
@@ -278,13 +278,13 @@ impl RedisArgs {
     /// (or the key alone), TLS settings without a `rediss://` URL, a file that cannot be
     /// read or holds no PEM certificate (or key), a `rediss://` URL in a build without TLS
     /// support ([`crate::redis::NO_TLS`]).
-    pub fn endpoint(&self) -> Result<Option<Endpoint>, String> {
+    fn endpoint(&self) -> Result<Option<Endpoint>, String> {
         self.endpoint_of(self.url())
     }
 
     /// The Redis of the counters and reports (`ANALYTICS_REDIS_URL`, else `REDIS_URL`), as
-    /// [`RedisArgs::endpoint`] reads it; the TLS settings apply to both.
-    pub fn analytics_endpoint(&self) -> Result<Option<Endpoint>, String> {
+    /// `RedisArgs::endpoint` reads it; the TLS settings apply to both.
+    fn analytics_endpoint(&self) -> Result<Option<Endpoint>, String> {
         self.endpoint_of(self.analytics_url())
     }
 

@@ -100,12 +100,20 @@ impl Reports {
     pub fn from_settings(
         redis: &crate::config::RedisSettings,
     ) -> Result<Option<Self>, RedisCallError> {
-        let Some(endpoint) = &redis.analytics else {
-            return Ok(None);
-        };
+        match &redis.analytics {
+            Some(endpoint) => Self::at(endpoint, redis).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Reports in the Redis at `endpoint`, with the prefix and deadline of `redis`.
+    pub fn at(
+        endpoint: &Endpoint,
+        redis: &crate::config::RedisSettings,
+    ) -> Result<Self, RedisCallError> {
         // A report is not a decision: it can wait longer than a bucket call.
         let timeout = redis.slow_timeout(Duration::from_millis(500));
-        Self::new(endpoint, &redis.key_prefix, timeout).map(Some)
+        Self::new(endpoint, &redis.key_prefix, timeout)
     }
 
     /// Writes `report` as `instance`'s, stamped now.

@@ -78,7 +78,12 @@ async fn four_checks(limiter: &Limiter, user: &str) -> Vec<bool> {
 /// A bucket store made from the same command line, as the limiter makes it.
 fn store(url: &str, prefix: &str, extra: &[&str], policy: Policy) -> RedisStore {
     let config = config(url, prefix, extra).unwrap();
-    let endpoint = config.redis.endpoint().unwrap().expect("REDIS_URL is set");
+    let endpoint = config
+        .redis
+        .resolve()
+        .unwrap()
+        .buckets
+        .expect("REDIS_URL is set");
     RedisStore::new(&endpoint, prefix, policy, Duration::from_secs(2)).unwrap()
 }
 
