@@ -34,7 +34,7 @@ pub enum RedisCallError {
 
 /// Where Redis is and how to reach it: the URL (`redis://` or `rediss://`, with any user
 /// and password in it), whether it is a Cluster, and the certificates of a `rediss://`
-/// connection. Made from the configuration by [`crate::config::RedisArgs::endpoint`].
+/// connection. Made from the configuration by [`crate::config::RedisArgs::resolve`].
 #[derive(Clone)]
 pub struct Endpoint {
     url: String,
