@@ -48,13 +48,6 @@ pub struct StoreReply {
     pub recorded: Vec<bool>,
 }
 
-impl StoreReply {
-    /// Whether the store recorded request `i`'s event.
-    pub fn recorded(&self, i: usize) -> bool {
-        self.recorded.get(i).copied().unwrap_or(false)
-    }
-}
-
 /// The store, the breaker in front of it and the fail mode around both.
 pub struct StorePath {
     store: Arc<dyn BucketStore>,
