@@ -51,17 +51,15 @@ impl From<CheckError> for ClientError {
 
 impl From<ClientError> for ApiError {
     fn from(err: ClientError) -> Self {
+        // What the limiter said maps as the limiter's own answers do (`kit::http`).
         match err {
-            ClientError::Invalid(field) => ApiError::InvalidField(field),
-            ClientError::StoreUnavailable => ApiError::Unavailable {
-                what: "rate-limit store",
-                retry_after_secs: 1,
-            },
+            ClientError::Invalid(field) => CheckError::Invalid(field).into(),
+            ClientError::StoreUnavailable => CheckError::StoreUnavailable.into(),
+            ClientError::Overloaded => CheckError::Overloaded.into(),
             ClientError::Unreachable(_) => ApiError::Unavailable {
                 what: "rate limiter",
                 retry_after_secs: 1,
             },
-            ClientError::Overloaded => ApiError::Overloaded,
         }
     }
 }
