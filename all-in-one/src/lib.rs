@@ -163,7 +163,6 @@ impl System {
             let limiter = limiter.clone();
             let shutdown = shutdown.clone();
             tokio::spawn(async move {
-                let headers = config.grpc.response_headers;
                 let limits = config.serve.limits();
                 let grpc = async {
                     match grpc_listener {
@@ -172,7 +171,7 @@ impl System {
                                 listener,
                                 limiter.clone(),
                                 &config.limiter,
-                                headers,
+                                &config.grpc,
                                 &limits,
                                 shutdown.clone(),
                             )
@@ -194,7 +193,7 @@ impl System {
                         limiter.clone(),
                         &limits,
                         admin_token,
-                        headers,
+                        config.grpc.response_headers,
                         shutdown.clone()
                     ),
                     grpc,

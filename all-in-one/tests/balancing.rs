@@ -336,3 +336,100 @@ async fn a_failed_resolution_keeps_the_last_known_replicas() {
     a.stop().await;
     b.stop().await;
 }
+
+/// A stand-in replica that reads one `POST /check/batch` per connection and hands its body
+/// to the test; with `answer`, it then answers every check allowed, else it closes the
+/// connection unanswered, as a limiter SIGKILLed between deciding and answering does.
+fn batch_catcher(
+    listener: std::net::TcpListener,
+    answer: bool,
+) -> tokio::sync::mpsc::UnboundedReceiver<serde_json::Value> {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut length = 0;
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                    break;
+                }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    length = v.trim().parse().unwrap();
+                }
+                if line == "\r\n" {
+                    break;
+                }
+            }
+            let mut body = vec![0; length];
+            if reader.read_exact(&mut body).is_err() {
+                continue;
+            }
+            let batch: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            let checks = batch["checks"].as_array().map_or(0, Vec::len);
+            let _ = tx.send(batch);
+            if answer {
+                let result = serde_json::json!({"ok": domain::api::CheckResponse {
+                    allowed: true,
+                    limit: 10,
+                    remaining: 9,
+                    ..Default::default()
+                }});
+                let reply = serde_json::json!({"results": vec![result; checks]}).to_string();
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{reply}",
+                    reply.len()
+                );
+            }
+            // Dropped: closed, answered or not.
+        }
+    });
+    rx
+}
+
+/// A replica that dies between deciding a batch and answering it: the gateway asks the
+/// next replica the same batch, under the same id and marked `again`, so that a replica
+/// on the same Redis answers what the first decided instead of deciding it twice
+/// (`rate-limiter/tests/outbox.rs` shows the limiter's side).
+#[tokio::test]
+async fn a_batch_asked_again_keeps_its_id_and_says_so() {
+    let dying = std::net::TcpListener::bind("127.0.0.4:0").unwrap();
+    let port = dying.local_addr().unwrap().port();
+    let Ok(answering) = std::net::TcpListener::bind(("127.0.0.5", port)) else {
+        panic!("port {port} taken on 127.0.0.5");
+    };
+    let (dying_addr, answering_addr) =
+        (dying.local_addr().unwrap(), answering.local_addr().unwrap());
+    let mut first = batch_catcher(dying, false);
+    let mut second = batch_catcher(answering, true);
+    let dns = Arc::new(FakeDns::default());
+    dns.answer(NAME, &[dying_addr, answering_addr]);
+    let limiter = client(&dns, port, Duration::from_secs(60)).await;
+    // Round-robin from one of the two: within two checks one goes to the dying replica
+    // first.
+    for i in 0..2 {
+        let decision = limiter
+            .check(&CheckRequest::user(format!("user-{i}"), 1))
+            .await
+            .unwrap();
+        assert!(decision.allowed);
+    }
+    let died = first.recv().await.expect("the dying replica was asked");
+    let id = died["id"]
+        .as_str()
+        .expect("a batch carries an id")
+        .to_owned();
+    assert_eq!(died.get("again"), None, "sent the first time: {died}");
+    let mut asked_again = None;
+    while let Ok(batch) = second.try_recv() {
+        if batch["id"] == id.as_str() {
+            asked_again = Some(batch);
+        }
+    }
+    let asked_again = asked_again.expect("the batch was asked of the other replica");
+    assert_eq!(asked_again["again"], true, "{asked_again}");
+    assert_eq!(asked_again["checks"], died["checks"]);
+}

@@ -18,7 +18,9 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 /// A report of 7 admitted and 3 denied is answered with a token bucket of the rule's rate,
-/// and counted once, for the bucket's identity and its rule.
+/// and counted once, request by request (not one per report), for the bucket's identity
+/// and its rule; a bucket of two entries (no rule: allowed all) is counted under its
+/// entries in key order, `name=shared/tenant=acme`, read with the `/` percent-encoded.
 #[tokio::test]
 async fn the_all_in_one_serves_quotas_and_counts_reports() {
     let rules = RulesFile::new(
@@ -47,14 +49,28 @@ descriptors:
         .unwrap();
     let report = RateLimitQuotaUsageReports {
         domain: "api".into(),
-        bucket_quota_usages: vec![BucketQuotaUsage {
-            bucket_id: Some(BucketId {
-                bucket: [("name".to_owned(), "shared".to_owned())].into(),
-            }),
-            time_elapsed: None,
-            num_requests_allowed: 7,
-            num_requests_denied: 3,
-        }],
+        bucket_quota_usages: vec![
+            BucketQuotaUsage {
+                bucket_id: Some(BucketId {
+                    bucket: [("name".to_owned(), "shared".to_owned())].into(),
+                }),
+                time_elapsed: None,
+                num_requests_allowed: 7,
+                num_requests_denied: 3,
+            },
+            BucketQuotaUsage {
+                bucket_id: Some(BucketId {
+                    bucket: [
+                        ("tenant".to_owned(), "acme".to_owned()),
+                        ("name".to_owned(), "shared".to_owned()),
+                    ]
+                    .into(),
+                }),
+                time_elapsed: None,
+                num_requests_allowed: 4,
+                num_requests_denied: 0,
+            },
+        ],
     };
     let mut answers = client
         .stream_rate_limit_quotas(futures::stream::iter(vec![report]))
@@ -79,38 +95,33 @@ descriptors:
     );
     assert_eq!(action.assignment_time_to_live.unwrap().seconds, 11);
 
-    // Counted once per report and outcome, for the bucket's identity and its rule.
+    // Counted once, request by request, for the bucket's identity and its rule.
     let http = common::http();
+    let get = |path: &str| {
+        let request = http.get(format!("http://{}{path}", system.gateway_addr));
+        async move { request.send().await.unwrap().json::<Value>().await.unwrap() }
+    };
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let user: Value = http
-            .get(format!(
-                "http://{}/analytics/name=shared",
-                system.gateway_addr
-            ))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let all: Value = http
-            .get(format!("http://{}/analytics", system.gateway_addr))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let rule = json!([{"rule": "api:shared", "allowed": 1, "blocked": 1, "shadow_blocked": 0}]);
-        if user["allowed"] == 1 && user["blocked"] == 1 && all["rules"] == rule {
+        let user = get("/analytics/name=shared").await;
+        let tenant = get("/analytics/name=shared%2Ftenant=acme").await;
+        let all = get("/analytics").await;
+        let rule = json!([{"rule": "api:shared", "allowed": 7, "blocked": 3, "shadow_blocked": 0}]);
+        let tenant_counted = tenant["user_id"] == "name=shared/tenant=acme"
+            && tenant["allowed"] == 4
+            && tenant["blocked"] == 0;
+        if user["allowed"] == 7 && user["blocked"] == 3 && all["rules"] == rule && tenant_counted {
             break;
         }
-        assert!(Instant::now() < deadline, "{user} {}", all["rules"]);
+        assert!(
+            Instant::now() < deadline,
+            "{user} {tenant} {}",
+            all["rules"]
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let stats = system.limiter.stats();
     let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
-    assert_eq!((load(&stats.allowed), load(&stats.limited)), (7, 3));
+    assert_eq!((load(&stats.allowed), load(&stats.limited)), (7 + 4, 3));
     system.shutdown().await.unwrap();
 }

@@ -4,7 +4,6 @@ use std::future::Future;
 use std::sync::Arc;
 
 use domain::RateLimitEvent;
-use domain::event::SCHEMA_VERSION;
 
 use domain::analytics::{BlockedUser, CounterStore, DAY_MS, MINUTE_MS, PartitionBatch};
 
@@ -16,21 +15,7 @@ pub fn batch(partition: Option<i32>, events: &[(i64, &str, bool)]) -> PartitionB
         events: events
             .iter()
             .map(|(offset, user, allowed)| {
-                (
-                    *offset,
-                    RateLimitEvent {
-                        schema_version: SCHEMA_VERSION,
-                        user_id: (*user).to_owned(),
-                        allowed: *allowed,
-                        cost: 1,
-                        ts_ms: 0,
-                        limiter_id: "contract".into(),
-                        degraded: false,
-                        domain: None,
-                        rules: Vec::new(),
-                        stamp: None,
-                    },
-                )
+                (*offset, RateLimitEvent::new(*user, *allowed, 0, "contract"))
             })
             .collect(),
     }
@@ -64,7 +49,8 @@ macro_rules! counter_store_contract {
             series_survive_replays,
             most_blocked_users,
             rules_are_counted_exactly_once,
-            numbers_repeated_in_one_batch_count_once);
+            numbers_repeated_in_one_batch_count_once,
+            an_event_counts_its_requests);
     };
     (@each ($fixture:expr) $args:tt $($check:ident),*) => {
         $(
@@ -100,6 +86,63 @@ where
     most_blocked_users(make().await).await;
     rules_are_counted_exactly_once(make().await).await;
     numbers_repeated_in_one_batch_count_once(make().await).await;
+    an_event_counts_its_requests(make().await).await;
+}
+
+/// An event that stands for many requests (a usage report of Envoy's quota filter: 50
+/// admitted, 7 denied) adds that many to every count: the user's totals and minutes, the
+/// global minutes, the most blocked, the rules'; once, however often it is replayed.
+pub async fn an_event_counts_its_requests(store: Arc<dyn CounterStore>) {
+    use domain::analytics::RuleCounts;
+    use domain::event::{RuleHit, RuleOutcome};
+    let m = now_minute();
+    let mut b = timed_batch(
+        Some(0),
+        &[
+            (1, "name=shared", true, m),
+            (2, "name=shared", false, m),
+            (3, "one", false, m),
+        ],
+    );
+    for ((_, event), (count, outcome)) in b.events.iter_mut().zip([
+        (50, RuleOutcome::Allowed),
+        (7, RuleOutcome::Blocked),
+        (1, RuleOutcome::Blocked),
+    ]) {
+        event.count = count;
+        event.rules = vec![RuleHit {
+            rule: "api:shared".into(),
+            outcome,
+        }];
+    }
+    store.apply(&b).await.unwrap();
+    store.apply(&b).await.unwrap();
+    let c = store.get("name=shared").await.unwrap();
+    assert_eq!((c.total, c.allowed, c.blocked), (57, 50, 7));
+    let u = store.user_series("name=shared", m..=m).await.unwrap();
+    assert_eq!((u[0].allowed, u[0].blocked), (50, 7));
+    let g = store.global_series(m..=m).await.unwrap();
+    assert_eq!((g[0].allowed, g[0].blocked), (50, 8));
+    let top = store.top_blocked(m..=m, 10).await.unwrap();
+    let blocked = |user: &str| BlockedUser {
+        user_id: user.into(),
+        blocked: if user == "one" { 1 } else { 7 },
+    };
+    assert_eq!(top, vec![blocked("name=shared"), blocked("one")]);
+    let today = m * MINUTE_MS / DAY_MS;
+    assert_eq!(
+        store.top_blocked_day(today, 10).await.unwrap(),
+        vec![blocked("name=shared"), blocked("one")]
+    );
+    assert_eq!(
+        store.rule_counts().await.unwrap(),
+        [RuleCounts {
+            rule: "api:shared".into(),
+            allowed: 50,
+            blocked: 8,
+            shadow_blocked: 0
+        }]
+    );
 }
 
 /// Per-rule counts (allowed, blocked, shadow-blocked) follow the same exactly-once

@@ -159,7 +159,6 @@ impl SpawnedWorker {
 mod tests {
     use super::*;
     use domain::RateLimitEvent;
-    use domain::event::SCHEMA_VERSION;
     use kit::stream::EventPublisher;
     use std::sync::atomic::Ordering;
 
@@ -169,18 +168,7 @@ mod tests {
     async fn the_memory_store_caps_the_batch() {
         let (tx, rx) = kit::stream::channel(20_000);
         for i in 0..12_000 {
-            tx.publish(RateLimitEvent {
-                schema_version: SCHEMA_VERSION,
-                user_id: format!("u{}", i % 100),
-                allowed: true,
-                cost: 1,
-                ts_ms: 0,
-                limiter_id: "t".into(),
-                degraded: false,
-                domain: None,
-                rules: Vec::new(),
-                stamp: None,
-            });
+            tx.publish(RateLimitEvent::new(format!("u{}", i % 100), true, 0, "t"));
         }
         let store = Arc::new(MemoryCounters::new(1_000, Duration::from_secs(3600)));
         let worker = SpawnedWorker::in_process(rx, store, 50_000);

@@ -130,19 +130,22 @@ impl MemoryCounters {
 
     fn apply_users(&self, batch: &PartitionBatch) {
         for (offset, event) in &batch.events {
-            if !self.users.contains_key(event.user_id.as_str())
-                // The count, not `DashMap::len` (which visits every shard), per new user.
-                && self.user_count.load(Ordering::Relaxed) >= self.max_users
-            {
-                self.evict_idle();
-            }
-            let mut entry = self
-                .users
-                .entry(Box::from(event.user_id.as_str()))
-                .or_insert_with(|| {
-                    self.user_count.fetch_add(1, Ordering::Relaxed);
-                    UserCounters::default()
-                });
+            // A known user is found by the borrowed id: its key is copied only for a new one.
+            let mut entry = match self.users.get_mut(event.user_id.as_str()) {
+                Some(entry) => entry,
+                None => {
+                    // The count, not `DashMap::len` (which visits every shard), per new user.
+                    if self.user_count.load(Ordering::Relaxed) >= self.max_users {
+                        self.evict_idle();
+                    }
+                    self.users
+                        .entry(Box::from(event.user_id.as_str()))
+                        .or_insert_with(|| {
+                            self.user_count.fetch_add(1, Ordering::Relaxed);
+                            UserCounters::default()
+                        })
+                }
+            };
             entry.last_ms = entry.last_ms.max(event.ts_ms);
             if let Some(partition) = batch.partition {
                 let epoch = batch.epoch.as_deref();
@@ -161,7 +164,12 @@ impl MemoryCounters {
                 }
             }
             let minute = event.ts_ms / MINUTE_MS;
-            let (a, b) = (u64::from(event.allowed), u64::from(!event.allowed));
+            // An event stands for `count` requests (a usage report's), 1 for a decision.
+            let (a, b) = if event.allowed {
+                (event.count, 0)
+            } else {
+                (0, event.count)
+            };
             entry.allowed += a;
             entry.blocked += b;
             // Events arrive almost in time order; a late one is placed where it belongs.

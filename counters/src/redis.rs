@@ -254,7 +254,9 @@ const _: () = assert!(DAY_SET_TTL_SECS == DEDUP_KEEP_SECS);
 /// How many of each top-blocked set a read takes.
 const TOP_READ: usize = 100;
 
-/// A count within one batch as the users script reads it (`I4`); a batch is far smaller.
+/// A count within one batch as the users script reads it (`I4`): a batch's events stand
+/// for one request each, or for a usage report's requests (the limiter takes at most a
+/// billion per bucket and report), far fewer than 2^32 per user; past it, clamped.
 fn count(n: u64) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
 }

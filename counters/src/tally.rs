@@ -47,12 +47,13 @@ impl Tally {
         self.first_offset = self.first_offset.min(offset);
         self.last_offset = self.last_offset.max(offset);
         let minute = self.minutes.entry(event.ts_ms / MINUTE_MS).or_default();
+        // An event stands for `count` requests (a usage report's), 1 for a decision.
         if event.allowed {
-            self.allowed += 1;
-            minute.0 += 1;
+            self.allowed += event.count;
+            minute.0 += event.count;
         } else {
-            self.blocked += 1;
-            minute.1 += 1;
+            self.blocked += event.count;
+            minute.1 += event.count;
         }
     }
 }
@@ -109,24 +110,24 @@ pub(crate) fn global_tally(
                 RuleOutcome::Allowed => 0,
                 RuleOutcome::Blocked => 1,
                 RuleOutcome::ShadowBlocked => 2,
-            }] += 1;
+            }] += event.count;
         }
         let minute = event.ts_ms / MINUTE_MS;
         let counts = g.minutes.entry(minute).or_default();
         if event.allowed {
-            counts.0 += 1;
+            counts.0 += event.count;
         } else {
-            counts.1 += 1;
+            counts.1 += event.count;
             *g.blocked_by_minute
                 .entry(minute)
                 .or_default()
                 .entry(&event.user_id)
-                .or_default() += 1;
+                .or_default() += event.count;
             *g.blocked_by_day
                 .entry(event.ts_ms / DAY_MS)
                 .or_default()
                 .entry(&event.user_id)
-                .or_default() += 1;
+                .or_default() += event.count;
         }
     }
     g

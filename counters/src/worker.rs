@@ -140,7 +140,9 @@ async fn process(
     // One batch per partition and dedup stream: a stamped event is checked against its
     // publisher's epoch and numbered by its sequence, an unstamped one (an earlier build's)
     // by its offset as before, and the in-process stream's under the source's epoch.
-    let mut batches: BTreeMap<(Option<i32>, Option<String>), PartitionBatch> = BTreeMap::new();
+    // Found by the borrowed epoch, from the last batch back (most records join the batch of
+    // the one before), so the epoch is copied once per batch, not once per event.
+    let mut batches: Vec<PartitionBatch> = Vec::new();
     let mut done: BTreeMap<i32, i64> = BTreeMap::new();
     for record in records {
         if let Some(partition) = record.partition {
@@ -150,19 +152,25 @@ async fn process(
         match record.event {
             Ok(event) => {
                 let (epoch, number) = match (&event.stamp, record.partition) {
-                    (Some(stamp), _) => (Some(stamp.epoch.clone()), stamp.seq as i64),
+                    (Some(stamp), _) => (Some(stamp.epoch.as_str()), stamp.seq as i64),
                     (None, Some(_)) => (None, record.offset),
-                    (None, None) => (source.epoch().map(str::to_owned), record.offset),
+                    (None, None) => (source.epoch(), record.offset),
                 };
-                batches
-                    .entry((record.partition, epoch))
-                    .or_insert_with_key(|(partition, epoch)| PartitionBatch {
-                        partition: *partition,
-                        epoch: epoch.clone(),
-                        events: Vec::new(),
-                    })
-                    .events
-                    .push((number, event));
+                let of_record = |b: &PartitionBatch| {
+                    b.partition == record.partition && b.epoch.as_deref() == epoch
+                };
+                let at = match batches.iter().rposition(of_record) {
+                    Some(at) => at,
+                    None => {
+                        batches.push(PartitionBatch {
+                            partition: record.partition,
+                            epoch: epoch.map(str::to_owned),
+                            events: Vec::new(),
+                        });
+                        batches.len() - 1
+                    }
+                };
+                batches[at].events.push((number, event));
             }
             Err(err) => {
                 let poison = stats.poison.fetch_add(1, Ordering::Relaxed) + 1;
@@ -180,7 +188,7 @@ async fn process(
     // the store at once, so one's round trip does not wait for another's.
     let applied = futures::future::join_all(
         batches
-            .values()
+            .iter()
             .map(|batch| apply_until_done(store, stats, batch, shutdown)),
     )
     .await;
@@ -229,7 +237,6 @@ mod tests {
     use async_trait::async_trait;
     use domain::RateLimitEvent;
     use domain::analytics::AnalyticsReader;
-    use domain::event::SCHEMA_VERSION;
 
     /// A scripted source: fixed batches, then the end; records commits.
     struct Scripted {
@@ -258,18 +265,7 @@ mod tests {
         Record {
             partition: Some(partition),
             offset,
-            event: Ok(RateLimitEvent {
-                schema_version: SCHEMA_VERSION,
-                user_id: user.into(),
-                allowed,
-                cost: 1,
-                ts_ms: 0,
-                limiter_id: "t".into(),
-                degraded: false,
-                domain: None,
-                rules: Vec::new(),
-                stamp: None,
-            }),
+            event: Ok(RateLimitEvent::new(user, allowed, 0, "t")),
         }
     }
 

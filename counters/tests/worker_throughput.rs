@@ -24,7 +24,6 @@ use counters::source::{EventSource, Record};
 use counters::worker::{self, WorkerStats};
 use domain::RateLimitEvent;
 use domain::analytics::CounterStore;
-use domain::event::SCHEMA_VERSION;
 use kit::redis::Endpoint;
 use testkit::{RedisServer, unique};
 use tokio_util::sync::CancellationToken;
@@ -67,18 +66,12 @@ fn backlog(n: u64, start_ms: u64) -> Vec<Record> {
             Record {
                 partition: Some(partition as i32),
                 offset,
-                event: Ok(RateLimitEvent {
-                    schema_version: SCHEMA_VERSION,
-                    user_id: format!("user-{user}"),
-                    allowed: i % 3 == 0,
-                    cost: 1,
-                    ts_ms: start_ms + i / 150,
-                    limiter_id: "bench".into(),
-                    degraded: false,
-                    domain: None,
-                    rules: Vec::new(),
-                    stamp: None,
-                }),
+                event: Ok(RateLimitEvent::new(
+                    format!("user-{user}"),
+                    i % 3 == 0,
+                    start_ms + i / 150,
+                    "bench",
+                )),
             }
         })
         .collect()

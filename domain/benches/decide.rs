@@ -7,7 +7,6 @@ use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use domain::bucket::decide;
-use domain::event::SCHEMA_VERSION;
 use domain::{BucketState, Policy, RateLimitEvent};
 
 const NOW_US: u64 = 1_700_000_000_000_000;
@@ -50,18 +49,7 @@ fn bench_decide(c: &mut Criterion) {
 }
 
 fn bench_event(c: &mut Criterion) {
-    let event = RateLimitEvent {
-        schema_version: SCHEMA_VERSION,
-        user_id: "user-123456".into(),
-        allowed: true,
-        cost: 1,
-        ts_ms: 1_700_000_000_000,
-        limiter_id: "bench-host-4242".into(),
-        degraded: false,
-        domain: None,
-        rules: Vec::new(),
-        stamp: None,
-    };
+    let event = RateLimitEvent::new("user-123456", true, 1_700_000_000_000, "bench-host-4242");
     let bytes = event.encode();
     let mut group = c.benchmark_group("event");
     group.bench_function("encode", |b| b.iter(|| black_box(&event).encode()));

@@ -11,7 +11,15 @@ pub struct RateLimitEvent {
     pub schema_version: u32,
     pub user_id: String,
     pub allowed: bool,
+    /// What each request of the decision cost (the tokens it asked for).
     pub cost: u64,
+    /// How many requests the event stands for, all with the same outcome: 1 for a decision
+    /// of the limiter's own; what a report names for requests decided elsewhere (Envoy's
+    /// quota filter reports how many it admitted and denied). The counters add this many.
+    /// Absent from the encoding when 1, so an ordinary event's wire form is unchanged and
+    /// events of earlier builds decode as one request.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub count: u64,
     /// When the decision was made, milliseconds since the Unix epoch.
     pub ts_ms: u64,
     /// The limiter instance that decided.
@@ -31,6 +39,15 @@ pub struct RateLimitEvent {
     /// of the in-process stream), which are deduplicated on the stream's offsets instead.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stamp: Option<Stamp>,
+}
+
+fn one() -> u64 {
+    1
+}
+
+// serde's `skip_serializing_if` passes a reference.
+fn is_one(n: &u64) -> bool {
+    *n == 1
 }
 
 /// A publisher's identity and an event's place in its sequence.
@@ -145,6 +162,7 @@ impl EventTemplate {
             user_id: self.user_id.clone(),
             allowed,
             cost: self.cost,
+            count: 1,
             ts_ms,
             limiter_id: self.limiter_id.clone(),
             degraded: false,
@@ -165,6 +183,29 @@ pub enum DecodeError {
 }
 
 impl RateLimitEvent {
+    /// One request of cost 1 by `user_id`, decided by `limiter_id` at `ts_ms` in the default
+    /// domain: not degraded, no rule hits, no stamp. Set the rest with struct update syntax.
+    pub fn new(
+        user_id: impl Into<String>,
+        allowed: bool,
+        ts_ms: u64,
+        limiter_id: impl Into<String>,
+    ) -> Self {
+        Self {
+            schema_version: SCHEMA_VERSION,
+            user_id: user_id.into(),
+            allowed,
+            cost: 1,
+            count: 1,
+            ts_ms,
+            limiter_id: limiter_id.into(),
+            degraded: false,
+            domain: None,
+            rules: Vec::new(),
+            stamp: None,
+        }
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         // Serializing a struct of strings, integers and booleans cannot fail.
         serde_json::to_vec(self).expect("event serializes")
@@ -202,6 +243,7 @@ mod tests {
             user_id: "u\"1}{\u{1F600}".into(),
             allowed: false,
             cost: 3,
+            count: 1,
             ts_ms: 1_700_000_000_000,
             limiter_id: "host-1".into(),
             degraded: true,
@@ -225,6 +267,31 @@ mod tests {
         RateLimitEvent::encode_stamped(&mut bytes, &stamp);
         e.stamp = Some(stamp);
         assert_eq!(RateLimitEvent::decode(&bytes).unwrap(), e);
+    }
+
+    /// An event of one request is encoded as before `count` existed, and an event of an
+    /// earlier build (no `count`) decodes as one request; an event of many carries its count.
+    #[test]
+    fn count_is_absent_for_one_request_and_carried_for_many() {
+        let mut e = event();
+        let bytes = e.encode();
+        assert!(!String::from_utf8_lossy(&bytes).contains("count"));
+        let earlier = br#"{"schema_version":1,"user_id":"u","allowed":true,"cost":1,"ts_ms":5,"limiter_id":"l"}"#;
+        assert_eq!(RateLimitEvent::decode(earlier).unwrap().count, 1);
+        e.count = 50;
+        e.stamp = None;
+        let bytes = e.encode();
+        assert!(String::from_utf8_lossy(&bytes).contains(r#""count":50"#));
+        assert_eq!(RateLimitEvent::decode(&bytes).unwrap(), e);
+        let mut stamped = bytes.clone();
+        RateLimitEvent::encode_stamped(
+            &mut stamped,
+            &Stamp {
+                epoch: "e".into(),
+                seq: 1,
+            },
+        );
+        assert_eq!(RateLimitEvent::decode(&stamped).unwrap().count, 50);
     }
 
     #[test]

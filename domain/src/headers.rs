@@ -30,18 +30,20 @@ pub fn secs_ceil(ms: u64) -> u64 {
     ms.div_ceil(1000)
 }
 
-/// A policy name as a structured-field string: printable ASCII, `"` and `\` escaped, any
-/// other character replaced by `_` (names come from the operator's rules, but a header
-/// must never break).
-pub fn sf_string(name: &str) -> String {
-    let mut out = String::with_capacity(name.len() + 2);
-    push_sf_string(&mut out, name);
-    out
-}
-
-/// [`sf_string`], appended to `out`.
+/// A policy name as a structured-field string, appended to `out`: printable ASCII, `"` and
+/// `\` escaped, any other character replaced by `_` (names come from the operator's rules,
+/// but a header must never break).
 fn push_sf_string(out: &mut String, name: &str) {
     out.push('"');
+    // The usual name needs nothing done: copied whole.
+    if name
+        .bytes()
+        .all(|b| matches!(b, b' '..=b'~') && b != b'"' && b != b'\\')
+    {
+        out.push_str(name);
+        out.push('"');
+        return;
+    }
     for c in name.chars() {
         match c {
             '"' | '\\' => {
@@ -57,18 +59,8 @@ fn push_sf_string(out: &mut String, name: &str) {
 
 /// `n` in decimal, appended to `out` (what `write!(out, "{n}")` writes, without the
 /// formatting machinery: these fields are written for every decision).
-fn push_u64(out: &mut String, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend(digits[at..].iter().map(|&d| char::from(d)));
+fn push_u64(out: &mut String, n: u64) {
+    out.push_str(itoa::Buffer::new().format(n));
 }
 
 fn u64_string(n: u64) -> String {
@@ -94,20 +86,45 @@ pub fn closest(d: &CheckResponse) -> Option<&LimitStatus> {
     }
 }
 
-fn degraded(d: &CheckResponse) -> Vec<Field> {
+/// The degraded marker when `d` is degraded, in room for `room` fields in all.
+fn degraded(d: &CheckResponse, room: usize) -> Vec<Field> {
+    let mut fields = Vec::with_capacity(room);
     if d.degraded {
-        vec![(DEGRADED, "true".to_owned())]
-    } else {
-        Vec::new()
+        fields.push((DEGRADED, "true".to_owned()));
     }
+    fields
 }
 
 /// `RateLimit-Policy` and `RateLimit` (and the degraded marker).
 pub fn ietf(d: &CheckResponse) -> Vec<Field> {
-    let mut fields = degraded(d);
-    let Some(closest) = closest(d) else {
-        return fields;
-    };
+    let mut fields = degraded(d, 3);
+    if let Some(closest) = closest(d) {
+        push_ietf(&mut fields, d, closest);
+    }
+    fields
+}
+
+/// `RateLimit-Limit`, `RateLimit-Remaining` and `RateLimit-Reset` (and the degraded marker).
+pub fn trio(d: &CheckResponse) -> Vec<Field> {
+    let mut fields = degraded(d, 4);
+    if let Some(closest) = closest(d) {
+        push_trio(&mut fields, closest);
+    }
+    fields
+}
+
+/// [`ietf`]'s fields then [`trio`]'s, the degraded marker once, the closest limit chosen
+/// once: what the gateway answers.
+pub fn all(d: &CheckResponse) -> Vec<Field> {
+    let mut fields = degraded(d, 6);
+    if let Some(closest) = closest(d) {
+        push_ietf(&mut fields, d, closest);
+        push_trio(&mut fields, closest);
+    }
+    fields
+}
+
+fn push_ietf(fields: &mut Vec<Field>, d: &CheckResponse, closest: &LimitStatus) {
     // Written in place (this runs for every decision that answers headers):
     // `"name";q=<limit>;w=<window s>, ...` and `"name";r=<remaining>;t=<reset s>`.
     let mut policies = String::new();
@@ -129,22 +146,15 @@ pub fn ietf(d: &CheckResponse) -> Vec<Field> {
     current.push_str(";t=");
     push_u64(&mut current, secs_ceil(closest.reset_after_ms));
     fields.push((RATELIMIT, current));
-    fields
 }
 
-/// `RateLimit-Limit`, `RateLimit-Remaining` and `RateLimit-Reset` (and the degraded marker).
-pub fn trio(d: &CheckResponse) -> Vec<Field> {
-    let mut fields = degraded(d);
-    let Some(closest) = closest(d) else {
-        return fields;
-    };
+fn push_trio(fields: &mut Vec<Field>, closest: &LimitStatus) {
     fields.push((RATELIMIT_LIMIT, u64_string(closest.limit)));
     fields.push((RATELIMIT_REMAINING, u64_string(closest.remaining)));
     fields.push((
         RATELIMIT_RESET,
         u64_string(secs_ceil(closest.reset_after_ms)),
     ));
-    fields
 }
 
 #[cfg(test)]

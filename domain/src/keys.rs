@@ -5,8 +5,6 @@
 //! is escaped so that it cannot end the hash tag early or collide with another id: `%`,
 //! `{` and `}` are percent-encoded, which is injective.
 
-use std::fmt::Write;
-
 /// A 64-bit FNV-1a hash of `text`: stable across processes, builds and versions (std's
 /// hasher is seeded per process), for names and slots that must agree everywhere: a
 /// shortened rule name, a limit key's room slot.
@@ -23,16 +21,23 @@ pub fn escape_user_id(user_id: &str) -> String {
     out
 }
 
-/// Appends `text` to `out` with `%`, `{`, `}` and the characters of `also` percent-encoded
-/// (injective: `%` itself is always encoded).
-fn escape_into(out: &mut String, text: &str, also: &[char]) {
-    for c in text.chars() {
-        if matches!(c, '%' | '{' | '}') || also.contains(&c) {
-            let _ = write!(out, "%{:02X}", c as u32);
-        } else {
-            out.push(c);
+/// Appends `text` to `out` with `%`, `{`, `}` and the ASCII characters of `also`
+/// percent-encoded (injective: `%` itself is always encoded). The runs between them are
+/// copied whole (every character escaped is ASCII, so a byte of one never belongs to
+/// another character).
+fn escape_into(out: &mut String, text: &str, also: &[u8]) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    let mut run = 0;
+    for (i, b) in text.bytes().enumerate() {
+        if matches!(b, b'%' | b'{' | b'}') || also.contains(&b) {
+            out.push_str(&text[run..i]);
+            out.push('%');
+            out.push(char::from(HEX[usize::from(b >> 4)]));
+            out.push(char::from(HEX[usize::from(b & 0xf)]));
+            run = i + 1;
         }
     }
+    out.push_str(&text[run..]);
 }
 
 /// The key of a user's token bucket: `<prefix>b{<escaped id>}`.
@@ -59,7 +64,7 @@ pub fn counter_minute_key(prefix: &str, user_id: &str, minute: u64) -> String {
 
 /// Escapes `%`, `{`, `}` and the separators of a limit key (`/`, `=`, `:`), injectively.
 fn escape_part(out: &mut String, part: &str) {
-    escape_into(out, part, &['/', '=', ':']);
+    escape_into(out, part, b"/=:");
 }
 
 /// The key of one limit of one descriptor:
@@ -169,6 +174,29 @@ mod tests {
             let close = ka.find('}').unwrap();
             let tag_has_brace = ka[open + 1..close].contains('{');
             prop_assert!(!tag_has_brace);
+        }
+
+        /// The escaping is the one every stored key was made with: character by
+        /// character, `%XX` for `%`, `{`, `}` and the characters asked for.
+        #[test]
+        fn escaping_is_the_reference_one(text in "\\PC{0,16}|[%{}/=:a]{0,8}") {
+            let reference = |also: &[char]| {
+                text.chars()
+                    .map(|c| {
+                        if matches!(c, '%' | '{' | '}') || also.contains(&c) {
+                            format!("%{:02X}", c as u32)
+                        } else {
+                            c.to_string()
+                        }
+                    })
+                    .collect::<String>()
+            };
+            let mut plain = String::new();
+            escape_into(&mut plain, &text, &[]);
+            prop_assert_eq!(plain, reference(&[]));
+            let mut part = String::new();
+            escape_part(&mut part, &text);
+            prop_assert_eq!(part, reference(&['/', '=', ':']));
         }
 
         #[test]

@@ -31,10 +31,6 @@ pub fn violated(d: &CheckResponse) -> Vec<&str> {
 /// the older trio, with the same numbers). None when no limit applied (an unlimited
 /// descriptor), except the degraded marker.
 pub fn rate_limit_headers(d: &CheckResponse) -> HeaderMap {
-    use domain::headers::{DEGRADED, ietf, trio};
-    let mut h = HeaderMap::with_capacity(6);
-    let mut fields = ietf(d);
-    fields.extend(trio(d).into_iter().filter(|(name, _)| *name != DEGRADED));
     if d.limits.is_empty() && d.limit > 0 {
         // A limiter that does not list its limits: its one policy is the built-in one.
         let legacy = CheckResponse {
@@ -52,8 +48,10 @@ pub fn rate_limit_headers(d: &CheckResponse) -> HeaderMap {
         };
         return rate_limit_headers(&legacy);
     }
-    for (name, value) in fields {
-        if let Ok(value) = HeaderValue::from_str(&value) {
+    let mut h = HeaderMap::with_capacity(6);
+    for (name, value) in domain::headers::all(d) {
+        // The field's own bytes, checked, not copied.
+        if let Ok(value) = HeaderValue::try_from(value) {
             h.insert(HeaderName::from_static(name), value);
         }
     }

@@ -17,7 +17,7 @@ use domain::analytics::{
 };
 use domain::api::{CheckRequest, FieldError, MAX_BODY_BYTES, canonical_user_id};
 use domain::{Clock, SystemClock};
-use kit::http::{ApiError, ServeLimits, ValidJson, liveness, with_guards};
+use kit::http::{ApiError, Direct, Guarded, ServeLimits, ValidJson, liveness, with_guards};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -88,7 +88,7 @@ pub fn is_own_route(path: &str) -> bool {
 
 /// The gateway's routes, with body limits, JSON 404/405, metrics, load shedding and the
 /// slow-client guards ([`with_guards`]); the admin routes behind `ADMIN_TOKEN` when set.
-pub fn router(gateway: Gateway, limits: &ServeLimits) -> Router {
+pub fn router(gateway: Gateway, limits: &ServeLimits) -> Guarded {
     let token = gateway.admin_token.clone();
     let admin = Router::new()
         .route(routes::ANALYTICS, get(global_analytics))
@@ -113,13 +113,19 @@ pub fn router(gateway: Gateway, limits: &ServeLimits) -> Router {
         .merge(admin)
         .merge(limiter_admin)
         .route(routes::DASHBOARD, get(crate::dashboard::dashboard))
-        .with_state(state);
+        .with_state(state.clone());
     let routes = kit::metrics::with_http_metrics(routes, "gateway");
     // Outside the load shedder: a gateway at its in-flight limit is busy, not dead.
     let probes = kit::metrics::with_http_metrics(liveness(), "gateway");
     let bodies = kit::http::BodyLimit::new(MAX_BODY_BYTES)
         .with_prefix("/admin/", domain::api::MAX_ADMIN_BODY_BYTES);
-    with_guards(routes, probes, bodies, limits)
+    // `POST /api`, every request's route, answered before the router (the same handler).
+    with_guards(routes, probes, bodies, limits).with_direct(Direct::post(
+        routes::API,
+        api,
+        state,
+        "gateway",
+    ))
 }
 
 use crate::answer::{limited, rate_limit_headers};

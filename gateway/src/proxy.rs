@@ -154,11 +154,11 @@ pub fn router(gateway: Gateway, upstream: Arc<Upstream>, limits: &ServeLimits) -
         // One resource, one path: for the rules, the routing and the upstream alike.
         crate::path::normalize_request(&mut request);
         let target = if crate::http::is_own_route(request.uri().path()) {
-            own.clone()
+            tower::util::Either::Left(own.clone())
         } else {
-            proxied.clone()
+            tower::util::Either::Right(proxied.clone())
         };
-        async move { target.oneshot(request).await }
+        target.oneshot(request)
     });
     Router::new().fallback_service(dispatch)
 }

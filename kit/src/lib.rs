@@ -16,12 +16,14 @@
 //! - [`runtime`]: logging set-up, the instance id and the one shutdown signal.
 //! - [`every`]: the periodic loop of every background task, until shutdown.
 //! - [`admin`]: the admin token and its constant-time check.
+//! - [`ids`]: ids unique across processes (store calls, the gateway's batches).
 
 pub mod admin;
 pub mod config;
 pub mod every;
 pub mod expiring;
 pub mod http;
+pub mod ids;
 #[cfg(feature = "kafka")]
 pub mod kafka;
 pub mod metrics;

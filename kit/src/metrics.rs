@@ -7,13 +7,15 @@
 //! service's `describe_metrics` its own. `promtool check metrics` accepts every page.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, OnceLock, RwLock};
+use std::task::{Context, Poll};
 use std::time::Instant;
 
 use axum::Router;
 use axum::extract::{MatchedPath, Request};
 use axum::http::header;
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use metrics::Unit;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
@@ -85,24 +87,98 @@ pub fn render() -> Response {
 /// `http_request_duration_seconds{service,route}` for every request through `router`.
 pub fn with_http_metrics(router: Router, service: &'static str) -> Router {
     handle();
-    let handles = Arc::new(HttpHandles::new(service));
-    router.layer(axum::middleware::from_fn(
-        move |req: Request, next: Next| {
-            let handles = handles.clone();
-            async move {
-                let route = handles.route(
-                    req.extensions()
-                        .get::<MatchedPath>()
-                        .map_or("unmatched", MatchedPath::as_str),
-                );
-                let started = Instant::now();
-                let response = next.run(req).await;
-                route.requests(response.status().as_u16()).increment(1);
-                route.duration.record(started.elapsed().as_secs_f64());
-                response
+    router.layer(HttpMetricsLayer {
+        handles: Arc::new(HttpHandles::new(service)),
+    })
+}
+
+/// The layer of [`with_http_metrics`], on each route (where the route template is known):
+/// a service and a future written out, so that a request pays for no boxed `Next` and no
+/// boxed future of its own here.
+#[derive(Clone)]
+struct HttpMetricsLayer {
+    handles: Arc<HttpHandles>,
+}
+
+impl<S> tower::Layer<S> for HttpMetricsLayer {
+    type Service = HttpMetrics<S>;
+
+    fn layer(&self, inner: S) -> HttpMetrics<S> {
+        HttpMetrics {
+            inner,
+            handles: self.handles.clone(),
+            seen: Arc::default(),
+        }
+    }
+}
+
+#[derive(Clone)]
+struct HttpMetrics<S> {
+    inner: S,
+    handles: Arc<HttpHandles>,
+    /// The handles of the route this layer wraps (each route gets its own layer), kept at
+    /// its first request: the next ones skip the lookup in `handles` when their route
+    /// template is the same (always, short of a route served under two templates).
+    seen: Arc<OnceLock<Arc<RouteHandles>>>,
+}
+
+impl<S> tower::Service<Request> for HttpMetrics<S>
+where
+    S: tower::Service<Request, Response = Response>,
+{
+    type Response = Response;
+    type Error = S::Error;
+    type Future = Recorded<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request) -> Self::Future {
+        let path = req
+            .extensions()
+            .get::<MatchedPath>()
+            .map_or("unmatched", MatchedPath::as_str);
+        let route = match self.seen.get() {
+            Some(seen) if seen.route == path => seen.clone(),
+            _ => {
+                let route = self.handles.route(path);
+                let _ = self.seen.set(route.clone());
+                route
             }
-        },
-    ))
+        };
+        Recorded {
+            inner: self.inner.call(req),
+            route,
+            started: Instant::now(),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A request's answer on its way, recorded when it is made.
+    struct Recorded<F> {
+        #[pin]
+        inner: F,
+        route: Arc<RouteHandles>,
+        started: Instant,
+    }
+}
+
+impl<F, E> Future for Recorded<F>
+where
+    F: Future<Output = Result<Response, E>>,
+{
+    type Output = Result<Response, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let result = std::task::ready!(this.inner.poll(cx));
+        if let Ok(response) = &result {
+            this.route.record(response.status().as_u16(), *this.started);
+        }
+        Poll::Ready(result)
+    }
 }
 
 /// The HTTP metric handles of one service, registered once per route and status: a request
@@ -114,10 +190,13 @@ struct HttpHandles {
     routes: RwLock<HashMap<String, Arc<RouteHandles>>>,
 }
 
-struct RouteHandles {
+pub(crate) struct RouteHandles {
     service: &'static str,
     route: String,
     duration: metrics::Histogram,
+    /// The counter of the first status answered (most answers of a route have it),
+    /// counted without the lock.
+    first_status: OnceLock<(u16, metrics::Counter)>,
     by_status: RwLock<Vec<(u16, metrics::Counter)>>,
 }
 
@@ -143,6 +222,7 @@ impl HttpHandles {
                     service,
                     route: route.to_owned(),
                     duration: metrics::histogram!("http_request_duration_seconds", "service" => service, "route" => route.to_owned()),
+                    first_status: OnceLock::new(),
                     by_status: RwLock::default(),
                 })
             })
@@ -150,7 +230,27 @@ impl HttpHandles {
     }
 }
 
+/// The handles of `route` in `service`, for a route answered outside a router
+/// ([`crate::http::Direct`]): the same series as [`with_http_metrics`] records for it.
+pub(crate) fn route_handles(service: &'static str, route: &str) -> Arc<RouteHandles> {
+    handle();
+    HttpHandles::new(service).route(route)
+}
+
 impl RouteHandles {
+    /// One answer with `status`, made in the time since `started`.
+    pub(crate) fn record(&self, status: u16, started: Instant) {
+        match self.first_status.get() {
+            Some((first, counter)) if *first == status => counter.increment(1),
+            _ => {
+                let counter = self.requests(status);
+                counter.increment(1);
+                let _ = self.first_status.set((status, counter));
+            }
+        }
+        self.duration.record(started.elapsed().as_secs_f64());
+    }
+
     fn requests(&self, status: u16) -> metrics::Counter {
         let found = |all: &[(u16, metrics::Counter)]| {
             all.iter()

@@ -105,21 +105,9 @@ impl EventPublisher for NullPublisher {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use domain::event::SCHEMA_VERSION;
 
     fn event(user: &str) -> RateLimitEvent {
-        RateLimitEvent {
-            schema_version: SCHEMA_VERSION,
-            user_id: user.into(),
-            allowed: true,
-            cost: 1,
-            ts_ms: 0,
-            limiter_id: "t".into(),
-            degraded: false,
-            domain: None,
-            rules: Vec::new(),
-            stamp: None,
-        }
+        RateLimitEvent::new(user, true, 0, "t")
     }
 
     #[tokio::test]

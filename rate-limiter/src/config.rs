@@ -62,10 +62,9 @@ pub struct LimiterArgs {
     /// stream (the outbox) by the script that decides, and relayed to Kafka by the
     /// limiters, so that no answered decision goes uncounted when a limiter dies. Off:
     /// events go from each limiter's memory to Kafka (lost if it dies before delivery).
-    /// Off by default until a fail-open answer whose Redis call ran after all is no longer
-    /// counted twice (see the README's "The events outbox").
+    /// Without Kafka, or on a Cluster, there is no outbox whatever this says.
     #[arg(long = "events-outbox", env = "EVENTS_OUTBOX", value_name = "EVENTS_OUTBOX",
-          default_value_t = false, action = clap::ArgAction::Set)]
+          default_value_t = true, action = clap::ArgAction::Set)]
     pub events_outbox: bool,
     /// The outbox's bound in bytes (all its streams): past it, decisions stand and their
     /// events are dropped and counted (`ratelimit_outbox_dropped_total`).
@@ -123,6 +122,18 @@ pub struct GrpcArgs {
         default_value = "ietf"
     )]
     pub response_headers: ResponseHeaders,
+    /// Threads that serve the gRPC port, each a single-threaded runtime that owns the
+    /// connections it is given (the fewest-connections thread takes the next one). Envoy's
+    /// calls on one connection are then read, decided and answered together on one thread,
+    /// several answers a write. 0 (the default): one per core with the store in memory;
+    /// with the store in Redis, the process's own runtime, where the Redis connection is.
+    #[arg(
+        long = "grpc-threads",
+        env = "GRPC_THREADS",
+        value_name = "GRPC_THREADS",
+        default_value_t = 0
+    )]
+    pub grpc_threads: usize,
 }
 
 /// The standalone `rate-limiter` binary.

@@ -161,8 +161,8 @@ fn outboxed(
     #[cfg(feature = "kafka")]
     if let Some(brokers) = kafka.brokers() {
         if store.connection().is_cluster() {
-            tracing::warn!(
-                "EVENTS_OUTBOX: not available on Redis Cluster; events go from this limiter's memory to Kafka"
+            tracing::info!(
+                "events outbox: not available on Redis Cluster; events go from this limiter's memory to Kafka"
             );
             return Ok(store);
         }
@@ -240,14 +240,21 @@ pub async fn run_grpc(
     listener: tokio::net::TcpListener,
     limiter: Arc<Limiter>,
     args: &LimiterArgs,
-    headers: ResponseHeaders,
+    grpc: &config::GrpcArgs,
     limits: &ServeLimits,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let service = front::grpc::RateLimitService::new(limiter, headers);
-    front::grpc::serve(listener, service, args.fail_mode, limits, shutdown)
-        .await
-        .map_err(std::io::Error::other)
+    let service = front::grpc::RateLimitService::new(limiter, grpc.response_headers);
+    front::grpc::serve(
+        listener,
+        service,
+        args.fail_mode,
+        limits,
+        grpc.grpc_threads,
+        shutdown,
+    )
+    .await
+    .map_err(std::io::Error::other)
 }
 
 /// Waits for the publisher to deliver what it holds (bounded), and logs the totals.
@@ -294,7 +301,8 @@ pub struct Standalone {
     worker: Option<counters::SpawnedWorker>,
     admin_token: Option<kit::admin::AdminToken>,
     args: LimiterArgs,
-    headers: ResponseHeaders,
+    /// The gRPC port's settings; its response headers are the HTTP API's too.
+    grpc: config::GrpcArgs,
 }
 
 impl Standalone {
@@ -342,7 +350,7 @@ impl Standalone {
             worker,
             admin_token: kit::admin::AdminToken::from_setting(config.admin_token.as_deref()),
             args: config.limiter.clone(),
-            headers: config.grpc.response_headers,
+            grpc: config.grpc.clone(),
         })
     }
 
@@ -370,7 +378,7 @@ impl Standalone {
             self.limiter.clone(),
             limits,
             self.admin_token.clone(),
-            self.headers,
+            self.grpc.response_headers,
             shutdown.clone(),
         );
         let grpc = async {
@@ -380,7 +388,7 @@ impl Standalone {
                         grpc,
                         self.limiter.clone(),
                         &self.args,
-                        self.headers,
+                        &self.grpc,
                         limits,
                         shutdown,
                     )

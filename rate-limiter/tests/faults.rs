@@ -1,13 +1,18 @@
 //! The limiter against a real redis-server that fails the ways Redis fails: killed, then
 //! frozen (SIGSTOP) while a caller waits on it.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
 use domain::api::CheckRequest;
-use rate_limiter::config::LimiterConfig;
-use rate_limiter::limiter::Limiter;
+use domain::{Clock, SystemClock};
+use rate_limiter::back::breaker::Breaker;
+use rate_limiter::back::store::outbox::{self, OutboxKeys};
+use rate_limiter::back::store::{MemoryStore, RedisStore};
+use rate_limiter::config::{FailMode, LimiterConfig};
+use rate_limiter::limiter::{Limiter, Parts};
 use testkit::{RedisServer, unique};
 use tokio_util::sync::CancellationToken;
 
@@ -262,4 +267,199 @@ async fn readiness_comes_back_after_a_redis_blip_without_traffic() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(!limiter.check(&req("u")).await.unwrap().degraded);
+}
+
+/// The user of every event the outbox holds.
+async fn outbox_users(redis: &RedisServer, keys: &OutboxKeys) -> Vec<String> {
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    outbox::held_users(&mut conn, keys).await
+}
+
+/// A limiter in fail-open mode on `redis` with the outbox, its events published to the
+/// returned channel, each call given 40 ms (and its repeat 20 ms).
+async fn outbox_limiter(
+    redis: &RedisServer,
+) -> (Limiter, OutboxKeys, kit::stream::ChannelReceiver) {
+    outbox_limiter_on(redis, &unique("settle")).await
+}
+
+/// [`outbox_limiter`], its keys under `prefix` (two limiters on one prefix share buckets).
+async fn outbox_limiter_on(
+    redis: &RedisServer,
+    prefix: &str,
+) -> (Limiter, OutboxKeys, kit::stream::ChannelReceiver) {
+    let url = redis.url();
+    let config = LimiterConfig::try_parse_from([
+        "rate-limiter",
+        "--redis-url",
+        &url,
+        "--redis-key-prefix",
+        prefix,
+        "--redis-timeout-ms",
+        "40",
+    ])
+    .unwrap();
+    let settings = config.redis.resolve().unwrap();
+    let policy = config.limiter.policy.policy().unwrap();
+    let keys = OutboxKeys::new(prefix, 64 << 20);
+    let store = RedisStore::new(
+        settings.buckets.as_ref().unwrap(),
+        prefix,
+        policy,
+        settings.timeout,
+    )
+    .unwrap()
+    .with_outbox(keys.clone())
+    .unwrap();
+    store.preload().await.unwrap();
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let (publisher, published) = kit::stream::channel(10_000);
+    let limiter = Limiter::new(Parts {
+        store: Arc::new(store),
+        fallback: Arc::new(MemoryStore::new(policy, clock.clone())),
+        fail_mode: FailMode::Open,
+        // Never opens here: every check goes to Redis.
+        breaker: Breaker::new(1_000, Duration::from_secs(1), clock.clone()),
+        publisher: Arc::new(publisher),
+        clock,
+        instance_id: "settle".into(),
+    })
+    .with_outbox(true);
+    let warm = limiter.check(&req("warm")).await.unwrap();
+    assert!(!warm.degraded);
+    (limiter, keys, published)
+}
+
+/// Checks `users` (one each) while Redis is frozen: each call and its repeat time out and
+/// the fail-open fallback answers. The calls wait in Redis's socket.
+async fn check_while_frozen(limiter: &Limiter, redis: &RedisServer, users: &[String]) {
+    redis.freeze(true);
+    let checks: Vec<CheckRequest> = users.iter().map(|u| req(u)).collect();
+    let answers = futures::future::join_all(checks.iter().map(|c| limiter.check(c))).await;
+    for answer in &answers {
+        let answer = answer.as_ref().unwrap();
+        assert!(answer.degraded && answer.decision.is_allowed());
+    }
+}
+
+/// Waits until each of `users` has an event, in the outbox or published, then 2 s more
+/// for one that comes late, and asserts that each has exactly one: both would be a double
+/// count, neither a lost one.
+async fn assert_one_event_each(
+    redis: &RedisServer,
+    keys: &OutboxKeys,
+    published: &mut kit::stream::ChannelReceiver,
+    users: &[String],
+) {
+    let mut published_users: BTreeMap<String, usize> = BTreeMap::new();
+    let mut count = async || {
+        while let Ok(event) = published.try_recv() {
+            *published_users.entry(event.user_id).or_default() += 1;
+        }
+        let mut all = published_users.clone();
+        for user in outbox_users(redis, keys).await {
+            *all.entry(user).or_default() += 1;
+        }
+        all.remove("warm");
+        all
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let all = count().await;
+        if users.iter().all(|u| all.get(u).is_some_and(|&n| n >= 1)) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "10 s after Redis came back, some answers have no event: {all:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let all = count().await;
+    assert!(
+        users.iter().all(|u| all.get(u) == Some(&1)) && all.len() == users.len(),
+        "each of the {} answers should leave exactly one event: {all:?}",
+        users.len()
+    );
+}
+
+/// Defect (issue 24): with the outbox, a check whose Redis call timed out (and its repeat
+/// too) was answered by the fail-open fallback, and the fallback's event published; Redis,
+/// only slow, then ran the call and appended the call's event to the outbox as well: one
+/// answer, two events, counted twice. Now the fallback's event waits until Redis says
+/// whether it ran the call, and is published only if it did not.
+#[tokio::test]
+async fn a_fail_open_answer_whose_call_redis_ran_late_leaves_one_event() {
+    let redis = RedisServer::start();
+    let (limiter, keys, mut published) = outbox_limiter(&redis).await;
+    let users: Vec<String> = (0..20).map(|i| format!("late-{i}")).collect();
+    check_while_frozen(&limiter, &redis, &users).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Redis runs the waiting calls: their events are in the outbox.
+    redis.freeze(false);
+    assert_one_event_each(&redis, &keys, &mut published, &users).await;
+    assert_eq!(outbox_users(&redis, &keys).await.len(), users.len() + 1);
+    let settled = limiter.settled_stats().unwrap();
+    assert_eq!(
+        settled.recorded.load(std::sync::atomic::Ordering::Relaxed),
+        20
+    );
+    assert_eq!(
+        settled
+            .recorded_otherwise
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "Redis allowed what the fallback allowed"
+    );
+}
+
+/// A fail-open answer whose call Redis ran, and refused (another limiter had spent the
+/// bucket; this one's fallback knew nothing of it): the outbox's event counts the refusal,
+/// the fallback's held event is dropped (one event per answer), and the limiter reports
+/// the answer as counted otherwise than it was given.
+#[tokio::test]
+async fn a_fail_open_answer_that_redis_decided_otherwise_is_reported() {
+    let redis = RedisServer::start();
+    let prefix = unique("otherwise");
+    let (limiter, _keys, mut published) = outbox_limiter_on(&redis, &prefix).await;
+    let (other, _, _) = outbox_limiter_on(&redis, &prefix).await;
+    let users: Vec<String> = (0..20).map(|i| format!("spent-{i}")).collect();
+    for user in &users {
+        // The default policy: 10 at once, one a second.
+        for _ in 0..10 {
+            assert!(other.check(&req(user)).await.unwrap().decision.is_allowed());
+        }
+    }
+    check_while_frozen(&limiter, &redis, &users).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    redis.freeze(false);
+    let settled = limiter.settled_stats().unwrap();
+    let load = |n: &std::sync::atomic::AtomicU64| n.load(std::sync::atomic::Ordering::Relaxed);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while load(&settled.recorded) + load(&settled.published) < 20 {
+        assert!(Instant::now() < deadline, "not settled within 10 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(load(&settled.recorded), 20, "Redis ran every call");
+    assert_eq!(load(&settled.recorded_otherwise), 20, "and refused each");
+    assert!(published.try_recv().is_err(), "no held event published");
+}
+
+/// The other way a call in doubt ends: Redis never runs it (killed with the call in its
+/// socket, restarted empty). The held event is then the only one, and is published.
+#[tokio::test]
+async fn a_fail_open_answer_whose_call_redis_never_ran_is_published() {
+    let mut redis = RedisServer::start();
+    let (limiter, keys, mut published) = outbox_limiter(&redis).await;
+    let users: Vec<String> = (0..20).map(|i| format!("lost-{i}")).collect();
+    check_while_frozen(&limiter, &redis, &users).await;
+    // The held events wait for an answer while Redis is away.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(published.try_recv().is_err(), "nothing published unsettled");
+    redis.crash();
+    redis.restart();
+    assert_one_event_each(&redis, &keys, &mut published, &users).await;
+    assert!(outbox_users(&redis, &keys).await.is_empty());
 }

@@ -564,13 +564,30 @@ async fn the_service_stopped_envoy_keeps_its_assignment_until_the_ttl() {
     );
 }
 
-/// What Envoy reports is counted once: the limiter's allowed and limited counts are the
-/// requests Envoy admitted and refused, and each report is published as at most one event
-/// per outcome (its count as `cost`).
+/// What Envoy reports is counted once, request by request: the limiter's allowed and
+/// limited counts are the requests Envoy admitted and refused, each report is published as
+/// at most one event per outcome (its `count` the number of requests), and the analytics
+/// counters (in Redis, read as the gateway's `GET /analytics/{user_id}` and
+/// `GET /analytics` read them) count every request under the bucket's identity
+/// `name=shared` and its rule `api:shared`, not one per report.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reports_are_counted_once() {
+    use domain::analytics::AnalyticsReader;
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let prefix = testkit::unique("rlqs:");
     let rules = SHARED_600.replace("requests_per_unit: 600", "requests_per_unit: 120");
-    let service = Service::start(&rules, &[]).await;
+    // The buckets in memory, the analytics counters in Redis.
+    let service = Service::start(
+        &rules,
+        &[
+            "--analytics-redis-url",
+            url.as_str(),
+            "--redis-key-prefix",
+            prefix.as_str(),
+        ],
+    )
+    .await;
     let envoy = Envoy::start(service.grpc, OPEN);
     let started = Instant::now();
     let seen = drive(envoy.url.clone(), 10.0, Duration::from_secs(8)).await;
@@ -594,6 +611,40 @@ async fn reports_are_counted_once() {
         published >= 2 && published <= 2 * reports,
         "{published} events for at most {reports} reports"
     );
+    // The analytics: the in-process worker counts the events into Redis.
+    let analytics = counters::RedisAnalytics::new(
+        &kit::redis::Endpoint::single(url.as_str()),
+        &prefix,
+        Duration::from_secs(2),
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let user = loop {
+        let user = analytics.get("name=shared").await.unwrap();
+        if user.total >= ok + refused || Instant::now() >= deadline {
+            break user;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    eprintln!("GET /analytics/name=shared: {user:?}");
+    assert_eq!(
+        (user.allowed, user.blocked),
+        (ok, refused),
+        "the analytics count the requests Envoy reported, not the reports"
+    );
+    let rules = analytics.rule_counts().await.unwrap();
+    let shared = rules.iter().find(|r| r.rule == "api:shared");
+    assert_eq!(
+        shared.map(|r| (r.allowed, r.blocked)),
+        Some((ok, refused)),
+        "{rules:?}"
+    );
+    let now = domain::Clock::now_ms(&domain::SystemClock) / domain::analytics::MINUTE_MS;
+    let minutes = analytics.global_series(now - 2..=now).await.unwrap();
+    let sum = minutes
+        .iter()
+        .fold((0, 0), |(a, b), m| (a + m.allowed, b + m.blocked));
+    assert_eq!(sum, (ok, refused), "the global series: {minutes:?}");
     service.stop().await;
 }
 
@@ -695,6 +746,16 @@ async fn bad_streams_are_refused_and_others_are_unaffected() {
     let (c, m) = code(first_answer(service.grpc, vec![report("api", many)]).await);
     assert_eq!(c, tonic::Code::ResourceExhausted, "{m}");
     assert!(m.contains("buckets per stream"), "{m}");
+    // A usage of more requests than any Envoy serves between two reports (what the
+    // analytics would add): refused, nothing counted.
+    let published = service.limiter.publisher().stats().published;
+    let mut absurd = report("api", vec![shared()]);
+    absurd.bucket_quota_usages[0].num_requests_allowed = u64::MAX;
+    absurd.bucket_quota_usages[0].num_requests_denied = 1;
+    let (c, m) = code(first_answer(service.grpc, vec![absurd]).await);
+    assert_eq!(c, tonic::Code::InvalidArgument, "{m}");
+    assert!(m.starts_with("bucket_quota_usages[0]"), "{m}");
+    assert_eq!(service.limiter.publisher().stats().published, published);
     // 100,000 buckets: above the report size bound, refused before it is decoded.
     let flood: Vec<BucketId> = (0..100_000)
         .map(|i| bucket(&[("n", &i.to_string())]))

@@ -301,6 +301,13 @@ impl RedisServer {
         self.process.kill();
     }
 
+    /// SIGKILLs the server as it is, frozen or not: what waits in its sockets is never
+    /// run (`kill` thaws it first). [`RedisServer::restart`] starts it again.
+    pub fn crash(&mut self) {
+        signal(self.process.pid(), "-KILL");
+        self.process.kill();
+    }
+
     /// Starts an empty server on the same port again.
     pub fn restart(&mut self) {
         self.process.kill();

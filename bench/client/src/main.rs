@@ -2,7 +2,7 @@
 //! were answered, for `bench/instructions.sh`, which counts the instructions a service
 //! spends on them under valgrind (wrk and oha run for a time, not for a count).
 //!
-//! - `bench-client http URL --body check|api|throttle`: `POST` JSON bodies over keep-alive
+//! - `bench-client http URL --body user|throttle`: `POST` JSON bodies over keep-alive
 //!   connections: `check` and `api` post `{"user_id":"user-<n>"}` (the limiter's
 //!   `/check`, the gateway's or all-in-one's `/api`), `throttle` posts throttlecrab-server's
 //!   `{"key":"user-<n>","max_burst":..}` with a limit no run reaches.
@@ -45,7 +45,7 @@ enum Target {
     /// POST JSON to URL.
     Http {
         url: String,
-        #[arg(long, value_enum, default_value_t = Body::Check)]
+        #[arg(long, value_enum, default_value_t = Body::User)]
         body: Body,
     },
     /// ShouldRateLimit at ADDR (host:port).
@@ -60,14 +60,14 @@ enum Target {
 
 #[derive(Clone, Copy, ValueEnum)]
 enum Body {
-    Check,
-    Api,
+    /// `{"user_id":"user-<n>"}`: the limiter's `POST /check`, the gateway's `POST /api`.
+    User,
     Throttle,
 }
 
 fn body(kind: Body, n: u64) -> String {
     match kind {
-        Body::Check | Body::Api => format!(r#"{{"user_id":"user-{n}"}}"#),
+        Body::User => format!(r#"{{"user_id":"user-{n}"}}"#),
         Body::Throttle => format!(
             r#"{{"key":"user-{n}","max_burst":1000000000,"count_per_period":1000000000,"period":1,"quantity":1}}"#
         ),

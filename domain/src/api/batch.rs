@@ -17,6 +17,16 @@ pub const MAX_BATCH_BODY_BYTES: usize = 1024 * 1024;
 /// The gateway sends what queued up while its previous exchanges were in flight.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
 pub struct BatchRequest {
+    /// The sender's name for this batch, the same when it sends the batch again to
+    /// another replica (the one it asked died without answering): a replica that finds
+    /// the batch's checks decided under it answers as they were decided, spending and
+    /// counting nothing more. 1 to [`MAX_BATCH_ID_BYTES`] of `[0-9A-Za-z_-]`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// Sent again (to another replica) under the same `id`: only then does the limiter
+    /// look for what was decided under it, so a first sending costs no lookup.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub again: bool,
     pub checks: Vec<CheckRequest>,
     /// Checks the gateway has already refused from its refusal cache (a refusal the limiter
     /// made that still holds), sent to be counted: the limiter publishes their events and
@@ -63,8 +73,15 @@ impl RefusedCheck {
     }
 }
 
+/// The longest batch id.
+pub const MAX_BATCH_ID_BYTES: usize = 64;
+
 #[derive(Deserialize)]
 struct BatchRequestWire {
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    again: bool,
     #[serde(default)]
     checks: Option<Vec<CheckRequestWire>>,
     #[serde(default)]
@@ -84,6 +101,18 @@ impl FromJson for BatchRequest {
     /// (`checks[3].user_id`).
     fn from_json(body: &[u8]) -> Result<Self, FieldError> {
         let wire = decode::<BatchRequestWire>(body)?;
+        if let Some(id) = &wire.id
+            && (id.is_empty()
+                || id.len() > MAX_BATCH_ID_BYTES
+                || !id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'))
+        {
+            return Err(FieldError::new(
+                "id",
+                format!("must be 1 to {MAX_BATCH_ID_BYTES} of [0-9A-Za-z_-]"),
+            ));
+        }
         let refused = wire.refused.unwrap_or_default();
         let checks = match wire.checks {
             Some(checks) => checks,
@@ -118,7 +147,12 @@ impl FromJson for BatchRequest {
                 notice
             })
             .collect();
+        if wire.again && wire.id.is_none() {
+            return Err(FieldError::new("again", "needs an id"));
+        }
         Ok(Self {
+            id: wire.id,
+            again: wire.again,
             checks,
             refused,
             dropped,

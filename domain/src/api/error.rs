@@ -114,6 +114,12 @@ pub fn decode<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, FieldErr
     if body.trim_ascii_start().first() != Some(&b'{') {
         return Err(FieldError::new("body", "must be a JSON object"));
     }
+    // The usual body is valid: decoded without tracking the path (which copies every key
+    // it meets); one that fails is decoded again with the path, to name the field. Neither
+    // looks past the object (the same acceptance either way).
+    if let Ok(value) = T::deserialize(&mut serde_json::Deserializer::from_slice(body)) {
+        return Ok(value);
+    }
     let de = &mut serde_json::Deserializer::from_slice(body);
     serde_path_to_error::deserialize(de).map_err(|err| {
         let path = err.path().to_string();

@@ -34,6 +34,28 @@ fn a_batch_is_validated_check_by_check_and_names_the_bad_one() {
 }
 
 #[test]
+fn a_batch_id_is_a_short_token_and_round_trips() {
+    let b = BatchRequest::from_json(br#"{"id":"gw-7f_3","checks":[{"user_id":"a"}]}"#).unwrap();
+    assert_eq!(b.id.as_deref(), Some("gw-7f_3"));
+    let again = BatchRequest::from_json(&serde_json::to_vec(&b).unwrap()).unwrap();
+    assert_eq!(again, b);
+    let field = |body: &[u8]| BatchRequest::from_json(body).unwrap_err().field;
+    for bad in [r#""""#, r#""a b""#, r#""a:b""#, r#""é""#, r#"7"#] {
+        let body = format!(r#"{{"id":{bad},"checks":[{{"user_id":"a"}}]}}"#);
+        assert_eq!(field(body.as_bytes()), "id", "{bad}");
+    }
+    let long = format!(
+        r#"{{"id":"{}","checks":[{{"user_id":"a"}}]}}"#,
+        "x".repeat(MAX_BATCH_ID_BYTES + 1)
+    );
+    assert_eq!(field(long.as_bytes()), "id");
+    assert_eq!(
+        field(br#"{"again":true,"checks":[{"user_id":"a"}]}"#),
+        "again"
+    );
+}
+
+#[test]
 fn a_batch_may_carry_refusals_to_count_and_they_are_validated_too() {
     let b = BatchRequest::from_json(
         br#"{"refused":[{"check":{"user_id":"a","cost":2},"limits":["default"]}]}"#,

@@ -320,15 +320,29 @@ pub fn decide_all(
     let mut limits = Vec::with_capacity(applied.len());
     let mut writes = Vec::with_capacity(applied.len());
     for e in evaluated {
-        let spend = allowed && e.admits && cost != 0;
-        limits.push(LimitOutcome {
-            admits: e.admits,
-            quota: if spend { e.spent_quota } else { e.kept_quota },
-            retry_after: e.retry_after,
-        });
-        writes.push(spend.then_some(e.spent));
+        let (limit, write) = e.settle(allowed, cost);
+        limits.push(limit);
+        writes.push(write);
     }
     (Outcome { allowed, limits }, writes)
+}
+
+/// [`decide_all`] for one limit: the same outcome and the same write, without the
+/// vectors that hold several.
+pub fn decide_one(
+    state: Option<LimitState>,
+    now_us: u64,
+    applied: &Applied,
+    cost: i64,
+) -> (Outcome, Option<LimitState>) {
+    let e = evaluate(&applied.spec, state, now_us, cost);
+    let allowed = cost <= 0 || applied.shadow || e.admits;
+    let (limit, write) = e.settle(allowed, cost);
+    let outcome = Outcome {
+        allowed,
+        limits: vec![limit],
+    };
+    (outcome, write)
 }
 
 /// One limit evaluated for a cost: both the state it would store and the numbers either way.
@@ -338,6 +352,25 @@ pub(super) struct Evaluated {
     pub(super) spent_quota: crate::Quota,
     pub(super) kept_quota: crate::Quota,
     pub(super) retry_after: Duration,
+}
+
+impl Evaluated {
+    /// The limit's part once the request is decided (`allowed`, all limits together): it
+    /// spends the cost when the request is allowed and it admits it, and says which quota
+    /// is left; with the state to store (`None`: leave it as it is).
+    fn settle(self, allowed: bool, cost: i64) -> (LimitOutcome, Option<LimitState>) {
+        let spend = allowed && self.admits && cost != 0;
+        let limit = LimitOutcome {
+            admits: self.admits,
+            quota: if spend {
+                self.spent_quota
+            } else {
+                self.kept_quota
+            },
+            retry_after: self.retry_after,
+        };
+        (limit, spend.then_some(self.spent))
+    }
 }
 
 fn evaluate(spec: &LimitSpec, state: Option<LimitState>, now_us: u64, cost: i64) -> Evaluated {

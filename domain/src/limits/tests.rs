@@ -295,3 +295,35 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    /// `decide_one` is `decide_all` for one limit: the same outcome and the same write,
+    /// whatever the algorithm, shadow mode, traffic and costs (refunds and peeks included).
+    #[test]
+    fn decide_one_is_decide_all_of_one(
+        kind in 0usize..3,
+        requests in 1u64..20,
+        window_secs in 1u64..10,
+        shadow in any::<bool>(),
+        steps in proptest::collection::vec((0u64..3_000_000, -3i64..5), 1..60),
+    ) {
+        let mut applied = match kind {
+            0 => fixed(requests, window_secs),
+            1 => sliding(requests, window_secs),
+            _ => bucket(requests, window_secs, None),
+        };
+        applied.shadow = shadow;
+        let mut state = None;
+        let mut now = 10 * window_secs * SEC;
+        for &(dt, cost) in &steps {
+            now += dt;
+            let (all, writes) = decide_all(&[state], now, &[applied], cost);
+            let (one, write) = decide_one(state, now, &applied, cost);
+            prop_assert_eq!(&one, &all);
+            prop_assert_eq!(write, writes[0]);
+            if let Some(w) = write {
+                state = Some(w);
+            }
+        }
+    }
+}

@@ -277,9 +277,10 @@ impl Node {
     fn limit_for(&self, descriptor: &Descriptor) -> Option<Arc<Rule>> {
         let mut node = self;
         let last = descriptor.entries.len().checked_sub(1)?;
+        // `key_value`, built in place in one buffer for every entry of the descriptor.
+        let mut composite = String::new();
         for (i, entry) in descriptor.entries.iter().enumerate() {
-            // `key_value`, built in place (once per entry of every decision).
-            let mut composite = String::with_capacity(entry.key.len() + entry.value.len() + 1);
+            composite.clear();
             composite.push_str(&entry.key);
             composite.push('_');
             composite.push_str(&entry.value);

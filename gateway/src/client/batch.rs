@@ -67,6 +67,9 @@ pub(super) struct Exchanger {
     /// or they are back).
     unreachable: Mutex<HashMap<Arc<str>, Instant>>,
     avoid_for: Duration,
+    /// Names each batch: asked again of another replica, it keeps its name, so that what
+    /// the first decided is not decided twice (`BatchRequest::id`).
+    ids: kit::ids::IdSource,
 }
 
 /// hyper's pooled HTTP/1 client: reqwest's conveniences (redirects, URL parsing, cookies)
@@ -89,6 +92,7 @@ impl Exchanger {
             refusals,
             unreachable: Mutex::new(HashMap::new()),
             avoid_for,
+            ids: kit::ids::IdSource::new(),
         }
     }
 }
@@ -148,6 +152,7 @@ impl Exchanger {
         if batch.checks.is_empty() && batch.refused.is_empty() {
             return;
         }
+        batch.id = Some(self.ids.next_id());
         if batch.checks.is_empty() {
             // Only refusals to count: they have no caller waiting, so a short deadline.
             latest = now + self.min_budget * 4;
@@ -224,6 +229,7 @@ impl Exchanger {
         let asking = AtomicUsize::new(0);
         let exchange = async {
             let mut attempt = 0;
+            let mut body = body;
             loop {
                 let target = order[attempt % order.len()];
                 asking.store(attempt % order.len(), Ordering::Relaxed);
@@ -238,6 +244,17 @@ impl Exchanger {
                     Err(err) if attempt + 1 < attempts && unanswered(&err) => {
                         metrics::counter!("gateway_limiter_retries_total").increment(1);
                         tracing::debug!(target = &*target.base, error = %err, "limiter call unanswered; asking the next replica");
+                        if attempt == 0 {
+                            // The replica may have decided it before it died: the next
+                            // answers what was decided under the batch's id, if anything.
+                            let again = BatchRequest {
+                                again: true,
+                                ..batch.clone()
+                            };
+                            body = Bytes::from(
+                                serde_json::to_vec(&again).expect("a batch serializes"),
+                            );
+                        }
                         attempt += 1;
                     }
                     Err(err) => {
@@ -329,9 +346,9 @@ fn refusal(status: StatusCode, body: Option<CheckError>) -> ClientError {
 ///   replica closed as the request went out, which is what a graceful shutdown does to an
 ///   idle connection. Such a request was never read, so it was never decided.
 ///
-/// Only a replica that dies (SIGKILL, crash) after deciding but before answering makes the
-/// second ask a second decision. That costs the client one more token (stricter, never past
-/// its limit) and counts one more event than the client saw.
+/// A replica that dies (SIGKILL, crash) after deciding but before answering has decided
+/// the batch: the second ask carries the batch's id marked `again`, and a replica on the
+/// same Redis answers what was decided under it rather than decide it twice.
 fn unanswered(err: &hyper_util::client::legacy::Error) -> bool {
     if err.is_connect() {
         return true;

@@ -3,43 +3,24 @@
 
 use std::time::Duration;
 
-use axum::Router;
-use axum::body::{Body, Bytes};
+use axum::BoxError;
+use axum::body::{Body, Bytes, HttpBody};
 use axum::extract::Request;
 use axum::http::{HeaderValue, header};
-use axum::middleware::Next;
-use axum::response::IntoResponse;
+use axum::response::{IntoResponse, Response};
 use domain::api::FieldError;
 use http_body_util::BodyExt;
 
 use super::ApiError;
 
-/// Reads every request's body into memory before `router` sees it: at most `max_body`
-/// bytes (413 otherwise), within `timeout` of the head (408 otherwise). Either answer
-/// closes the connection; before a 413 the rest of the body, up to [`DRAIN_LIMIT`] and
-/// within the same `timeout`, is read and dropped, so that the client gets the answer
-/// rather than a reset.
-pub fn with_buffered_bodies(
-    router: Router,
-    max_body: impl Into<BodyLimit>,
-    timeout: Duration,
-) -> Router {
-    let max_body = max_body.into();
-    let layer = axum::middleware::from_fn(move |req: Request, next: Next| async move {
-        let max_body = max_body.for_path(req.uri().path());
-        match buffer_body(req, max_body, timeout).await {
-            Ok(req) => next.run(req).await,
-            Err(err) => {
-                let mut response = err.into_response();
-                response
-                    .headers_mut()
-                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
-                response
-            }
-        }
-    });
-    // Around the whole router, as the load shedder is, so it runs before anything else.
-    Router::new().fallback_service(tower::ServiceBuilder::new().layer(layer).service(router))
+/// The answer to a body refused by [`buffer_body`]: its error, and the connection closed
+/// (what is left of the body is not read).
+pub(crate) fn refused_body(err: ApiError) -> Response {
+    let mut response = err.into_response();
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
 }
 
 /// The largest body a request may carry: one bound, or another for the paths under one
@@ -89,15 +70,25 @@ impl From<usize> for BodyLimit {
 /// the 413. Past this, the connection is closed at once all the same.
 pub const DRAIN_LIMIT: u64 = 8 * 1024 * 1024;
 
-async fn buffer_body(
-    req: Request,
+/// `req` with its body read into memory: at most `max_body` bytes (413 otherwise), within
+/// `timeout` (408 otherwise). Before a 413 the rest of the body, up to [`DRAIN_LIMIT`] and
+/// within the same `timeout`, is read and dropped, so that the client gets the answer
+/// rather than a reset. A body that arrives in one piece (the usual small JSON body) is
+/// kept as it came, without a copy.
+pub(crate) async fn buffer_body<B>(
+    req: axum::http::Request<B>,
     max_body: usize,
     timeout: Duration,
-) -> Result<Request, ApiError> {
-    let (parts, mut body) = req.into_parts();
-    if axum::body::HttpBody::is_end_stream(&body) {
-        return Ok(Request::from_parts(parts, body));
+) -> Result<Request, ApiError>
+where
+    B: HttpBody<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let (parts, body) = req.into_parts();
+    if body.is_end_stream() {
+        return Ok(Request::from_parts(parts, Body::new(body)));
     }
+    let mut body = std::pin::pin!(body);
     let deadline = tokio::time::Instant::now() + timeout;
     let declared = parts
         .headers
@@ -110,12 +101,13 @@ async fn buffer_body(
         }
         return Err(ApiError::PayloadTooLarge);
     }
-    let mut buffered: Vec<u8> = Vec::new();
+    let mut buffered = Buffered::default();
     loop {
         let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
             Err(_) => return Err(ApiError::BodyTimeout(timeout)),
             Ok(None) => break,
             Ok(Some(Err(err))) => {
+                let err: BoxError = err.into();
                 return Err(ApiError::InvalidField(FieldError::new(
                     "body",
                     format!("the body could not be read: {err}"),
@@ -128,18 +120,65 @@ async fn buffer_body(
                 drain(&mut body, deadline).await;
                 return Err(ApiError::PayloadTooLarge);
             }
-            buffered.extend_from_slice(&data);
+            buffered.push(data);
         }
     }
     Ok(Request::from_parts(
         parts,
-        Body::from(Bytes::from(buffered)),
+        Body::from(buffered.into_bytes()),
     ))
+}
+
+/// A body's pieces as they are read: the first kept as it came, the others (rare: a body
+/// split across reads) copied after it.
+#[derive(Default)]
+enum Buffered {
+    #[default]
+    Empty,
+    One(Bytes),
+    Many(Vec<u8>),
+}
+
+impl Buffered {
+    fn len(&self) -> usize {
+        match self {
+            Buffered::Empty => 0,
+            Buffered::One(b) => b.len(),
+            Buffered::Many(v) => v.len(),
+        }
+    }
+
+    fn push(&mut self, data: Bytes) {
+        *self = match std::mem::take(self) {
+            Buffered::Empty => Buffered::One(data),
+            Buffered::One(first) => {
+                let mut all = Vec::with_capacity(first.len() + data.len());
+                all.extend_from_slice(&first);
+                all.extend_from_slice(&data);
+                Buffered::Many(all)
+            }
+            Buffered::Many(mut all) => {
+                all.extend_from_slice(&data);
+                Buffered::Many(all)
+            }
+        };
+    }
+
+    fn into_bytes(self) -> Bytes {
+        match self {
+            Buffered::Empty => Bytes::new(),
+            Buffered::One(b) => b,
+            Buffered::Many(v) => Bytes::from(v),
+        }
+    }
 }
 
 /// Reads and drops the rest of a refused body: at most [`DRAIN_LIMIT`] bytes, until
 /// `deadline` (the body timeout, so a slow sender holds nothing longer than before).
-pub async fn drain(body: &mut Body, deadline: tokio::time::Instant) {
+pub async fn drain<B: HttpBody<Data = Bytes> + Unpin>(
+    body: &mut B,
+    deadline: tokio::time::Instant,
+) {
     let mut seen = 0u64;
     while seen <= DRAIN_LIMIT {
         match tokio::time::timeout_at(deadline, body.frame()).await {

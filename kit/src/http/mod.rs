@@ -2,11 +2,10 @@
 //! JSON extractor, JSON answers for unknown paths and wrong methods, and what keeps a
 //! service answering whatever its clients do:
 //!
-//! - [`with_load_shedding`]: a bound on requests in flight (past it, 429 at once) and on
-//!   how long each runs.
 //! - [`with_guards`]: the whole stack: every request's body read in full, under a deadline
 //!   and a size limit, *before* the request takes an in-flight slot (a slow sender holds a
-//!   connection, never a slot), and the liveness probe outside the load shedder.
+//!   connection, never a slot), then a bound on requests in flight (past it, 429 at once)
+//!   and on how long each runs, with the liveness probe outside that bound.
 //! - [`serve()`]: HTTP/1.1 on a listener with a header-read timeout, a send timeout, a cap
 //!   on open connections and a graceful shutdown.
 //!
@@ -22,8 +21,8 @@ pub mod serve;
 #[cfg(test)]
 mod tests;
 
-pub use body::{BodyLimit, with_buffered_bodies};
+pub use body::BodyLimit;
 pub use error::ApiError;
 pub use json::ValidJson;
-pub use layers::{HEALTHZ, READYZ, liveness, with_common_layers, with_guards, with_load_shedding};
-pub use serve::{ServeLimits, serve};
+pub use layers::{Direct, Guarded, HEALTHZ, READYZ, liveness, with_common_layers, with_guards};
+pub use serve::{HttpService, ServeLimits, serve};

@@ -6,7 +6,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
+use std::convert::Infallible;
+
+use axum::http::Request;
+use hyper::body::Incoming;
+use tower::Service;
 
 /// What one client may hold of a service, and for how long (from
 /// [`ServeArgs::limits`](crate::config::ServeArgs::limits)).
@@ -42,12 +46,18 @@ pub struct ServeLimits {
 ///
 /// HTTP/1.1 only: every client of these services speaks it, and hyper's HTTP/2 server
 /// has no header timeout (nor has the version sniffing of its auto builder).
-pub async fn serve(
+///
+/// `router` is a [`Router`](axum::Router), or a service's routes behind their guards
+/// ([`super::Guarded`], from [`super::with_guards`]).
+pub async fn serve<S>(
     listener: tokio::net::TcpListener,
-    router: Router,
+    router: S,
     shutdown: tokio_util::sync::CancellationToken,
     limits: &ServeLimits,
-) -> std::io::Result<()> {
+) -> std::io::Result<()>
+where
+    S: HttpService,
+{
     let listener = Listener::new(listener, router, limits)?;
     let Listener {
         graceful, abandon, ..
@@ -62,11 +72,38 @@ pub async fn serve(
     Ok(())
 }
 
+/// What [`serve()`] can serve: a service of HTTP requests as hyper hands them over.
+pub trait HttpService:
+    Service<
+        Request<Incoming>,
+        Response = axum::response::Response,
+        Error = Infallible,
+        Future: Send + 'static,
+    > + Clone
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<S> HttpService for S where
+    S: Service<
+            Request<Incoming>,
+            Response = axum::response::Response,
+            Error = Infallible,
+            Future: Send + 'static,
+        > + Clone
+        + Send
+        + Sync
+        + 'static
+{
+}
+
 /// Accepts connections under the cap and hands each to a [`Handler`].
-struct Listener {
+struct Listener<S> {
     listener: tokio::net::TcpListener,
     local: String,
-    router: Router,
+    router: S,
     http: hyper::server::conn::http1::Builder,
     send_timeout: Duration,
     slots: Arc<tokio::sync::Semaphore>,
@@ -76,10 +113,10 @@ struct Listener {
     abandon: tokio_util::sync::CancellationToken,
 }
 
-impl Listener {
+impl<S: HttpService> Listener<S> {
     fn new(
         listener: tokio::net::TcpListener,
-        router: Router,
+        router: S,
         limits: &ServeLimits,
     ) -> std::io::Result<Self> {
         let mut http = hyper::server::conn::http1::Builder::new();

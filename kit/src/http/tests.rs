@@ -10,6 +10,7 @@ use http_body_util::BodyExt;
 use domain::api::FieldError;
 
 use super::json::is_json;
+use super::layers::with_load_shedding;
 use super::*;
 
 fn headers(ct: &str) -> HeaderMap {
@@ -103,7 +104,7 @@ fn limits(max_in_flight: usize, body_timeout: Duration) -> ServeLimits {
 
 /// A router whose `POST /echo` answers the length of the JSON body it got and whose
 /// `GET /stuck` never answers.
-fn guarded(max_in_flight: usize, body_timeout: Duration) -> Router {
+fn guarded(max_in_flight: usize, body_timeout: Duration) -> Guarded {
     let routes = Router::new()
         .route(
             "/echo",
@@ -230,4 +231,124 @@ fn errors_map_to_statuses() {
     assert_eq!(ApiError::Overloaded.status(), 429);
     assert_eq!(ApiError::Timeout.status(), 503);
     assert_eq!(ApiError::BodyTimeout(Duration::from_secs(1)).status(), 408);
+}
+
+/// A route answered before the router ([`Direct`]) answers what the router answers for
+/// it, whatever the request: the same statuses and bodies (the JSON extractor's 415, its
+/// 413 at the route's body limit, 400 naming the field; the router's 405 for another
+/// method), within the same in-flight bound and timeout, and counted in the HTTP metrics
+/// under its route.
+#[tokio::test]
+async fn a_direct_route_answers_as_the_router_would() {
+    use tower::ServiceExt;
+    let handler = |axum::extract::State(greeting): axum::extract::State<&'static str>,
+                   ValidJson(r): ValidJson<domain::api::CheckRequest>| async move {
+        if r.user_id == "stuck" {
+            std::future::pending::<()>().await;
+        }
+        format!("{greeting} {}", r.user_id)
+    };
+    let make = |direct: bool, max_in_flight: usize| {
+        let routes = Router::new()
+            .route("/echo", axum::routing::post(handler))
+            .with_state("hello");
+        let routes = crate::metrics::with_http_metrics(routes, "direct-test-router");
+        let mut limits = limits(max_in_flight, Duration::from_secs(5));
+        limits.request_timeout = Duration::from_millis(300);
+        let guarded = with_guards(routes, liveness(), 64 * 1024, &limits);
+        if direct {
+            guarded.with_direct(Direct::post("/echo", handler, "hello", "direct-test"))
+        } else {
+            guarded
+        }
+    };
+    let request = |method: &str, content_type: &str, body: String| {
+        Request::builder()
+            .method(method)
+            .uri("/echo")
+            .header(header::CONTENT_TYPE, content_type)
+            .body(Body::from(body))
+            .unwrap()
+    };
+    let big = format!(r#"{{"user_id":"u1","pad":"{}"}}"#, "x".repeat(5000));
+    let cases = [
+        ("POST", "application/json", r#"{"user_id":"u1"}"#.to_owned()),
+        ("POST", "application/json", big.clone()),
+        ("POST", "text/plain", big),
+        ("POST", "application/json", r#"{"user_id":""}"#.to_owned()),
+        ("POST", "application/json", "{".to_owned()),
+        ("GET", "application/json", String::new()),
+        (
+            "POST",
+            "application/json",
+            r#"{"user_id":"stuck"}"#.to_owned(),
+        ),
+    ];
+    let mut answers = Vec::new();
+    for direct in [false, true] {
+        let service = make(direct, 5);
+        let mut these = Vec::new();
+        for (method, content_type, body) in &cases {
+            let response = service
+                .clone()
+                .oneshot(request(method, content_type, body.clone()))
+                .await
+                .unwrap();
+            let status = response.status();
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            these.push((status, body));
+        }
+        answers.push(these);
+    }
+    let statuses: Vec<u16> = answers[1].iter().map(|(s, _)| s.as_u16()).collect();
+    assert_eq!(statuses, [200, 413, 415, 400, 400, 405, 503]);
+    assert_eq!(&answers[1][0].1[..], b"hello u1");
+    assert_eq!(
+        answers[0], answers[1],
+        "the router's answers, then the direct route's"
+    );
+
+    // One slot: a direct request that holds it sheds the next, direct or not.
+    let service = make(true, 1);
+    let stuck = tokio::spawn(service.clone().oneshot(request(
+        "POST",
+        "application/json",
+        r#"{"user_id":"stuck"}"#.to_owned(),
+    )));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let shed = service
+        .clone()
+        .oneshot(request(
+            "POST",
+            "application/json",
+            r#"{"user_id":"u2"}"#.to_owned(),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(shed.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(
+        stuck.await.unwrap().unwrap().status(),
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+
+    let body = crate::metrics::render()
+        .into_body()
+        .collect()
+        .await
+        .unwrap()
+        .to_bytes();
+    let text = String::from_utf8_lossy(&body);
+    // A timed-out request is not counted under its route, through the router or not.
+    for status in [200, 413, 415, 400] {
+        let series = format!(
+            r#"http_requests_total{{service="direct-test",route="/echo",status="{status}"}}"#
+        );
+        assert!(text.contains(&series), "{series} missing from\n{text}");
+    }
+    assert!(
+        text.contains(
+            r#"http_request_duration_seconds_count{service="direct-test",route="/echo"}"#
+        ),
+        "{text}"
+    );
 }

@@ -216,7 +216,6 @@ impl EventPublisher for KafkaPublisher {
 mod tests {
     use super::*;
     use clap::Parser;
-    use domain::event::SCHEMA_VERSION;
 
     #[derive(Parser)]
     struct Cfg {
@@ -238,18 +237,8 @@ mod tests {
         .unwrap();
         // Nothing listens there: every event stays in the buffer.
         let publisher = KafkaPublisher::new(&cfg.kafka, "127.0.0.1:1").unwrap();
-        let event = |i: usize| RateLimitEvent {
-            schema_version: SCHEMA_VERSION,
-            user_id: format!("{}{i:06}", "u".repeat(250)),
-            allowed: true,
-            cost: 1,
-            ts_ms: 0,
-            limiter_id: "t".into(),
-            degraded: false,
-            domain: None,
-            rules: Vec::new(),
-            stamp: None,
-        };
+        let event =
+            |i: usize| RateLimitEvent::new(format!("{}{i:06}", "u".repeat(250)), true, 0, "t");
         let size = event(0).encode().len() as u64;
         for i in 0..10_000 {
             publisher.publish(event(i));

@@ -6,7 +6,8 @@
 //! - [`refusals`]: the refusal cache, refusals that still hold answered without the store.
 //! - [`rules`]: the rules in force and their watcher; [`overrides`]: per-descriptor limits
 //!   set through the admin API, behind their own seam (`OverrideStore`).
-//! - [`kafka`]: the Kafka event publisher; [`relay`]: the outbox relay to Kafka.
+//! - [`kafka`]: the Kafka event publisher; [`relay`]: the outbox relay to Kafka;
+//!   [`settle`]: the events of decisions whose outbox call is in doubt, held until settled.
 
 pub mod breaker;
 #[cfg(feature = "kafka")]
@@ -17,4 +18,5 @@ pub mod refusals;
 pub mod relay;
 pub mod resilience;
 pub mod rules;
+pub mod settle;
 pub mod store;

@@ -4,6 +4,8 @@
 //! Every limiter runs one. A stream has **one relay at a time**, by lease (`SET NX PX`,
 //! renewed every third of it): two relays sending one stream at once could reorder a
 //! partition's events, which the counters' high-water marks would read as replays. The
+//! streams are shared out: each relay keeps the streams divided by the relays alive
+//! (rounded up), giving back the rest between its relaying rounds, with nothing in flight. The
 //! holder reads `XRANGE <stream> - + COUNT` [`BATCH`], produces each entry's event keyed by
 //! user id and stamped from Redis (the stream and the entry id, [`Entry::event`]), waits
 //! until librdkafka reports every one delivered (it retries while the broker is away, in
@@ -31,19 +33,43 @@ const POLL: Duration = Duration::from_millis(25);
 /// How often the outbox's size is read for the metrics.
 const OBSERVE_EVERY: Duration = Duration::from_secs(1);
 
-/// Renews the lease when held by this relay; takes it when free and `ARGV[3]` is `1`.
-/// Answers 1 when this relay holds it.
+/// One lease round of a relay (`ARGV[1]`, its id; `ARGV[2]`, the lease in ms): it says it
+/// is alive in the relays' set (`KEYS[1]`, scored by Redis's clock; those silent for a
+/// lease are forgotten), and renews the leases it holds (`KEYS[2..]`, one per stream).
+/// With `ARGV[3]` = `1` (only between relaying rounds, when nothing of its is in flight)
+/// it also keeps its share, the streams divided by the relays alive, rounded up: it gives
+/// back the ones beyond it and takes free ones up to it. Answers, per stream, 1 when this
+/// relay holds it.
 const LEASE_SCRIPT: &str = r#"
-local holder = redis.call('GET', KEYS[1])
-if holder == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return 1
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local me, lease, settle = ARGV[1], tonumber(ARGV[2]), ARGV[3] == '1'
+redis.call('ZADD', KEYS[1], now, me)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - lease)
+redis.call('PEXPIRE', KEYS[1], lease * 2)
+local share = math.ceil((#KEYS - 1) / redis.call('ZCARD', KEYS[1]))
+local held, count = {}, 0
+for i = 2, #KEYS do
+  held[i - 1] = 0
+  if redis.call('GET', KEYS[i]) == me then
+    if settle and count >= share then
+      redis.call('DEL', KEYS[i])
+    else
+      redis.call('PEXPIRE', KEYS[i], lease)
+      held[i - 1] = 1
+      count = count + 1
+    end
+  end
 end
-if not holder and ARGV[3] == '1' then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return 1
+if settle then
+  for i = 2, #KEYS do
+    if count < share and held[i - 1] == 0 and redis.call('SET', KEYS[i], me, 'NX', 'PX', lease) then
+      held[i - 1] = 1
+      count = count + 1
+    end
+  end
 end
-return 0
+return held
 "#;
 
 /// Trims the stream before ARGV[1] (`XTRIM MINID`), and takes off its bytes the share of
@@ -185,7 +211,7 @@ impl Relay {
                 break;
             }
             if Instant::now() >= next_lease {
-                self.leases(&mut held).await;
+                self.leases(&mut held, true).await;
                 next_lease = Instant::now() + self.lease / 3;
             }
             if Instant::now() >= next_look {
@@ -224,8 +250,10 @@ impl Relay {
                         self.release(&held).await;
                         return;
                     }
+                    // Renewed only: a stream is given back with nothing of it in
+                    // flight, so that two relays never send one stream at once.
                     _ = tokio::time::sleep_until(next_lease.into()) => {
-                        self.leases(&mut held).await;
+                        self.leases(&mut held, false).await;
                         next_lease = Instant::now() + self.lease / 3;
                     }
                 }
@@ -235,24 +263,27 @@ impl Relay {
         self.release(&held).await;
     }
 
-    /// Renews the leases held and takes the free ones.
-    async fn leases(&self, held: &mut [bool; STREAMS]) {
+    /// Renews the leases held; with `share`, also keeps this relay's share of the streams
+    /// (`LEASE_SCRIPT`).
+    async fn leases(&self, held: &mut [bool; STREAMS], share: bool) {
         let mut pipe = redis::pipe();
+        let cmd = pipe
+            .cmd("EVALSHA")
+            .arg(self.scripts.hash(0))
+            .arg(STREAMS + 1)
+            .arg(self.keys.relays());
         for n in 0..STREAMS {
-            pipe.cmd("EVALSHA")
-                .arg(self.scripts.hash(0))
-                .arg(1)
-                .arg(self.keys.lease(n))
-                .arg(&self.me)
-                .arg(self.lease.as_millis() as u64)
-                .arg("1");
+            cmd.arg(self.keys.lease(n));
         }
+        cmd.arg(&self.me)
+            .arg(self.lease.as_millis() as u64)
+            .arg(if share { "1" } else { "0" });
         match self
             .scripts
-            .query_idempotent::<Vec<i64>>(&self.conn, &pipe, self.timeout)
+            .query_idempotent::<(Vec<i64>,)>(&self.conn, &pipe, self.timeout)
             .await
         {
-            Ok(answers) => {
+            Ok((answers,)) => {
                 for (n, answer) in answers.into_iter().enumerate().take(STREAMS) {
                     if held[n] != (answer == 1) {
                         tracing::info!(stream = n, held = answer == 1, "outbox lease");
@@ -273,7 +304,9 @@ impl Relay {
     }
 
     async fn release(&self, held: &[bool; STREAMS]) {
+        // Out of the relays alive, so that the others' shares grow at once.
         let mut pipe = redis::pipe();
+        pipe.cmd("ZREM").arg(self.keys.relays()).arg(&self.me);
         for n in (0..STREAMS).filter(|&n| held[n]) {
             pipe.cmd("EVALSHA")
                 .arg(self.scripts.hash(2))

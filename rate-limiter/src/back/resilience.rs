@@ -21,7 +21,7 @@ use std::sync::Arc;
 use crate::config::FailMode;
 use domain::event::EventTemplate;
 use domain::limits::Outcome;
-use domain::store::RequestTake;
+use domain::store::{CallNames, Recording, RequestTake};
 
 use crate::back::breaker::Breaker;
 use crate::back::store::{BucketStore, MemoryStore};
@@ -43,9 +43,10 @@ pub struct StoreReply {
     pub takes: Vec<RequestTake>,
     pub verdicts: Vec<Verdict>,
     pub errors: u64,
-    /// Per request, whether the store recorded its event (same positions; shorter means
-    /// not for the rest): the limiter then publishes nothing for it.
-    pub recorded: Vec<bool>,
+    /// Per request, what became of its event in the store (same positions; shorter means
+    /// not recorded for the rest): recorded, the limiter publishes nothing; in doubt, it
+    /// holds the event until the store settles the call.
+    pub recorded: Vec<Recording>,
 }
 
 /// The store, the breaker in front of it and the fail mode around both.
@@ -84,8 +85,9 @@ impl StorePath {
         &self,
         takes: Vec<RequestTake>,
         events: Vec<Option<EventTemplate>>,
+        names: CallNames<'_>,
     ) -> StoreReply {
-        let reply = self.through_breaker(takes, events).await;
+        let reply = self.through_breaker(takes, events, names).await;
         self.apply_fail_mode(reply)
     }
 
@@ -96,6 +98,7 @@ impl StorePath {
         &self,
         takes: Vec<RequestTake>,
         events: Vec<Option<EventTemplate>>,
+        names: CallNames<'_>,
     ) -> StoreReply {
         let permit = if takes.is_empty() {
             None
@@ -112,7 +115,7 @@ impl StorePath {
             };
         };
         // The permit lives in this future: dropped with it, it gives its slot back.
-        let reply = decide_in(&*self.store, takes, &events).await;
+        let reply = decide_in(&*self.store, takes, &events, names).await;
         if reply.errors == 0 {
             permit.success();
         } else {
@@ -158,9 +161,10 @@ async fn decide_in(
     store: &dyn BucketStore,
     takes: Vec<RequestTake>,
     events: &[Option<EventTemplate>],
+    names: CallNames<'_>,
 ) -> StoreReply {
     let mut recorded = Vec::new();
-    let (verdicts, errors) = match store.decide_recorded(&takes, events).await {
+    let (verdicts, errors) = match store.decide_recorded(&takes, events, names).await {
         Ok(decided) => {
             let mut errors = 0;
             let verdicts = decided

@@ -35,6 +35,9 @@ pub struct Rules {
     /// Whether no rules file at all is a rule set (`RULES_ALLOW_EMPTY`); else it is refused
     /// as a bad file would be.
     allow_empty: bool,
+    /// The files as they were just before they were read at the start: the watcher's
+    /// first look compares with this, so a change made while the limiter starts is seen.
+    loaded: Fingerprint,
 }
 
 impl Rules {
@@ -45,6 +48,7 @@ impl Rules {
             builtin: policy,
             generation: AtomicU64::new(0),
             allow_empty: false,
+            loaded: Fingerprint::new(),
         }
     }
 
@@ -52,12 +56,14 @@ impl Rules {
     /// directory without rules files is an error unless `allow_empty`: a deploy that
     /// empties it before copying the new files in must not drop every limit.
     pub fn load(path: &Path, policy: Policy, allow_empty: bool) -> anyhow::Result<Self> {
+        let loaded = fingerprint_now(path);
         let set = read(path, allow_empty)?.with_default(policy);
         Ok(Self {
             current: RwLock::new(Arc::new(set)),
             builtin: policy,
             generation: AtomicU64::new(0),
             allow_empty,
+            loaded,
         })
     }
 
@@ -84,12 +90,12 @@ impl Rules {
         self.generation.fetch_add(1, Ordering::AcqRel);
     }
 
-    /// Watches `path` until `shutdown`: a changed file is validated and applied, a bad one
-    /// refused (logged) with the rules in force kept.
+    /// Watches `path` until `shutdown`: a changed file (since the load) is validated and
+    /// applied, a bad one refused (logged) with the rules in force kept.
     pub fn spawn_watcher(self: &Arc<Self>, path: PathBuf, shutdown: CancellationToken) {
         let rules = Arc::downgrade(self);
+        let mut seen = self.loaded.clone();
         tokio::spawn(async move {
-            let mut seen = fingerprint(&path).await;
             let mut every = kit::every::Every::new(POLL_INTERVAL, shutdown);
             while every.tick().await {
                 let Some(rules) = rules.upgrade() else { return };
@@ -126,30 +132,33 @@ const HASHED_BYTES: u64 = 256 * 1024;
 
 async fn fingerprint(path: &Path) -> Fingerprint {
     let path = path.to_owned();
-    tokio::task::spawn_blocking(move || {
-        use std::hash::{Hash, Hasher};
-        use std::os::unix::fs::MetadataExt;
-        files(&path)
-            .unwrap_or_default()
-            .into_iter()
-            .map(|f| {
-                let meta = std::fs::metadata(&f).ok();
-                let len = meta.as_ref().map_or(0, |m| m.len());
-                let inode = meta.as_ref().map_or(0, |m| m.ino());
-                let modified = meta.and_then(|m| m.modified().ok());
-                let content = if len <= HASHED_BYTES {
-                    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-                    std::fs::read(&f).unwrap_or_default().hash(&mut hasher);
-                    hasher.finish()
-                } else {
-                    0
-                };
-                (f, len, modified, inode, content)
-            })
-            .collect()
-    })
-    .await
-    .unwrap_or_default()
+    tokio::task::spawn_blocking(move || fingerprint_now(&path))
+        .await
+        .unwrap_or_default()
+}
+
+/// The files' fingerprint, read now (blocking).
+fn fingerprint_now(path: &Path) -> Fingerprint {
+    use std::hash::{Hash, Hasher};
+    use std::os::unix::fs::MetadataExt;
+    files(path)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|f| {
+            let meta = std::fs::metadata(&f).ok();
+            let len = meta.as_ref().map_or(0, |m| m.len());
+            let inode = meta.as_ref().map_or(0, |m| m.ino());
+            let modified = meta.and_then(|m| m.modified().ok());
+            let content = if len <= HASHED_BYTES {
+                let mut hasher = std::collections::hash_map::DefaultHasher::new();
+                std::fs::read(&f).unwrap_or_default().hash(&mut hasher);
+                hasher.finish()
+            } else {
+                0
+            };
+            (f, len, modified, inode, content)
+        })
+        .collect()
 }
 
 /// The rules files at `path`: the file itself, or a directory's `*.yaml` and `*.yml`
@@ -198,4 +207,45 @@ fn read(path: &Path, allow_empty: bool) -> anyhow::Result<RuleSet> {
         texts.push((name, text));
     }
     Ok(RuleSet::from_files(&texts)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FIVE: &str = "domain: api\ndescriptors:\n  - key: user_id\n    rate_limit:\n      requests_per_unit: 5\n      unit: hour\n";
+
+    fn user_limit(rules: &Rules) -> u64 {
+        let set = rules.current();
+        let rule = set.resolve("api", &[domain::descriptor::Descriptor::user("u1")])[0]
+            .clone()
+            .expect("the rule for user_id");
+        rule.limits[0].spec.limit()
+    }
+
+    /// A change made between the load and the watcher's first look (a config map updated
+    /// while the limiter starts, or a busy machine that runs the watcher late) is applied:
+    /// the watcher starts from what was loaded, not from what it finds when it first runs.
+    #[tokio::test]
+    async fn a_change_made_while_the_watcher_starts_is_applied() {
+        let dir = std::env::temp_dir().join(testkit::unique("rules-watch"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("rules.yaml");
+        std::fs::write(&path, FIVE).unwrap();
+        let rules = Arc::new(Rules::load(&path, Policy::new(100, 10.0).unwrap(), false).unwrap());
+        assert_eq!(user_limit(&rules), 5);
+        let tmp = dir.join("rules.tmp");
+        std::fs::write(&tmp, FIVE.replace(": 5", ": 4")).unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+        let shutdown = CancellationToken::new();
+        rules.spawn_watcher(path.clone(), shutdown.clone());
+        tokio::time::sleep(POLL_INTERVAL * 4).await;
+        shutdown.cancel();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(
+            user_limit(&rules),
+            4,
+            "the change made before the watcher's first look"
+        );
+    }
 }

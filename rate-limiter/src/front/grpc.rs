@@ -26,6 +26,7 @@
 mod connections;
 pub mod json;
 mod refuse_errors;
+mod threads;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -182,10 +183,12 @@ impl RateLimitService {
         {
             return Ok(self.refuse_unhonoured(groups, count));
         }
-        let checks: Vec<CheckRequest> = groups.iter().map(|g| g.check.clone()).collect();
-        let results = if checks.len() == 1 {
-            vec![self.limiter.check(&checks[0]).await]
+        // One group (the usual call) is decided as it is; several are copied into one
+        // slice for the store's one call.
+        let results = if let [group] = groups {
+            vec![self.limiter.check(&group.check).await]
         } else {
+            let checks: Vec<CheckRequest> = groups.iter().map(|g| g.check.clone()).collect();
             self.limiter.check_many(&checks).await
         };
         let mut statuses = vec![
@@ -199,14 +202,16 @@ impl RateLimitService {
             allowed: true,
             ..Default::default()
         };
-        let mut spent = Vec::new();
+        // The groups that spent, refunded if the call ends refused (by their place: a copy
+        // is made only for a refund).
+        let mut spent: Vec<&Group> = Vec::new();
         for (group, result) in groups.iter().zip(results) {
             let checked: Checked = match result {
                 Ok(checked) => checked,
                 Err(
                     CheckError::StoreUnavailable | CheckError::Overloaded | CheckError::Other(_),
                 ) => {
-                    self.refund(spent).await;
+                    self.refund(&spent).await;
                     return Err(CallError::Unavailable);
                 }
                 // More than some limit can ever admit: over the limit (not an error, which
@@ -217,25 +222,26 @@ impl RateLimitService {
             if !checked.decision.is_allowed() {
                 decision.allowed = false;
             } else if group.check.cost > 0 && !checked.limits.is_empty() {
-                spent.push(group.check.clone());
+                spent.push(group);
             }
             decision.degraded |= checked.degraded;
             group.report(checked, &mut statuses, &mut decision);
         }
         if !decision.allowed {
-            self.refund(spent).await;
+            self.refund(&spent).await;
         }
         Ok((statuses, decision))
     }
 
     /// Gives back what the groups of a refused call took.
-    async fn refund(&self, spent: Vec<CheckRequest>) {
+    async fn refund(&self, spent: &[&Group]) {
         if spent.is_empty() {
             return;
         }
         let refunds: Vec<CheckRequest> = spent
-            .into_iter()
-            .map(|mut check| {
+            .iter()
+            .map(|group| {
+                let mut check = group.check.clone();
                 check.cost = -check.cost;
                 check
             })
@@ -424,18 +430,20 @@ fn groups(request: &RateLimitRequest) -> Result<Vec<Group>, FieldError> {
 /// to refusing (the refusing one with the longest wait, else the one with the fewest
 /// left); a shadow limit only when nothing is enforced (and then never `OVER_LIMIT`).
 pub fn descriptor_status(limits: &[&LimitStatus]) -> DescriptorStatus {
-    let enforced: Vec<&LimitStatus> = limits.iter().copied().filter(|l| !l.shadow).collect();
-    let pool = if enforced.is_empty() {
-        limits.to_vec()
-    } else {
-        enforced
+    // The enforced limits, or every limit when none is enforced (without copying them).
+    let any_enforced = limits.iter().any(|l| !l.shadow);
+    let pool = || {
+        limits
+            .iter()
+            .copied()
+            .filter(move |l| !any_enforced || !l.shadow)
     };
-    let refusing = pool.iter().filter(|l| l.refused && !l.shadow);
+    let refusing = pool().filter(|l| l.refused && !l.shadow);
     let over = refusing.clone().next().is_some();
     let chosen = if over {
         refusing.max_by_key(|l| l.retry_after_ms)
     } else {
-        pool.iter().min_by_key(|l| (l.remaining, l.limit))
+        pool().min_by_key(|l| (l.remaining, l.limit))
     };
     let Some(chosen) = chosen else {
         return DescriptorStatus {
@@ -503,12 +511,16 @@ fn proto_duration(ms: u64) -> envoy_types::pb::google::protobuf::Duration {
 /// `shutdown`, then lets the calls in flight finish (at most a few seconds). Bounded as the
 /// HTTP ports are: at most `limits.max_connections` connections (more are closed on
 /// arrival), `limits.max_in_flight` calls at once (more are refused at once, and Envoy
-/// follows its `failure_mode_deny`), each at most `limits.request_timeout`.
+/// follows its `failure_mode_deny`), each at most `limits.request_timeout`. Connections
+/// are accepted here and served on the process's gRPC threads (`threads` of them, 0: one
+/// per core with the store in memory, this runtime with the store in Redis; see
+/// [`threads::serving`]).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     service: RateLimitService,
     fail_mode: FailMode,
     limits: &ServeLimits,
+    threads: usize,
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -519,11 +531,9 @@ pub async fn serve(
         spawn_health(reporter, service.limiter.clone(), shutdown.clone());
     }
     tracing::info!(addr = ?listener.local_addr().ok(), "envoy rate limit service (gRPC) listening");
-    let incoming = connections::bounded(
-        tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-        limits.max_connections,
-    );
-    let server = tonic::transport::Server::builder()
+    let store_is_remote = service.limiter.store_is_remote();
+    // One router for every thread: its clones share the in-flight bound and the services.
+    let router = tonic::transport::Server::builder()
         .timeout(limits.request_timeout)
         .layer(tower::ServiceBuilder::new().load_shed().layer(
             tower::limit::GlobalConcurrencyLimitLayer::new(limits.max_in_flight.max(1)),
@@ -540,13 +550,47 @@ pub async fn serve(
             RateLimitServiceServer::new(service)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
-        ))
-        .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
-    tokio::select! {
-        served = server => served,
-        // A client that keeps its connection open must not hold the shutdown forever.
-        _ = async { shutdown.cancelled().await; tokio::time::sleep(SHUTDOWN_GRACE).await } => Ok(()),
+        ));
+    let workers = threads::serving(threads, store_is_remote);
+    let (senders, served): (Vec<_>, Vec<_>) = workers
+        .iter()
+        .map(|worker| {
+            let (to, handed) = tokio::sync::mpsc::channel(64);
+            let router = router.clone();
+            let shutdown = shutdown.clone();
+            let served = worker.handle.spawn(async move {
+                let server = router.serve_with_incoming_shutdown(
+                    connections::adopt(handed),
+                    shutdown.clone().cancelled_owned(),
+                );
+                tokio::select! {
+                    served = server => served,
+                    // A client that keeps its connection open must not hold the shutdown forever.
+                    () = async { shutdown.cancelled().await; tokio::time::sleep(SHUTDOWN_GRACE).await } => Ok(()),
+                }
+            });
+            (to, served)
+        })
+        .unzip();
+    connections::accept(
+        listener,
+        limits.max_connections,
+        &workers,
+        &senders,
+        &shutdown,
+    )
+    .await;
+    drop(senders);
+    let mut result = Ok(());
+    for served in served {
+        match served.await {
+            Ok(Err(err)) if result.is_ok() => result = Err(err),
+            Ok(_) => {}
+            // A thread's server panicked: said, not swallowed (the others were served).
+            Err(err) => tracing::error!(error = %err, "a gRPC serving task failed"),
+        }
     }
+    result
 }
 
 /// Keeps the health status at `NOT_SERVING` while the store is unavailable (fail-closed:

@@ -15,7 +15,7 @@ use domain::api::{
     BatchRequest, BatchResponse, BatchResult, CheckRequest, CheckResponse, FieldError,
     MAX_BATCH_BODY_BYTES,
 };
-use kit::http::{ApiError, ServeLimits, ValidJson, liveness, with_guards};
+use kit::http::{ApiError, Direct, Guarded, ServeLimits, ValidJson, liveness, with_guards};
 use serde_json::json;
 
 use crate::config::ResponseHeaders;
@@ -28,7 +28,7 @@ pub fn router(
     limiter: Arc<Limiter>,
     limits: &ServeLimits,
     admin_token: Option<kit::admin::AdminToken>,
-) -> Router {
+) -> Guarded {
     router_with(limiter, limits, admin_token, ResponseHeaders::default())
 }
 
@@ -38,7 +38,7 @@ pub fn router_with(
     limits: &ServeLimits,
     admin_token: Option<kit::admin::AdminToken>,
     headers: ResponseHeaders,
-) -> Router {
+) -> Guarded {
     let admin = crate::front::admin::routes(limiter.clone(), admin_token);
     let envoy = Router::new()
         .route(
@@ -54,13 +54,19 @@ pub fn router_with(
         )
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
-        .with_state(limiter)
+        .with_state(limiter.clone())
         .merge(admin)
         .merge(envoy);
     let routes = kit::metrics::with_http_metrics(routes, "rate-limiter");
     // Outside the load shedder: a limiter at its in-flight limit is busy, not dead.
     let probes = kit::metrics::with_http_metrics(liveness(), "rate-limiter");
-    with_guards(routes, probes, MAX_BATCH_BODY_BYTES, limits)
+    // `POST /check`, the hot route, answered before the router (the same handler).
+    with_guards(routes, probes, MAX_BATCH_BODY_BYTES, limits).with_direct(Direct::post(
+        "/check",
+        check,
+        limiter,
+        "rate-limiter",
+    ))
 }
 
 async fn check(
@@ -72,18 +78,17 @@ async fn check(
 
 /// What `Json(answer)` answers, serialised into one `Vec` sized for a decision: axum's
 /// `Json` writes through a `BytesMut` writer that checks and grows its buffer at every
-/// token, which costs more than the decision itself.
+/// token, which costs more than the decision itself. The response is made as it is sent
+/// (`(headers, body).into_response()` sets a content type and then replaces it).
 fn json_answer(answer: &CheckResponse) -> axum::response::Response {
     let mut body = Vec::with_capacity(512);
     encode_check_response(answer, &mut body);
-    (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            axum::http::HeaderValue::from_static("application/json"),
-        )],
-        body,
-    )
-        .into_response()
+    let mut response = axum::response::Response::new(axum::body::Body::from(body));
+    response.headers_mut().insert(
+        axum::http::header::CONTENT_TYPE,
+        axum::http::HeaderValue::from_static("application/json"),
+    );
+    response
 }
 
 /// `serde_json::to_writer(out, answer)`, by hand: the field names are constants here, so
@@ -138,18 +143,8 @@ fn push_bool(out: &mut Vec<u8>, b: bool) {
     out.extend_from_slice(if b { b"true" } else { b"false" });
 }
 
-fn push_u64(out: &mut Vec<u8>, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[at..]);
+fn push_u64(out: &mut Vec<u8>, n: u64) {
+    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
 }
 
 /// A JSON string, escaped as serde_json escapes it (writing a `str` into a `Vec` cannot fail).
@@ -176,7 +171,7 @@ async fn check_batch(
     }
     limiter.count_refused(&batch.refused);
     let results = limiter
-        .check_many(&batch.checks)
+        .check_batch(&batch.checks, batch.id.as_deref(), batch.again)
         .await
         .into_iter()
         .map(|result| match result {

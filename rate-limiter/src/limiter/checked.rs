@@ -1,9 +1,7 @@
 //! The decision as the limiter answers and publishes it.
 
 use domain::api::{CheckRequest, CheckResponse, LimitStatus};
-use domain::descriptor::DEFAULT_DOMAIN;
 use domain::event::{RuleHit, RuleOutcome};
-use domain::keys::DEFAULT_LIMIT_NAME;
 use domain::limits::Outcome;
 use domain::{Decision, Quota};
 
@@ -26,11 +24,7 @@ pub struct Checked {
 }
 
 impl Checked {
-    pub fn to_response(&self) -> CheckResponse {
-        self.clone().into_response()
-    }
-
-    /// [`Checked::to_response`], without copying the limits.
+    /// The answer on the wire ([`CheckResponse`]).
     pub fn into_response(self) -> CheckResponse {
         let quota = self.decision.quota();
         CheckResponse {
@@ -115,9 +109,7 @@ impl Checked {
 /// What each limit made of a request, for the per-rule analytics; nothing for the
 /// built-in rule alone (its counts are the global ones, and the default path stays lean).
 pub(super) fn rule_hits(request: &CheckRequest, plan: &Plan, checked: &Checked) -> Vec<RuleHit> {
-    let builtin_only = request.domain == DEFAULT_DOMAIN
-        && matches!(plan.limits.as_slice(), [only] if &*only.name == DEFAULT_LIMIT_NAME);
-    if builtin_only {
+    if plan.builtin_only(&request.domain) {
         return Vec::new();
     }
     let allowed = checked.decision.is_allowed();
@@ -131,14 +123,22 @@ pub(super) fn rule_hits(request: &CheckRequest, plan: &Plan, checked: &Checked) 
                 (false, true, _) => RuleOutcome::Blocked,
                 (_, false, false) => return None,
             };
-            // `domain:name`, built in place (once per limit of every decision).
-            let mut rule = String::with_capacity(request.domain.len() + l.name.len() + 1);
-            rule.push_str(&request.domain);
-            rule.push(':');
-            rule.push_str(&l.name);
-            Some(RuleHit { rule, outcome })
+            Some(RuleHit {
+                rule: rule_name(&request.domain, &l.name),
+                outcome,
+            })
         })
         .collect()
+}
+
+/// A rule's name in the analytics, `domain:name`, built in place (once per limit of every
+/// decision, without the formatting machinery).
+pub(super) fn rule_name(domain: &str, name: &str) -> String {
+    let mut rule = String::with_capacity(domain.len() + name.len() + 1);
+    rule.push_str(domain);
+    rule.push(':');
+    rule.push_str(name);
+    rule
 }
 
 /// Whole milliseconds, rounded up (a retry after the rounded time is still on time).

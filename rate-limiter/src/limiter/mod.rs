@@ -26,9 +26,8 @@ use std::time::Instant;
 use domain::api::{CheckError, CheckRequest, CheckResponse, RefusedCheck};
 use domain::descriptor::DEFAULT_DOMAIN;
 use domain::event::{EventTemplate, SCHEMA_VERSION};
-use domain::keys::DEFAULT_LIMIT_NAME;
 use domain::limits::{LimitOutcome, Outcome};
-use domain::store::RequestTake;
+use domain::store::{CallNames, Recording, RequestTake};
 use domain::{Clock, Quota, RateLimitEvent};
 use kit::stream::EventPublisher;
 
@@ -37,22 +36,22 @@ use crate::back::overrides::Overrides;
 use crate::back::refusals::Refusals;
 use crate::back::resilience::{StorePath, StoreReply, Verdict};
 use crate::back::rules::Rules;
+use crate::back::settle::Settler;
 use crate::back::store::{BucketStore, MemoryStore};
 
-use checked::rule_hits;
 pub use checked::{Checked, duration_ms_ceil};
+use checked::{rule_hits, rule_name};
 use plan::Plan;
 pub use stats::{LimiterStats, describe_metrics};
 
 /// A new process's incarnation (see [`Limiter::incarnation`]).
 fn new_incarnation() -> u64 {
-    use std::hash::BuildHasher;
     let ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
     // A per-process random key (std's hasher seeds): two limiters started in the same
     // millisecond still differ.
-    let random = std::collections::hash_map::RandomState::new().hash_one(std::process::id());
+    let random = kit::ids::random_u64();
     (ms << 16) | (random & 0xffff)
 }
 
@@ -78,9 +77,11 @@ pub struct Limiter {
     room_moves: AtomicU64,
     /// This process's life (see [`Limiter::incarnation`]).
     incarnation: u64,
-    /// Whether the store is asked to record each decision's event with the decision (the
-    /// Redis outbox, [`crate::back::store::outbox`]); the ones it records are not published here.
-    outbox: bool,
+    /// With the outbox (the store asked to record each decision's event with the decision:
+    /// [`crate::back::store::outbox`]; the ones it records are not published here), the
+    /// events of decisions whose store call is in doubt, held until the store settles it
+    /// ([`crate::back::settle`]).
+    settler: Option<Settler>,
 }
 
 /// One request of a batch on its way through [`Limiter::check_many`]: its plan (or why it
@@ -88,7 +89,7 @@ pub struct Limiter {
 struct Pending {
     plan: Result<Plan, CheckError>,
     verdict: Option<Verdict>,
-    recorded: bool,
+    recorded: Recording,
 }
 
 impl Pending {
@@ -149,37 +150,37 @@ impl Limiter {
             refusals: None,
             room_moves: AtomicU64::new(0),
             incarnation: new_incarnation(),
-            outbox: false,
+            settler: None,
         }
     }
 
     /// Asks the store to record each decision's event in the step that decides (a store
     /// with an outbox does; see [`crate::back::relay`]), publishing here only the events it did
-    /// not record (refusals answered from a cache, fail-open decisions).
+    /// not record (refusals answered from a cache, fail-open decisions). The event of a
+    /// decision whose store call is in doubt is held until the store settles it (a task
+    /// spawned here: call it within a runtime).
     pub fn with_outbox(mut self, on: bool) -> Self {
-        self.outbox = on;
+        self.settler = on.then(|| Settler::spawn(self.store.clone(), self.publisher.clone()));
         self
     }
 
     /// The event template of a decision the store may record: none for a refund or a peek
     /// (no event).
     fn template(&self, request: &CheckRequest, plan: &Plan) -> Option<EventTemplate> {
-        if !self.outbox || request.cost <= 0 {
+        if request.cost <= 0 {
             return None;
         }
-        let builtin_only = request.domain == DEFAULT_DOMAIN
-            && matches!(plan.limits.as_slice(), [only] if &*only.name == DEFAULT_LIMIT_NAME);
         Some(EventTemplate {
             user_id: request.user_id.clone(),
             cost: request.cost.unsigned_abs(),
             limiter_id: self.instance_id.clone(),
             domain: (request.domain != DEFAULT_DOMAIN).then(|| request.domain.clone()),
-            rules: if builtin_only {
+            rules: if plan.builtin_only(&request.domain) {
                 Vec::new()
             } else {
                 plan.limits
                     .iter()
-                    .map(|l| (format!("{}:{}", request.domain, l.name), l.applied.shadow))
+                    .map(|l| (rule_name(&request.domain, &l.name), l.applied.shadow))
                     .collect()
             },
         })
@@ -353,13 +354,27 @@ impl Limiter {
     /// Decides `requests` in order, as [`Limiter::check`] would one after the other, in one
     /// call to the store, and publishes each decision.
     pub async fn check_many(&self, requests: &[CheckRequest]) -> Vec<Result<Checked, CheckError>> {
+        self.check_batch(requests, None, false).await
+    }
+
+    /// [`Limiter::check_many`] for a batch its sender named `batch` (the gateway's
+    /// `POST /check/batch` id), sent `again` or for the first time: sent again, a check
+    /// already decided under that name and place, by any limiter on the same store, is
+    /// answered as it was decided, without spending or counting it again (a store that
+    /// remembers answers: Redis, for a while).
+    pub async fn check_batch(
+        &self,
+        requests: &[CheckRequest],
+        batch: Option<&str>,
+        again: bool,
+    ) -> Vec<Result<Checked, CheckError>> {
         let started = Instant::now();
         let mut pending: Vec<Pending> = requests
             .iter()
             .map(|r| Pending {
                 plan: self.plan(r),
                 verdict: None,
-                recorded: false,
+                recorded: Recording::No,
             })
             .collect();
         // Refusals that still hold are answered here; the rest that some limit applies to
@@ -367,7 +382,7 @@ impl Limiter {
         let sent_us = self.clock.now_us();
         let generation = self.cache_generation();
         let room = self.overrides.room();
-        let mut asked: Vec<usize> = Vec::new();
+        let mut asked: Vec<usize> = Vec::with_capacity(pending.len());
         for (i, p) in pending.iter_mut().enumerate() {
             let Ok(plan) = &p.plan else { continue };
             if plan.limits.is_empty() {
@@ -383,7 +398,7 @@ impl Limiter {
             }
         }
         // With the outbox, each decision's event rides in the store's call.
-        let events: Vec<Option<EventTemplate>> = if self.outbox {
+        let events: Vec<Option<EventTemplate>> = if self.settler.is_some() {
             asked
                 .iter()
                 .map(|&i| self.template(&requests[i], pending[i].planned()))
@@ -396,15 +411,15 @@ impl Limiter {
             .iter()
             .map(|&i| std::mem::take(&mut pending[i].planned_mut().take))
             .collect();
-        let mut reply = self.call_store_recording(takes, events).await;
-        let recorded = std::mem::take(&mut reply.recorded);
+        let names = CallNames {
+            batch,
+            again,
+            places: &asked,
+        };
+        let reply = self.call_store_recording(takes, events, names).await;
+        let mut recorded = reply.recorded.into_iter();
         let mut refunded: Vec<String> = Vec::new();
-        for (n, ((&i, take), verdict)) in asked
-            .iter()
-            .zip(reply.takes)
-            .zip(reply.verdicts)
-            .enumerate()
-        {
+        for ((&i, take), verdict) in asked.iter().zip(reply.takes).zip(reply.verdicts) {
             if let (Some(refusals), Verdict::Stored(outcome)) = (&self.refusals, &verdict) {
                 refusals.record(&take, outcome, sent_us, generation, room);
             }
@@ -414,7 +429,7 @@ impl Limiter {
             let p = &mut pending[i];
             p.planned_mut().take = take;
             p.verdict = Some(verdict);
-            p.recorded = recorded.get(n).copied().unwrap_or(false);
+            p.recorded = recorded.next().unwrap_or_default();
         }
         if !refunded.is_empty() {
             // Asked of the store even when it failed: the refund may have landed.
@@ -470,7 +485,7 @@ impl Limiter {
                 &plan,
                 Verdict::Stored(outcome),
                 Instant::now(),
-                false,
+                Recording::No,
             );
         }
     }
@@ -478,7 +493,8 @@ impl Limiter {
     /// One call down the store stack (fallback, breaker, store) for `takes`, which come
     /// back with the reply.
     async fn call_store(&self, takes: Vec<RequestTake>) -> StoreReply {
-        self.call_store_recording(takes, Vec::new()).await
+        self.call_store_recording(takes, Vec::new(), CallNames::default())
+            .await
     }
 
     /// [`Limiter::call_store`], the store asked to record `events` with the decisions.
@@ -486,6 +502,7 @@ impl Limiter {
         &self,
         takes: Vec<RequestTake>,
         events: Vec<Option<EventTemplate>>,
+        names: CallNames<'_>,
     ) -> StoreReply {
         if takes.is_empty() {
             // All answered already (no limit applied, or refusals that still hold).
@@ -496,7 +513,7 @@ impl Limiter {
                 recorded: Vec::new(),
             };
         }
-        let reply = self.store_path.decide(takes, events).await;
+        let reply = self.store_path.decide(takes, events, names).await;
         if reply.errors > 0 {
             self.stats
                 .store_errors
@@ -528,7 +545,7 @@ impl Limiter {
         plan: &Plan,
         verdict: Verdict,
         started: Instant,
-        recorded: bool,
+        recorded: Recording,
     ) -> Result<Checked, CheckError> {
         let checked = self.decided(plan, verdict, request.cost).inspect_err(|_| {
             self.stats.refused.fetch_add(1, Ordering::Relaxed);
@@ -538,14 +555,15 @@ impl Limiter {
     }
 
     /// Counts a decision and publishes its event (nothing for a refund, which is not a
-    /// decision; nothing either when the store `recorded` the event with the decision).
+    /// decision; nothing either when the store `recorded` the event with the decision; held
+    /// until settled when that is in doubt).
     fn count(
         &self,
         request: &CheckRequest,
         plan: &Plan,
         checked: &Checked,
         started: Instant,
-        recorded: bool,
+        recorded: Recording,
     ) {
         self.latency.record(started.elapsed().as_secs_f64());
         if request.cost < 0 {
@@ -563,21 +581,30 @@ impl Limiter {
         if checked.shadow_refused {
             self.stats.shadow_refused.fetch_add(1, Ordering::Relaxed);
         }
-        if recorded {
-            self.stats.outboxed.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
-        self.publisher.publish(RateLimitEvent {
+        let in_doubt = match recorded {
+            Recording::Yes => {
+                self.stats.outboxed.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            Recording::InDoubt(ticket) => Some(ticket),
+            Recording::No => None,
+        };
+        let event = RateLimitEvent {
             schema_version: SCHEMA_VERSION,
             user_id: request.user_id.clone(),
             allowed: checked.decision.is_allowed(),
             cost: request.cost.unsigned_abs(),
+            count: 1,
             ts_ms: self.clock.now_ms(),
             limiter_id: self.instance_id.clone(),
             degraded: checked.degraded,
             domain: (request.domain != DEFAULT_DOMAIN).then(|| request.domain.clone()),
             rules: rule_hits(request, plan, checked),
             stamp: None,
-        });
+        };
+        match (in_doubt, &self.settler) {
+            (Some(ticket), Some(settler)) => settler.hold(ticket, event),
+            _ => self.publisher.publish(event),
+        }
     }
 }

@@ -5,9 +5,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use domain::api::{CheckError, CheckRequest};
-use domain::keys::limit_key;
+use domain::descriptor::DEFAULT_DOMAIN;
+use domain::keys::{DEFAULT_LIMIT_NAME, limit_key};
 use domain::limits::{Applied, LimitOutcome, Outcome};
-use domain::store::{LimitTake, RequestTake};
+use domain::store::{LimitTake, Recording, RequestTake};
 use domain::{Decision, Quota};
 
 use super::{Checked, Limiter};
@@ -25,6 +26,15 @@ pub(super) struct PlannedLimit {
 pub(super) struct Plan {
     pub(super) take: RequestTake,
     pub(super) limits: Vec<PlannedLimit>,
+}
+
+impl Plan {
+    /// Whether the plan is the built-in rule alone in the default domain, whose counts are
+    /// the global ones (no per-rule analytics).
+    pub(super) fn builtin_only(&self, domain: &str) -> bool {
+        domain == DEFAULT_DOMAIN
+            && matches!(self.limits.as_slice(), [only] if &*only.name == DEFAULT_LIMIT_NAME)
+    }
 }
 
 impl Limiter {
@@ -90,7 +100,7 @@ impl Limiter {
                 retry_after: Duration::ZERO,
             };
         }
-        self.count(request, &plan, &checked, Instant::now(), false);
+        self.count(request, &plan, &checked, Instant::now(), Recording::No);
         checked
     }
 
@@ -107,12 +117,14 @@ impl Limiter {
             }
         }
         let prefix = self.store.key_prefix();
+        // Sized once: a vector grown from empty reallocates on its first push.
+        let count = matched.iter().flatten().map(|rule| rule.limits.len()).sum();
         let mut plan = Plan {
             take: RequestTake {
-                limits: Vec::new(),
+                limits: Vec::with_capacity(count),
                 cost: request.cost,
             },
-            limits: Vec::new(),
+            limits: Vec::with_capacity(count),
         };
         for (i, (descriptor, rule)) in request.descriptors.iter().zip(matched).enumerate() {
             let Some(rule) = rule else { continue };

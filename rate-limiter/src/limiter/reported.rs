@@ -13,6 +13,7 @@ use domain::limits::Outcome;
 
 use domain::api::CheckError;
 
+use super::checked::rule_name;
 use super::{Checked, Limiter};
 use crate::back::resilience::Verdict;
 
@@ -68,8 +69,8 @@ impl Limiter {
     }
 
     /// Counts and publishes `allowed` and `denied` requests of `request` decided elsewhere
-    /// (one event for each that is not zero, whose `cost` is the count), against the
-    /// limits in `checked` (from [`Limiter::spend_admitted`]).
+    /// (one event for each that is not zero, standing for that many requests: its
+    /// `count`), against the limits in `checked` (from [`Limiter::spend_admitted`]).
     pub fn count_reported(
         &self,
         request: &CheckRequest,
@@ -93,7 +94,7 @@ impl Limiter {
                     .limits
                     .iter()
                     .map(|l| RuleHit {
-                        rule: format!("{}:{}", request.domain, l.name),
+                        rule: rule_name(&request.domain, &l.name),
                         outcome: match (admitted, l.shadow, l.refused) {
                             (true, true, true) => RuleOutcome::ShadowBlocked,
                             (true, _, _) => RuleOutcome::Allowed,
@@ -106,7 +107,9 @@ impl Limiter {
                 schema_version: SCHEMA_VERSION,
                 user_id: request.user_id.clone(),
                 allowed: admitted,
-                cost: count,
+                // Envoy's filter spends one token a request (it has no cost per request).
+                cost: 1,
+                count,
                 ts_ms: self.clock.now_ms(),
                 limiter_id: self.instance_id.clone(),
                 degraded: checked.degraded,

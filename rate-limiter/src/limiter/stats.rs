@@ -71,6 +71,21 @@ pub fn describe_metrics() {
             "Decision events dropped because the publisher's buffer was full (or the stream closed)"
         );
         metrics::describe_gauge!(
+            "ratelimit_events_in_doubt",
+            Unit::Count,
+            "Events of fail-open decisions whose Redis call timed out, held until Redis says whether it ran the call (and so recorded the event in the outbox)"
+        );
+        metrics::describe_counter!(
+            "ratelimit_events_settled_total",
+            Unit::Count,
+            "Events held in doubt and settled, by what became of them: recorded (Redis ran the call), published (it did not), overflowed (published unsettled, the holding space full)"
+        );
+        metrics::describe_counter!(
+            "ratelimit_events_recorded_otherwise_total",
+            Unit::Count,
+            "Events settled as recorded whose Redis call decided otherwise than the fail-open fallback answered: counted as Redis decided"
+        );
+        metrics::describe_gauge!(
             "ratelimit_events_buffered",
             Unit::Count,
             "Decision events accepted but not yet delivered to the analytics stream"
@@ -103,20 +118,30 @@ impl Limiter {
         &self.stats
     }
 
+    /// What became of the events held in doubt (with the outbox; see [`crate::back::settle`]).
+    pub fn settled_stats(&self) -> Option<&crate::back::settle::SettleStats> {
+        self.settler.as_ref().map(|s| s.stats())
+    }
+
     /// This instance's numbers, for the deployment-wide `/status` of a standalone gateway.
     pub fn report(&self) -> kit::report::Report {
         let s = &self.stats;
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let p = self.publisher.stats();
+        // The events held in doubt now, and those settled as recorded by the store.
+        let (held, recorded) = self
+            .settler
+            .as_ref()
+            .map_or((0, 0), |s| (s.held() as u64, load(&s.stats().recorded)));
         kit::report::Report {
             allowed: load(&s.allowed),
             limited: load(&s.limited),
             degraded: load(&s.degraded),
             store_errors: load(&s.store_errors),
             breaker_closed: self.breaker.state() == BreakerState::Closed,
-            published: p.published + load(&s.outboxed),
+            published: p.published + load(&s.outboxed) + recorded,
             dropped: p.dropped,
-            buffered: p.buffered,
+            buffered: p.buffered + held,
             ..Default::default()
         }
     }
@@ -146,5 +171,18 @@ impl Limiter {
         metrics::counter!("ratelimit_events_published_total").absolute(p.published);
         metrics::counter!("ratelimit_events_dropped_total").absolute(p.dropped);
         metrics::gauge!("ratelimit_events_buffered").set(p.buffered as f64);
+        if let Some(settler) = &self.settler {
+            metrics::gauge!("ratelimit_events_in_doubt").set(settler.held() as f64);
+            let stats = settler.stats();
+            for (how, n) in [
+                ("recorded", load(&stats.recorded)),
+                ("published", load(&stats.published)),
+                ("overflowed", load(&stats.overflowed)),
+            ] {
+                metrics::counter!("ratelimit_events_settled_total", "as" => how).absolute(n);
+            }
+            metrics::counter!("ratelimit_events_recorded_otherwise_total")
+                .absolute(load(&stats.recorded_otherwise));
+        }
     }
 }

@@ -12,8 +12,15 @@
 //! something (its first number is 1, allowed), or when the script says it wrote
 //! (`out.wrote`: an event appended to the outbox, `super::outbox`, refusals included): a
 //! refusal otherwise writes nothing, so running it again decides the same way.
-
-use std::sync::atomic::{AtomicU64, Ordering};
+//!
+//! A call whose event rides in it (the outbox) and that timed out twice is *in doubt*:
+//! Redis may have run it, or may still (it can wait in a frozen Redis's socket). The fail-
+//! open fallback answered it and holds its event; [`SETTLE`] then asks the batch's hash:
+//! a call that ran has its answer there (its event is in the outbox, so the held one is
+//! dropped); one that did not gets a tombstone (`x`) in its place, which the call, should it
+//! ever arrive, finds before deciding and stops at (the held event is then published).
+//! So for every answered decision exactly one event exists, whichever came first. An
+//! outbox call looks its field up even the first time, for that tombstone.
 
 /// `body` (a decision script answering an array of integers whose first is 1 when it
 /// wrote) made idempotent per request id.
@@ -22,6 +29,7 @@ pub(super) fn memoized(body: &str) -> String {
         r#"local mkey, field = ARGV[#ARGV - 3], ARGV[#ARGV - 2]
 if ARGV[#ARGV] == '1' then
   local done = redis.call('HGET', mkey, field)
+  if done == 'x' then return redis.error_reply('SETTLED the call was settled as not run') end
   if done then
     local out = {{}}
     for n in string.gmatch(done, '[^,]+') do out[#out + 1] = tonumber(n) end
@@ -43,41 +51,22 @@ return out
     )
 }
 
-/// Request ids: a random prefix per process and a counter, so no two calls share one.
-pub(super) struct RequestIds {
-    prefix: u64,
-    next: AtomicU64,
-}
-
-impl RequestIds {
-    pub(super) fn new() -> Self {
-        use std::hash::{BuildHasher, Hasher};
-        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_u32(std::process::id());
-        Self {
-            prefix: h.finish(),
-            next: AtomicU64::new(0),
-        }
-    }
-
-    /// The id of a batch; its calls are `<batch>.<index>`.
-    pub(super) fn batch(&self) -> String {
-        format!(
-            "{:x}{:x}",
-            self.prefix,
-            self.next.fetch_add(1, Ordering::Relaxed)
-        )
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn batch_ids_differ() {
-        let ids = RequestIds::new();
-        assert_ne!(ids.batch(), ids.batch());
-        assert_ne!(RequestIds::new().batch(), RequestIds::new().batch());
-    }
-}
+/// Settles the calls in doubt of one batch (`KEYS[1]`, the batch's hash): `ARGV[1]` is how
+/// long a tombstone is kept (ms), the rest the calls' fields. Answers, per field, 0 when
+/// the call had not run (and now never will), 1 when it ran and refused, 2 when it ran and
+/// allowed (its answer's first number). Settling again answers the same.
+pub(super) const SETTLE: &str = r#"local ran = {}
+for i = 2, #ARGV do
+  local done = redis.call('HGET', KEYS[1], ARGV[i])
+  if not done then redis.call('HSET', KEYS[1], ARGV[i], 'x') end
+  if done and done ~= 'x' then
+    ran[i - 1] = (tonumber(string.match(done, '^[^,]+')) == 1) and 2 or 1
+  else
+    ran[i - 1] = 0
+  end
+end
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[1]) then
+  redis.call('PEXPIRE', KEYS[1], ARGV[1])
+end
+return ran
+"#;

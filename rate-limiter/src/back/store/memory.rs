@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use domain::limits::{Applied, LimitSpec, LimitState, Outcome, Window, decide_all};
+use domain::limits::{Applied, LimitSpec, LimitState, Outcome, Window, decide_all, decide_one};
 use domain::store::{Decided, LimitTake, RequestTake};
 use domain::{Clock, Decision, Policy, keys};
 use tokio_util::sync::CancellationToken;
@@ -132,7 +132,7 @@ impl MemoryStore {
             .filter(|slot| slot.expires_us > now)
             .map(|slot| slot.state);
         let peek = |state: Option<LimitState>| {
-            decide_all(&[state], now, &[applied], 0).0.limits[0]
+            decide_one(state, now, &applied, 0).0.limits[0]
                 .quota
                 .remaining
         };
@@ -264,16 +264,16 @@ impl MemoryStore {
     /// without the vectors that order the locks of several.
     fn decide_one(&self, limit: &LimitTake, cost: i64) -> Outcome {
         let now = self.clock.now_us();
-        let applied = [self.share(limit.applied)];
+        let applied = self.share(limit.applied);
         let keep_for =
-            |state: &LimitState| now.saturating_add(applied[0].spec.keep_for_us(state, now));
+            |state: &LimitState| now.saturating_add(applied.spec.keep_for_us(state, now));
         let key = limit.key.as_str();
         let mut shard = self.lock(self.shard_of(key));
         match shard.get_mut(key) {
             Some(slot) => {
                 let state = (slot.expires_us > now).then_some(slot.state);
-                let (outcome, writes) = decide_all(&[state], now, &applied, cost);
-                if let Some(state) = writes.into_iter().next().flatten() {
+                let (outcome, write) = decide_one(state, now, &applied, cost);
+                if let Some(state) = write {
                     *slot = Slot {
                         state,
                         expires_us: keep_for(&state),
@@ -285,8 +285,8 @@ impl MemoryStore {
                 outcome
             }
             None => {
-                let (outcome, writes) = decide_all(&[None], now, &applied, cost);
-                if let Some(state) = writes.into_iter().next().flatten() {
+                let (outcome, write) = decide_one(None, now, &applied, cost);
+                if let Some(state) = write {
                     shard.insert(
                         Box::from(key),
                         Slot {
@@ -330,6 +330,21 @@ impl BucketStore for MemoryStore {
 
     async fn decide_many(&self, requests: &[RequestTake]) -> Result<Vec<Decided>, StoreError> {
         Ok(requests.iter().map(|r| Ok(self.decide_now(r))).collect())
+    }
+
+    /// No outbox here: [`BucketStore::decide_many`], each answer marked as not recorded,
+    /// made in one pass (the provided method awaits a boxed `decide_many` and copies its
+    /// answers into a second vector).
+    async fn decide_recorded(
+        &self,
+        requests: &[RequestTake],
+        _events: &[Option<domain::event::EventTemplate>],
+        _names: domain::store::CallNames<'_>,
+    ) -> Result<Vec<(Decided, domain::store::Recording)>, StoreError> {
+        Ok(requests
+            .iter()
+            .map(|r| (Ok(self.decide_now(r)), domain::store::Recording::No))
+            .collect())
     }
 
     async fn reset(&self, keys: &[String]) -> Result<(), StoreError> {

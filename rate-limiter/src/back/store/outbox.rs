@@ -60,6 +60,11 @@ impl OutboxKeys {
         format!("{}ob:{n}:lease", self.prefix)
     }
 
+    /// The relays alive now: a sorted set of relay ids, scored by their last lease round.
+    pub fn relays(&self) -> String {
+        format!("{}ob:relays", self.prefix)
+    }
+
     /// The stream a user's events go to.
     pub fn stream_of(user_id: &str) -> usize {
         (domain::keys::stable_hash(user_id) % STREAMS as u64) as usize
@@ -131,6 +136,32 @@ return out
 "#,
         overhead = ENTRY_OVERHEAD
     )
+}
+
+/// The user of every event the outbox under `keys` holds now, stream by stream (for
+/// tests: what was recorded and not yet relayed).
+#[cfg(any(test, feature = "testsuite"))]
+pub async fn held_users(
+    conn: &mut redis::aio::MultiplexedConnection,
+    keys: &OutboxKeys,
+) -> Vec<String> {
+    let mut users = Vec::new();
+    for n in 0..STREAMS {
+        let entries: Vec<(String, Vec<String>)> = redis::cmd("XRANGE")
+            .arg(keys.stream(n))
+            .arg("-")
+            .arg("+")
+            .query_async(conn)
+            .await
+            .expect("the outbox streams read");
+        for (_, fields) in entries {
+            let at = fields.iter().position(|f| f == "e").expect("a template");
+            let template: EventTemplate =
+                serde_json::from_str(&fields[at + 1]).expect("a template decodes");
+            users.push(template.user_id);
+        }
+    }
+    users
 }
 
 /// An outbox entry read back: its stream id and fields.

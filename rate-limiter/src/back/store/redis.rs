@@ -17,11 +17,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 use domain::event::EventTemplate;
 use domain::limits::{LimitOutcome, LimitSpec, Outcome, Window};
-use domain::store::{Decided, RequestTake};
+use domain::store::{CallNames, Decided, Recording, RequestTake, Ticket};
 use domain::{Policy, Quota};
 use kit::redis::{Connection, Endpoint, Scripts, connect, describe, is_noscript, with_deadline};
 
-use super::memo::{RequestIds, memoized};
+use super::memo::{SETTLE, memoized};
 use super::outbox::{OutboxKeys, outboxed};
 use super::{BucketStore, StoreError};
 
@@ -262,6 +262,56 @@ end
 return out
 "#;
 
+/// The names of one batch's calls in the memo (`super::memo`).
+struct Memo<'a> {
+    /// The batch: `g:<the sender's id>`, or one of this store's own ids.
+    batch: String,
+    /// The hash the batch's answers share on one Redis: `<prefix>m:<batch>`.
+    key: String,
+    /// Whether the sender named the batch.
+    named: bool,
+    /// Whether the sender sends it again (and so each call is asked after first).
+    again: bool,
+    /// With a sender's name: each request's place in the sender's batch.
+    places: &'a [usize],
+}
+
+impl<'a> Memo<'a> {
+    fn new(prefix: &str, ids: &kit::ids::IdSource, names: CallNames<'a>) -> Self {
+        let (batch, named) = match names.batch {
+            Some(id) => (format!("g:{id}"), true),
+            None => (ids.next_id(), false),
+        };
+        Self {
+            key: format!("{prefix}m:{batch}"),
+            batch,
+            named,
+            again: named && names.again,
+            places: if named { names.places } else { &[] },
+        }
+    }
+
+    /// Request `i`'s field: its position; in a named batch, its place in the sender's
+    /// batch and a hash of what it asks (its keys and cost), so that a remembered answer
+    /// is only ever given to the same question.
+    fn field(&self, requests: &[RequestTake], i: usize) -> String {
+        if !self.named {
+            return i.to_string();
+        }
+        let request = &requests[i];
+        let mut hash = domain::keys::stable_hash(itoa::Buffer::new().format(request.cost));
+        for limit in &request.limits {
+            hash = hash.rotate_left(5) ^ domain::keys::stable_hash(&limit.key);
+        }
+        format!("{}.{hash:x}", self.places.get(i).copied().unwrap_or(i))
+    }
+}
+
+/// How long a settled call's tombstone is kept (`super::memo::SETTLE`): far longer than a
+/// call can wait in a stalled Redis's socket behind the settle that overtook it on another
+/// connection.
+const TOMBSTONE_LIFE: Duration = Duration::from_secs(60);
+
 /// Token buckets in Redis, shared by every limiter instance that points at it.
 pub struct RedisStore {
     policy: Policy,
@@ -269,7 +319,7 @@ pub struct RedisStore {
     scripts: Scripts,
     key_prefix: String,
     timeout: Duration,
-    ids: RequestIds,
+    ids: kit::ids::IdSource,
     /// Whether a batch that timed out is sent once more, answered from its first run.
     idempotent_retry: bool,
     /// Where decisions' events are appended, when they are (`super::outbox`).
@@ -289,10 +339,10 @@ impl RedisStore {
         Ok(Self {
             policy,
             conn,
-            scripts: Scripts::new(&[&memoized(TAKE_SCRIPT), &memoized(MULTI_SCRIPT)]),
+            scripts: Scripts::new(&[&memoized(TAKE_SCRIPT), &memoized(MULTI_SCRIPT), SETTLE]),
             key_prefix: key_prefix.to_owned(),
             timeout,
-            ids: RequestIds::new(),
+            ids: kit::ids::IdSource::new(),
             idempotent_retry: true,
             outbox: None,
         })
@@ -311,6 +361,7 @@ impl RedisStore {
         self.scripts = Scripts::new(&[
             &memoized(&outboxed(TAKE_SCRIPT)),
             &memoized(&outboxed(MULTI_SCRIPT)),
+            SETTLE,
         ]);
         self.outbox = Some(outbox);
         Ok(self)
@@ -362,7 +413,7 @@ impl BucketStore for RedisStore {
     /// cannot be one script: see `RedisStore::decide_across_slots`.
     async fn decide_many(&self, requests: &[RequestTake]) -> Result<Vec<Decided>, StoreError> {
         Ok(self
-            .decide_recorded(requests, &[])
+            .decide_recorded(requests, &[], CallNames::default())
             .await?
             .into_iter()
             .map(|(d, _)| d)
@@ -375,8 +426,9 @@ impl BucketStore for RedisStore {
         &self,
         requests: &[RequestTake],
         events: &[Option<EventTemplate>],
-    ) -> Result<Vec<(Decided, bool)>, StoreError> {
-        let mut recorded = vec![false; requests.len()];
+        names: CallNames<'_>,
+    ) -> Result<Vec<(Decided, Recording)>, StoreError> {
+        let mut recorded = vec![Recording::No; requests.len()];
         let mut decided: Vec<Option<Decided>> = requests.iter().map(|_| None).collect();
         let mut pending: Vec<usize> = Vec::with_capacity(requests.len());
         for (i, request) in requests.iter().enumerate() {
@@ -393,16 +445,35 @@ impl BucketStore for RedisStore {
         }
         // A batch that timed out may have run: it is sent once more under the same ids,
         // and the calls that did run are answered from that run (`super::memo`).
-        let batch = self.ids.batch();
+        let memo = Memo::new(&self.key_prefix, &self.ids, names);
         for round in 0..2 {
             if pending.is_empty() {
                 break;
             }
-            let answers = match self.run(requests, events, &pending, &batch, false).await {
+            let answers = match self.run(requests, events, &pending, &memo, false).await {
                 Err(StoreError::Timeout) if self.idempotent_retry => {
-                    self.run(requests, events, &pending, &batch, true).await?
+                    self.run(requests, events, &pending, &memo, true).await
                 }
-                answers => answers?,
+                answers => answers,
+            };
+            let answers = match answers {
+                Ok(answers) => answers,
+                // Redis may have run the calls that carried an event, or may yet: their
+                // events are in doubt until settled (`super::memo`).
+                Err(StoreError::Timeout) if self.outbox.is_some() => {
+                    let batch: std::sync::Arc<str> = memo.key.as_str().into();
+                    for &i in &pending {
+                        decided[i] = Some(Err(StoreError::Timeout));
+                        if events.get(i).is_some_and(Option::is_some) {
+                            recorded[i] = Recording::InDoubt(Ticket {
+                                batch: batch.clone(),
+                                field: memo.field(requests, i),
+                            });
+                        }
+                    }
+                    break;
+                }
+                Err(err) => return Err(err),
             };
             let mut missing_script = Vec::new();
             for (&i, answer) in pending.iter().zip(answers) {
@@ -410,8 +481,8 @@ impl BucketStore for RedisStore {
                     Ok(mut answer) => {
                         // With an outbox every call answers one more number: whether it
                         // appended (1) or dropped (2) the event.
-                        if self.outbox.is_some() {
-                            recorded[i] = answer.pop().is_some_and(|flag| flag > 0);
+                        if self.outbox.is_some() && answer.pop().is_some_and(|flag| flag > 0) {
+                            recorded[i] = Recording::Yes;
                         }
                         decided[i] = Some(outcome(&requests[i], &answer));
                     }
@@ -430,6 +501,41 @@ impl BucketStore for RedisStore {
             .map(|d| d.unwrap_or_else(|| Err(StoreError::Protocol("no answer".into()))))
             .zip(recorded)
             .collect())
+    }
+
+    /// Asks each batch's hash whether its calls ran, leaving a tombstone for those that
+    /// did not (`super::memo::SETTLE`): one script call per batch, in one pipeline.
+    async fn settle(&self, tickets: &[Ticket]) -> Result<Vec<Option<bool>>, StoreError> {
+        let mut batches: Vec<(&str, Vec<usize>)> = Vec::new();
+        for (n, ticket) in tickets.iter().enumerate() {
+            match batches.iter_mut().find(|(b, _)| *b == &*ticket.batch) {
+                Some((_, calls)) => calls.push(n),
+                None => batches.push((&ticket.batch, vec![n])),
+            }
+        }
+        let mut pipe = redis::pipe();
+        for (batch, calls) in &batches {
+            let cmd = pipe
+                .cmd("EVALSHA")
+                .arg(self.scripts.hash(2))
+                .arg(1)
+                .arg(*batch)
+                .arg(TOMBSTONE_LIFE.as_millis() as u64);
+            for &n in calls {
+                cmd.arg(&tickets[n].field);
+            }
+        }
+        let answers: Vec<Vec<i64>> = self
+            .scripts
+            .query_idempotent(&self.conn, &pipe, self.timeout * 4)
+            .await?;
+        let mut ran = vec![None; tickets.len()];
+        for ((_, calls), answer) in batches.iter().zip(answers) {
+            for (&n, flag) in calls.iter().zip(answer) {
+                ran[n] = (flag > 0).then_some(flag == 2);
+            }
+        }
+        Ok(ran)
     }
 
     /// One `DEL` per key, all at once (the keys of one request may live in several Cluster
@@ -538,7 +644,7 @@ fn outcome(request: &RequestTake, answer: &[i64]) -> Decided {
 
 impl RedisStore {
     /// Adds one request's script call to `pipe`, its answer remembered under `memo`
-    /// (`super::memo`: the hash, the field, and whether this is the batch's repeat).
+    /// (`super::memo`: the hash, the field, and whether the call looks its field up first).
     fn invoke(
         &self,
         pipe: &mut redis::Pipeline,
@@ -551,8 +657,9 @@ impl RedisStore {
         // Long enough for the repeat of a batch that timed out (twice its deadline, at
         // most 5 timeouts each), short enough that the answers take little memory.
         let remember_ms = (self.timeout * 10).max(Duration::from_secs(1)).as_millis() as u64;
-        let (memo_key, field, repeat) = memo;
-        let repeat = if repeat { "1" } else { "" };
+        let (memo_key, field, look_up) = memo;
+        // An outbox call looks its field up too, for a tombstone.
+        let repeat = if look_up || event.is_some() { "1" } else { "" };
         if is_single_bucket(request) {
             let LimitSpec::TokenBucket(policy) = request.limits[0].applied.spec else {
                 unreachable!("checked by is_single_bucket");
@@ -705,9 +812,10 @@ impl RedisStore {
         requests: &[RequestTake],
         events: &[Option<EventTemplate>],
         indices: &[usize],
-        batch: &str,
+        memo: &Memo<'_>,
         repeat: bool,
     ) -> Result<Vec<redis::RedisResult<Vec<i64>>>, StoreError> {
+        let batch = &memo.batch;
         let groups: Vec<Vec<usize>> = if self.conn.is_cluster() {
             let mut by_tag: Vec<Vec<usize>> = Vec::new();
             let mut position: std::collections::HashMap<&str, usize> = Default::default();
@@ -728,21 +836,25 @@ impl RedisStore {
             pipe.ignore_errors();
             // On one Redis the batch's answers share a hash; on a Cluster each call keeps
             // its own beside its first key (same slot).
-            let shared = format!("{}m:{batch}", self.key_prefix);
             for &i in group {
-                let memo_key = if !self.idempotent_retry {
-                    String::new()
-                } else if self.conn.is_cluster() {
-                    format!("{}:m:{batch}", requests[i].limits[0].key)
-                } else {
-                    shared.clone()
-                };
+                let own;
+                let memo_key: &str =
+                    if !self.idempotent_retry && self.outbox.is_none() && !memo.named {
+                        ""
+                    } else if self.conn.is_cluster() {
+                        own = format!("{}:m:{batch}", requests[i].limits[0].key);
+                        &own
+                    } else {
+                        &memo.key
+                    };
                 let event = events.get(i).and_then(Option::as_ref);
+                // A repeat looks its answer up; so does a call its sender sends again,
+                // which another limiter may have decided.
                 self.invoke(
                     &mut pipe,
                     &requests[i],
                     event,
-                    (&memo_key, &i.to_string(), repeat),
+                    (memo_key, &memo.field(requests, i), repeat || memo.again),
                 );
             }
             let mut conn = self.conn.clone();
@@ -779,6 +891,7 @@ impl RedisStore {
             .collect())
     }
 
+    /// The hash a batch's answers are remembered in, on one Redis (`super::memo`).
     /// The deadline of one call carrying `limits` limit decisions: `REDIS_TIMEOUT_MS` for
     /// one, and as much again for every 64 more (a full batch of 256 gets 5 times as long),
     /// so that a big batch is not held to the deadline of a single decision.

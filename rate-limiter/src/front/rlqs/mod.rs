@@ -29,14 +29,16 @@
 //!   then follows its own `expired_assignment_behavior`.
 //! - What Envoy reports admitted is spent from the limits (at most what they have left),
 //!   so the fleet's admissions track the limit; allowed and denied are published as events
-//!   of the bucket's identity, one per report and outcome, with the count as `cost`.
+//!   of the bucket's identity, one per report and outcome, standing for that many requests
+//!   (`count`), which the analytics counters add.
 //! - A store that is unavailable (fail-closed) gets no action: Envoy keeps what it holds
 //!   until the TTL.
 //!
 //! Bounded input, each with the status that names it: [`MAX_STREAMS_PER_CONNECTION`]
 //! and [`MAX_BUCKETS_PER_STREAM`] (`RESOURCE_EXHAUSTED`), a bucket id of at most
 //! [`MAX_ENTRIES`] entries and [`MAX_BUCKET_ID_BYTES`] (`INVALID_ARGUMENT`, as is an
-//! empty domain), [`MAX_REPORTS_PER_SECOND`] (`RESOURCE_EXHAUSTED`), a report of at most
+//! empty domain, and a bucket's usage of more than [`MAX_REQUESTS_PER_USAGE`] requests),
+//! [`MAX_REPORTS_PER_SECOND`] (`RESOURCE_EXHAUSTED`), a report of at most
 //! [`MAX_REPORT_BYTES`] (`OUT_OF_RANGE`, tonic's). Each closes that stream only.
 
 pub mod board;
@@ -83,6 +85,9 @@ pub const MAX_REPORTS_PER_SECOND: f64 = 20.0;
 pub const REPORT_BURST: f64 = 40.0;
 /// Largest report accepted.
 pub const MAX_REPORT_BYTES: usize = 256 * 1024;
+/// Requests (allowed + denied) one report may name for one bucket: far above what an Envoy
+/// serves in a reporting interval, and a bound on what a report adds to the analytics.
+pub const MAX_REQUESTS_PER_USAGE: u64 = 1_000_000_000;
 /// Store and board calls made at once for one report.
 const CONCURRENCY: usize = 16;
 /// How often Envoy 1.40's filter reports, whatever the bucket's `reporting_interval`
@@ -212,9 +217,7 @@ fn refused(code: tonic::Code) {
 
 /// A random id for a stream, its field in the demand board.
 fn stream_id() -> String {
-    use std::hash::BuildHasher;
-    let random = std::collections::hash_map::RandomState::new().hash_one(std::process::id());
-    format!("{random:016x}")
+    format!("{:016x}", kit::ids::random_u64())
 }
 
 /// A bucket id in canonical order.
@@ -398,6 +401,11 @@ impl StreamHandler {
             let used = usage
                 .num_requests_allowed
                 .saturating_add(usage.num_requests_denied);
+            if used > MAX_REQUESTS_PER_USAGE {
+                return Err(tonic::Status::invalid_argument(format!(
+                    "bucket_quota_usages[{i}]: at most {MAX_REQUESTS_PER_USAGE} requests (allowed + denied) a report"
+                )));
+            }
             let reported = usage.time_elapsed.map_or(0.0, |d| {
                 d.seconds.max(0) as f64 + f64::from(d.nanos.max(0)) / 1e9
             });
