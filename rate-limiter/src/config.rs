@@ -127,11 +127,13 @@ pub struct GrpcArgs {
     /// calls on one connection are then read, decided and answered together on one thread,
     /// several answers a write. 0 (the default): one per core with the store in memory;
     /// with the store in Redis, the process's own runtime, where the Redis connection is.
+    /// At most 256: each is an OS thread started with the process.
     #[arg(
         long = "grpc-threads",
         env = "GRPC_THREADS",
         value_name = "GRPC_THREADS",
-        default_value_t = 0
+        default_value_t = 0,
+        value_parser = clap::builder::TypedValueParser::map(clap::value_parser!(u16).range(0..=256), usize::from)
     )]
     pub grpc_threads: usize,
 }
@@ -238,6 +240,8 @@ mod tests {
             default_value = "open"
         )]
         fail_mode: FailMode,
+        #[command(flatten)]
+        grpc: GrpcArgs,
     }
 
     #[test]
@@ -284,6 +288,16 @@ mod tests {
             err.contains("RATE_LIMIT_CAPACITY") && err.contains("RATE_LIMIT_REFILL_PER_SEC"),
             "{err}"
         );
+    }
+
+    /// Each gRPC thread is an OS thread with a runtime of its own, started at once: a typo
+    /// (`GRPC_THREADS=100000`) would start that many before serving. Bounded, named.
+    #[test]
+    fn grpc_threads_are_bounded() {
+        let err = Cfg::try_parse_from(["x", "--grpc-threads", "100000"]).unwrap_err();
+        assert!(err.to_string().contains("GRPC_THREADS"), "{err}");
+        let cfg = Cfg::try_parse_from(["x", "--grpc-threads", "256"]).unwrap();
+        assert_eq!(cfg.grpc.grpc_threads, 256);
     }
 
     #[test]
