@@ -48,14 +48,53 @@ pub fn rate_limit_headers(d: &CheckResponse) -> HeaderMap {
         };
         return rate_limit_headers(&legacy);
     }
-    let mut h = HeaderMap::with_capacity(6);
+    // Room for the six fields, the answer's `Content-Type` and a 429's `Retry-After`: the
+    // map becomes the response's own ([`json`]), never grown or merged.
+    let mut h = HeaderMap::with_capacity(8);
     for (name, value) in domain::headers::all(d) {
         // The field's own bytes, checked, not copied.
         if let Ok(value) = HeaderValue::try_from(value) {
-            h.insert(HeaderName::from_static(name), value);
+            h.insert(header_name(name), value);
         }
     }
     h
+}
+
+/// A field name of [`domain::headers`] as a header name made at compile time (parsing
+/// the name again for every answer was a tenth of the headers' cost).
+fn header_name(name: &'static str) -> HeaderName {
+    use domain::headers as f;
+    static NAMES: [HeaderName; 6] = [
+        HeaderName::from_static(f::RATELIMIT_POLICY),
+        HeaderName::from_static(f::RATELIMIT),
+        HeaderName::from_static(f::RATELIMIT_LIMIT),
+        HeaderName::from_static(f::RATELIMIT_REMAINING),
+        HeaderName::from_static(f::RATELIMIT_RESET),
+        HeaderName::from_static(f::DEGRADED),
+    ];
+    NAMES
+        .iter()
+        .find(|known| known.as_str() == name)
+        .cloned()
+        .unwrap_or_else(|| HeaderName::from_static(name))
+}
+
+/// A JSON answer whose headers are `headers` (the rate-limit fields), taken as the
+/// response's own map: the bytes axum's `(status, headers, Json(body))` answers, without
+/// building a second map and merging the first into it.
+pub fn json(status: StatusCode, mut headers: HeaderMap, body: &impl Serialize) -> Response {
+    let Ok(bytes) = serde_json::to_vec(body) else {
+        // Our bodies are strings and numbers; axum answers a failed one the same way.
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    };
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    let mut response = Response::new(axum::body::Body::from(bytes));
+    *response.status_mut() = status;
+    *response.headers_mut() = headers;
+    response
 }
 
 /// Whether the client asked for problem details (`Accept: application/problem+json`).
@@ -89,7 +128,7 @@ pub fn limited(
         retry_after_ms: d.retry_after_ms,
         violated_policies: violated(d),
     };
-    (StatusCode::TOO_MANY_REQUESTS, headers, axum::Json(body)).into_response()
+    json(StatusCode::TOO_MANY_REQUESTS, headers, &body)
 }
 
 /// The JSON body of a 429.
@@ -187,6 +226,51 @@ mod tests {
                 .starts_with("\"daily\\\"x\"")
         );
         assert!(!h["ratelimit-policy"].to_str().unwrap().contains("trial"));
+    }
+
+    /// `json` answers what axum's `(status, headers, Json(body))` answered before it: the
+    /// same status, the same fields (the rate-limit ones and `Content-Type`) and the same
+    /// body bytes, for an allowed answer and a refusal (with its `Retry-After`).
+    #[tokio::test]
+    async fn a_json_answer_is_the_one_axum_builds() {
+        use http_body_util::BodyExt;
+        let d = CheckResponse {
+            allowed: false,
+            retry_after_ms: 1500,
+            degraded: true,
+            limits: vec![
+                limit("burst", 10, 0, 1000, true),
+                limit("daily", 1000, 990, 86_400_000, false),
+            ],
+            ..Default::default()
+        };
+        let body = LimitedBody {
+            error: "rate_limited",
+            user_id: "alice \"quoted\" é",
+            retry_after_ms: d.retry_after_ms,
+            violated_policies: violated(&d),
+        };
+        let mut headers = rate_limit_headers(&d);
+        headers.insert(header::RETRY_AFTER, HeaderValue::from(2u64));
+        for status in [StatusCode::OK, StatusCode::TOO_MANY_REQUESTS] {
+            let ours = json(status, headers.clone(), &body);
+            let axums = (status, headers.clone(), axum::Json(&body)).into_response();
+            assert_eq!(ours.status(), axums.status());
+            let sorted = |h: &HeaderMap| {
+                let mut fields: Vec<(String, Vec<u8>)> = h
+                    .iter()
+                    .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
+                    .collect();
+                fields.sort();
+                fields
+            };
+            assert_eq!(sorted(ours.headers()), sorted(axums.headers()));
+            assert_eq!(ours.headers().len(), 8, "{:?}", ours.headers());
+            assert_eq!(ours.headers()[header::CONTENT_TYPE], "application/json");
+            let ours = ours.into_body().collect().await.unwrap().to_bytes();
+            let axums = axums.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(ours, axums);
+        }
     }
 
     #[test]

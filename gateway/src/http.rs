@@ -128,7 +128,7 @@ pub fn router(gateway: Gateway, limits: &ServeLimits) -> Guarded {
     ))
 }
 
-use crate::answer::{limited, rate_limit_headers};
+use crate::answer::{json, limited, rate_limit_headers};
 
 async fn api(
     State(Shared { gateway, .. }): State<Shared>,
@@ -151,7 +151,7 @@ async fn api(
             user_id: &request.user_id,
             remaining: decision.remaining,
         };
-        Ok((StatusCode::OK, headers, Json(body)).into_response())
+        Ok(json(StatusCode::OK, headers, &body))
     } else {
         Ok(limited(
             &decision,
