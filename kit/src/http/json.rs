@@ -32,10 +32,14 @@ impl<S: Send + Sync, T: FromJson> FromRequest<S> for ValidJson<T> {
 
 /// `application/json`, `application/json; charset=utf-8`, or any `application/*+json`.
 pub(crate) fn is_json(headers: &HeaderMap) -> bool {
-    let Some(value) = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-    else {
+    let Some(value) = headers.get(header::CONTENT_TYPE) else {
+        return false;
+    };
+    // What nearly every client sends, compared whole before anything is parsed.
+    if value.as_bytes() == b"application/json" {
+        return true;
+    }
+    let Ok(value) = value.to_str() else {
         return false;
     };
     let essence = value.split(';').next().unwrap_or("").trim();
