@@ -276,10 +276,11 @@ note "the gateway dropped the killed replica $dropped ms after the kill (LIMITER
 fivexx=$(jq '[.timeline[] | to_entries[] | select(.key | test("^5")) | .value] | add // 0' "$work/load-kill.json")
 [ "$(failures kill)" = 0 ] || { show_failures kill; fail "$(failures kill) requests failed ($fivexx 5xx) around the limiter kill"; }
 # With the events outbox (on by default with Redis and Kafka) a SIGKILLed limiter loses
-# no event of a decision Redis made. What may still differ: a call the killed limiter had
-# decided but not answered, which the gateway asks again of another replica (counted one
-# more: README "Failure modes"), and the events of decisions made without Redis (refusal
-# caches) still in its producer. Compared within 50; the verify prints the difference.
+# no event of a decision Redis made, and a batch it decided but did not answer, which the
+# gateway asks again of another replica under the same id, is answered as it was decided
+# (docs/outbox.md). What may still differ: the events of decisions made without Redis
+# (refusal caches) still in its producer. Compared within 50; the verify prints the
+# difference.
 verify kill 50 30
 compose up -d --no-recreate --scale rate-limiter=3 --scale analytics-worker=2 > /dev/null 2>&1
 wait_healthy 60

@@ -891,7 +891,6 @@ impl RedisStore {
             .collect())
     }
 
-    /// The hash a batch's answers are remembered in, on one Redis (`super::memo`).
     /// The deadline of one call carrying `limits` limit decisions: `REDIS_TIMEOUT_MS` for
     /// one, and as much again for every 64 more (a full batch of 256 gets 5 times as long),
     /// so that a big batch is not held to the deadline of a single decision.
