@@ -164,12 +164,7 @@ impl MemoryCounters {
                 }
             }
             let minute = event.ts_ms / MINUTE_MS;
-            // An event stands for `count` requests (a usage report's), 1 for a decision.
-            let (a, b) = if event.allowed {
-                (event.count, 0)
-            } else {
-                (0, event.count)
-            };
+            let (a, b) = event.requests();
             entry.allowed += a;
             entry.blocked += b;
             // Events arrive almost in time order; a late one is placed where it belongs.

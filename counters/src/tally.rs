@@ -47,14 +47,11 @@ impl Tally {
         self.first_offset = self.first_offset.min(offset);
         self.last_offset = self.last_offset.max(offset);
         let minute = self.minutes.entry(event.ts_ms / MINUTE_MS).or_default();
-        // An event stands for `count` requests (a usage report's), 1 for a decision.
-        if event.allowed {
-            self.allowed += event.count;
-            minute.0 += event.count;
-        } else {
-            self.blocked += event.count;
-            minute.1 += event.count;
-        }
+        let (allowed, blocked) = event.requests();
+        self.allowed += allowed;
+        self.blocked += blocked;
+        minute.0 += allowed;
+        minute.1 += blocked;
     }
 }
 

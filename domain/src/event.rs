@@ -206,6 +206,16 @@ impl RateLimitEvent {
         }
     }
 
+    /// The requests the event stands for, as (allowed, blocked): its `count` on the side
+    /// of its outcome (1 for a decision; a usage report's many).
+    pub fn requests(&self) -> (u64, u64) {
+        if self.allowed {
+            (self.count, 0)
+        } else {
+            (0, self.count)
+        }
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         // Serializing a struct of strings, integers and booleans cannot fail.
         serde_json::to_vec(self).expect("event serializes")
